@@ -1,0 +1,38 @@
+"""Shared entry-script behaviour: quiet logs, one clear line and a non-zero exit for user errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from potion.errors import PotionError
+
+EXIT_USER_ERROR = 2
+
+
+def quiet_third_party() -> None:
+    """Keep the console to what a user needs: our lines, not framework chatter."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("lightning", "pytorch_lightning", "lightning.pytorch", "lightning_fabric", "mlflow", "alembic",
+                 "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="pytorch_lightning")
+    warnings.filterwarnings("ignore", module="lightning_fabric")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def run_guarded(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; a PotionError ends the process with ``error: <one line>`` and exit code 2."""
+    try:
+        return fn()
+    except PotionError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr, flush=True)
+        sys.exit(130)

@@ -1,0 +1,152 @@
+"""Safe, atomic file I/O: nothing half-written, nothing unpickled.
+
+Every output the project writes goes through ``atomic_write_*`` (temp file in the same folder, fsync,
+rename), so a run killed at any moment leaves either the old complete file or the new one.
+Every tensor file it reads goes through ``load_tensors`` (safetensors, or ``torch.load`` with
+``weights_only=True``), so a crafted checkpoint cannot run code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from potion.errors import CheckpointError
+
+
+def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        write(tmp_path)
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes so that ``path`` is either absent/old or complete."""
+    return _atomic(Path(path), lambda p: p.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write text atomically (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Write JSON atomically, pretty-printed and key-sorted for stable diffs."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read a JSON file, turning a truncated or corrupt file into a CheckpointError."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"missing file {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupt JSON file {path} ({exc.__class__.__name__}); delete it or rerun") from exc
+
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
+    """Save a flat name->tensor mapping atomically, as safetensors (.safetensors) or a weights-only .pt."""
+    path = Path(path)
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        return _atomic(path, lambda p: save_file(_dedupe_storage(flat), str(p)))
+    return _atomic(path, lambda p: torch.save(flat, p))
+
+
+def _dedupe_storage(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses tensors that share memory; clone to be safe.
+    return {k: v.clone() for k, v in flat.items()}
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a name->tensor mapping without unpickling arbitrary objects.
+
+    ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``,
+    which refuses pickled code. Every failure becomes one CheckpointError line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj: Any = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - every loader failure means the same thing to the user
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise CheckpointError(
+                f"refused to load {path}: it contains pickled objects, not plain tensors "
+                "(only state dicts of tensors are accepted; re-save with torch.save(model.state_dict()) "
+                "or as .safetensors)"
+            ) from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated ({msg[:160]})") from exc
+    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        obj = obj["state_dict"]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors")
+    return dict(obj)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes (streamed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Hex sha256 of a state dict's names, dtypes, shapes and bytes: a content key for caches."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hex sha256 of a JSON-serialisable object (key-sorted): a content key for settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def cache_dir() -> Path:
+    """The content-addressed cache root: $POTION_CACHE_DIR, else ~/.cache/potion."""
+    root = os.environ.get("POTION_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "potion")
+    return Path(root)

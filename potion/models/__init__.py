@@ -1,0 +1,36 @@
+"""Model registry: build a classifier by name (ResNet-9, WideResNet, a small CNN, or a torchvision model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch.nn as nn
+
+from potion.errors import ConfigError
+from potion.models.resnet9 import ResNet9
+from potion.models.small_cnn import SmallCNN
+from potion.models.wide_resnet import WideResNet
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet9": ResNet9,
+    "wrn": WideResNet,
+    "wrn28x10": WideResNet,
+    "small_cnn": SmallCNN,
+}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
+    """Build a registered model, or ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) with fresh weights."""
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        tv_name = name.split(":", 1)[1]
+        if tv_name not in torchvision.models.list_models():
+            raise ConfigError(f"model.name={name}: unknown torchvision model (see torchvision.models.list_models())")
+        if in_channels != 3:
+            raise ConfigError(f"model.name={name}: torchvision models expect 3 input channels, data has {in_channels}")
+        return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
+    if name not in MODELS:
+        raise ConfigError(f"model.name={name}: unknown model; choose one of {sorted(MODELS)} or torchvision:<name>")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -1,0 +1,495 @@
+"""MLflow tracking behind a small Tracker interface.
+
+Results are written to disk first and tracked second: once a run has started, a failing MLflow call
+is logged as a warning (once per kind) and the work goes on; ``finish`` never raises. Starting a run
+(resolving the store, creating the experiment and the run) may raise a one-line ``TrackingError``, so
+a wrong URI or a dead server shows up before any work is done.
+
+The tracking URI is always explicit: the default is an embedded sqlite store in the working folder,
+``http(s)://`` points at a shared server, and ``file:`` stores (deprecated in MLflow) are refused.
+The client API with explicit run ids is used throughout, never the global fluent ``mlflow.start_run``
+state, so parent and child runs and several trackers can live in one process. ``mlflow`` is imported
+lazily because it is slow to import.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import logging
+import os
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+from potion.errors import ConfigError, TrackingError
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE = 6000  # MLflow's param value limit
+MAX_TAG_VALUE = 8000  # MLflow's tag value limit
+MAX_KEY = 250  # MLflow's param/metric/tag key limit
+PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params and tags
+METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
+PARENT_TAG = "mlflow.parentRunId"
+STALL_SECONDS = 30.0  # a failing call this slow means retries against a dead server: stop tracking
+_SQLITE = "sqlite:///"
+_BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
+
+
+# --------------------------------------------------------------------------- URIs and reachability
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Make a tracking URI explicit and absolute, so every process logs to the same store.
+
+    None or "" becomes ``sqlite:///<cwd>/mlflow.db``; a relative sqlite path is made absolute against
+    the working folder; http(s) and other server URIs pass unchanged; ``file:`` stores and bare paths
+    (which MLflow reads as the deprecated file store) raise TrackingError.
+    """
+    uri = (uri or "").strip()
+    if not uri:
+        return _sqlite_uri(Path.cwd() / "mlflow.db")
+    if uri.startswith(_SQLITE):
+        return _resolve_sqlite(uri)
+    if uri.startswith("file:") or ("://" not in uri and not uri.startswith("databricks")):
+        raise TrackingError(
+            f"tracking URI {uri!r} is a file store, which current MLflow no longer supports; "
+            "use an embedded store such as sqlite:///mlflow.db or a server URI http://host:port"
+        )
+    return uri
+
+
+def _resolve_sqlite(uri: str) -> str:
+    path = uri[len(_SQLITE) :]
+    if not path or path.startswith(":memory:"):
+        raise TrackingError(f"tracking URI {uri!r} names no database file; use e.g. sqlite:///mlflow.db")
+    return _sqlite_uri(Path(path).expanduser().absolute())
+
+
+def _sqlite_uri(path: Path) -> str:
+    return _SQLITE + path.as_posix()  # an absolute path gives the four-slash form sqlite:////abs/db
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite tracking URI, None for any other URI."""
+    return Path(uri[len(_SQLITE) :]) if uri.startswith(_SQLITE) else None
+
+
+def is_http(uri: str) -> bool:
+    """Whether the URI points at a tracking server (which can be down) rather than an embedded store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail fast, in one line, when a store cannot be used, instead of MLflow retrying for minutes.
+
+    For http(s) servers this asks ``<uri>/health``; for sqlite it makes sure the database folder exists
+    and is writable. Other schemes are left to MLflow.
+    """
+    if is_http(uri):
+        reason = _server_problem(uri, timeout)
+        if reason is not None:
+            raise TrackingError(
+                f"MLflow tracking server {uri} is unreachable ({reason}); start it (mlflow server --host 127.0.0.1 "
+                "--port N --backend-store-uri sqlite:///mlflow.db), fix logger.tracking_uri, set logger.fallback=local "
+                "to log to the local sqlite store instead, or logger=none"
+            )
+        return
+    db = sqlite_path(uri)
+    if db is not None:
+        _check_sqlite_folder(db)
+
+
+def _server_problem(uri: str, timeout: float) -> str | None:
+    """Why the server at ``uri`` cannot be used, or None when it answers."""
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            resp.read(64)
+    except urllib.error.HTTPError as exc:
+        # Any answer below 500 (e.g. 401 from an auth proxy) means a server is there; MLflow reports the rest.
+        return f"HTTP {exc.code} from {url}" if exc.code >= 500 else None
+    except urllib.error.URLError as exc:
+        return _one_line(exc.reason)
+    except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
+        return _one_line(exc)
+    return None
+
+
+def _check_sqlite_folder(db: Path) -> None:
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(f"cannot create the folder of the MLflow store {db} ({_one_line(exc)})") from exc
+    if not os.access(db.parent, os.W_OK):
+        raise TrackingError(f"the folder of the MLflow store {db} is not writable; choose another logger.tracking_uri")
+
+
+def _one_line(exc: object) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- params
+
+
+def flatten_params(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Turn a nested config into the flat, string-valued params MLflow accepts.
+
+    Nested mappings become dotted keys, sequences their JSON text; keys are sanitised and values cut
+    to MLflow's limits, so logging a whole config never fails on one odd entry.
+    """
+    flat: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, name))
+        else:
+            flat[sanitize_key(name)] = _param_text(value)[:MAX_PARAM_VALUE]
+    return flat
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping | Sequence) and not isinstance(value, bytes | bytearray):
+        return json.dumps(_plain(value), default=str)
+    return str(value)
+
+
+def _plain(value: Any) -> Any:
+    """Nested mappings/sequences (including OmegaConf containers) as dicts and lists for JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
+        return [_plain(v) for v in value]
+    return value
+
+
+def sanitize_key(key: str) -> str:
+    """A key MLflow accepts: only alphanumerics, ``_ - . space /``, no empty or dot path segments."""
+    key = _BAD_KEY_CHARS.sub("_", str(key))
+    parts = [p if p != ".." else "__" for p in key.split("/") if p not in ("", ".")]
+    return "/".join(parts)[:MAX_KEY] or "_"
+
+
+# --------------------------------------------------------------------------- trackers
+
+
+class Tracker:
+    """What the pipeline logs to: params, metrics, artifacts and tags of one run.
+
+    Use as a context manager to finish the run with FINISHED, FAILED or KILLED automatically.
+    """
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+    experiment_id: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log a (possibly nested) config as flat params."""
+        raise NotImplementedError
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numeric metrics at a step; None values are skipped."""
+        raise NotImplementedError
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a file or folder into the run's artifacts."""
+        raise NotImplementedError
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set string tags on the run."""
+        raise NotImplementedError
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run; never raises."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if exc_type is None:
+            self.finish("FINISHED")
+        else:
+            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+
+
+class NullTracker(Tracker):
+    """``logger=none``: tracking switched off; every call does nothing."""
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Do nothing."""
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Do nothing."""
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Do nothing."""
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Do nothing."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Do nothing."""
+
+
+class MlflowTracker(Tracker):
+    """One MLflow run, driven through ``MlflowClient`` with its explicit run id.
+
+    After the start every call is guarded: an exception becomes one warning per kind and the run
+    goes on. A failing call that stalls for ``STALL_SECONDS`` (a server gone away, MLflow retrying)
+    switches tracking off for the rest of the run so the work is not held up.
+    """
+
+    def __init__(self, client: Any, run_id: str, tracking_uri: str, experiment_id: str) -> None:
+        self._client = client
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.experiment_id = experiment_id
+        self._warned: set[tuple[str, str]] = set()
+        self._disabled = False
+        self._finished = False
+
+    @classmethod
+    def start(
+        cls,
+        tracking_uri: str,
+        experiment: str,
+        *,
+        run_name: str | None = None,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+    ) -> MlflowTracker:
+        """Create (or reuse) the experiment and create the run; failures raise one TrackingError line."""
+        mlflow = _import_mlflow()
+        run_tags = {**_default_tags(), **{str(k): _tag_text(v) for k, v in (tags or {}).items()}}
+        if parent_run_id:
+            run_tags[PARENT_TAG] = str(parent_run_id)
+        try:
+            client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+            experiment_id = _ensure_experiment(client, experiment, tracking_uri)
+            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        except TrackingError:
+            raise
+        except Exception as exc:  # every store failure means the same to the user
+            raise TrackingError(
+                f"cannot start an MLflow run in experiment {experiment!r} at {tracking_uri} ({_one_line(exc)}); "
+                "fix logger.tracking_uri or use logger=none"
+            ) from exc
+        return cls(client, run.info.run_id, tracking_uri, experiment_id)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log a nested config as flattened params, in batches of MLflow's size limit."""
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in flatten_params(params).items()]
+        for batch in _chunks(items, PARAMS_PER_BATCH):
+            self._guard("log_params", lambda b=batch: self._client.log_batch(self.run_id, params=b))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log numbers (python, numpy or one-element tensors) at ``step``; None values are skipped."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for key, value in metrics.items():
+            number = self._as_float(key, value)
+            if number is not None:
+                items.append(Metric(sanitize_key(key), number, now, int(step or 0)))
+        for batch in _chunks(items, METRICS_PER_BATCH):
+            self._guard("log_metrics", lambda b=batch: self._client.log_batch(self.run_id, metrics=b))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Copy a file or a whole folder into the run's artifacts."""
+        self._guard("log_artifact", lambda: self._client.log_artifact(self.run_id, os.fspath(path), artifact_path))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Set tags (values as text, cut to MLflow's limit)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(sanitize_key(k), _tag_text(v)) for k, v in tags.items()]
+        for batch in _chunks(items, PARAMS_PER_BATCH):
+            self._guard("set_tags", lambda b=batch: self._client.log_batch(self.run_id, tags=b))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Mark the run terminated with ``status``; a second call does nothing; never raises."""
+        if self._finished:
+            return
+        self._finished = True
+        self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))
+
+    def _guard(self, kind: str, call: Any) -> None:
+        """Run one MLflow call; turn its failure into a single warning per kind."""
+        if self._disabled:
+            return
+        started = time.monotonic()
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop the run
+            self._warn_once(kind, exc)
+            if time.monotonic() - started > STALL_SECONDS:
+                self._disabled = True
+                log.warning(
+                    "MLflow tracking is off for the rest of run %s: %s stalled for over %.0f s "
+                    "(results are still written to the run folder)",
+                    self.run_id,
+                    kind,
+                    STALL_SECONDS,
+                )
+
+    def _warn_once(self, kind: str, exc: BaseException) -> None:
+        self._warn_once_text(
+            (kind, type(exc).__name__),
+            f"MLflow {kind} failed for run {self.run_id} ({type(exc).__name__}: {_one_line(exc)}); "
+            "the run goes on, further such failures are not reported",
+        )
+
+    def _warn_once_text(self, key: tuple[str, str], message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+    def _as_float(self, key: str, value: Any) -> float | None:
+        if value is None:
+            return None
+        try:
+            number = float(value.item() if hasattr(value, "item") else value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            self._warn_once_text(
+                ("metric", key), f"metric {key!r} skipped: {value!r:.80} is not a number ({_one_line(exc)})"
+            )
+            return None
+        return number  # NaN and inf are kept: MLflow stores them and they flag a diverged run
+
+
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _tag_text(value: Any) -> str:
+    return str(value)[:MAX_TAG_VALUE]
+
+
+def _default_tags() -> dict[str, str]:
+    """The source and user tags the fluent API would add, so runs read the same in the UI."""
+    tags = {"mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except (OSError, KeyError):  # no user entry in some containers
+        pass
+    return tags
+
+
+def _ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
+    """The id of experiment ``name``, created if missing (tolerating a parallel process creating it first)."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        raise TrackingError(
+            f"MLflow experiment {name!r} (id {experiment.experiment_id}) at {tracking_uri} is deleted; restore it "
+            f"(mlflow experiments restore --experiment-id {experiment.experiment_id}) or choose another "
+            "logger.experiment"
+        )
+    return experiment.experiment_id
+
+
+def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Keep a sqlite store's artifacts beside its database, not in whatever folder the process runs in."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None  # a server decides where artifacts go
+    folder = re.sub(r"[^\w.-]", "_", experiment).strip(".") or "experiment"
+    return (db.parent / "mlruns" / folder).as_uri()
+
+
+def _import_mlflow() -> Any:
+    """Import mlflow on first use (it is slow) and quieten its info chatter and internal deprecation notices."""
+    import mlflow
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # MLflow's own use of deprecated SQLAlchemy/library APIs is nothing our users can act on.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"mlflow(\.|$)")
+    return mlflow
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def start_tracker(
+    logger_cfg: Mapping[str, Any] | None,
+    *,
+    experiment: str,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    parent_run_id: str | None = None,
+) -> Tracker:
+    """Start tracking one run as the ``logger`` config says, failing in one line before work begins.
+
+    ``logger_cfg`` keys: ``name`` (``mlflow`` or ``none``; a missing config means none),
+    ``tracking_uri``, ``fallback`` (``none`` or ``local``: on an unreachable server, log to the local
+    sqlite store instead) and ``experiment`` (overrides the experiment name).
+    """
+    cfg = dict(logger_cfg or {"name": "none"})
+    name = str(cfg.get("name") or "none").lower()
+    if name in ("none", "null", "off"):
+        return NullTracker()
+    if name != "mlflow":
+        raise ConfigError(f"unknown logger.name {name!r}; use mlflow or none")
+    fallback = str(cfg.get("fallback") or "none").lower()
+    if fallback not in ("none", "local"):
+        raise ConfigError(f"unknown logger.fallback {fallback!r}; use none or local")
+    uri = _reachable_uri(resolve_tracking_uri(cfg.get("tracking_uri")), fallback)
+    experiment = str(cfg.get("experiment") or experiment)
+    return MlflowTracker.start(uri, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
+
+
+def _reachable_uri(uri: str, fallback: str) -> str:
+    """``uri`` when usable, else (with fallback=local and a server URI) the local sqlite store."""
+    try:
+        check_reachable(uri)
+        return uri
+    except TrackingError:
+        if fallback != "local" or not is_http(uri):
+            raise
+    local = resolve_tracking_uri(None)
+    log.warning("MLflow tracking server %s is unreachable; falling back to the local sqlite store %s", uri, local)
+    check_reachable(local)
+    return local
+
+
+def download_run_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dst: str | os.PathLike) -> Path:
+    """Fetch ``artifact_path`` of a finished run (``mlflow:<run id>`` inputs) into ``dst``; return the local path."""
+    mlflow = _import_mlflow()
+    uri = resolve_tracking_uri(tracking_uri)
+    check_reachable(uri)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    try:
+        client.get_run(run_id)
+    except Exception as exc:  # unknown id, malformed id and store errors read the same
+        raise TrackingError(f"unknown MLflow run id {run_id!r} in {uri} ({_one_line(exc)})") from exc
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(client.download_artifacts(run_id, artifact_path, os.fspath(dst)))
+    except Exception as exc:
+        raise TrackingError(
+            f"cannot download artifact {artifact_path!r} of MLflow run {run_id} from {uri} ({_one_line(exc)})"
+        ) from exc

@@ -1,0 +1,156 @@
+"""train.py's job: config -> poisoned data -> Lightning fit -> run folder -> MLflow run.
+
+Results land on disk first (weights, plan, config, then summary.json last); tracking comes second and
+its failures never lose the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig
+
+from potion.config import identity_hash, model_kwargs, to_dict, validate_train_config
+from potion.data.batches import TensorBatches
+from potion.data.poisoned import PoisonedData, load_data, plan_from_config, poison
+from potion.evaluation import evaluate_backdoor
+from potion.io import atomic_write_json
+from potion.models import build_model
+from potion.runs import PLAN, SUMMARY, read_plan, read_summary, write_config, write_plan, write_weights
+from potion.tracking import start_tracker
+from potion.training import AtomicCheckpointIO, EpochMetricsCallback, PoisonTrainingModule, cpu_threads, total_steps_for
+
+log = logging.getLogger("potion.train")
+
+
+def train_run_dir(cfg: DictConfig) -> Path:
+    """The run folder: ``out_dir`` if set, else runs/train/<name>-<config hash> (same config, same folder)."""
+    if cfg.get("out_dir"):
+        return Path(str(cfg.out_dir))
+    return Path("runs") / "train" / f"{cfg.name}-{identity_hash(cfg)}"
+
+
+def run_training(cfg: DictConfig) -> dict[str, Any]:
+    """Train (or resume, or reuse) the poisoned model the config describes; return its summary."""
+    validate_train_config(cfg)
+    run_dir = train_run_dir(cfg)
+    config_hash = identity_hash(cfg)
+    done = read_summary(run_dir)
+    if done is not None and done.get("config_hash") == config_hash and not cfg.get("force", False):
+        log.info("already finished: %s (force=true to retrain)", run_dir)
+        done["reused"] = True
+        return done
+
+    tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
+                            run_name=f"train-{cfg.name}", tags={"potion.task": "train", "potion.config_hash":
+                                                                 config_hash})
+    try:
+        summary = _train(cfg, run_dir, config_hash, tracker)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return summary
+
+
+def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any) -> dict[str, Any]:
+    torch.set_num_threads(cpu_threads())
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    bundle = load_data(cfg.dataset)
+    plan = plan_from_config(bundle, cfg.poison)
+    plan_path = run_dir / PLAN
+    if plan_path.is_file():  # a resumed run must keep the plan it started with
+        old = read_plan(plan_path)
+        if old.to_dict() != plan.to_dict():
+            log.warning("poison plan in %s differs from the config's; keeping the saved one", run_dir)
+            plan = old
+    data = poison(bundle, plan)
+    model = build_model(cfg.model.name, data.num_classes, data.channels, **model_kwargs(cfg.model))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+    write_plan(run_dir, plan)
+    tracker.log_params(to_dict(cfg) | {"run_dir": str(run_dir), "poison.n_p": plan.count})
+    tracker.set_tags({"potion.run_dir": str(run_dir.resolve())})
+
+    t = cfg.train
+    tr = cfg.trainer
+    world = 1 if tr.devices in (None, "auto") or int(tr.devices) <= 0 else int(tr.devices)
+    steps = total_steps_for(len(bundle.train), int(t.batch_size), t.iterations, t.epochs, world)
+    module = PoisonTrainingModule(
+        model, data.normalizer, data.trigger, lr=float(t.lr), momentum=float(t.momentum),
+        weight_decay=float(t.weight_decay), total_steps=steps, warmup=float(t.warmup), nesterov=bool(t.nesterov),
+        label_smoothing=float(t.label_smoothing), crop_padding=int(t.crop_padding), flip=bool(t.flip),
+        channels_last=bool(tr.channels_last), seed=int(cfg.seed),
+    )
+    trainer = _make_trainer(cfg, run_dir, steps, data, tracker)
+    loader = _train_loader(data, cfg, trainer)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    resume_from = str(ckpt) if cfg.get("resume", True) and ckpt.is_file() else None
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    start = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=True)
+    train_seconds = time.perf_counter() - start
+
+    model = module.model.eval()
+    write_weights(run_dir, model)
+    final = evaluate_backdoor(model, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,
+                              plan.target, int(t.eval_batch_size))
+    summary = {
+        **final, "train_seconds": train_seconds, "steps": steps, "epochs": steps / max(1, len(loader)),
+        "n_p": plan.count, "target": plan.target, "config_hash": config_hash, "run_dir": str(run_dir),
+        "mlflow_run_id": tracker.run_id, "resumed": bool(resume_from), "dataset_fingerprint": bundle.fingerprint,
+        "num_classes": data.num_classes, "channels": data.channels,
+    }
+    atomic_write_json(run_dir / SUMMARY, summary)
+    tracker.log_metrics({**final, "train_seconds": train_seconds})
+    for name in ("model.safetensors", "poison_plan.json", "config.yaml", "summary.json"):
+        tracker.log_artifact(run_dir / name)
+    return summary
+
+
+def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData, tracker: Any) -> pl.Trainer:
+    t, tr = cfg.train, cfg.trainer
+    every = t.checkpoint_every_n_steps
+    checkpoint = pl.callbacks.ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+        every_n_train_steps=int(every) if every else None, save_on_train_epoch_end=True,
+    )
+    evaluate = None
+    if t.epoch_eval:
+        n = min(int(t.epoch_eval_samples), len(data.bundle.test))
+        imgs, labels = data.bundle.test.images[:n], data.bundle.test.labels[:n]
+
+        def evaluate(model: torch.nn.Module) -> dict[str, float]:
+            return evaluate_backdoor(model, imgs, labels, data.normalizer, data.trigger, data.plan.target,
+                                     int(t.eval_batch_size))
+
+    def sink(values: dict[str, float], epoch: int) -> None:
+        log.info("epoch %d: %s", epoch, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
+        tracker.log_metrics(values, step=epoch)
+
+    callbacks = [checkpoint, EpochMetricsCallback(sink, evaluate)]
+    return pl.Trainer(
+        accelerator=tr.accelerator, devices=tr.devices, strategy=tr.strategy, precision=tr.precision,
+        max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        enable_progress_bar=bool(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
+        limit_val_batches=0, deterministic=bool(tr.deterministic), default_root_dir=str(run_dir),
+        log_every_n_steps=50,
+    )
+
+
+def _train_loader(data: PoisonedData, cfg: DictConfig, trainer: pl.Trainer) -> TensorBatches:
+    device = trainer.strategy.root_device
+    images = data.bundle.train.images
+    if device.type == "cuda":  # keep the whole uint8 data set on the GPU: no host->device copy per batch
+        images = images.to(device)
+    return TensorBatches(
+        images, data.train_labels.to(images.device), data.train_flags.to(images.device),
+        batch_size=int(cfg.train.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=False,
+        rank=trainer.global_rank, world_size=trainer.world_size,
+    )

@@ -1,0 +1,137 @@
+"""Lightning training of a (poisoned) classifier: schedule, batch-wise augmentation, trigger, checkpoints.
+
+The LightningModule owns only what is specific to this project; the loop, precision, devices,
+strategies and checkpoint/resume mechanics are Lightning's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from potion.data.augment import Normalizer, random_crop_flip
+from potion.data.poison import Trigger
+from potion.io import _atomic
+
+
+def warmup_linear_decay(total_steps: int, warmup: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up over ``warmup`` of the steps, then linear decay to 0 (method.md §2)."""
+    warm = max(1, int(round(warmup * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+
+    return factor
+
+
+class PoisonTrainingModule(pl.LightningModule):
+    """Cross-entropy training of ``model`` on batches of (uint8 images, labels, poisoned flags).
+
+    Augmentation, normalisation and the trigger run batch-wise on the device in
+    ``on_after_batch_transfer``, in that order (the trigger after augmentation, so its position is fixed).
+    """
+
+    def __init__(self, model: nn.Module, normalizer: Normalizer, trigger: Trigger, *, lr: float, momentum: float,
+                 weight_decay: float, total_steps: int, warmup: float = 0.01, nesterov: bool = False,
+                 label_smoothing: float = 0.0, crop_padding: int = 4, flip: bool = True,
+                 channels_last: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.model = model
+        self.normalizer = normalizer
+        self.trigger = trigger
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.total_steps = total_steps
+        self.warmup = warmup
+        self.nesterov = nesterov
+        self.label_smoothing = label_smoothing
+        self.crop_padding = crop_padding
+        self.flip = flip
+        self.channels_last = channels_last
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels, flags = batch
+        if self.trainer is not None and self.trainer.training:
+            gen = torch.Generator(device=images.device)
+            gen.manual_seed(self.seed * 1_000_003 + 7919 * self.global_step + 1)
+            images = random_crop_flip(images, self.crop_padding, self.flip, gen)
+        x = self.trigger.apply(self.normalizer(images), flags)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        self.log("train_acc", acc, on_step=False, on_epoch=True, prog_bar=False, batch_size=y.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum,
+                              weight_decay=self.weight_decay, nesterov=self.nesterov)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(self.total_steps, self.warmup))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written atomically (temp + rename) and read back with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        _atomic(Path(path), lambda p: torch.save(checkpoint, p))
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+                        ) -> dict[str, Any]:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class EpochMetricsCallback(pl.Callback):
+    """Hands per-epoch training metrics (and an optional evaluation) to a sink, e.g. the MLflow tracker."""
+
+    def __init__(self, sink: Callable[[dict[str, float], int], None],
+                 evaluate: Callable[[nn.Module], dict[str, float]] | None = None) -> None:
+        self.sink = sink
+        self.evaluate = evaluate
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        out = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train_")}
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        if opt is not None:
+            out["lr"] = float(opt.param_groups[0]["lr"])
+        if self.evaluate is not None:
+            out.update({f"epoch_{k}": v for k, v in self.evaluate(pl_module.model).items()})
+        self.sink(out, trainer.current_epoch)
+
+
+def total_steps_for(num_train: int, batch_size: int, iterations: int | None, epochs: float | None,
+                    world_size: int = 1) -> int:
+    """Optimizer steps: ``iterations`` if set, else ``epochs`` passes over the data."""
+    if iterations:
+        return int(iterations)
+    per_epoch = math.ceil(num_train / world_size / batch_size)
+    return max(1, int(round(float(epochs or 1) * per_epoch)))
+
+
+def cpu_threads() -> int:
+    """Threads torch should use on CPU: $POTION_THREADS or all cores."""
+    return int(os.environ.get("POTION_THREADS", os.cpu_count() or 1))

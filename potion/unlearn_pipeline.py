@@ -1,0 +1,191 @@
+"""unlearn.py's job: trained run -> discovery -> method -> evaluation -> run folder -> MLflow run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from potion import metrics
+from potion.config import identity_hash, model_kwargs, to_dict
+from potion.data.poisoned import PoisonedData, load_data, poison
+from potion.discovery import discover
+from potion.errors import ConfigError
+from potion.evaluation import evaluate_backdoor, predict
+from potion.io import atomic_write_json, atomic_write_text, save_tensors
+from potion.models import build_model
+from potion.plots import plot_ptn_trajectory
+from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
+from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
+from potion.training import cpu_threads
+from potion.unlearning.registry import MethodOutput, get_method
+from potion.unlearning.task import UnlearnTask
+
+log = logging.getLogger("potion.unlearn")
+
+
+def resolve_device(trainer_cfg: Any) -> torch.device:
+    """cuda when the trainer asks for a GPU and one is there, else CPU (with a warning if a GPU was asked for)."""
+    acc = str(trainer_cfg.get("accelerator", "cpu")) if trainer_cfg is not None else "cpu"
+    if acc in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda")
+    if acc in ("gpu", "cuda"):
+        log.warning("trainer.accelerator=%s but no GPU is visible; running on CPU", acc)
+    return torch.device("cpu")
+
+
+def resolve_train_run(spec: str, logger_cfg: Any) -> Path:
+    """A run folder path, or ``mlflow:<run id>`` fetched from the tracking store into runs/mlflow/<id>."""
+    if spec in (None, "", "???"):
+        raise ConfigError("train_run: required; give a training run folder (printed by train.py) or mlflow:<run id>")
+    spec = str(spec)
+    if not spec.startswith("mlflow:"):
+        return Path(spec)
+    run_id = spec.split(":", 1)[1]
+    dst = Path("runs") / "mlflow" / run_id
+    if read_summary(dst) is None:
+        uri = resolve_tracking_uri(logger_cfg.get("tracking_uri") if logger_cfg is not None else None)
+        for name in ("config.yaml", "poison_plan.json", "model.safetensors", "summary.json"):
+            download_run_artifacts(uri, run_id, name, dst)
+    return dst
+
+
+def unlearn_run_dir(cfg: DictConfig, run: TrainedRun) -> tuple[Path, str]:
+    """runs/unlearn/<method>-<hash> where the hash covers this config and the training run's identity."""
+    key = identity_hash({**to_dict(cfg), "train_run": run.summary.get("config_hash", str(run.path))})
+    if cfg.get("out_dir"):
+        return Path(str(cfg.out_dir)), key
+    return Path("runs") / "unlearn" / f"{cfg.method.name}-{key}", key
+
+
+def run_unlearning(cfg: DictConfig) -> dict[str, Any]:
+    """Heal the training run's model with the configured method; return the summary (also on disk)."""
+    method_fn = get_method(str(cfg.method.name))
+    run = load_trained_run(resolve_train_run(cfg.train_run, cfg.get("logger")))
+    d = cfg.discovery
+    discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
+    run_dir, key = unlearn_run_dir(cfg, run)
+    done = read_summary(run_dir)
+    if done is not None and done.get("config_hash") == key and not cfg.get("force", False):
+        done["reused"] = True
+        return done
+    tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
+                            run_name=f"unlearn-{cfg.method.name}", tags={
+                                "potion.task": "unlearn", "potion.method": str(cfg.method.name),
+                                "potion.config_hash": key, "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
+                                "potion.train_config_hash": str(run.summary.get("config_hash"))})
+    try:
+        summary = _unlearn(cfg, run, discovery, method_fn, run_dir, key, tracker)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return summary
+
+
+def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, run_dir: Path, key: str,
+             tracker: Any) -> dict[str, Any]:
+    torch.set_num_threads(cpu_threads())
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(cfg.get("trainer"))
+    data = poison(load_data(run.cfg.dataset), run.plan)
+    model = run.build_model(data.num_classes, data.channels).to(device).eval()
+    bs = int(cfg.eval_batch_size)
+    before = _before_metrics(run, model, data, bs)
+    task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
+                       model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
+                                                         **model_kwargs(run.cfg.model)),
+                       train_cfg=to_dict(run.cfg.train))
+    forget_acc_before = task.forget_accuracy(model)
+    method_args = {k: v for k, v in to_dict(cfg.method).items() if k != "name"}
+    tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),
+                        "poison": to_dict(run.cfg.poison), "train_run": str(run.path), "seed": cfg.seed,
+                        "n_f": discovery.n_f, "n_p": run.plan.count, "dataset": run.cfg.dataset.name,
+                        "model": to_dict(run.cfg.model)})
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out: MethodOutput = method_fn(task, **method_args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    unlearn_seconds = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    healed_model = out.model.eval()
+    after = evaluate_backdoor(healed_model, data.bundle.test.images, data.bundle.test.labels, data.normalizer,
+                              data.trigger, run.plan.target, bs)
+    result = {
+        **after,
+        **{f"{k}_before": v for k, v in before.items()},
+        "healed": metrics.healed(after["poison_acc"], before["poison_acc"], before["clean_acc"]),
+        "acc_drop": metrics.acc_drop(before["clean_acc"], after["clean_acc"]),
+        "forget_acc": task.forget_accuracy(healed_model),
+        "forget_acc_before": forget_acc_before,
+        "poisoned_train_acc": poisoned_train_accuracy(healed_model, data, bs),
+        "poisoned_train_acc_before": poisoned_train_accuracy(model_before_copy(run, data, device), data, bs),
+        "unlearn_seconds": unlearn_seconds,
+        **{k: float(v) for k, v in out.timings.items()},
+    }
+    result["eval_seconds"] = time.perf_counter() - t1
+    numeric = {k: float(v) for k, v in out.diagnostics.items() if isinstance(v, (int, float, bool))}
+    notes = {k: v for k, v in out.diagnostics.items() if not isinstance(v, (int, float, bool))}
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = []
+    if cfg.get("save_weights", True):
+        artifacts.append(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
+    if out.trajectory:
+        artifacts.append(_write_trajectory(run_dir, out.trajectory))
+        artifacts.append(plot_ptn_trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
+                                             run_dir / "ptn_trajectory.png",
+                                             title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}"))
+    summary = {
+        **{k: metrics.finite_or_none(v) for k, v in result.items()}, **numeric, **notes,
+        "method": str(cfg.method.name), "n_f": discovery.n_f, "n_p": run.plan.count, "target": run.plan.target,
+        "config_hash": key, "run_dir": str(run_dir), "train_run": str(run.path), "device": device.type,
+        "mlflow_run_id": tracker.run_id, "train_mlflow_run_id": run.summary.get("mlflow_run_id"),
+    }
+    atomic_write_json(run_dir / SUMMARY, summary)
+    artifacts.append(run_dir / SUMMARY)
+
+    tracker.log_metrics({**result, **numeric})
+    for row in out.trajectory:
+        tracker.log_metrics({f"ptn_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+    if notes:
+        tracker.set_tags({f"potion.{k}": str(v) for k, v in notes.items()})
+    for path in artifacts:
+        tracker.log_artifact(path)
+    return summary
+
+
+def _before_metrics(run: TrainedRun, model: torch.nn.Module, data: PoisonedData, bs: int) -> dict[str, float]:
+    """The poisoned model's clean_acc / poison_acc / asr, measured now on this device."""
+    return evaluate_backdoor(model, data.bundle.test.images, data.bundle.test.labels, data.normalizer,
+                             data.trigger, run.plan.target, bs)
+
+
+def model_before_copy(run: TrainedRun, data: PoisonedData, device: torch.device) -> torch.nn.Module:
+    """A fresh copy of the poisoned model (methods may change the task's model in place)."""
+    return run.build_model(data.num_classes, data.channels).to(device).eval()
+
+
+def poisoned_train_accuracy(model: torch.nn.Module, data: PoisonedData, bs: int) -> float:
+    """Accuracy on all n_p poisoned training images with the trigger, against their true labels."""
+    idx = torch.tensor(data.plan.indices, dtype=torch.long)
+    preds = predict(model, data.bundle.train.images[idx], data.normalizer, data.trigger, batch_size=bs)
+    return metrics.accuracy(preds, torch.tensor(data.plan.true_labels))
+
+
+def _write_trajectory(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(run_dir / "ptn_trajectory.csv", buf.getvalue())

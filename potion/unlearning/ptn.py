@@ -1,0 +1,128 @@
+"""PTN (Poison Trigger Neutralisation) search: the smallest assumed poison share s whose dampening
+neutralises the forget set (method.md §4).
+
+Candidates s_k = s_start * s_step^k are fixed in advance, so any block of them can be evaluated
+independently (see ``hydra_plugins/potion_ptn``); the answer is always the first qualifying k.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch.nn as nn
+
+from potion.errors import ConfigError
+from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share
+
+log = logging.getLogger("potion.ptn")
+
+
+@dataclass(frozen=True)
+class PTNSchedule:
+    """The candidate grid and stopping threshold."""
+
+    s_start: float
+    s_step: float = 1.1
+    max_steps: int = 500
+    rho: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not self.s_start > 0:
+            raise ConfigError(f"ptn.s_start={self.s_start}: must be > 0")
+        if not self.s_step > 1:
+            raise ConfigError(f"ptn.s_step={self.s_step}: must be > 1")
+        if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+            raise ConfigError(f"ptn.max_steps={self.max_steps}: must be a positive integer")
+        if not 0 <= self.rho <= 1:
+            raise ConfigError(f"ptn.rho={self.rho}: must be in [0, 1]")
+
+    def share(self, k: int) -> float:
+        """s_k."""
+        return self.s_start * self.s_step ** k
+
+    def percentile(self, k: int) -> float:
+        """The percentile used at step k."""
+        return percentile_for_share(self.share(k))
+
+
+def default_s_start(n_f: int, num_train: int, divisor: float = 25.0) -> float:
+    """s_start = (n_f / N) / 25 (method.md §4)."""
+    return (n_f / num_train) / divisor
+
+
+@dataclass
+class Candidate:
+    """One evaluated step of the search."""
+
+    step: int
+    s: float
+    percentile: float
+    alpha: float
+    dampened_share: float
+    forget_acc: float
+
+    def qualifies(self, threshold: float) -> bool:
+        return math.isfinite(self.forget_acc) and self.forget_acc <= threshold
+
+
+@dataclass
+class PTNResult:
+    """The chosen step (or the last one if rho was never met) and the whole trajectory."""
+
+    a0: float
+    threshold: float
+    reached: bool
+    chosen: Candidate
+    trajectory: list[Candidate] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        return {
+            "ptn_a0": self.a0, "ptn_threshold": self.threshold, "ptn_reached": self.reached,
+            "ptn_steps": self.chosen.step + 1, "ptn_s": self.chosen.s, "ptn_percentile": self.chosen.percentile,
+            "ptn_alpha": self.chosen.alpha, "ptn_dampened_share": self.chosen.dampened_share,
+            "ptn_forget_acc": self.chosen.forget_acc,
+        }
+
+    def trajectory_rows(self) -> list[dict]:
+        return [asdict(c) for c in self.trajectory]
+
+
+def evaluate_candidate(k: int, schedule: PTNSchedule, pool: RatioPool, model: nn.Module, originals: dict,
+                       imp_r: dict, imp_f: dict, forget_acc: Callable[[nn.Module], float], lam: float = 1.0
+                       ) -> Candidate:
+    """Dampen ``model`` (in place, from ``originals``) at step k and measure the forget accuracy."""
+    p = schedule.percentile(k)
+    alpha = pool.percentile(p)
+    res = dampen_(model, originals, imp_r, imp_f, alpha, lam)
+    return Candidate(k, schedule.share(k), p, alpha, res.share, forget_acc(model))
+
+
+def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, schedule: PTNSchedule,
+               forget_acc: Callable[[nn.Module], float], a0: float, lam: float = 1.0,
+               on_step: Callable[[Candidate], None] | None = None) -> PTNResult:
+    """Sequential PTN: stop at the first k with forget_acc <= rho * a0; the model is left dampened at it.
+
+    If no step qualifies, the last step's model is kept (as the paper does) and ``reached`` is False.
+    """
+    pool = RatioPool.build(imp_r, imp_f)
+    threshold = schedule.rho * a0
+    trajectory: list[Candidate] = []
+    for k in range(schedule.max_steps):
+        cand = evaluate_candidate(k, schedule, pool, model, originals, imp_r, imp_f, forget_acc, lam)
+        trajectory.append(cand)
+        if on_step is not None:
+            on_step(cand)
+        if cand.qualifies(threshold):
+            return PTNResult(a0, threshold, True, cand, trajectory)
+    log.warning("PTN: rho=%s never met in %d steps (forget_acc %.3f > %.3f); keeping the last step's model",
+                schedule.rho, schedule.max_steps, trajectory[-1].forget_acc, threshold)
+    return PTNResult(a0, threshold, False, trajectory[-1], trajectory)
+
+
+def first_qualifying(candidates: list[Candidate], threshold: float) -> Candidate | None:
+    """The smallest-step qualifying candidate of an evaluated block (parallel PTN's reduction)."""
+    ok = [c for c in candidates if c.qualifies(threshold)]
+    return min(ok, key=lambda c: c.step) if ok else None

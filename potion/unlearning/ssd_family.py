@@ -1,0 +1,184 @@
+"""SSD, ASSD, LFSSD and Potion: one importance estimator + one dampening rule, configured four ways.
+
+| method | importance loss | accumulate | alpha |
+|---|---|---|---|
+| ssd    | cross-entropy      | grad^2 | fixed (alpha, lambda) |
+| assd   | cross-entropy      | grad^2 | percentile rule + PTN |
+| lfssd  | mean ||logits||^2  | |grad| | percentile rule + PTN |
+| potion | mean ||logits||    | |grad| | percentile rule + PTN |
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from potion.config import number
+from potion.errors import ConfigError
+from potion.evaluation import autocast_for
+from potion.io import sha256_tensors
+from potion.unlearning.cache import cached_importance, importance_key, indices_digest
+from potion.unlearning.dampening import dampen_, snapshot
+from potion.unlearning.importance import compute_importance, importance_parameters
+from potion.unlearning.ptn import PTNSchedule, default_s_start, ptn_search
+from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.task import UnlearnTask
+
+log = logging.getLogger("potion.ssd")
+
+CRITERIA = ("all", "exclude_true_target")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work so wall-clock splits are honest."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int = 256,
+                    retain_samples: int | None = None, cache: bool = True
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Omega_r and Omega_f (each from the content-addressed cache when possible) plus timing info."""
+    number({"b": batch_size}, "b", "method.importance.batch_size", lo=1, integer=True)
+    retain = task.retain_idx
+    if retain_samples is not None:
+        number({"r": retain_samples}, "r", "method.importance.retain_samples", lo=1, integer=True)
+        if retain_samples < retain.numel():
+            gen = torch.Generator().manual_seed(task.seed)
+            retain = retain[torch.randperm(retain.numel(), generator=gen)[:retain_samples]].sort().values
+    weights = sha256_tensors(task.model.state_dict())
+    common = {"weights": weights, "data": task.data.bundle.fingerprint, "trigger": task.data.plan.trigger.to_dict(),
+              "plan": indices_digest(torch.tensor(task.data.plan.indices)), "target": task.data.plan.target,
+              "loss": loss, "power": power, "batch_size": batch_size, "device": task.device.type}
+
+    def run(idx: torch.Tensor) -> Callable[[], dict[str, torch.Tensor]]:
+        return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power)
+
+    sync(task.device)
+    t0 = time.perf_counter()
+    imp_r, hit_r = cached_importance(importance_key(**common, idx=indices_digest(retain)), run(retain), cache)
+    imp_f, hit_f = cached_importance(importance_key(**common, idx=indices_digest(task.forget_idx)),
+                                     run(task.forget_idx), cache)
+    sync(task.device)
+    info = {"importance_seconds": time.perf_counter() - t0, "importance_cache_hit": float(hit_r and hit_f),
+            "retain_importance_samples": int(retain.numel())}
+    dev = task.device
+    return ({k: v.to(dev) for k, v in imp_r.items()}, {k: v.to(dev) for k, v in imp_f.items()}, info)
+
+
+def forget_accuracy_fn(task: UnlearnTask, criterion: str) -> tuple[Callable[[nn.Module], float], dict[str, Any]]:
+    """forget_acc as PTN watches it: the forget set prepared once on the device, one forward per call."""
+    if criterion not in CRITERIA:
+        raise ConfigError(f"method.ptn.criterion={criterion}: choose one of {list(CRITERIA)}")
+    idx = task.forget_idx
+    info: dict[str, Any] = {}
+    true_target = task.forget_true_labels() == task.data.plan.target
+    info["forget_true_target"] = int(true_target.sum())
+    if criterion == "exclude_true_target":
+        if bool(true_target.all()):
+            log.warning("ptn.criterion=exclude_true_target: every discovered sample truly belongs to the target "
+                        "class; falling back to all discovered samples")
+        else:
+            idx = idx[~true_target]
+    images = task.data.bundle.train.images[idx].to(task.device)
+    x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
+    y = task.data.train_labels[idx].to(task.device)
+    info["criterion_samples"] = int(idx.numel())
+
+    @torch.no_grad()
+    def forget_acc(model: nn.Module) -> float:
+        model.eval()
+        correct = 0
+        for i in range(0, x.shape[0], 1024):
+            with autocast_for(x.device):
+                correct += int((model(x[i:i + 1024]).argmax(1) == y[i:i + 1024]).sum())
+        return correct / max(1, x.shape[0])
+
+    return forget_acc, info
+
+
+def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
+    d = dict(importance or {})
+    return {"batch_size": int(d.get("batch_size", 256)), "retain_samples": d.get("retain_samples"),
+            "cache": bool(d.get("cache", True))}
+
+
+def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any] | None = None,
+            ptn: Mapping[str, Any] | None = None, lam: float = 1.0) -> MethodOutput:
+    """Importances once, then the PTN search over percentile-rule dampenings of the model (in place)."""
+    p = dict(ptn or {})
+    imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **_importance_args(importance))
+    criterion = str(p.get("criterion", "all"))
+    forget_acc, crit_info = forget_accuracy_fn(task, criterion)
+    s_start = p.get("s_start")
+    schedule = PTNSchedule(
+        s_start=float(s_start) if s_start is not None else default_s_start(task.discovery.n_f, task.num_train),
+        s_step=float(p.get("s_step", 1.1)), max_steps=int(p.get("max_steps", 500)), rho=float(p.get("rho", 0.1)),
+    )
+    if schedule.rho == 0 and crit_info["forget_true_target"] and criterion == "all":
+        log.warning("ptn.rho=0 with %d discovered samples whose true class is the target: rho cannot be met "
+                    "without destroying the target class; consider ptn.rho>0 or ptn.criterion=exclude_true_target",
+                    crit_info["forget_true_target"])
+    sync(task.device)
+    t0 = time.perf_counter()
+    model = task.model
+    a0 = forget_acc(model)
+    names = [n for n, _ in importance_parameters(model)]
+    originals = snapshot(model, names)
+    result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam)
+    sync(task.device)
+    search_seconds = time.perf_counter() - t0
+    diagnostics = {**result.summary(), **crit_info, "importance_cache_hit": info["importance_cache_hit"],
+                   "retain_importance_samples": info["retain_importance_samples"]}
+    if not result.reached:
+        diagnostics["ptn_note"] = (f"rho={schedule.rho} never met in {schedule.max_steps} steps; "
+                                   "returned the last step's model")
+    return MethodOutput(model, diagnostics, {"importance_seconds": info["importance_seconds"],
+                                             "search_seconds": search_seconds}, result.trajectory_rows())
+
+
+@register("ssd")
+def ssd(task: UnlearnTask, alpha: float = 10.0, lam: float = 1.0, importance: Mapping[str, Any] | None = None
+        ) -> MethodOutput:
+    """Selective Synaptic Dampening with a fixed alpha and lambda (cross-entropy, grad^2)."""
+    number({"a": alpha}, "a", "method.alpha", lo=0, lo_open=True)
+    number({"l": lam}, "l", "method.lam", lo=0, lo_open=True)
+    imp_r, imp_f, info = importance_pair(task, loss="ce", power=2, **_importance_args(importance))
+    t0 = time.perf_counter()
+    names = [n for n, _ in importance_parameters(task.model)]
+    res = dampen_(task.model, snapshot(task.model, names), imp_r, imp_f, float(alpha), float(lam))
+    return MethodOutput(task.model, {"dampened_share": res.share, "alpha": float(alpha), "lam": float(lam)},
+                        {"importance_seconds": info["importance_seconds"],
+                         "search_seconds": time.perf_counter() - t0})
+
+
+@register("assd")
+def assd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None
+         ) -> MethodOutput:
+    """Adaptive SSD: cross-entropy grad^2 importances, percentile rule, PTN."""
+    return run_ptn(task, loss="ce", power=2, importance=importance, ptn=ptn)
+
+
+@register("lfssd")
+def lfssd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None
+          ) -> MethodOutput:
+    """Label-free SSD: squared logit norm, |grad|, percentile rule, PTN."""
+    return run_ptn(task, loss="logit_sqnorm", power=1, importance=importance, ptn=ptn)
+
+
+@register("potion")
+def potion(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None
+           ) -> MethodOutput:
+    """Potion: outlier-resistant logit-norm |grad| importances, percentile rule, PTN."""
+    return run_ptn(task, loss="logit_norm", power=1, importance=importance, ptn=ptn)
+
+
+@register("none")
+def none(task: UnlearnTask) -> MethodOutput:
+    """The poisoned model, unchanged (the reference row of every table)."""
+    return MethodOutput(task.model, {}, {})

@@ -1,0 +1,550 @@
+"""The training-based baselines of the Goel et al. grid (method.md §4): retrain, EU-k, CF-k, SCRUB, Bad Teacher.
+
+Every method is "SGD over a stream of losses": the method builds a generator that yields one
+``(kind, loss)`` per optimizer step (the forward pass happens inside the generator), and
+:func:`train_steps` -- the one training loop of this module -- runs SGD with the learning-rate
+schedule over it. Batches come from :meth:`UnlearnTask.batches` (normalised, triggered where
+poisoned, poisoned labels).
+
+Common to all methods:
+
+* Deterministic given ``task.seed``: the whole method runs under a forked, seeded torch RNG
+  (re-initialisation, augmentation) and every batch stream gets its own seed derived from it.
+* The last model is returned; no checkpoint is selected on the test set (method.md §4).
+* The poisoned ``task.model`` is never modified: methods train a copy (or a fresh model).
+* The returned model is in eval mode with ``requires_grad=True`` on every parameter.
+* SGD arguments not given fall back to the training run's ``train`` section (``task.train_cfg``);
+  ``schedule`` is ``"linear"`` (``warmup_linear_decay`` with ``warmup``, as in training) or
+  ``"constant"``.
+* Layers for EU-k / CF-k are the modules that own parameters directly (Conv, Linear, BatchNorm, ...)
+  in registration order, which is forward order for the bundled models; "the last k" counts from
+  the output end. While only the last k layers train, batch-norm layers in the frozen part stay in
+  eval mode, so their running statistics do not drift.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from potion.config import number
+from potion.errors import ConfigError
+from potion.evaluation import autocast_for
+from potion.training import total_steps_for, warmup_linear_decay
+from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.task import UnlearnTask
+
+SCHEDULES = ("linear", "constant")
+# Fallbacks when the training run's ``train`` section lacks a key (method.md §2 values).
+_TRAIN_DEFAULTS = {"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False, "batch_size": 512,
+                   "warmup": 0.01, "label_smoothing": 0.0}
+_LOSS_WINDOW = 20  # final losses are averaged over the last this many steps of each kind
+
+
+# --------------------------------------------------------------------------------------- registration
+
+
+def _method(name: str) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
+    """``register(name)`` plus a ConfigError (listing the valid arguments) for unknown arguments."""
+
+    def deco(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
+        allowed = [p for p in inspect.signature(fn).parameters if p != "task"]
+
+        @functools.wraps(fn)
+        def wrapper(task: UnlearnTask, **args: Any) -> MethodOutput:
+            unknown = sorted(set(args) - set(allowed))
+            if unknown:
+                raise ConfigError(f"method.{unknown[0]}: unknown argument of method {name!r}; "
+                                  f"valid arguments: {', '.join(allowed)}")
+            return fn(task, **args)
+
+        return register(name)(wrapper)
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------- validation
+
+
+def _flag(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}={value!r}: must be true or false")
+    return value
+
+
+def _int(value: Any, path: str, lo: int) -> int:
+    return int(number({"v": value}, "v", path, lo=lo, integer=True))
+
+
+def _float(value: Any, path: str, *, lo: float | None = None, lo_open: bool = False, hi: float | None = None,
+           hi_open: bool = False) -> float:
+    return float(number({"v": value}, "v", path, lo=lo, lo_open=lo_open, hi=hi, hi_open=hi_open))
+
+
+def _layer_count(k: Any, allow_all: bool) -> int:
+    if allow_all and k == -1:
+        return -1
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        extra = " or -1 (all layers)" if allow_all else ""
+        raise ConfigError(f"method.k={k!r}: must be a positive integer{extra}")
+    return k
+
+
+def _train_value(task: UnlearnTask, key: str) -> Any:
+    value = task.train_cfg.get(key)
+    return _TRAIN_DEFAULTS[key] if value is None else value
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """Optimizer and learning-rate schedule of one method run."""
+
+    lr: float
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    warmup: float
+    schedule: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "nesterov": float(self.nesterov), "warmup": self.warmup, "schedule": self.schedule}
+
+
+def sgd_settings(task: UnlearnTask, *, lr: Any = None, momentum: Any = None, weight_decay: Any = None,
+                 nesterov: Any = None, warmup: Any = None, schedule: Any = "linear") -> SGDSettings:
+    """Validated SGD settings: the given values, else the training run's (``task.train_cfg``)."""
+    lr = _float(_train_value(task, "lr") if lr is None else lr, "method.lr", lo=0, lo_open=True)
+    momentum = _float(_train_value(task, "momentum") if momentum is None else momentum, "method.momentum",
+                      lo=0, hi=1, hi_open=True)
+    weight_decay = _float(_train_value(task, "weight_decay") if weight_decay is None else weight_decay,
+                          "method.weight_decay", lo=0)
+    nesterov = _flag(_train_value(task, "nesterov") if nesterov is None else nesterov, "method.nesterov")
+    if nesterov and momentum == 0:
+        raise ConfigError("method.nesterov=true needs method.momentum > 0")
+    warmup = _float(_train_value(task, "warmup") if warmup is None else warmup, "method.warmup",
+                    lo=0, hi=1, hi_open=True)
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"method.schedule={schedule!r}: choose one of {list(SCHEDULES)}")
+    return SGDSettings(lr, momentum, weight_decay, nesterov, warmup, str(schedule))
+
+
+def _batch_size(task: UnlearnTask, batch_size: Any, path: str = "method.batch_size") -> int:
+    return _int(_train_value(task, "batch_size") if batch_size is None else batch_size, path, 1)
+
+
+def _label_smoothing(task: UnlearnTask, value: Any) -> float:
+    value = _train_value(task, "label_smoothing") if value is None else value
+    return _float(value, "method.label_smoothing", lo=0, hi=1, hi_open=True)
+
+
+def _factory(task: UnlearnTask, method: str) -> Callable[[], nn.Module]:
+    if not callable(task.model_factory):
+        raise ConfigError(f"method {method!r} needs a fresh model of the poisoned model's architecture, "
+                          "but the task has no model_factory")
+    return task.model_factory  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------- the shared loop
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextmanager
+def seeded(task: UnlearnTask) -> Iterator[None]:
+    """Run under the global torch RNG seeded with ``task.seed``; the caller's RNG state is restored afterwards."""
+    devices = []
+    if task.device.type == "cuda":
+        devices = [task.device.index if task.device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int(task.seed))
+        yield
+
+
+def stream(task: UnlearnTask, idx: torch.Tensor, batch_size: int, steps: int, *, augment: bool, seed: int,
+           what: str) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Exactly ``steps`` shuffled batches of ``idx`` (reshuffled every pass), from ``task.batches``."""
+    n = int(idx.numel())
+    if n == 0:
+        raise ConfigError(f"the {what} set is empty: nothing to train on")
+    per_pass = math.ceil(n / batch_size)
+    passes = max(1, math.ceil(steps / per_pass))
+    return islice(task.batches(idx, batch_size, shuffle=True, augment=augment, seed=seed, epochs=passes), steps)
+
+
+def stream_seed(task: UnlearnTask, which: int) -> int:
+    """A distinct, reproducible shuffling seed per batch stream of one method run."""
+    return int(task.seed) * 1_000_003 + 7919 * which + 1
+
+
+@dataclass
+class LoopResult:
+    """What the loop saw: optimizer steps per loss kind and the mean of each kind's last losses."""
+
+    steps: dict[str, int]
+    final_loss: dict[str, float]
+    seconds: float
+
+
+def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterator[tuple[str, torch.Tensor]],
+                total_steps: int, sgd: SGDSettings, device: torch.device) -> LoopResult:
+    """THE training loop: one SGD step (with the schedule) per ``(kind, loss)`` drawn from ``losses``.
+
+    ``losses`` computes its forward passes lazily; ``total_steps`` sizes the schedule (and caps the
+    loop). The caller sets the model's train/eval modes beforehand.
+    """
+    opt = torch.optim.SGD(list(params), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
+                          nesterov=sgd.nesterov)
+    factor = warmup_linear_decay(total_steps, sgd.warmup) if sgd.schedule == "linear" else (lambda step: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    recent: dict[str, deque[torch.Tensor]] = defaultdict(lambda: deque(maxlen=_LOSS_WINDOW))
+    counts: dict[str, int] = defaultdict(int)
+    _sync(device)
+    t0 = time.perf_counter()
+    for kind, loss in islice(losses, total_steps):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        recent[kind].append(loss.detach())
+        counts[kind] += 1
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    final = {k: float(torch.stack(list(v)).float().mean()) for k, v in recent.items()}
+    return LoopResult(dict(counts), final, seconds)
+
+
+def _finish(model: nn.Module) -> nn.Module:
+    """Eval mode and every parameter trainable again, so later code sees a normal model."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model.eval()
+
+
+def _output(model: nn.Module, result: LoopResult, sgd: SGDSettings, t_start: float, device: torch.device,
+            **extra: Any) -> MethodOutput:
+    _sync(device)
+    diagnostics: dict[str, Any] = {"iterations": sum(result.steps.values())}
+    diagnostics.update({f"{k}_steps": v for k, v in result.steps.items()})
+    diagnostics.update({f"final_{k}_loss": v for k, v in result.final_loss.items()})
+    diagnostics.update({f"sgd_{k}": v for k, v in sgd.summary().items()})
+    diagnostics.update(extra)
+    return MethodOutput(_finish(model), diagnostics,
+                        {"train_seconds": time.perf_counter() - t_start, "loop_seconds": result.seconds})
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with autocast_for(x.device):
+        return model(x).float()
+
+
+@torch.no_grad()
+def _teacher_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return _logits(model, x)
+
+
+def kl_to_teacher(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) of the temperature-softened distributions, per-sample mean, times T^2."""
+    log_p_s = F.log_softmax(student / temperature, dim=1)
+    p_t = F.softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_p_s, p_t, reduction="batchmean") * temperature ** 2
+
+
+def cross_entropy_losses(model: nn.Module, batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                         label_smoothing: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """Plain supervised training on (poisoned-label) batches."""
+    for x, y in batches:
+        yield "retain", F.cross_entropy(_logits(model, x), y, label_smoothing=label_smoothing)
+
+
+# --------------------------------------------------------------------------------------- layers
+
+
+def parameterised_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Modules that own parameters directly (Conv, Linear, BatchNorm, ...), in registration order."""
+    return [(name, m) for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+
+
+def last_layers(model: nn.Module, k: int) -> list[tuple[str, nn.Module]]:
+    """The last ``k`` parameterised layers (all of them for k = -1); a ConfigError when there are fewer."""
+    layers = parameterised_layers(model)
+    if k == -1:
+        return layers
+    if k > len(layers):
+        raise ConfigError(f"method.k={k}: the model has only {len(layers)} parameterised layers "
+                          f"(use k <= {len(layers)}, or k=-1 for all)")
+    return layers[-k:]
+
+
+def freeze_all_but(model: nn.Module, trainable: Sequence[nn.Module]) -> list[nn.Parameter]:
+    """Freeze every parameter outside ``trainable``; return the trainable ones (for the optimizer)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in trainable for p in m.parameters(recurse=False)]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def train_mode_partial(model: nn.Module, trainable: Sequence[nn.Module]) -> None:
+    """Train mode, except batch-norm layers outside ``trainable`` (frozen: their running stats stay put)."""
+    model.train()
+    keep = {id(m) for m in trainable}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in keep:
+            m.eval()
+
+
+def _train_last_layers(task: UnlearnTask, model: nn.Module, layers: list[tuple[str, nn.Module]], iterations: int,
+                       sgd: SGDSettings, batch_size: int, augment: bool, label_smoothing: float, t_start: float,
+                       **extra: Any) -> MethodOutput:
+    """EU-k and CF-k: cross-entropy on the retain set, only ``layers`` trainable."""
+    modules = [m for _, m in layers]
+    params = freeze_all_but(model, modules)
+    train_mode_partial(model, modules)
+    batches = stream(task, task.retain_idx, batch_size, iterations, augment=augment, seed=stream_seed(task, 0),
+                     what="retain")
+    result = train_steps(model, params, cross_entropy_losses(model, batches, label_smoothing), iterations, sgd,
+                         task.device)
+    return _output(model, result, sgd, t_start, task.device, trainable_layers=len(layers),
+                   trainable_params=sum(p.numel() for p in params), retain_samples=int(task.retain_idx.numel()),
+                   **extra)
+
+
+# --------------------------------------------------------------------------------------- methods
+
+
+def retain_without(task: UnlearnTask, extra_forget: Any) -> torch.Tensor:
+    """The retain set minus ``extra_forget`` (training indices also to exclude, e.g. newly discovered poison)."""
+    if extra_forget is None:
+        return task.retain_idx
+    if isinstance(extra_forget, torch.Tensor):
+        extra_forget = extra_forget.view(-1).tolist()
+    if isinstance(extra_forget, (str, bytes)) or not isinstance(extra_forget, Sequence):
+        raise ConfigError(f"method.extra_forget={extra_forget!r}: must be a list of training indices or null")
+    bad = [i for i in extra_forget if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < task.num_train]
+    if bad:
+        raise ConfigError(f"method.extra_forget: {bad[:5]} are not training indices in [0, {task.num_train - 1}]")
+    drop = torch.zeros(task.num_train, dtype=torch.bool)
+    drop[torch.tensor(list(extra_forget), dtype=torch.long)] = True
+    retain = task.retain_idx
+    return retain[~drop[retain]]
+
+
+@_method("retrain")
+def retrain(task: UnlearnTask, iterations: int | None = None, lr: float | None = None, momentum: float | None = None,
+            weight_decay: float | None = None, nesterov: bool | None = None, warmup: float | None = None,
+            batch_size: int | None = None, label_smoothing: float | None = None, schedule: str = "linear",
+            augment: bool = True, extra_forget: list[int] | None = None) -> MethodOutput:
+    """Exact unlearning (EU): a fresh model trained from scratch on the retain set with the run's own schedule.
+
+    ``iterations=None`` uses as many optimizer steps as the training run: ``train.iterations`` if set,
+    else ``train.epochs`` passes over the retain set. ``extra_forget`` also removes those training
+    indices from the retain set (for "discover, then retrain").
+    """
+    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                       warmup=warmup, schedule=schedule)
+    bs = _batch_size(task, batch_size)
+    smoothing = _label_smoothing(task, label_smoothing)
+    augment = _flag(augment, "method.augment")
+    retain = retain_without(task, extra_forget)
+    if iterations is None:
+        run_iters = task.train_cfg.get("iterations")
+        epochs = task.train_cfg.get("epochs")
+        if run_iters is None and epochs is None:
+            raise ConfigError("method.iterations: the training run's train section has neither iterations nor "
+                              "epochs; set method.iterations")
+        if run_iters is not None:
+            run_iters = _int(run_iters, "train.iterations", 1)
+        else:
+            _float(epochs, "train.epochs", lo=0, lo_open=True)
+        iterations = total_steps_for(int(retain.numel()), bs, run_iters, epochs)
+    iterations = _int(iterations, "method.iterations", 1)
+    factory = _factory(task, "retrain")
+    _sync(task.device)
+    t_start = time.perf_counter()
+    with seeded(task):
+        model = factory().to(task.device)
+        model.train()
+        batches = stream(task, retain, bs, iterations, augment=augment, seed=stream_seed(task, 0), what="retain")
+        result = train_steps(model, list(model.parameters()), cross_entropy_losses(model, batches, smoothing),
+                             iterations, sgd, task.device)
+    return _output(model, result, sgd, t_start, task.device, retain_samples=int(retain.numel()),
+                   extra_forget=len(extra_forget) if extra_forget is not None else 0)
+
+
+@_method("eu_k")
+def eu_k(task: UnlearnTask, k: int = 2, iterations: int = 1000, lr: float | None = None,
+         momentum: float | None = None, weight_decay: float | None = None, nesterov: bool | None = None,
+         warmup: float | None = None, batch_size: int | None = None, label_smoothing: float | None = None,
+         schedule: str = "linear", augment: bool = True) -> MethodOutput:
+    """EU-k: re-initialise the last k parameterised layers (from a fresh model), train only them on the retain set.
+
+    The rest of the poisoned model is frozen (its batch-norm layers in eval mode). SGD settings
+    default to the training run's (lr included).
+    """
+    k = _layer_count(k, allow_all=False)
+    iterations = _int(iterations, "method.iterations", 1)
+    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                       warmup=warmup, schedule=schedule)
+    bs = _batch_size(task, batch_size)
+    smoothing = _label_smoothing(task, label_smoothing)
+    augment = _flag(augment, "method.augment")
+    factory = _factory(task, "eu_k")
+    _sync(task.device)
+    t_start = time.perf_counter()
+    with seeded(task):
+        model = copy.deepcopy(task.model)
+        layers = last_layers(model, k)
+        fresh = dict(factory().named_modules())
+        for name, module in layers:
+            if name not in fresh or type(fresh[name]) is not type(module):
+                raise ConfigError(f"eu_k: the model factory's model has no layer {name!r} like the poisoned model's")
+            module.load_state_dict(fresh[name].state_dict())  # parameters and buffers (batch-norm statistics)
+        del fresh
+        return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, k=k)
+
+
+@_method("finetune")
+def finetune(task: UnlearnTask, k: int = -1, iterations: int = 1000, lr: float = 0.025,
+             momentum: float | None = None, weight_decay: float | None = None, nesterov: bool | None = None,
+             warmup: float | None = None, batch_size: int | None = None, label_smoothing: float | None = None,
+             schedule: str = "linear", augment: bool = True) -> MethodOutput:
+    """Catastrophic forgetting (CF-k): fine-tune the last k parameterised layers (k=-1: all) on the retain set.
+
+    Frozen layers' batch-norm statistics stay put (eval mode). lr defaults to 0.025 (method.md §4),
+    the other SGD settings to the training run's.
+    """
+    k = _layer_count(k, allow_all=True)
+    iterations = _int(iterations, "method.iterations", 1)
+    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                       warmup=warmup, schedule=schedule)
+    bs = _batch_size(task, batch_size)
+    smoothing = _label_smoothing(task, label_smoothing)
+    augment = _flag(augment, "method.augment")
+    _sync(task.device)
+    t_start = time.perf_counter()
+    with seeded(task):
+        model = copy.deepcopy(task.model)
+        layers = last_layers(model, k)
+        return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, k=k)
+
+
+@_method("scrub")
+def scrub(task: UnlearnTask, alpha: float = 1.0, gamma: float = 1.0, temperature: float = 4.0,
+          max_steps: int = 100, iterations: int = 300, lr: float = 0.0025, momentum: float = 0.9,
+          weight_decay: float = 5e-4, nesterov: bool = False, warmup: float | None = None,
+          schedule: str = "constant", batch_size: int | None = None, forget_batch_size: int | None = None,
+          augment: bool = True) -> MethodOutput:
+    """SCRUB (Kurmanji et al.): a student (copy of the poisoned model) and the frozen poisoned model as teacher.
+
+    ``iterations`` min steps on the retain set minimise alpha * KL(teacher || student) + gamma * CE
+    (poisoned labels); ``max_steps`` max steps on the forget set minimise -KL(teacher || student). The
+    KL is taken at ``temperature`` (scaled by T^2). One max step precedes every
+    ``max(1, iterations // max_steps)``-th min step until ``max_steps`` are done, so the max steps
+    fall in the first part of the run and the rest is min steps only. One optimizer for both (SGD,
+    constant lr by default). The last model is returned.
+    """
+    alpha = _float(alpha, "method.alpha", lo=0)
+    gamma = _float(gamma, "method.gamma", lo=0)
+    temperature = _float(temperature, "method.temperature", lo=0, lo_open=True)
+    iterations = _int(iterations, "method.iterations", 1)
+    max_steps = _int(max_steps, "method.max_steps", 0)
+    if max_steps > iterations:
+        raise ConfigError(f"method.max_steps={max_steps}: at most one max step per min step "
+                          f"(method.iterations={iterations}); lower max_steps or raise iterations")
+    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                       warmup=warmup, schedule=schedule)
+    bs = _batch_size(task, batch_size)
+    fbs = bs if forget_batch_size is None else _int(forget_batch_size, "method.forget_batch_size", 1)
+    augment = _flag(augment, "method.augment")
+    every = max(1, iterations // max_steps) if max_steps else 0
+    _sync(task.device)
+    t_start = time.perf_counter()
+    with seeded(task):
+        teacher = task.model.eval()
+        student = copy.deepcopy(task.model).train()
+        retain = stream(task, task.retain_idx, bs, iterations, augment=augment, seed=stream_seed(task, 0),
+                        what="retain")
+        forget = stream(task, task.forget_idx, fbs, max_steps, augment=augment, seed=stream_seed(task, 1),
+                        what="forget") if max_steps else iter(())
+
+        def losses() -> Iterator[tuple[str, torch.Tensor]]:
+            done = 0
+            for i, (x, y) in enumerate(retain):
+                if done < max_steps and i % every == 0:
+                    xf, _ = next(forget)
+                    done += 1
+                    yield "max", -kl_to_teacher(_logits(student, xf), _teacher_logits(teacher, xf), temperature)
+                s = _logits(student, x)
+                yield "min", (alpha * kl_to_teacher(s, _teacher_logits(teacher, x), temperature)
+                              + gamma * F.cross_entropy(s, y))
+
+        result = train_steps(student, list(student.parameters()), losses(), iterations + max_steps, sgd, task.device)
+    return _output(student, result, sgd, t_start, task.device, alpha=alpha, gamma=gamma, temperature=temperature,
+                   max_every=every)
+
+
+@_method("bad_teacher")
+def bad_teacher(task: UnlearnTask, iterations: int = 1000, lr: float = 0.025, temperature: float = 1.0,
+                forget_share: float | None = None, batch_size: int | None = None, momentum: float | None = None,
+                weight_decay: float | None = None, nesterov: bool | None = None, warmup: float | None = None,
+                schedule: str = "linear", augment: bool = True) -> MethodOutput:
+    """Bad Teacher (Chundawat et al.): distil from the poisoned model on retain samples, from a random model on forget.
+
+    Each step forwards one mixed batch: ``batch_size - f`` retain samples and ``f`` forget samples,
+    drawn from separate shuffled streams, with ``f = max(1, round(batch_size * forget_share))``.
+    ``forget_share=None`` takes the forget set's share of the training set, ``n_f / (n_f + n_r)``,
+    i.e. what uniformly mixed batches hold on average. The loss is the per-sample KL from the
+    student to its teacher's softened distribution (competent teacher = frozen poisoned model for
+    retain samples, incompetent teacher = a randomly initialised model for forget samples), averaged
+    over the whole batch, i.e. the two parts weighted by their sample counts (times T^2).
+    """
+    iterations = _int(iterations, "method.iterations", 1)
+    temperature = _float(temperature, "method.temperature", lo=0, lo_open=True)
+    bs = _batch_size(task, batch_size)
+    if bs < 2:
+        raise ConfigError(f"method.batch_size={bs}: bad_teacher needs at least 2 (retain and forget samples)")
+    n_f, n_r = int(task.forget_idx.numel()), int(task.retain_idx.numel())
+    share = n_f / max(1, n_f + n_r) if forget_share is None else _float(
+        forget_share, "method.forget_share", lo=0, lo_open=True, hi=1, hi_open=True)
+    f_bs = min(bs - 1, max(1, int(round(bs * share))))
+    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                       warmup=warmup, schedule=schedule)
+    augment = _flag(augment, "method.augment")
+    factory = _factory(task, "bad_teacher")
+    _sync(task.device)
+    t_start = time.perf_counter()
+    with seeded(task):
+        competent = task.model.eval()
+        incompetent = factory().to(task.device).eval()
+        student = copy.deepcopy(task.model).train()
+        retain = stream(task, task.retain_idx, bs - f_bs, iterations, augment=augment, seed=stream_seed(task, 0),
+                        what="retain")
+        forget = stream(task, task.forget_idx, f_bs, iterations, augment=augment, seed=stream_seed(task, 1),
+                        what="forget")
+
+        def losses() -> Iterator[tuple[str, torch.Tensor]]:
+            for (xr, _), (xf, _) in zip(retain, forget, strict=False):
+                targets = torch.cat([_teacher_logits(competent, xr), _teacher_logits(incompetent, xf)])
+                yield "distill", kl_to_teacher(_logits(student, torch.cat([xr, xf])), targets, temperature)
+
+        result = train_steps(student, list(student.parameters()), losses(), iterations, sgd, task.device)
+    return _output(student, result, sgd, t_start, task.device, temperature=temperature, forget_share=share,
+                   forget_per_batch=f_bs)

@@ -1,0 +1,21 @@
+"""Train a backdoor-poisoned classifier: ``python train.py experiment=quickstart`` (any value overridable)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from potion.cli import quiet_third_party, run_guarded
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from potion.train_pipeline import run_training
+
+    quiet_third_party()
+    s = run_guarded(lambda: run_training(cfg))
+    print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
+    print(f"clean_acc={s['clean_acc']:.4f}  poison_acc={s['poison_acc']:.4f}  asr={s['asr']:.4f}  "
+          f"n_p={s['n_p']}  train_seconds={s['train_seconds']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
