@@ -50,7 +50,7 @@ class WideResNet(nn.Module):
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
         layers: list[nn.Module] = []
         c_in = widths[0]
-        for group, stride in zip(range(3), (1, 2, 2)):
+        for group, stride in enumerate((1, 2, 2)):
             for i in range(n):
                 layers.append(WideBasic(c_in, widths[group + 1], stride if i == 0 else 1, dropout))
                 c_in = widths[group + 1]
