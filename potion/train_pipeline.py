@@ -139,7 +139,8 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
         accelerator=tr.accelerator, devices=tr.devices, strategy=tr.strategy, precision=tr.precision,
         max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
         enable_progress_bar=bool(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, deterministic=bool(tr.deterministic), default_root_dir=str(run_dir),
+        limit_val_batches=0, deterministic=bool(tr.deterministic), benchmark=bool(tr.get("benchmark", False)),
+        default_root_dir=str(run_dir),
         log_every_n_steps=50,
     )
 

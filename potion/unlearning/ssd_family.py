@@ -23,9 +23,9 @@ from potion.errors import ConfigError
 from potion.evaluation import autocast_for
 from potion.io import sha256_tensors
 from potion.unlearning.cache import cached_importance, importance_key, indices_digest
-from potion.unlearning.dampening import dampen_, snapshot
+from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
-from potion.unlearning.ptn import PTNSchedule, default_s_start, ptn_search
+from potion.unlearning.ptn import PTNResult, PTNSchedule, default_s_start, evaluate_candidate, ptn_search
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
 
@@ -130,7 +130,15 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     a0 = forget_acc(model)
     names = [n for n, _ in importance_parameters(model)]
     originals = snapshot(model, names)
-    result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam)
+    fixed = p.get("fixed_step")
+    if fixed is not None:  # one given candidate (how the PTN sweeper's jobs and its final step run)
+        number({"k": fixed}, "k", "method.ptn.fixed_step", lo=0, hi=schedule.max_steps - 1, integer=True)
+        cand = evaluate_candidate(int(fixed), schedule, RatioPool.build(imp_r, imp_f), model, originals, imp_r,
+                                  imp_f, forget_acc, lam)
+        threshold = schedule.rho * a0
+        result = PTNResult(a0, threshold, cand.qualifies(threshold), cand, [cand])
+    else:
+        result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam)
     sync(task.device)
     search_seconds = time.perf_counter() - t0
     diagnostics = {**result.summary(), **crit_info, "importance_cache_hit": info["importance_cache_hit"],
