@@ -1,23 +1,37 @@
 """Heal a poisoned model: ``python unlearn.py train_run=<run folder> method=potion discovery.share=0.1``."""
 
+from pathlib import Path
+from typing import Any
+
 import hydra
 from omegaconf import DictConfig
 
 from potion.cli import quiet_third_party, run_guarded
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="unlearn")
-def main(cfg: DictConfig) -> None:
-    from potion.unlearn_pipeline import run_unlearning
+# An absolute config path, so the configs are found also when sweep.py imports this module.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="unlearn")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
+    from potion.ptn_sweep import CANDIDATE, dispatch, job_role
 
     quiet_third_party()
-    s = run_guarded(lambda: run_unlearning(cfg))
+    role = job_role(cfg)
+    if role is None:
+        s = run_guarded(lambda: dispatch(cfg))
+    else:  # a job of the ptn sweeper: an error travels back to the sweeper in Hydra's JobReturn
+        s = dispatch(cfg)
+    if role == CANDIDATE:
+        print(f"ptn candidate k={s['step']}: s={s['s']:.4g} alpha={s['alpha']:.4g} forget_acc={s['forget_acc']:.4f}"
+              f" (threshold {s['threshold']:.4f})", flush=True)
+        return s
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
     print(f"{s['method']}: n_f={s['n_f']}/{s['n_p']}  clean_acc {s['clean_acc_before']:.4f} -> {s['clean_acc']:.4f}  "
           f"asr {s['asr_before']:.4f} -> {s['asr']:.4f}  healed={_f(s['healed'])}  acc_drop={_f(s['acc_drop'])}  "
           f"seconds={s['unlearn_seconds']:.2f}")
     if s.get("ptn_note"):
         print(f"note: {s['ptn_note']}")
+    return s
 
 
 def _f(x: object) -> str:

@@ -88,6 +88,47 @@ def validate_train_config(cfg: Any) -> None:
           f"trainer.accelerator={tr.get('accelerator')}: choose cpu, gpu or auto")
 
 
+PTN_CRITERIA = ("all", "exclude_true_target")
+
+
+def validate_unlearn_config(cfg: Any) -> None:
+    """Every unlearning value checkable without the training run, checked before the run is loaded.
+
+    Values that need the run (``discovery.count`` against n_p) are checked where the run is known.
+    """
+    d = to_dict(cfg)
+    number(d, "seed", "seed", lo=0, integer=True)
+    if "eval_batch_size" in d:
+        number(d, "eval_batch_size", "eval_batch_size", lo=1, integer=True)
+    disc = d.get("discovery") or {}
+    if disc.get("count") is not None:
+        number(disc, "count", "discovery.count", lo=1, integer=True)
+    else:
+        check(disc.get("share") is not None,
+              "discovery: set discovery.share (in (0, 1]) or discovery.count (in [1, n_p])")
+        number(disc, "share", "discovery.share", lo=0, hi=1, lo_open=True)
+    m = d.get("method") or {}
+    imp = m.get("importance")
+    if isinstance(imp, Mapping):
+        if "batch_size" in imp:
+            number(imp, "batch_size", "method.importance.batch_size", lo=1, integer=True)
+        number(imp, "retain_samples", "method.importance.retain_samples", lo=1, integer=True, allow_none=True)
+    ptn = m.get("ptn")
+    if isinstance(ptn, Mapping):
+        rules = {"rho": {"lo": 0, "hi": 1}, "s_step": {"lo": 1, "lo_open": True},
+                 "s_start": {"lo": 0, "lo_open": True, "allow_none": True},
+                 "max_steps": {"lo": 1, "integer": True}, "fixed_step": {"lo": 0, "integer": True, "allow_none": True}}
+        for key, rule in rules.items():
+            if key in ptn:
+                number(ptn, key, f"method.ptn.{key}", **rule)
+        crit = ptn.get("criterion", "all")
+        check(crit in PTN_CRITERIA, f"method.ptn.criterion={crit}: choose one of {list(PTN_CRITERIA)}")
+    if m.get("name") == "ssd":
+        for key in ("alpha", "lam"):
+            if key in m:
+                number(m, key, f"method.{key}", lo=0, lo_open=True)
+
+
 def validate_model_config(m: Mapping[str, Any]) -> None:
     """Model values: width/depth/factor ranges (names are checked by the model registry)."""
     if "width" in m:

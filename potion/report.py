@@ -289,6 +289,7 @@ def plot_metric(cells: Sequence[Mapping[str, Any]], metric: str, ylabel: str, pa
     plt = _pyplot()
     sizes = sorted({c["n_p"] for c in cells})
     cols = _methods(cells, methods)
+    colors = {m: f"C{i % 10}" for i, m in enumerate(cols)}  # a method keeps its colour in every panel
     fig, axes = plt.subplots(1, len(sizes), figsize=(3.8 * len(sizes) + 0.6, 3.4), sharey=True, squeeze=False)
     for ax, n_p in zip(axes[0], sizes, strict=True):
         own = [c for c in cells if c["n_p"] == n_p and c.get(f"{metric}_mean") is not None]
@@ -297,7 +298,8 @@ def plot_metric(cells: Sequence[Mapping[str, Any]], metric: str, ylabel: str, pa
                             for c in own if c["method"] == method)
             if points:
                 xs, ys, es = zip(*points, strict=True)
-                ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, linewidth=1.2, label=method)
+                ax.errorbar(xs, ys, yerr=es, marker="o", markersize=4, capsize=3, linewidth=1.2, label=method,
+                            color=colors[method])
         ticks = sorted({(c["share"], c["discovery"]) for c in own})
         ax.set_xscale("log")
         ax.set_xticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=7, rotation=30)

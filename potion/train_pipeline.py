@@ -108,9 +108,13 @@ def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any) -> di
         "num_classes": data.num_classes, "channels": data.channels,
     }
     atomic_write_json(run_dir / SUMMARY, summary)
-    tracker.log_metrics({**final, "train_seconds": train_seconds})
-    for name in ("model.safetensors", "poison_plan.json", "config.yaml", "summary.json"):
-        tracker.log_artifact(run_dir / name)
+    try:  # the run is on disk: a tracking failure from here on must not turn it into an error
+        tracker.log_metrics({**final, "train_seconds": train_seconds})
+        for name in ("model.safetensors", "poison_plan.json", "config.yaml", "summary.json"):
+            tracker.log_artifact(run_dir / name)
+    except Exception as exc:  # noqa: BLE001 - any tracker failure means the same: results are on disk only
+        log.warning("tracking the finished run failed (%s: %s); its results are in %s", type(exc).__name__, exc,
+                    run_dir)
     return summary
 
 

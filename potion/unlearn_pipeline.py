@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from potion import metrics
-from potion.config import identity_hash, model_kwargs, to_dict
+from potion.config import identity_hash, model_kwargs, to_dict, validate_unlearn_config
 from potion.data.poisoned import PoisonedData, load_data, poison
 from potion.discovery import discover
 from potion.errors import ConfigError
@@ -22,6 +22,7 @@ from potion.io import atomic_write_json, atomic_write_text, save_tensors
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
 from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
+from potion.suspects import rank_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
 from potion.training import cpu_threads
 from potion.unlearning.registry import MethodOutput, get_method
@@ -64,10 +65,14 @@ def unlearn_run_dir(cfg: DictConfig, run: TrainedRun) -> tuple[Path, str]:
     return Path("runs") / "unlearn" / f"{cfg.method.name}-{key}", key
 
 
-def run_unlearning(cfg: DictConfig) -> dict[str, Any]:
-    """Heal the training run's model with the configured method; return the summary (also on disk)."""
+def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """Heal the training run's model with the configured method; return the summary (also on disk).
+
+    ``parent_run_id`` makes the MLflow run a child of that run (the PTN sweeper's final job).
+    """
     method_fn = get_method(str(cfg.method.name))
-    run = load_trained_run(resolve_train_run(cfg.train_run, cfg.get("logger")))
+    validate_unlearn_config(cfg)  # static values fail here, before the training run is read
+    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger")))
     d = cfg.discovery
     discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
     run_dir, key = unlearn_run_dir(cfg, run)
@@ -79,7 +84,8 @@ def run_unlearning(cfg: DictConfig) -> dict[str, Any]:
                             run_name=f"unlearn-{cfg.method.name}", tags={
                                 "potion.task": "unlearn", "potion.method": str(cfg.method.name),
                                 "potion.config_hash": key, "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
-                                "potion.train_config_hash": str(run.summary.get("config_hash"))})
+                                "potion.train_config_hash": str(run.summary.get("config_hash"))},
+                            parent_run_id=parent_run_id)
     try:
         summary = _unlearn(cfg, run, discovery, method_fn, run_dir, key, tracker)
     except BaseException:
@@ -119,6 +125,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
 
     t1 = time.perf_counter()
     healed_model = out.model.eval()
+    poisoned_model = model_before_copy(run, data, device)
     after = evaluate_backdoor(healed_model, data.bundle.test.images, data.bundle.test.labels, data.normalizer,
                               data.trigger, run.plan.target, bs)
     result = {
@@ -129,10 +136,15 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
         "forget_acc": task.forget_accuracy(healed_model),
         "forget_acc_before": forget_acc_before,
         "poisoned_train_acc": poisoned_train_accuracy(healed_model, data, bs),
-        "poisoned_train_acc_before": poisoned_train_accuracy(model_before_copy(run, data, device), data, bs),
+        "poisoned_train_acc_before": poisoned_train_accuracy(poisoned_model, data, bs),
         "unlearn_seconds": unlearn_seconds,
         **{k: float(v) for k, v in out.timings.items()},
     }
+    ranking = None
+    if cfg.get("suspects", {}).get("enabled", True) and str(cfg.method.name) != "none":
+        ranking = rank_suspects(poisoned_model, healed_model, data, discovery.retain_idx, discovery.forget_idx,
+                                batch_size=bs)
+        result.update(suspects_summary(ranking, data.train_flags))
     result["eval_seconds"] = time.perf_counter() - t1
     numeric = {k: float(v) for k, v in out.diagnostics.items() if isinstance(v, (int, float, bool))}
     notes = {k: v for k, v in out.diagnostics.items() if not isinstance(v, (int, float, bool))}
@@ -141,6 +153,8 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     artifacts = []
     if cfg.get("save_weights", True):
         artifacts.append(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
+    if ranking is not None:
+        artifacts.append(write_suspects_csv(run_dir / "suspects.csv", ranking, data.bundle.train.paths))
     if out.trajectory:
         artifacts.append(_write_trajectory(run_dir, out.trajectory))
         artifacts.append(plot_ptn_trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
@@ -155,13 +169,17 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     atomic_write_json(run_dir / SUMMARY, summary)
     artifacts.append(run_dir / SUMMARY)
 
-    tracker.log_metrics({**result, **numeric})
-    for row in out.trajectory:
-        tracker.log_metrics({f"ptn_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-    if notes:
-        tracker.set_tags({f"potion.{k}": str(v) for k, v in notes.items()})
-    for path in artifacts:
-        tracker.log_artifact(path)
+    try:  # the run is on disk: a tracking failure from here on must not turn it into an error
+        tracker.log_metrics({**result, **numeric})
+        for row in out.trajectory:
+            tracker.log_metrics({f"ptn_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+        if notes:
+            tracker.set_tags({f"potion.{k}": str(v) for k, v in notes.items()})
+        for path in artifacts:
+            tracker.log_artifact(path)
+    except Exception as exc:  # noqa: BLE001 - any tracker failure means the same: results are on disk only
+        log.warning("tracking the finished run failed (%s: %s); its results are in %s", type(exc).__name__, exc,
+                    run_dir)
     return summary
 
 

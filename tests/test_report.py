@@ -114,8 +114,9 @@ def report(template: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             config_hash="potion-100-1-0")
     add_grid(client, exp_id)
     # A repeat of a finished config (same hash, same values), and runs that did not finish: all ignored.
-    add_run(client, exp_id, method="potion", n_p=100, share=0.1, count=None, seed=0, healed=healed_of("potion", 100, 1, 0),
-            acc_drop=acc_drop_of("potion", 100, 1, 0), config_hash="potion-100-1-0")
+    add_run(client, exp_id, method="potion", n_p=100, share=0.1, count=None, seed=0,
+            healed=healed_of("potion", 100, 1, 0), acc_drop=acc_drop_of("potion", 100, 1, 0),
+            config_hash="potion-100-1-0")
     add_run(client, exp_id, method="potion", n_p=100, share=0.1, count=None, seed=7, healed=-100.0, acc_drop=99.0,
             config_hash="running", status=None)
     add_run(client, exp_id, method="ssd", n_p=500, share=0.5, count=None, seed=7, healed=-100.0, acc_drop=99.0,

@@ -2,7 +2,8 @@
 
 Each batch is ``(images_u8, labels, triggered)``; augmentation, normalisation and the trigger are applied
 to the whole batch on the device by the consumer (see ``potion.training``). Shuffling is seeded per
-epoch, so a resumed run sees the same order as an uninterrupted one.
+epoch and the loader is stateful (``state_dict``/``load_state_dict``, saved by Lightning in every
+checkpoint), so a run resumed mid-epoch continues with exactly the batches an uninterrupted one would see.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class TensorBatches:
         self.rank = rank
         self.world_size = world_size
         self.epoch = 0
+        self._consumed = 0  # batches handed out in the current epoch (Lightning fetches no extra: we have a len)
+        self._resume: tuple[int, int] | None = None
 
     @property
     def sampler(self) -> TensorBatches:
@@ -39,6 +42,14 @@ class TensorBatches:
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose permutation the next iteration uses."""
         self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the iteration stands: the epoch and how many of its batches were handed out."""
+        return {"epoch": self.epoch, "batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Make the next iteration of that epoch skip the batches a checkpointed run already trained on."""
+        self._resume = (int(state["epoch"]), int(state["batches"]))
 
     def _order(self) -> torch.Tensor:
         n = self.labels.shape[0]
@@ -58,6 +69,13 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         order = self._order().to(self.images.device)
-        for i in range(len(self)):
+        start = 0
+        if self._resume is not None:
+            epoch, done = self._resume
+            self._resume = None
+            start = done if epoch == self.epoch else 0
+        self._consumed = start
+        for i in range(start, len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            self._consumed = i + 1
             yield self.images[idx], self.labels[idx], self.flags[idx]

@@ -46,4 +46,4 @@ def get_method(name: str) -> Callable[..., MethodOutput]:
 
 def load_builtin_methods() -> None:
     """Import the modules whose decorators fill the registry."""
-    from potion.unlearning import ssd_family, training_based  # noqa: F401
+    from potion.unlearning import iterative, ssd_family, training_based  # noqa: F401

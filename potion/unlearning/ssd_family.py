@@ -54,6 +54,7 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
     weights = sha256_tensors(task.model.state_dict())
     common = {"weights": weights, "data": task.data.bundle.fingerprint, "trigger": task.data.plan.trigger.to_dict(),
               "plan": indices_digest(torch.tensor(task.data.plan.indices)), "target": task.data.plan.target,
+              "norm": [list(task.data.bundle.mean), list(task.data.bundle.std)],  # dataset.mean/std overrides
               "loss": loss, "power": power, "batch_size": batch_size, "device": task.device.type}
 
     def run(idx: torch.Tensor) -> Callable[[], dict[str, torch.Tensor]]:

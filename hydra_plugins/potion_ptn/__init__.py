@@ -1,0 +1,1 @@
+"""Potion's Hydra plugins: the ``ptn`` sweeper (``hydra/sweeper=ptn``)."""

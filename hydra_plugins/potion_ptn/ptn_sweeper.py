@@ -1,0 +1,238 @@
+"""The PTN search as a Hydra sweeper: ``hydra/sweeper=ptn`` (``python sweep.py <overrides>`` selects it).
+
+PTN's candidates s_k = s_start * s_step^k are fixed in advance, so the sweeper evaluates them in rounds
+of ``batch_size`` consecutive steps, each round one ``launcher.launch`` of candidate jobs (any Hydra
+launcher: basic, joblib, submitit). It stops after the first round that holds a qualifying step
+(forget_acc <= rho * a0) and takes the smallest qualifying k there: every earlier step was evaluated
+in an earlier round and failed, so the answer is the in-process search's. If no step qualifies within
+``method.ptn.max_steps`` the last step is used and the parent run records ``ptn_reached=0``, as the
+in-process search does. One final job then heals the model at that step with the full evaluation.
+
+Before launching anything the sweeper (in its own process) computes the importances once into the
+content-addressed cache (``potion.ptn_sweep.prepare``; every job reads them from there) and creates the
+MLflow store, experiment and parent run, so parallel jobs only add child runs to a store that exists.
+
+Overrides this sweeper adds to each job: ``method.ptn.fixed_step=<k>``, ``++ptn_job.role=candidate|final``
+and ``++ptn_job.parent_run_id=<parent MLflow run id>``.
+
+Hydra imports every module under ``hydra_plugins`` whenever it starts, so this module imports only
+Hydra at the top; potion (torch, MLflow) is imported when a sweep runs. (No ``from __future__ import
+annotations``: the scanner runs this module before it is in sys.modules, where dataclasses look.)
+"""
+
+import csv
+import io
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Metrics of the final (healed) run repeated on the parent, so a sweep reads as one row in the MLflow UI.
+FINAL_METRICS = ("clean_acc", "asr", "poison_acc", "healed", "acc_drop", "forget_acc", "clean_acc_before",
+                 "asr_before")
+
+
+@dataclass
+class PTNSweeperConf:
+    """``hydra/sweeper=ptn``; ``hydra.sweeper.batch_size`` = candidate steps launched per round."""
+
+    _target_: str = "hydra_plugins.potion_ptn.ptn_sweeper.PTNSweeper"
+    batch_size: int = 8
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="ptn", node=PTNSweeperConf, provider="potion")
+
+
+class PTNSweeper(Sweeper):
+    """PTN search in rounds of candidate jobs, then one final job at the chosen step (see the module doc)."""
+
+    def __init__(self, batch_size: int = 8) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Launcher | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config)
+
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        """Run the search; return every round's job returns, the final job's last."""
+        from potion.cli import quiet_third_party, run_guarded
+
+        quiet_third_party()
+        return run_guarded(lambda: self._sweep(list(arguments)))
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        from potion import ptn_sweep
+        from potion.errors import ConfigError
+        from potion.tracking import start_tracker
+
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"hydra.sweeper.batch_size={self.batch_size}: must be a positive integer "
+                              "(candidate steps launched per round)")
+        given = self._user_overrides(arguments)
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(arguments))
+        ptn_sweep.check_ptn_config(cfg)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        t0 = time.perf_counter()
+        method = str(cfg.method.name)
+        launcher = type(self.launcher).__name__
+        # The store, experiment and parent run exist before any job starts (jobs only add child runs).
+        parent = start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-sweep-{method}",
+                               tags={"potion.task": "ptn_sweep", "potion.method": method,
+                                     "potion.launcher": launcher, "potion.sweep_dir": str(sweep_dir)})
+        try:
+            parent.log_params({"override": given, "sweeper": {"batch_size": self.batch_size, "launcher": launcher}})
+            returns = self._search(cfg, arguments, parent, sweep_dir, t0)
+        except BaseException as exc:
+            parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        parent.finish("FINISHED")
+        return returns
+
+    def _user_overrides(self, arguments: list[str]) -> dict[str, str]:
+        """The command line's overrides as {key: value}; sweeps and the sweeper's own keys are refused."""
+        from potion.errors import ConfigError
+        from potion.ptn_sweep import SWEEPER_KEYS
+
+        assert self.hydra_context is not None
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        given: dict[str, str] = {}
+        for o in parser.parse_overrides(arguments):
+            key = o.key_or_group
+            if o.is_sweep_override():
+                raise ConfigError(f"{o.get_key_element()}: the ptn sweeper runs one PTN search; give one value "
+                                  "(sweep grids with `python unlearn.py -m ...`)")
+            if any(key == k or key.startswith(k + ".") for k in SWEEPER_KEYS):
+                raise ConfigError(f"{o.get_key_element()}: set by the ptn sweeper for each job; drop the override")
+            given[o.get_key_element()] = "null" if o.is_delete() else o.get_value_element_as_str()
+        return given
+
+    def _launch(self, batch: list[list[str]], job_idx: int) -> Sequence[JobReturn]:
+        assert self.launcher is not None
+        self.validate_batch_is_legal(batch)
+        return self.launcher.launch(batch, initial_job_idx=job_idx)
+
+    def _search(self, cfg: DictConfig, arguments: list[str], parent: Any, sweep_dir: Path, t0: float
+                ) -> list[Sequence[JobReturn]]:
+        from potion import ptn_sweep
+        from potion.unlearning.ptn import Candidate, first_qualifying
+
+        prep = ptn_sweep.prepare(cfg)
+        sched, a0, threshold = prep["schedule"], prep["a0"], prep["threshold"]
+        pid = parent.run_id
+        parent.log_params({"method": str(cfg.method.name), "n_f": prep["n_f"], "n_p": prep["n_p"],
+                           "ptn": {**sched, "threshold": threshold}})
+        parent.log_metrics({"ptn_a0": a0, "ptn_threshold": threshold, "importance_seconds": prep["importance_seconds"],
+                            "prepare_seconds": prep["prepare_seconds"],
+                            "prepare_importance_cache_hit": prep["importance_cache_hit"]})
+        batch_size, max_steps = self.batch_size, int(sched["max_steps"])
+        log.info("PTN sweep: a0=%.4f, threshold=%.4f, up to %d steps in rounds of %d", a0, threshold, max_steps,
+                 batch_size)
+
+        returns: list[Sequence[JobReturn]] = []
+        evaluated: list[Candidate] = []
+        chosen: Candidate | None = None
+        job_idx = rounds = recomputed = 0
+        for r in range(ptn_sweep.num_rounds(batch_size, max_steps)):
+            steps = ptn_sweep.round_steps(r, batch_size, max_steps)
+            log.info("PTN round %d: steps %d..%d", r + 1, steps[0], steps[-1])
+            results = self._launch([[*arguments, *ptn_sweep.job_overrides(k, ptn_sweep.CANDIDATE, pid)]
+                                    for k in steps], job_idx)
+            job_idx += len(steps)
+            rounds += 1
+            returns.append(results)
+            values = [res.return_value for res in results]  # re-raises a failed job's error
+            recomputed += sum(not v.get("importance_cache_hit") for v in values)
+            cands = [ptn_sweep.candidate_of(v) for v in values]
+            self._check_consistent(values, prep)
+            for c in cands:
+                parent.log_metrics({f"traj_{k}": v for k, v in asdict(c).items() if k != "step"}, step=c.step)
+            evaluated.extend(cands)
+            chosen = first_qualifying(cands, threshold)
+            if chosen is not None:
+                break
+        reached = chosen is not None
+        if chosen is None:  # as the in-process search: keep the last step
+            chosen = max(evaluated, key=lambda c: c.step)
+            log.warning("PTN sweep: rho=%s never met in %d steps; the final run uses the last step k=%d",
+                        sched["rho"], max_steps, chosen.step)
+
+        final = self._launch([[*arguments, *ptn_sweep.job_overrides(chosen.step, ptn_sweep.FINAL, pid)]], job_idx)
+        returns.append(final)
+        summary = final[0].return_value
+        wall = time.perf_counter() - t0
+        if summary.get("ptn_forget_acc") is not None and abs(summary["ptn_forget_acc"] - chosen.forget_acc) > 1e-9:
+            log.warning("PTN sweep: the final job's forget_acc at k=%d is %.6f, the candidate's was %.6f "
+                        "(non-deterministic evaluation?)", chosen.step, summary["ptn_forget_acc"], chosen.forget_acc)
+
+        result = {
+            "ptn_chosen_step": chosen.step, "ptn_steps": chosen.step + 1, "ptn_s": chosen.s, "ptn_alpha": chosen.alpha,
+            "ptn_percentile": chosen.percentile, "ptn_dampened_share": chosen.dampened_share,
+            "ptn_forget_acc": chosen.forget_acc, "ptn_reached": reached, "ptn_steps_evaluated": len(evaluated),
+            "ptn_rounds": rounds, "ptn_wall_seconds": wall, "ptn_jobs_recomputed_importance": recomputed,
+            "ptn_a0": a0, "ptn_threshold": threshold,
+        }
+        parent.log_metrics({**result, **{k: summary.get(k) for k in FINAL_METRICS}})
+        parent.set_tags({"potion.final_run_id": summary.get("mlflow_run_id"),
+                         "potion.final_run_dir": summary.get("run_dir"),
+                         "potion.final_reused": bool(summary.get("reused", False))})
+        for path in self._write_outputs(sweep_dir, result, evaluated, summary, prep):
+            parent.log_artifact(path)
+        print(f"PTN sweep ({type(self.launcher).__name__}, rounds of {batch_size}): k={chosen.step} "
+              f"s={chosen.s:.4g} alpha={chosen.alpha:.4g} forget_acc {a0:.4f} -> {chosen.forget_acc:.4f} "
+              f"(threshold {threshold:.4f}, reached={reached}); {len(evaluated)} candidates in {rounds} rounds, "
+              f"{wall:.1f} s; sweep folder {sweep_dir}", flush=True)
+        return returns
+
+    @staticmethod
+    def _check_consistent(values: list[dict[str, Any]], prep: dict[str, Any]) -> None:
+        """Jobs must see the sweeper's a0 (and step 0) exactly; otherwise evaluation differs between processes."""
+        for v in values:
+            if v["a0"] != prep["a0"]:
+                log.warning("PTN candidate k=%d measured a0=%.6f, the sweeper %.6f: jobs and sweeper disagree "
+                            "(different data, device or discovery?)", v["step"], v["a0"], prep["a0"])
+            if v["step"] == 0 and v["forget_acc"] != prep["step0"]["forget_acc"]:
+                log.warning("PTN candidate k=0 measured forget_acc=%.6f, the sweeper %.6f", v["forget_acc"],
+                            prep["step0"]["forget_acc"])
+
+    @staticmethod
+    def _write_outputs(sweep_dir: Path, result: dict[str, Any], evaluated: list[Any], summary: dict[str, Any],
+                       prep: dict[str, Any]) -> list[Path]:
+        from potion.io import atomic_write_json, atomic_write_text
+
+        rows = [asdict(c) for c in sorted(evaluated, key=lambda c: c.step)]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+        trajectory = atomic_write_text(sweep_dir / "ptn_trajectory.csv", buf.getvalue())
+        record = {**result, "schedule": prep["schedule"], "n_f": prep["n_f"], "n_p": prep["n_p"],
+                  "method": prep["method"], "final_run_dir": summary.get("run_dir"),
+                  "final_mlflow_run_id": summary.get("mlflow_run_id"),
+                  "final": {k: summary.get(k) for k in FINAL_METRICS}, "trajectory": rows}
+        return [trajectory, atomic_write_json(sweep_dir / "ptn_sweep.json", record)]

@@ -1,0 +1,251 @@
+"""PTN as a Hydra multirun: what the ``ptn`` sweeper (``hydra_plugins/potion_ptn``) and its jobs run.
+
+The sweeper process calls :func:`prepare` once: it computes the importances with the method's own code
+(so the content-addressed cache gets exactly the entry every job will look up) and a0. Then it
+launches unlearn.py jobs, told apart by ``ptn_job.role`` (see :func:`job_overrides`):
+
+- ``candidate``: :func:`run_candidate` reads the cached importances, dampens at
+  ``method.ptn.fixed_step`` and measures the forget accuracy only (no test-set evaluation, nothing
+  written but a child MLflow run);
+- ``final``: the full ``run_unlearning`` at the chosen step, its MLflow run a child of the sweep's.
+
+Without a role, :func:`dispatch` is plain ``run_unlearning``, so unlearn.py behaves as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, open_dict
+
+from potion.config import model_kwargs, to_dict
+from potion.errors import ConfigError
+from potion.unlearning.ptn import Candidate, PTNSchedule, default_s_start
+
+log = logging.getLogger("potion.ptn_sweep")
+
+JOB_KEY = "ptn_job"  # config node the sweeper adds to its jobs: {role, parent_run_id}
+CANDIDATE = "candidate"
+FINAL = "final"
+ROLES = (CANDIDATE, FINAL)
+SWEEPER_KEYS = ("method.ptn.fixed_step", JOB_KEY)  # set by the sweeper per job, never by the user
+
+
+# --------------------------------------------------------------------------- what the sweeper launches
+
+
+def round_steps(round_idx: int, batch_size: int, max_steps: int) -> list[int]:
+    """The candidate steps k of one round: a block of ``batch_size`` consecutive steps below max_steps."""
+    lo = round_idx * batch_size
+    return list(range(lo, min(lo + batch_size, max_steps)))
+
+
+def num_rounds(batch_size: int, max_steps: int) -> int:
+    """How many rounds cover all max_steps candidates."""
+    return -(-max_steps // batch_size)
+
+
+def job_overrides(step: int, role: str, parent_run_id: str | None) -> list[str]:
+    """The overrides that turn an unlearn.py run into one of the sweeper's jobs."""
+    if role not in ROLES:
+        raise ValueError(f"unknown PTN job role {role!r}")
+    out = [f"method.ptn.fixed_step={int(step)}", f"++{JOB_KEY}.role={role}"]
+    if parent_run_id:
+        out.append(f"++{JOB_KEY}.parent_run_id='{parent_run_id}'")  # quoted: a hex id can read as a number
+    return out
+
+
+def candidate_of(ret: dict[str, Any]) -> Candidate:
+    """A candidate job's return value as the search's Candidate."""
+    return Candidate(int(ret["step"]), float(ret["s"]), float(ret["percentile"]), float(ret["alpha"]),
+                     float(ret["dampened_share"]), float(ret["forget_acc"]))
+
+
+# --------------------------------------------------------------------------- dispatch (unlearn.py)
+
+
+def job_role(cfg: DictConfig) -> str | None:
+    """The PTN sweeper role of this unlearn.py run (None for an ordinary run)."""
+    node = cfg.get(JOB_KEY)
+    role = node.get("role") if node is not None else None
+    return None if role is None else str(role)
+
+
+def without_job(cfg: DictConfig) -> DictConfig:
+    """A copy of ``cfg`` without the sweeper's job node (so it does not enter the run's identity hash)."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.pop(JOB_KEY, None)
+    return out
+
+
+def dispatch(cfg: DictConfig) -> dict[str, Any]:
+    """unlearn.py's work: a PTN candidate, the sweep's final run, or (no role) an ordinary run."""
+    from potion.unlearn_pipeline import run_unlearning
+
+    role = job_role(cfg)
+    if role is None:
+        return run_unlearning(cfg)
+    if role not in ROLES:
+        raise ConfigError(f"{JOB_KEY}.role={role}: choose one of {list(ROLES)} (set by the ptn sweeper)")
+    parent = cfg[JOB_KEY].get("parent_run_id")
+    parent = None if parent in (None, "") else str(parent)
+    plain = without_job(cfg)
+    if role == CANDIDATE:
+        return run_candidate(plain, parent_run_id=parent)
+    return run_unlearning(plain, parent_run_id=parent)
+
+
+# --------------------------------------------------------------------------- the work
+
+
+@dataclass
+class Loaded:
+    """A PTN method's inputs, built the way run_unlearning builds them."""
+
+    task: Any  # UnlearnTask
+    method_fn: Any
+    method_args: dict[str, Any]
+    run: Any  # TrainedRun
+
+
+def check_ptn_config(cfg: DictConfig) -> None:
+    """The configured method must search with PTN and use the importance cache the jobs share."""
+    name = str(cfg.method.get("name"))
+    if cfg.method.get("ptn") is None:
+        raise ConfigError(f"method={name} has no PTN search; the ptn sweeper runs potion, assd or lfssd "
+                          "(use unlearn.py for other methods)")
+    imp = cfg.method.get("importance")
+    if imp is not None and not bool(imp.get("cache", True)):
+        raise ConfigError("method.importance.cache=false: the ptn sweeper's jobs read the importances from the "
+                          "cache; drop the override (or use unlearn.py for an uncached run)")
+
+
+def _load(cfg: DictConfig, step: int) -> Loaded:
+    from potion.data.poisoned import load_data, poison
+    from potion.discovery import discover
+    from potion.models import build_model
+    from potion.runs import load_trained_run
+    from potion.unlearn_pipeline import resolve_device, resolve_train_run
+    from potion.unlearning.registry import get_method
+    from potion.unlearning.task import UnlearnTask
+
+    check_ptn_config(cfg)
+    method_fn = get_method(str(cfg.method.name))
+    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger")))
+    d = cfg.discovery
+    discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
+    torch.manual_seed(int(cfg.seed))
+    device = resolve_device(cfg.get("trainer"))
+    data = poison(load_data(run.cfg.dataset), run.plan)
+    model = run.build_model(data.num_classes, data.channels).to(device).eval()
+    task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
+                       model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
+                                                         **model_kwargs(run.cfg.model)),
+                       train_cfg=to_dict(run.cfg.train))
+    args = {k: v for k, v in to_dict(cfg.method).items() if k != "name"}
+    args["ptn"] = {**args.get("ptn", {}), "fixed_step": int(step)}
+    return Loaded(task, method_fn, args, run)
+
+
+def _threads() -> int:
+    """torch threads for a job: $POTION_THREADS, else joblib's per-worker share ($OMP_NUM_THREADS), else all."""
+    from potion.training import cpu_threads
+
+    if os.environ.get("POTION_THREADS"):
+        return cpu_threads()
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return int(omp) if omp.isdigit() and int(omp) > 0 else cpu_threads()
+
+
+def schedule_of(cfg: DictConfig, n_f: int, num_train: int) -> PTNSchedule:
+    """The candidate grid exactly as run_ptn builds it from method.ptn."""
+    p = cfg.method.ptn
+    s_start = p.get("s_start")
+    return PTNSchedule(s_start=float(s_start) if s_start is not None else default_s_start(n_f, num_train),
+                       s_step=float(p.get("s_step", 1.1)), max_steps=int(p.get("max_steps", 500)),
+                       rho=float(p.get("rho", 0.1)))
+
+
+def prepare(cfg: DictConfig) -> dict[str, Any]:
+    """In the sweeper, before any job: importances into the cache (once), a0, the schedule, n_f.
+
+    Runs the configured method at step 0 (its own importance code, so the cache key is the one every
+    job computes), which also yields a0 and the step-0 candidate (a cross-check for the jobs).
+    """
+    check_ptn_config(cfg)
+    if cfg.method.ptn.get("fixed_step") is not None:
+        raise ConfigError("method.ptn.fixed_step is what the ptn sweeper searches over; drop the override")
+    torch.set_num_threads(_threads())
+    t0 = time.perf_counter()
+    job = _load(cfg, 0)
+    out = job.method_fn(job.task, **job.method_args)
+    d = out.diagnostics
+    schedule = schedule_of(cfg, job.task.discovery.n_f, job.task.num_train)
+    if not math.isclose(float(d["ptn_s"]), schedule.share(0), rel_tol=1e-9):
+        raise RuntimeError(f"PTN schedule mismatch: the method's s_0={d['ptn_s']} but the sweeper's is "
+                           f"{schedule.share(0)}")
+    return {
+        "a0": float(d["ptn_a0"]), "threshold": float(d["ptn_threshold"]), "schedule": asdict(schedule),
+        "n_f": job.task.discovery.n_f, "n_p": job.run.plan.count, "num_train": job.task.num_train,
+        "method": str(cfg.method.name), "importance_cache_hit": float(d["importance_cache_hit"]),
+        "importance_seconds": float(out.timings.get("importance_seconds", 0.0)),
+        "prepare_seconds": time.perf_counter() - t0,
+        "step0": {"step": 0, "s": d["ptn_s"], "percentile": d["ptn_percentile"], "alpha": d["ptn_alpha"],
+                  "dampened_share": d["ptn_dampened_share"], "forget_acc": d["ptn_forget_acc"]},
+    }
+
+
+def run_candidate(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+    """One PTN candidate: cached importances, dampen at method.ptn.fixed_step, forget accuracy only.
+
+    Logs a child MLflow run (step, s, alpha, percentile, dampened_share, forget_acc, ...) under
+    ``parent_run_id``; writes no weights and evaluates nothing on the test set.
+    """
+    from potion.tracking import start_tracker
+
+    step = cfg.method.ptn.get("fixed_step")
+    if step is None:
+        raise ConfigError("a ptn candidate job needs method.ptn.fixed_step (set by the ptn sweeper)")
+    check_ptn_config(cfg)
+    name = str(cfg.method.name)
+    tracker = start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-candidate-{name}-k{int(step)}",
+                            tags={"potion.task": "ptn_candidate", "potion.method": name,
+                                  "potion.ptn_step": int(step)}, parent_run_id=parent_run_id)
+    try:
+        result = _candidate(cfg, int(step))
+        result["mlflow_run_id"] = tracker.run_id
+        tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),
+                            "train_run": str(cfg.get("train_run")), "seed": cfg.seed, "step": int(step)})
+        tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return result
+
+
+def _candidate(cfg: DictConfig, step: int) -> dict[str, Any]:
+    torch.set_num_threads(_threads())
+    t0 = time.perf_counter()
+    job = _load(cfg, step)
+    out = job.method_fn(job.task, **job.method_args)
+    d = out.diagnostics
+    if not d["importance_cache_hit"]:
+        log.warning("PTN candidate k=%d computed its importances: the sweeper's cache entry was not found (same "
+                    "POTION_CACHE_DIR on a shared filesystem and the same device type for sweeper and jobs?)", step)
+    return {
+        "step": step, "s": float(d["ptn_s"]), "percentile": float(d["ptn_percentile"]),
+        "alpha": float(d["ptn_alpha"]), "dampened_share": float(d["ptn_dampened_share"]),
+        "forget_acc": float(d["ptn_forget_acc"]), "a0": float(d["ptn_a0"]), "threshold": float(d["ptn_threshold"]),
+        "qualifies": bool(d["ptn_reached"]), "importance_cache_hit": float(d["importance_cache_hit"]),
+        "importance_seconds": float(out.timings.get("importance_seconds", 0.0)),
+        "candidate_seconds": time.perf_counter() - t0,
+    }

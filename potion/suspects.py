@@ -1,0 +1,116 @@
+"""Find the poison the defender missed: rank retain samples by how much healing changed them.
+
+Score of a training sample = log p_poisoned(given label | x) - log p_healed(given label | x): how much
+belief in its (possibly poisoned) label the healing removed. Undiscovered poison carries the trigger and
+the target label, so healing, which neutralises the trigger, removes that belief; clean samples keep
+it. One forward pass per model over the retain set.
+
+The suggested cut-off is data-driven: the discovered samples are known poison, so their scores show
+what "neutralised poison" looks like; the cut-off is ``cutoff_fraction`` times a low quantile of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from potion.data.poisoned import PoisonedData
+from potion.evaluation import logits_of
+from potion.io import atomic_write_text
+
+
+@dataclass
+class SuspectRanking:
+    """Scores of the retain samples (training indices ``idx``) and the suggested cut-off."""
+
+    idx: torch.Tensor
+    scores: torch.Tensor
+    cutoff: float
+    forget_scores: torch.Tensor
+
+    def flagged(self) -> torch.Tensor:
+        """Training indices scored above the cut-off, best first."""
+        order = torch.argsort(self.scores, descending=True)
+        keep = self.scores[order] > self.cutoff
+        return self.idx[order][keep]
+
+
+def label_logprob_drop(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, idx: torch.Tensor,
+                       batch_size: int = 1024) -> torch.Tensor:
+    """log p_poisoned(y|x) - log p_healed(y|x) for training samples ``idx`` as the training set shows them."""
+    images = data.bundle.train.images[idx]
+    flags = data.train_flags[idx]
+    labels = data.train_labels[idx].view(-1, 1)
+    before = F.log_softmax(logits_of(poisoned, images, data.normalizer, data.trigger, flags, batch_size), 1)
+    after = F.log_softmax(logits_of(healed, images, data.normalizer, data.trigger, flags, batch_size), 1)
+    return (before.gather(1, labels) - after.gather(1, labels)).view(-1)
+
+
+def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
+                  forget_idx: torch.Tensor, *, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5,
+                  batch_size: int = 1024) -> SuspectRanking:
+    """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores)."""
+    scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size)
+    forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size)
+    reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
+    cutoff = max(cutoff_fraction * reference, 1e-6)
+    return SuspectRanking(retain_idx, scores, cutoff, forget_scores)
+
+
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """Average precision of a ranking (higher score = more suspect) against a boolean truth."""
+    n_pos = int(positives.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = torch.argsort(scores, descending=True, stable=True)
+    hits = positives[order].float()
+    precision = hits.cumsum(0) / torch.arange(1, hits.numel() + 1)
+    return float((precision * hits).sum() / n_pos)
+
+
+def ranking_quality(ranking: SuspectRanking, is_poison: torch.Tensor) -> dict[str, float]:
+    """suspect_precision / suspect_recall at the cut-off and suspect_ap, against the true undiscovered poison."""
+    truth = is_poison[ranking.idx]
+    flagged = ranking.scores > ranking.cutoff
+    n_flag = int(flagged.sum())
+    tp = int((flagged & truth).sum())
+    n_pos = int(truth.sum())
+    return {
+        "suspect_precision": tp / n_flag if n_flag else float("nan"),
+        "suspect_recall": tp / n_pos if n_pos else float("nan"),
+        "suspect_ap": average_precision(ranking.scores, truth),
+        "suspects_flagged": float(n_flag),
+        "suspect_cutoff": ranking.cutoff,
+    }
+
+
+def write_suspects_csv(path: str | Path, ranking: SuspectRanking, paths: tuple[str, ...] | None = None,
+                       limit: int | None = None) -> Path:
+    """suspects.csv: rank, training index, file path (image folders), score, above_cutoff; best first."""
+    order = torch.argsort(ranking.scores, descending=True)
+    if limit is not None:
+        order = order[:limit]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["rank", "index", "path", "score", "above_cutoff"])
+    for rank, j in enumerate(order.tolist(), start=1):
+        i = int(ranking.idx[j])
+        s = float(ranking.scores[j])
+        w.writerow([rank, i, paths[i] if paths else "", f"{s:.6g}", int(s > ranking.cutoff)])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def suspects_summary(ranking: SuspectRanking, is_poison: torch.Tensor | None) -> dict[str, Any]:
+    """What the unlearning summary records about the ranking."""
+    out: dict[str, Any] = {"suspect_cutoff": ranking.cutoff,
+                           "suspects_flagged": int((ranking.scores > ranking.cutoff).sum())}
+    if is_poison is not None:
+        out.update(ranking_quality(ranking, is_poison))
+    return out

@@ -1,0 +1,100 @@
+"""Beyond the paper: heal, find the poison that was missed, heal again (or retrain without it).
+
+``potion_iterative``: round r runs Potion from the ORIGINAL poisoned model with the forget set of round
+r-1 plus the suspects that round flagged (never shrinking), for at most ``rounds`` rounds or until no new
+suspect appears. ``discover_retrain``: one Potion round to rank suspects, then retrain from scratch
+without the discovered and the suspected samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from potion.config import number
+from potion.discovery import Discovery
+from potion.suspects import rank_suspects
+from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.ssd_family import run_ptn
+from potion.unlearning.task import UnlearnTask
+from potion.unlearning.training_based import retrain
+
+
+def with_forget(task: UnlearnTask, forget_idx: torch.Tensor, model: torch.nn.Module) -> UnlearnTask:
+    """The same task with another forget set (the retain set is everything else) and another model."""
+    keep = torch.ones(task.num_train, dtype=torch.bool)
+    keep[forget_idx] = False
+    disc = Discovery(forget_idx=forget_idx, retain_idx=torch.nonzero(keep).view(-1), seed=task.discovery.seed)
+    return replace(task, discovery=disc, model=model)
+
+
+def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """forget_idx followed by the new indices not already in it (order kept, never shrinks)."""
+    seen = set(forget_idx.tolist())
+    extra = [i for i in new.tolist() if i not in seen]
+    return torch.cat([forget_idx, torch.tensor(extra, dtype=torch.long)]) if extra else forget_idx
+
+
+def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
+                  importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, cutoff: Mapping[str, float]
+                  ) -> tuple[MethodOutput, Any]:
+    sub = with_forget(task, forget, copy.deepcopy(original))
+    out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn)
+    ranking = rank_suspects(original, out.model, task.data, sub.retain_idx, forget, **cutoff)
+    return out, ranking
+
+
+@register("potion_iterative")
+def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str, Any] | None = None,
+                     ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
+                     cutoff_fraction: float = 0.5) -> MethodOutput:
+    """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set."""
+    number({"r": rounds}, "r", "method.rounds", lo=1, integer=True)
+    number({"q": cutoff_quantile}, "q", "method.cutoff_quantile", lo=0, hi=1)
+    number({"f": cutoff_fraction}, "f", "method.cutoff_fraction", lo=0, lo_open=True)
+    cutoff = {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction)}
+    original = copy.deepcopy(task.model).eval()
+    forget = task.forget_idx
+    diagnostics: dict[str, Any] = {}
+    timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
+    out = None
+    for r in range(int(rounds)):
+        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff)
+        for k in timings:
+            timings[k] += float(out.timings.get(k, 0.0))
+        flagged = ranking.flagged()
+        diagnostics[f"round{r + 1}_forget_size"] = int(forget.numel())
+        diagnostics[f"round{r + 1}_ptn_steps"] = out.diagnostics.get("ptn_steps")
+        diagnostics[f"round{r + 1}_flagged"] = int(flagged.numel())
+        diagnostics["rounds_run"] = r + 1
+        bigger = grow(forget, flagged)
+        if bigger.numel() == forget.numel() or r == int(rounds) - 1:
+            break
+        forget = bigger
+    assert out is not None
+    diagnostics.update({k: v for k, v in out.diagnostics.items() if k.startswith("ptn_")})
+    diagnostics["final_forget_size"] = int(forget.numel())
+    return MethodOutput(out.model, diagnostics, timings, out.trajectory)
+
+
+@register("discover_retrain")
+def discover_retrain(task: UnlearnTask, importance: Mapping[str, Any] | None = None,
+                     ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
+                     cutoff_fraction: float = 0.5, iterations: int | None = None) -> MethodOutput:
+    """One Potion round ranks suspects; then retrain from scratch without discovered + suspected samples."""
+    t0 = time.perf_counter()
+    original = copy.deepcopy(task.model).eval()
+    cutoff = {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction)}
+    out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff)
+    flagged = ranking.flagged()
+    search = time.perf_counter() - t0
+    result = retrain(replace(task, model=original), iterations=iterations, extra_forget=flagged.tolist())
+    result.diagnostics.update({"suspects_removed": int(flagged.numel()), "potion_ptn_steps":
+                               out.diagnostics.get("ptn_steps")})
+    result.timings["suspect_search_seconds"] = search
+    return result

@@ -1,0 +1,181 @@
+"""Hydra configs: every option of every group composes and validates; bad values end in one clear error line.
+
+Options are discovered from the yaml files in conf/<group>/, so a new file is covered automatically.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from potion.config import validate_train_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TRAIN_GROUPS = ("dataset", "model", "poison", "trainer", "logger", "experiment")
+UNLEARN_GROUPS = ("discovery", "method", "trainer", "logger")
+NEEDS_PATH = {"imagefolder"}  # dataset options whose path is mandatory (???)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def _cases(groups: tuple[str, ...]) -> list[tuple[str, str]]:
+    return [(g, o) for g in groups for o in _options(g)]
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def _raw(cfg: object) -> object:
+    return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[arg-type]
+
+
+def _train_overrides(group: str, option: str) -> list[str]:
+    overrides = [f"{group}={option}"]
+    if group == "dataset" and option in NEEDS_PATH:
+        overrides.append("dataset.path=x")
+    return overrides
+
+
+def test_every_group_has_options() -> None:
+    for group in set(TRAIN_GROUPS) | set(UNLEARN_GROUPS):
+        assert _options(group), group
+
+
+@pytest.mark.parametrize(("group", "option"), _cases(TRAIN_GROUPS))
+def test_train_option_composes_and_validates(group: str, option: str) -> None:
+    cfg = _compose("train", _train_overrides(group, option))
+    own = OmegaConf.load(CONF / group / f"{option}.yaml")
+    if group == "experiment":
+        assert cfg.name == own.name
+        for entry in own.get("defaults", []):  # e.g. {"override /dataset": "cifar10_jpg"}
+            for key, value in entry.items():
+                target = key.split("/")[-1]
+                chosen = OmegaConf.merge(OmegaConf.load(CONF / target / f"{value}.yaml"), own.get(target, {}))
+                assert _raw(cfg[target]) == _raw(chosen), key
+    else:
+        expected = _raw(own)
+        if group == "dataset" and option in NEEDS_PATH:
+            expected["path"] = "x"  # type: ignore[index]
+        assert _raw(cfg[group]) == expected
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # every interpolation resolves
+    validate_train_config(cfg)
+
+
+def test_missing_dataset_path_is_visible_in_the_composed_config() -> None:
+    cfg = _compose("train", ["dataset=imagefolder"])
+    assert "dataset.path" in OmegaConf.missing_keys(cfg)
+
+
+@pytest.mark.parametrize(("group", "option"), _cases(UNLEARN_GROUPS))
+def test_unlearn_option_composes(group: str, option: str) -> None:
+    cfg = _compose("unlearn", [f"{group}={option}", "train_run=runs/train/x"])
+    assert _raw(cfg[group]) == _raw(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved["train_run"] == "runs/train/x"  # type: ignore[index]
+    if group == "discovery":
+        assert resolved["discovery"]["seed"] == resolved["seed"]  # type: ignore[index]
+
+
+def test_unlearn_requires_train_run() -> None:
+    cfg = _compose("unlearn", [])
+    assert "train_run" in OmegaConf.missing_keys(cfg)
+
+
+# ---------------------------------------------------------------------------------- bad values, in-process
+
+
+@pytest.fixture()
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+BAD_TRAIN = [
+    (["poison.fraction=1.5"], ["poison.fraction"]),
+    (["poison.count=100000", "poison.fraction=null", "experiment=quickstart"], ["poison.count", "100000"]),
+    (["model.width=-1", "model=resnet9"], ["model.width"]),
+    (["dataset=cifar10", "dataset.path={empty}"], ["CIFAR-10", "imagefolder"]),
+    (["train.lr=-1"], ["train.lr"]),
+    (["experiment=quickstart", "poison.trigger.size=99"], ["poison.trigger.size"]),
+    (["experiment=quickstart", "poison.target=10"], ["poison.target"]),
+    (["dataset=imagefolder"], ["dataset.path"]),  # mandatory ??? left unset: one line, not an omegaconf traceback
+]
+
+
+@pytest.mark.parametrize(("overrides", "needles"), BAD_TRAIN)
+def test_bad_train_values_end_in_one_error_line(overrides: list[str], needles: list[str], _isolated: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from potion.cli import run_guarded
+    from potion.train_pipeline import run_training
+
+    empty = _isolated / "empty"
+    empty.mkdir()
+    out_dir = _isolated / "run"
+    cfg = _compose("train", [o.format(empty=empty) for o in overrides] + ["logger=none", f"out_dir={out_dir}"])
+    with pytest.raises(SystemExit) as info:
+        run_guarded(lambda: run_training(cfg))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0]
+    assert not out_dir.exists()  # nothing is written for a rejected config
+
+
+def test_unlearn_without_train_run_ends_in_one_error_line(_isolated: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from potion.cli import run_guarded
+    from potion.unlearn_pipeline import run_unlearning
+
+    cfg = _compose("unlearn", ["logger=none"])
+    with pytest.raises(SystemExit) as info:
+        run_guarded(lambda: run_unlearning(cfg))
+    assert info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "train_run" in lines[0]
+
+
+# ------------------------------------------------------------------------------------- bad values, CLI
+# Each case starts an interpreter that imports Lightning (5-10 s on a busy 2-core machine): keep this list short;
+# the in-process test above covers every value, these check the script's wiring (exit code, one line, no traceback).
+
+CLI_CASES = [
+    (["model=nope"], None),
+    (["dataset=cifar10", "dataset.path={empty}"], "imagefolder"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key"), CLI_CASES)
+def test_train_cli_rejects_bad_values(overrides: list[str], key: str | None, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "POTION_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [o.format(empty=empty) for o in overrides]
+    cmd = [sys.executable, "train.py", "logger=none", f"out_dir={tmp_path / 'run'}",
+           f"hydra.run.dir={tmp_path / 'hydra'}", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr, proc.stderr
+    if key is None:  # Hydra's own error for an unknown option lists the available ones
+        assert "Could not find 'model/nope'" in proc.stderr
+        for option in _options("model"):
+            assert option in proc.stderr
+    else:
+        assert proc.returncode == 2
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and key in lines[0], proc.stderr
+    assert not (tmp_path / "run").exists()

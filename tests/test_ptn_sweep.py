@@ -1,0 +1,203 @@
+"""PTN as a Hydra sweeper (sweep.py, hydra_plugins/potion_ptn): the in-process answer, importances computed
+once, MLflow parent/child runs, and the same answer through the joblib launcher.
+
+One poisoned digits model is trained per module. It trains 8 epochs, not 4: after 4 the small CNN is at
+~19 % clean accuracy and no dampening moves its forget accuracy, so every search would run to max_steps.
+The PTN grid is compressed (s_start=0.01, s_step=1.5) so the search needs a handful of steps, and the
+sweeper's batch size is picked from the in-process answer so that the sweep takes several rounds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from potion.errors import ConfigError
+from potion.ptn_sweep import CANDIDATE, FINAL, dispatch, job_overrides, num_rounds, round_steps
+from potion.quickstart import compose_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PTN = ["method=potion", "discovery.share=0.2", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
+       "method.ptn.max_steps=30"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from potion.train_pipeline import run_training
+
+    tmp = tmp_path_factory.mktemp("ptn_sweep")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POTION_CACHE_DIR", str(tmp / "cache_train"))
+        mp.setenv("POTION_THREADS", "1")
+        run_training(compose_config("train", ["experiment=quickstart", "logger=none", "train.epochs=8",
+                                              f"out_dir={tmp / 'train'}"]))
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def inproc(work: Path) -> dict[str, Any]:
+    """The in-process search (python unlearn.py ... method=potion) and its trajectory."""
+    from potion.unlearn_pipeline import run_unlearning
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POTION_CACHE_DIR", str(work / "cache_inproc"))
+        mp.setenv("POTION_THREADS", "1")
+        s = run_unlearning(compose_config("unlearn", [f"train_run={work / 'train'}", *PTN, "logger=none",
+                                                      f"out_dir={work / 'inproc'}", "save_weights=false"]))
+    with open(work / "inproc" / "ptn_trajectory.csv") as fh:
+        s["trajectory"] = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    s["chosen"] = int(s["ptn_steps"]) - 1
+    if s["chosen"] < 2:
+        pytest.fail(f"the in-process search stopped at k={s['chosen']}: lower method.ptn.s_start so it needs "
+                    "several steps, or this test checks nothing about rounds")
+    s["batch"] = max(1, s["chosen"] // 2)  # at least two rounds, the last one holding the answer
+    return s
+
+
+def _sweep(work: Path, name: str, batch: int, *extra: str) -> dict[str, Any]:
+    env = {**os.environ, "POTION_CACHE_DIR": str(work / f"cache_{name}"), "POTION_THREADS": "1"}
+    cmd = [sys.executable, "sweep.py", f"train_run={work / 'train'}", *PTN,
+           f"logger.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"logger.experiment={name}",
+           f"hydra.sweeper.batch_size={batch}", f"hydra.sweep.dir={work / ('sweep_' + name)}",
+           f"out_dir={work / ('final_' + name)}", *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    record = json.loads((work / f"sweep_{name}" / "ptn_sweep.json").read_text())
+    record["final_summary"] = json.loads((work / f"final_{name}" / "summary.json").read_text())
+    record["stdout"] = proc.stdout
+    return record
+
+
+@pytest.fixture(scope="module")
+def basic(work: Path, inproc: dict[str, Any]) -> dict[str, Any]:
+    return _sweep(work, "basic", inproc["batch"])
+
+
+@pytest.fixture(scope="module")
+def client(work: Path, basic: dict[str, Any]) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+
+
+def _runs(client: Any, experiment: str) -> list[Any]:
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r}"
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def test_rounds_cover_the_grid_in_order() -> None:
+    assert [round_steps(r, 4, 10) for r in range(num_rounds(4, 10))] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert num_rounds(8, 500) == 63 and num_rounds(1, 3) == 3
+
+
+def test_job_overrides_quote_the_parent_id_and_name_the_role() -> None:
+    assert job_overrides(3, CANDIDATE, "1234e5") == ["method.ptn.fixed_step=3", "++ptn_job.role=candidate",
+                                                     "++ptn_job.parent_run_id='1234e5'"]
+    assert job_overrides(0, FINAL, None) == ["method.ptn.fixed_step=0", "++ptn_job.role=final"]
+
+
+def test_sweep_py_selects_the_ptn_sweeper_once() -> None:
+    from sweep import ptn_argv
+
+    assert ptn_argv(["a=1"]) == ["--multirun", "hydra/sweeper=ptn", "a=1"]
+    assert ptn_argv(["-m", "hydra/sweeper=basic", "a=1"]) == ["-m", "hydra/sweeper=basic", "a=1"]
+
+
+def test_the_sweeper_is_registered_with_hydra() -> None:
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("unlearn", ["hydra/sweeper=ptn", "hydra.sweeper.batch_size=3"], return_hydra_config=True)
+    assert cfg.hydra.sweeper._target_ == "hydra_plugins.potion_ptn.ptn_sweeper.PTNSweeper"
+    assert cfg.hydra.sweeper.batch_size == 3
+
+
+def test_an_unknown_job_role_is_a_config_error() -> None:
+    cfg = compose_config("unlearn", ["train_run=x", "++ptn_job.role=bogus", "logger=none"])
+    with pytest.raises(ConfigError, match="ptn_job.role=bogus"):
+        dispatch(cfg)
+
+
+def test_a_sweep_override_is_refused_in_one_line(work: Path) -> None:
+    proc = subprocess.run([sys.executable, "sweep.py", "train_run=x", "logger=none", "method.ptn.rho=0.1,0.2",
+                           f"hydra.sweep.dir={work / 'refused'}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "POTION_CACHE_DIR": str(work / "cache_refused")}, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: method.ptn.rho: the ptn sweeper runs one")
+
+
+# ------------------------------------------------------------------------------------------- the sweep
+
+
+def test_the_sweep_chooses_the_in_process_step(basic: dict[str, Any], inproc: dict[str, Any]) -> None:
+    assert basic["ptn_chosen_step"] == inproc["chosen"]
+    assert basic["ptn_reached"] == bool(inproc["ptn_reached"])
+    assert basic["ptn_rounds"] >= 2 and basic["ptn_steps_evaluated"] == basic["ptn_rounds"] * inproc["batch"]
+    seen = {int(r["step"]): r["forget_acc"] for r in basic["trajectory"]}
+    for row in inproc["trajectory"]:  # every step the in-process search evaluated, identically
+        assert seen[int(row["step"])] == pytest.approx(row["forget_acc"], abs=1e-12)
+    final = basic["final_summary"]  # the final job healed the same model as the in-process search
+    assert final["ptn_steps"] == inproc["ptn_steps"] and final["ptn_alpha"] == pytest.approx(inproc["ptn_alpha"])
+    for key in ("clean_acc", "asr", "forget_acc", "poisoned_train_acc"):
+        assert final[key] == pytest.approx(inproc[key], abs=1e-9), key
+    assert f"k={inproc['chosen']}" in basic["stdout"]
+
+
+def test_jobs_read_the_importances_the_sweeper_computed(work: Path, basic: dict[str, Any], client: Any) -> None:
+    assert len(list((work / "cache_basic" / "importance").glob("*.safetensors"))) == 2  # Omega_r, Omega_f once
+    assert basic["ptn_jobs_recomputed_importance"] == 0
+    runs = _runs(client, "basic")
+    parent = next(r for r in runs if r.data.tags.get("potion.task") == "ptn_sweep")
+    assert parent.data.metrics["prepare_importance_cache_hit"] == 0  # computed by the sweeper, before the jobs
+    jobs = [r for r in runs if r.info.run_id != parent.info.run_id]
+    assert jobs and all(r.data.metrics["importance_cache_hit"] == 1 for r in jobs)
+
+
+def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any, inproc: dict[str, Any]) -> None:
+    from potion.tracking import PARENT_TAG
+
+    runs = _runs(client, "basic")
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    pid = parent.info.run_id
+    assert parent.info.status == "FINISHED" and parent.data.tags["potion.task"] == "ptn_sweep"
+    children = [r for r in runs if r.info.run_id != pid]
+    assert all(r.data.tags[PARENT_TAG] == pid for r in children)
+    candidates = [r for r in children if r.data.tags.get("potion.task") == "ptn_candidate"]
+    finals = [r for r in children if r.data.tags.get("potion.task") == "unlearn"]
+    assert len(candidates) == basic["ptn_steps_evaluated"] and len(finals) == 1
+    assert sorted(int(r.data.metrics["step"]) for r in candidates) == list(range(basic["ptn_steps_evaluated"]))
+    assert finals[0].info.run_id == parent.data.tags["potion.final_run_id"] == basic["final_summary"]["mlflow_run_id"]
+    m = parent.data.metrics
+    assert m["ptn_chosen_step"] == inproc["chosen"] and m["ptn_reached"] == float(bool(inproc["ptn_reached"]))
+    assert m["ptn_rounds"] == basic["ptn_rounds"] and m["ptn_wall_seconds"] > 0
+    assert {"ptn_s", "ptn_alpha", "ptn_percentile", "ptn_steps_evaluated"} <= set(m)
+    assert parent.data.params["override.method.ptn.s_start"] == "0.01"
+    assert parent.data.params["sweeper.batch_size"] == str(inproc["batch"])
+
+
+def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
+                                                 client: Any) -> None:
+    from potion.tracking import PARENT_TAG
+
+    rec = _sweep(work, "joblib", inproc["batch"], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert rec["ptn_chosen_step"] == inproc["chosen"] == basic["ptn_chosen_step"]
+    assert rec["trajectory"] == basic["trajectory"]
+    assert "JoblibLauncher" in rec["stdout"]
+    runs = _runs(client, "joblib")  # the shared sqlite store took the parallel jobs' runs intact
+    parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
+    assert len(runs) == rec["ptn_steps_evaluated"] + 2
+    assert all(r.data.tags.get(PARENT_TAG) == parent.info.run_id for r in runs if r is not parent)
+    assert all(r.info.status == "FINISHED" for r in runs)
