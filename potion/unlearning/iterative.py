@@ -41,10 +41,10 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
-                  importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, cutoff: Mapping[str, float]
-                  ) -> tuple[MethodOutput, Any]:
+                  importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, cutoff: Mapping[str, float],
+                  synthesis: Mapping[str, Any] | None = None) -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
-    out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn)
+    out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
     ranking = rank_suspects(original, out.model, task.data, sub.retain_idx, forget, **cutoff)
     return out, ranking
 
@@ -52,7 +52,7 @@ def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Te
 @register("potion_iterative")
 def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str, Any] | None = None,
                      ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
-                     cutoff_fraction: float = 0.5) -> MethodOutput:
+                     cutoff_fraction: float = 0.5, synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set."""
     number({"r": rounds}, "r", "method.rounds", lo=1, integer=True)
     number({"q": cutoff_quantile}, "q", "method.cutoff_quantile", lo=0, hi=1)
@@ -64,7 +64,7 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
     out = None
     for r in range(int(rounds)):
-        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff)
+        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis)
         for k in timings:
             timings[k] += float(out.timings.get(k, 0.0))
         flagged = ranking.flagged()
@@ -85,12 +85,13 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
 @register("discover_retrain")
 def discover_retrain(task: UnlearnTask, importance: Mapping[str, Any] | None = None,
                      ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
-                     cutoff_fraction: float = 0.5, iterations: int | None = None) -> MethodOutput:
+                     cutoff_fraction: float = 0.5, iterations: int | None = None,
+                     synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """One Potion round ranks suspects; then retrain from scratch without discovered + suspected samples."""
     t0 = time.perf_counter()
     original = copy.deepcopy(task.model).eval()
     cutoff = {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction)}
-    out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff)
+    out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff, synthesis)
     flagged = ranking.flagged()
     search = time.perf_counter() - t0
     result = retrain(replace(task, model=original), iterations=iterations, extra_forget=flagged.tolist())

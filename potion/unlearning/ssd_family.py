@@ -63,8 +63,12 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
     sync(task.device)
     t0 = time.perf_counter()
     imp_r, hit_r = cached_importance(importance_key(**common, idx=indices_digest(retain)), run(retain), cache)
-    imp_f, hit_f = cached_importance(importance_key(**common, idx=indices_digest(task.forget_idx)),
-                                     run(task.forget_idx), cache)
+    forget_key = {"idx": indices_digest(task.forget_idx)}
+    if task.extra_forget is not None:
+        forget_key["extra"] = sha256_tensors({"x": task.extra_forget[0], "y": task.extra_forget[1]})
+    imp_f, hit_f = cached_importance(
+        importance_key(**common, **forget_key),
+        lambda: compute_importance(task.model, task.forget_batches(batch_size), loss=loss, power=power), cache)
     sync(task.device)
     info = {"importance_seconds": time.perf_counter() - t0, "importance_cache_hit": float(hit_r and hit_f),
             "retain_importance_samples": int(retain.numel())}
@@ -89,7 +93,10 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str) -> tuple[Callable[[nn.
     images = task.data.bundle.train.images[idx].to(task.device)
     x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
     y = task.data.train_labels[idx].to(task.device)
-    info["criterion_samples"] = int(idx.numel())
+    if task.extra_forget is not None:  # synthetic samples are poison of known non-target classes
+        x = torch.cat([x, task.extra_forget[0].to(task.device)])
+        y = torch.cat([y, task.extra_forget[1].to(task.device)])
+    info["criterion_samples"] = int(x.shape[0])
 
     @torch.no_grad()
     def forget_acc(model: nn.Module) -> float:
@@ -109,10 +116,40 @@ def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
             "cache": bool(d.get("cache", True))}
 
 
+def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None) -> tuple[UnlearnTask, dict[str, Any]]:
+    """The task with synthetic forget samples added when ``synthesis.enabled`` and the discovered set is small."""
+    s = dict(synthesis or {})
+    if not s.get("enabled", False) or task.discovery.n_f > int(s.get("max_discovered", 10)):
+        return task, {}
+    from dataclasses import replace
+
+    from potion.unlearning.synthesis import synthesize_forget
+
+    n = int(s.get("samples", 500))
+    number({"n": n}, "n", "method.synthesis.samples", lo=1, integer=True)
+    labels = task.data.train_labels[task.retain_idx]
+    pool = task.retain_idx[labels != task.data.plan.target]
+    gen = torch.Generator().manual_seed(task.seed + 17)
+    probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:n]]
+    probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
+    forget_x, _ = task.forget_tensors()
+    result = synthesize_forget(task.model, forget_x, probes, task.data.plan.target,
+                               sizes=tuple(s.get("sizes", (2, 3, 4, 5))),
+                               min_flip_rate=float(s.get("min_flip_rate", 0.5)))
+    if result is None:
+        log.info("trigger synthesis: no window flips enough predictions; using the discovered samples only")
+        return task, {"synth_samples": 0}
+    log.info("trigger synthesis: %dx%d window at (%d, %d) flips %.1f%% of probes", result.size, result.size,
+             result.row, result.col, 100 * result.flip_rate)
+    return replace(task, extra_forget=(result.images, result.labels)), result.summary()
+
+
 def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any] | None = None,
-            ptn: Mapping[str, Any] | None = None, lam: float = 1.0) -> MethodOutput:
+            ptn: Mapping[str, Any] | None = None, lam: float = 1.0,
+            synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """Importances once, then the PTN search over percentile-rule dampenings of the model (in place)."""
     p = dict(ptn or {})
+    task, synth_info = with_synthesis(task, synthesis)
     imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **_importance_args(importance))
     criterion = str(p.get("criterion", "all"))
     forget_acc, crit_info = forget_accuracy_fn(task, criterion)
@@ -142,7 +179,7 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
         result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam)
     sync(task.device)
     search_seconds = time.perf_counter() - t0
-    diagnostics = {**result.summary(), **crit_info, "importance_cache_hit": info["importance_cache_hit"],
+    diagnostics = {**result.summary(), **crit_info, **synth_info, "importance_cache_hit": info["importance_cache_hit"],
                    "retain_importance_samples": info["retain_importance_samples"]}
     if not result.reached:
         diagnostics["ptn_note"] = (f"rho={schedule.rho} never met in {schedule.max_steps} steps; "
@@ -167,24 +204,24 @@ def ssd(task: UnlearnTask, alpha: float = 10.0, lam: float = 1.0, importance: Ma
 
 
 @register("assd")
-def assd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None
-         ) -> MethodOutput:
+def assd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None,
+        synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """Adaptive SSD: cross-entropy grad^2 importances, percentile rule, PTN."""
-    return run_ptn(task, loss="ce", power=2, importance=importance, ptn=ptn)
+    return run_ptn(task, loss="ce", power=2, importance=importance, ptn=ptn, synthesis=synthesis)
 
 
 @register("lfssd")
-def lfssd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None
-          ) -> MethodOutput:
+def lfssd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None,
+        synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """Label-free SSD: squared logit norm, |grad|, percentile rule, PTN."""
-    return run_ptn(task, loss="logit_sqnorm", power=1, importance=importance, ptn=ptn)
+    return run_ptn(task, loss="logit_sqnorm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
 
 
 @register("potion")
-def potion(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None
-           ) -> MethodOutput:
+def potion(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None,
+        synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """Potion: outlier-resistant logit-norm |grad| importances, percentile rule, PTN."""
-    return run_ptn(task, loss="logit_norm", power=1, importance=importance, ptn=ptn)
+    return run_ptn(task, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
 
 
 @register("none")

@@ -25,6 +25,8 @@ class UnlearnTask:
     seed: int = 0
     model_factory: object = None  # callable () -> fresh, randomly initialised model of the same architecture
     train_cfg: dict = field(default_factory=dict)  # the training run's `train` section (schedules of baselines)
+    # synthetic forget samples (normalised images on the device, labels), e.g. from trigger synthesis
+    extra_forget: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def forget_idx(self) -> torch.Tensor:
@@ -74,3 +76,20 @@ class UnlearnTask:
     def forget_true_labels(self) -> torch.Tensor:
         """The forget samples' original labels (known in the benchmark; used by the optional criterion)."""
         return self.data.bundle.train.labels[self.forget_idx]
+
+    def forget_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole forget set, normalised and triggered as in training, plus any synthetic samples."""
+        idx = self.forget_idx
+        images = self.data.bundle.train.images[idx].to(self.device)
+        x = self.data.trigger.apply(self.data.normalizer(images), self.data.train_flags[idx].to(self.device))
+        y = self.data.train_labels[idx].to(self.device)
+        if self.extra_forget is not None:
+            x = torch.cat([x, self.extra_forget[0].to(self.device)])
+            y = torch.cat([y, self.extra_forget[1].to(self.device)])
+        return x, y
+
+    def forget_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The forget set (with synthetic samples) in fixed order, for the importance pass."""
+        x, y = self.forget_tensors()
+        for i in range(0, x.shape[0], batch_size):
+            yield x[i:i + batch_size], y[i:i + batch_size]
