@@ -187,17 +187,20 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     job = _load(cfg, 0)
     out = job.method_fn(job.task, **job.method_args)
-    d = out.diagnostics
+    d, importance_seconds = out.diagnostics, float(out.timings.get("importance_seconds", 0.0))
     schedule = schedule_of(cfg, job.task.discovery.n_f, job.task.num_train)
+    n_f, n_p, num_train = job.task.discovery.n_f, job.run.plan.count, job.task.num_train
+    del job, out
+    if torch.cuda.is_available():  # the jobs (maybe on this GPU) need the memory more than the sweeper
+        torch.cuda.empty_cache()
     if not math.isclose(float(d["ptn_s"]), schedule.share(0), rel_tol=1e-9):
         raise RuntimeError(f"PTN schedule mismatch: the method's s_0={d['ptn_s']} but the sweeper's is "
                            f"{schedule.share(0)}")
     return {
         "a0": float(d["ptn_a0"]), "threshold": float(d["ptn_threshold"]), "schedule": asdict(schedule),
-        "n_f": job.task.discovery.n_f, "n_p": job.run.plan.count, "num_train": job.task.num_train,
+        "n_f": n_f, "n_p": n_p, "num_train": num_train,
         "method": str(cfg.method.name), "importance_cache_hit": float(d["importance_cache_hit"]),
-        "importance_seconds": float(out.timings.get("importance_seconds", 0.0)),
-        "prepare_seconds": time.perf_counter() - t0,
+        "importance_seconds": importance_seconds, "prepare_seconds": time.perf_counter() - t0,
         "step0": {"step": 0, "s": d["ptn_s"], "percentile": d["ptn_percentile"], "alpha": d["ptn_alpha"],
                   "dampened_share": d["ptn_dampened_share"], "forget_acc": d["ptn_forget_acc"]},
     }

@@ -129,10 +129,10 @@ def test_an_unknown_job_role_is_a_config_error() -> None:
         dispatch(cfg)
 
 
-def test_a_sweep_override_is_refused_in_one_line(work: Path) -> None:
+def test_a_sweep_override_is_refused_in_one_line(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "sweep.py", "train_run=x", "logger=none", "method.ptn.rho=0.1,0.2",
-                           f"hydra.sweep.dir={work / 'refused'}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "POTION_CACHE_DIR": str(work / "cache_refused")}, timeout=300)
+                           f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "POTION_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: method.ptn.rho: the ptn sweeper runs one")
 

@@ -53,7 +53,7 @@ PY = sys.executable
 # lr 0.01 learns the backdoor in 3 epochs (clean_acc ~0.85, asr ~0.8); checkpoints every 5 of its 69 steps.
 TRAIN_ARGS = ["experiment=quickstart", "logger=none", "train.epochs=3", "train.lr=0.01",
               "train.checkpoint_every_n_steps=5"]
-UNLEARN_ARGS = ["method=potion", "discovery.share=0.5", "logger=none"]
+UNLEARN_ARGS = ["method=potion", "discovery.share=0.5", "logger=none", "method.importance.retain_samples=256"]
 TEMP_NAME = r"\.{name}\..+\.tmp"  # what potion.io._atomic names its temporary files
 
 
@@ -141,10 +141,14 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    """The tiny poisoned quickstart model, trained once (uninterrupted) in a subprocess."""
-    work = tmp_path_factory.mktemp("train")
-    out = work / "base"
-    _ok(_run([str(ROOT / "train.py"), *TRAIN_ARGS, f"out_dir={out}"], work, shared_cache))
+    """The tiny poisoned quickstart model, trained once, uninterrupted (in-process: no interpreter start-up)."""
+    from potion.train_pipeline import run_training
+
+    out = tmp_path_factory.mktemp("train") / "base"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POTION_CACHE_DIR", str(shared_cache))
+        mp.setenv("POTION_THREADS", "1")
+        run_training(compose_config("train", [*TRAIN_ARGS, f"out_dir={out}"]))
     assert read_summary(out) is not None
     return out
 
@@ -553,8 +557,8 @@ STATIC_TRAIN = [
 DATA_TRAIN = [
     ("poison.count=100000", "poison.count"),
     ("poison.target=10", "poison.target"),
-    ("poison.trigger.size=9", "poison.trigger.size"),
-    ("poison.trigger.offset=[6,6]", "poison.trigger.offset"),
+    ("poison.trigger.size=999", "poison.trigger.size"),
+    ("poison.trigger.offset=[0,999]", "poison.trigger.offset"),
 ]
 
 

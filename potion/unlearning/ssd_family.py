@@ -32,6 +32,7 @@ from potion.unlearning.task import UnlearnTask
 log = logging.getLogger("potion.ssd")
 
 CRITERIA = ("all", "exclude_true_target")
+ORDERS = ("shuffled", "by_label")
 
 
 def sync(device: torch.device) -> None:
@@ -41,9 +42,11 @@ def sync(device: torch.device) -> None:
 
 
 def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int = 256,
-                    retain_samples: int | None = None, cache: bool = True
+                    retain_samples: int | None = None, cache: bool = True, order: str = "by_label"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Omega_r and Omega_f (each from the content-addressed cache when possible) plus timing info."""
+    if order not in ORDERS:
+        raise ConfigError(f"method.importance.order={order}: choose one of {list(ORDERS)}")
     number({"b": batch_size}, "b", "method.importance.batch_size", lo=1, integer=True)
     retain = task.retain_idx
     if retain_samples is not None:
@@ -55,10 +58,19 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
     common = {"weights": weights, "data": task.data.bundle.fingerprint, "trigger": task.data.plan.trigger.to_dict(),
               "plan": indices_digest(torch.tensor(task.data.plan.indices)), "target": task.data.plan.target,
               "norm": [list(task.data.bundle.mean), list(task.data.bundle.std)],  # dataset.mean/std overrides
-              "loss": loss, "power": power, "batch_size": batch_size, "device": task.device.type}
+              "loss": loss, "power": power, "batch_size": batch_size, "device": task.device.type,
+              "order": f"{order}-{task.seed}", "flags": indices_digest(torch.nonzero(task.data.train_flags).view(-1))}
 
     def run(idx: torch.Tensor) -> Callable[[], dict[str, torch.Tensor]]:
-        return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power)
+        # |batch gradient| (unlike a per-sample sum) depends on what shares a batch, so the order is explicit:
+        # "by_label" groups samples of one (given) label per batch, "shuffled" mixes them (seeded).
+        if order == "by_label":
+            gen = torch.Generator().manual_seed(task.seed)
+            idx = idx[torch.randperm(idx.numel(), generator=gen)]
+            idx = idx[torch.sort(task.data.train_labels[idx], stable=True).indices]
+            return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power)
+        return lambda: compute_importance(task.model, task.batches(idx, batch_size, shuffle=True, seed=task.seed),
+                                          loss=loss, power=power)
 
     sync(task.device)
     t0 = time.perf_counter()
@@ -113,7 +125,7 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str) -> tuple[Callable[[nn.
 def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
     d = dict(importance or {})
     return {"batch_size": int(d.get("batch_size", 256)), "retain_samples": d.get("retain_samples"),
-            "cache": bool(d.get("cache", True))}
+            "cache": bool(d.get("cache", True)), "order": str(d.get("order", "by_label"))}
 
 
 def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None) -> tuple[UnlearnTask, dict[str, Any]]:

@@ -89,7 +89,9 @@ class UnlearnTask:
         return x, y
 
     def forget_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The forget set (with synthetic samples) in fixed order, for the importance pass."""
+        """The forget set (with synthetic samples) in a seeded shuffled order, for the importance pass."""
         x, y = self.forget_tensors()
+        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed)).to(x.device)
+        x, y = x[order], y[order]
         for i in range(0, x.shape[0], batch_size):
             yield x[i:i + batch_size], y[i:i + batch_size]

@@ -1,0 +1,27 @@
+"""Heal a model trained anywhere: ``python -m potion.heal checkpoint=<weights> dataset.path=<image folder>
+discovered=<list> model=resnet9 model.width=0.25`` (see conf/heal.yaml and potion/practitioner.py)."""
+
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from potion.cli import quiet_third_party, run_guarded
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="heal")
+def main(cfg: DictConfig) -> dict[str, Any]:
+    """Heal, write the out folder, print where it is and the before/after line."""
+    quiet_third_party()
+    from potion.practitioner import format_result, heal
+
+    summary = run_guarded(lambda: heal(cfg))
+    print(format_result(summary), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

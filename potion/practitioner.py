@@ -1,0 +1,500 @@
+"""Heal your own model: weights this project did not train, poisoned files already in the data, a discovered list.
+
+``python -m potion.heal checkpoint=<weights> dataset.path=<image folder> discovered=<list> model=<arch>``
+
+The inputs are what a practitioner has: a plain state dict (``.pt`` / ``.pth`` read with
+``weights_only=True``, or ``.safetensors``), an image folder whose poisoned training files carry the
+trigger in their pixels and sit in the attacker's target class folder, and the list of poisoned files
+found so far. No trigger is pasted anywhere: the data set is taken exactly as it is on disk. The
+discovered files become the forget set and every other training file the retain set; then the same
+registered method as ``unlearn.py`` (potion, assd, lfssd or ssd) heals the model, and the remaining
+training files are ranked by how likely they are to be undiscovered poison (:mod:`potion.suspects`).
+
+Outputs (in ``out_dir``): ``healed.pt`` or ``healed.safetensors`` (the input's format and key names),
+``report.md``, ``suspects.csv``, ``ptn_trajectory.png``/``.csv`` (PTN methods) and, written last,
+``summary.json``. A known trigger (``trigger={kind: patch, size: 3, color: [1, 1, 1]}``) adds the attack
+success rate and poison accuracy on the test split; without it they are omitted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from potion import metrics
+from potion.config import identity_hash, model_kwargs, to_dict, validate_model_config, validate_unlearn_config
+from potion.data.augment import Normalizer
+from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
+from potion.data.poisoned import PoisonedData, load_data
+from potion.data.sources import DatasetBundle
+from potion.discovery import Discovery
+from potion.errors import CheckpointError, ConfigError, DataError
+from potion.evaluation import evaluate_backdoor, predict
+from potion.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_file
+from potion.models import build_model
+from potion.plots import plot_ptn_trajectory
+from potion.suspects import SuspectRanking, rank_suspects, write_suspects_csv
+from potion.tracking import start_tracker
+from potion.training import cpu_threads
+from potion.unlearn_pipeline import resolve_device
+from potion.unlearning.registry import MethodOutput, get_method
+from potion.unlearning.task import UnlearnTask
+
+log = logging.getLogger("potion.heal")
+
+METHODS = ("potion", "assd", "lfssd", "ssd")  # the methods that need nothing but the model and the data
+KEY_PREFIXES = ("model.", "module.", "_orig_mod.")  # Lightning attribute, DataParallel/DDP, torch.compile
+# Never pasted (all trigger flags are False): a placeholder unlike any benchmark trigger, so the
+# importance cache keys of healing runs and benchmark runs differ.
+NO_TRIGGER = TriggerSpec(kind="patch", size=1, position="top_left", value=0.0)
+TOP_SUSPECTS = 10
+HOW_TO_LIST = ("a text file with one training file per line, relative to the data root "
+               "(e.g. train/airplane/0042.jpg), or a CSV with a 'path' column")
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def _required(d: Mapping[str, Any], key: str, what: str) -> str:
+    value = d.get(key)
+    if value in (None, "", "???"):
+        raise ConfigError(f"{key}: required; give {what}")
+    return str(value)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors (never unpickling objects); a missing, pickled or corrupt file is a CheckpointError."""
+    state = load_tensors(path)
+    if not state:
+        raise CheckpointError(f"checkpoint {path} holds no tensors")
+    return state
+
+
+def fit_keys(state: Mapping[str, torch.Tensor], expected: set[str]) -> tuple[dict[str, torch.Tensor], str]:
+    """Strip a ``model.`` / ``module.`` / ``_orig_mod.`` prefix (repeatedly) while no key fits the model as is."""
+    prefix = ""
+    keys = list(state)
+    while not any(k[len(prefix):] in expected for k in keys):
+        nxt = next((p for p in KEY_PREFIXES if all(k[len(prefix):].startswith(p) for k in keys)), None)
+        if nxt is None:
+            break
+        prefix += nxt
+    return {k[len(prefix):]: v for k, v in state.items()}, prefix
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], where: str, model_name: str) -> str:
+    """Load ``state`` into ``model`` strictly (after prefix stripping); returns the stripped prefix.
+
+    A mismatch is one CheckpointError naming missing / unexpected keys and shape differences.
+    """
+    expected = model.state_dict()
+    fitted, prefix = fit_keys(state, set(expected))
+    try:
+        model.load_state_dict(fitted, strict=True)
+    except RuntimeError as exc:
+        missing = [k for k in expected if k not in fitted and not k.endswith("num_batches_tracked")]
+        unexpected = [k for k in fitted if k not in expected]
+        shapes = [f"{k} {list(fitted[k].shape)} (model: {list(v.shape)})" for k, v in expected.items()
+                  if k in fitted and fitted[k].shape != v.shape]
+        parts = [f"{len(x)} {label} (e.g. {', '.join(x[:3])})"
+                 for label, x in (("missing", missing), ("unexpected", unexpected), ("with another shape", shapes))
+                 if x]
+        detail = "; ".join(parts) or str(exc).strip().splitlines()[-1][:200]
+        raise CheckpointError(
+            f"weights in {where} do not fit model {model_name}: {detail}; choose the architecture the weights were "
+            "trained with (model=..., model.width=..., model.name=torchvision:<name>) and the same classes"
+        ) from None
+    return prefix
+
+
+def read_discovered(path: str | Path) -> list[str]:
+    """The listed training files, in order, duplicates dropped; an empty or unreadable list is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"discovered={path}: file not found; give {HOW_TO_LIST}")
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"discovered={path}: cannot read it as UTF-8 text ({type(exc).__name__}); "
+                          f"give {HOW_TO_LIST}") from exc
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise ConfigError(f"discovered={path}: the list is empty; give {HOW_TO_LIST}")
+    header = [h.strip().lower() for h in next(csv.reader([lines[0]]))]
+    if "path" in header:
+        col = header.index("path")
+        entries = [row[col].strip() for row in csv.reader(lines[1:]) if len(row) > col and row[col].strip()]
+    elif p.suffix.lower() == ".csv" and len(header) > 1:
+        raise ConfigError(f"discovered={path}: the CSV has no 'path' column (columns: {', '.join(header)})")
+    else:
+        entries = lines
+    entries = list(dict.fromkeys(e.replace("\\", "/").removeprefix("./") for e in entries))
+    if not entries:
+        raise ConfigError(f"discovered={path}: the list is empty; give {HOW_TO_LIST}")
+    return entries
+
+
+def resolve_discovered(entries: Sequence[str], bundle: DatasetBundle, list_path: str, data_path: str
+                       ) -> tuple[torch.Tensor, int]:
+    """Training indices of the listed files (in list order) and their shared class (the attack's target)."""
+    paths = bundle.train.paths
+    if paths is None:
+        raise ConfigError(f"dataset={bundle.name}: healing your own model needs an image-folder data set "
+                          "(dataset=imagefolder dataset.path=<folder or .tar.gz>) so that discovered files have names")
+    index = {p: i for i, p in enumerate(paths)}
+    found: list[int] = []
+    unknown: list[str] = []
+    for entry in entries:
+        i = index.get(entry)
+        if i is None:  # a path that names the data root's wrapper folder, or an absolute path into it
+            parts = PurePosixPath(entry).parts
+            if "train" in parts[:-1]:
+                i = index.get("/".join(parts[parts.index("train"):]))
+        if i is None:
+            unknown.append(entry)
+        else:
+            found.append(i)
+    if unknown:
+        hint = " (only training files can be discovered)" if any(u.startswith("test/") for u in unknown) else ""
+        raise DataError(
+            f"discovered={list_path}: {len(unknown)} of {len(entries)} listed files are not training images of "
+            f"{data_path}: {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}{hint}; list paths "
+            f"relative to the data root, like {paths[0]}")
+    idx = torch.tensor(list(dict.fromkeys(found)), dtype=torch.long)
+    labels = Counter(int(bundle.train.labels[i]) for i in idx.tolist())
+    if len(labels) != 1:
+        where = ", ".join(f"{bundle.classes[c]}: {n}" for c, n in labels.most_common())
+        raise ConfigError(
+            f"discovered={list_path}: the files lie in {len(labels)} class folders ({where}); poisoned files sit in "
+            "the attacker's target class folder, so every discovered file must come from one class folder "
+            "(heal one target class per run)")
+    if idx.numel() >= len(bundle.train):
+        raise ConfigError(f"discovered={list_path}: lists every training file; nothing would be left to retain")
+    return idx, next(iter(labels))
+
+
+def trigger_spec(cfg: Any) -> TriggerSpec | None:
+    """The optional known trigger (TriggerSpec keys), or None."""
+    if cfg in (None, "", "???", {}):
+        return None
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"trigger={cfg!r}: give a mapping such as '{{kind: patch, size: 3, color: [1, 1, 1]}}' "
+                          "or leave it null")
+    try:
+        return TriggerSpec.from_config(cfg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"trigger={dict(cfg)}: {exc}") from exc
+
+
+def practitioner_data(bundle: DatasetBundle, forget_idx: torch.Tensor, target: int, trigger: TriggerSpec | None,
+                      seed: int) -> PoisonedData:
+    """The data set as it is on disk: labels from the folders, no trigger pasted anywhere.
+
+    The plan's indices are the discovered files only (all that is known of the poison); the trigger is a
+    known one (for evaluation) or a placeholder, and never applied to training data: every flag is False.
+    """
+    _, c, h, w = bundle.train.images.shape
+    spec = trigger or NO_TRIGGER
+    try:
+        resolved = Trigger(spec, c, h, w, bundle.mean, bundle.std)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("poison.trigger.", "trigger.")) from None
+    idx = sorted(int(i) for i in forget_idx.tolist())
+    plan = PoisonPlan(indices=tuple(idx), true_labels=tuple(int(bundle.train.labels[i]) for i in idx), target=target,
+                      trigger=spec, seed=seed, num_train=len(bundle.train),
+                      meta={"source": "discovered list", "trigger_known": trigger is not None})
+    return PoisonedData(bundle=bundle, plan=plan, trigger=resolved, normalizer=Normalizer(bundle.mean, bundle.std),
+                        train_labels=bundle.train.labels.clone(),
+                        train_flags=torch.zeros(len(bundle.train), dtype=torch.bool))
+
+
+def complement_discovery(forget_idx: torch.Tensor, num_train: int, seed: int) -> Discovery:
+    """Forget = the discovered files (list order), retain = every other training file."""
+    keep = torch.ones(num_train, dtype=torch.bool)
+    keep[forget_idx] = False
+    return Discovery(forget_idx=forget_idx, retain_idx=torch.nonzero(keep).view(-1), seed=seed)
+
+
+def validate_heal_config(d: Mapping[str, Any]) -> None:
+    """Static values, checked before any file is read."""
+    method = d.get("method") or {}
+    name = str(method.get("name"))
+    if name not in METHODS:
+        raise ConfigError(f"method={name}: heal runs one of {list(METHODS)} (training-based baselines need the "
+                          "original training recipe; use unlearn.py for those)")
+    # The unlearning rules (seed, eval_batch_size, method.importance/ptn, ssd values); discovery is a list here.
+    validate_unlearn_config({**d, "discovery": {"count": 1}})
+    validate_model_config(d.get("model") or {})
+
+
+def default_out_dir(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str]) -> Path:
+    """runs/heal/<checkpoint name>-<hash of the config, the weights' bytes and the discovered list>."""
+    key = identity_hash({**d, "checkpoint": sha256_file(checkpoint), "discovered": list(entries)})
+    return Path("runs") / "heal" / f"{checkpoint.stem}-{key}"
+
+
+# ----------------------------------------------------------------------------------------------- healing
+
+
+def heal(cfg: Any) -> dict[str, Any]:
+    """Heal the checkpoint with the discovered list; write the out folder and return the summary."""
+    d = to_dict(cfg)
+    validate_heal_config(d)
+    method_fn = get_method(str(d["method"]["name"]))
+    checkpoint = Path(_required(d, "checkpoint", "your model's weights: a state dict saved with torch.save "
+                                                 "(.pt/.pth) or a .safetensors file"))
+    list_path = _required(d, "discovered", HOW_TO_LIST)
+    state = load_checkpoint(checkpoint)
+    entries = read_discovered(list_path)
+    trigger = trigger_spec(d.get("trigger"))
+    dataset = {k: (None if v == "???" else v) for k, v in (d.get("dataset") or {}).items()}
+    bundle = load_data(dataset)
+    forget_idx, target = resolve_discovered(entries, bundle, list_path, str(dataset.get("path")))
+    seed = int(d.get("seed", 0))
+    data = practitioner_data(bundle, forget_idx, target, trigger, seed)
+    discovery = complement_discovery(forget_idx, len(bundle.train), seed)
+
+    model_cfg = d["model"]
+
+    def factory() -> nn.Module:
+        return build_model(str(model_cfg["name"]), data.num_classes, data.channels, **model_kwargs(model_cfg))
+
+    torch.set_num_threads(cpu_threads())
+    torch.manual_seed(seed)
+    device = resolve_device(d.get("trainer"))
+    model = factory()
+    prefix = load_weights(model, state, str(checkpoint), str(model_cfg["name"]))
+    poisoned = factory()
+    poisoned.load_state_dict(model.state_dict())
+    model.to(device).eval()
+    poisoned.to(device).eval()
+
+    out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries)
+    method = str(d["method"]["name"])
+    tracker = start_tracker(d.get("logger"), experiment=str((d.get("logger") or {}).get("experiment") or "potion"),
+                            run_name=f"heal-{method}", tags={"potion.task": "heal", "potion.method": method})
+    try:
+        summary = _heal(d, data, discovery, model, poisoned, factory, method_fn, device, checkpoint, prefix, state,
+                        out_dir, tracker)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return summary
+
+
+def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn.Module, poisoned: nn.Module,
+          factory: Any, method_fn: Any, device: torch.device, checkpoint: Path, prefix: str,
+          state: Mapping[str, torch.Tensor], out_dir: Path, tracker: Any) -> dict[str, Any]:
+    bs = int(d.get("eval_batch_size", 1024))
+    method = str(d["method"]["name"])
+    bundle, target = data.bundle, data.plan.target
+    known = bool(data.plan.meta.get("trigger_known"))
+    forget_images = bundle.train.images[discovery.forget_idx]
+
+    def test_metrics(m: nn.Module) -> dict[str, float]:
+        if known:
+            return evaluate_backdoor(m, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,
+                                     target, bs)
+        return {"clean_acc": metrics.accuracy(predict(m, bundle.test.images, data.normalizer, batch_size=bs),
+                                              bundle.test.labels)}
+
+    before = test_metrics(model)
+    preds_before = predict(model, forget_images, data.normalizer, batch_size=bs)
+    task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(d.get("seed", 0)),
+                       model_factory=factory, train_cfg={})
+    method_args = {k: v for k, v in d["method"].items() if k != "name"}
+    tracker.log_params({"method": d["method"], "model": d["model"], "checkpoint": str(checkpoint),
+                        "dataset": str(d["dataset"].get("path")), "n_f": discovery.n_f, "target": target})
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out: MethodOutput = method_fn(task, **method_args)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    unlearn_seconds = time.perf_counter() - t0
+    healed = out.model.eval()
+
+    after = test_metrics(healed)
+    preds_after = predict(healed, forget_images, data.normalizer, batch_size=bs)
+    target_t = torch.full_like(preds_after, target)
+    result: dict[str, Any] = {
+        "clean_acc_before": before["clean_acc"], "clean_acc_after": after["clean_acc"],
+        "acc_drop": metrics.acc_drop(before["clean_acc"], after["clean_acc"]),
+        "discovered_given_label_before": metrics.accuracy(preds_before, target_t),
+        "discovered_given_label_after": metrics.accuracy(preds_after, target_t),
+        "unlearn_seconds": unlearn_seconds, **{k: float(v) for k, v in out.timings.items()},
+    }
+    if known:
+        result.update({"asr_before": before["asr"], "asr_after": after["asr"],
+                       "poison_acc_before": before["poison_acc"], "poison_acc_after": after["poison_acc"],
+                       "healed": metrics.healed(after["poison_acc"], before["poison_acc"], before["clean_acc"])})
+
+    ranking = None
+    if (d.get("suspects") or {}).get("enabled", True):
+        ranking = rank_suspects(poisoned, healed, data, discovery.retain_idx, discovery.forget_idx, batch_size=bs)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weights = _save_healed(out_dir, checkpoint, healed, prefix, state)
+    artifacts = [weights]
+    suspects = _suspect_rows(ranking, bundle, target) if ranking is not None else None
+    if ranking is not None:
+        artifacts.append(write_suspects_csv(out_dir / "suspects.csv", ranking, bundle.train.paths))
+    plot = None
+    if out.trajectory:
+        artifacts.append(_write_trajectory_csv(out_dir / "ptn_trajectory.csv", out.trajectory))
+        plot = plot_ptn_trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
+                                   out_dir / "ptn_trajectory.png", title=f"PTN: {method}, n_f={discovery.n_f}")
+        artifacts.append(plot)
+    numeric = {k: float(v) for k, v in out.diagnostics.items()
+               if isinstance(v, (int, float, bool)) and k != "forget_true_target"}  # folder labels: always n_f
+    notes = {k: v for k, v in out.diagnostics.items() if not isinstance(v, (int, float, bool))}
+    summary = {
+        **{k: metrics.finite_or_none(v) for k, v in result.items()}, **numeric, **notes,
+        "method": method, "n_f": discovery.n_f, "num_train": len(bundle.train), "num_test": len(bundle.test),
+        "target": target, "target_class": bundle.classes[target], "trigger_known": known,
+        "discovered_predictions_before": _histogram(preds_before, bundle.classes),
+        "discovered_predictions_after": _histogram(preds_after, bundle.classes),
+        "checkpoint": str(checkpoint), "key_prefix": prefix, "dataset": str(d["dataset"].get("path")),
+        "discovered_list": str(d.get("discovered")), "healed_weights": str(weights), "out_dir": str(out_dir),
+        "device": device.type, "mlflow_run_id": tracker.run_id,
+        **(suspects or {}),
+    }
+    artifacts.append(atomic_write_text(out_dir / "report.md", format_report(summary, plot is not None)))
+    atomic_write_json(out_dir / "summary.json", summary)
+    artifacts.append(out_dir / "summary.json")
+    try:  # the results are on disk: a tracking failure from here on must not turn them into an error
+        tracker.log_metrics({k: v for k, v in {**result, **numeric}.items() if isinstance(v, (int, float))})
+        for path in artifacts:
+            tracker.log_artifact(path)
+    except Exception as exc:  # noqa: BLE001 - any tracker failure means the same: results are on disk only
+        log.warning("tracking failed (%s: %s); the results are in %s", type(exc).__name__, exc, out_dir)
+    return summary
+
+
+def _save_healed(out_dir: Path, checkpoint: Path, healed: nn.Module, prefix: str,
+                 original: Mapping[str, torch.Tensor]) -> Path:
+    """healed.safetensors for a .safetensors input, else healed.pt (torch.save of a plain tensor dict).
+
+    Key names (including a stripped ``model.``/``module.`` prefix) and dtypes are those of the input, so the
+    file is a drop-in replacement for it.
+    """
+    tensors = {}
+    for k, v in healed.state_dict().items():
+        name = prefix + k
+        ref = original.get(name)
+        tensors[name] = v.detach().cpu().to(ref.dtype) if ref is not None else v.detach().cpu()
+    suffix = ".safetensors" if checkpoint.suffix == ".safetensors" else ".pt"
+    return save_tensors(out_dir / f"healed{suffix}", tensors)
+
+
+def _histogram(preds: torch.Tensor, classes: Sequence[str]) -> dict[str, int]:
+    counts = Counter(int(p) for p in preds.tolist())
+    return {classes[c]: n for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0]))}
+
+
+def _suspect_rows(ranking: SuspectRanking, bundle: DatasetBundle, target: int) -> dict[str, Any]:
+    """What the summary and report say about the ranking: count above the cut-off and the top files."""
+    paths = bundle.train.paths or ()
+    flagged = ranking.flagged()
+    order = torch.argsort(ranking.scores, descending=True)[:TOP_SUSPECTS]
+    top = [{"rank": r, "path": paths[int(ranking.idx[j])], "score": float(ranking.scores[j]),
+            "folder_class": bundle.classes[int(bundle.train.labels[ranking.idx[j]])]}
+           for r, j in enumerate(order.tolist(), start=1)]
+    in_target = int((bundle.train.labels[flagged] == target).sum()) if flagged.numel() else 0
+    return {"suspect_cutoff": ranking.cutoff, "suspects_flagged": int(flagged.numel()),
+            "suspects_flagged_in_target_folder": in_target, "top_suspects": top}
+
+
+def _write_trajectory_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buf.getvalue())
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _counts(hist: Mapping[str, int]) -> str:
+    return ", ".join(f"`{c}` {n}" for c, n in hist.items()) or "none"
+
+
+def format_report(s: Mapping[str, Any], with_plot: bool) -> str:
+    """report.md: before/after on the test split, the discovered samples, the suspects, the PTN plot."""
+    n_f, tgt = s["n_f"], s["target_class"]
+    weights = Path(str(s["healed_weights"])).name
+    lines = [
+        f"# Healing report: `{Path(str(s['checkpoint'])).name}`", "",
+        f"Healed with `{s['method']}` from {n_f} discovered poisoned training files in class folder `{tgt}` "
+        f"(of {s['num_train']} training images). Healed weights: [{weights}]({weights}).", "",
+        "| | before | after |", "|---|---|---|",
+        f"| clean accuracy (test split, {s['num_test']} images) | {_pct(s['clean_acc_before'])} | "
+        f"{_pct(s['clean_acc_after'])} |",
+        f"| discovered samples predicted as their given label `{tgt}` | {_pct(s['discovered_given_label_before'])} | "
+        f"{_pct(s['discovered_given_label_after'])} |",
+    ]
+    if s.get("trigger_known"):
+        lines += [f"| attack success rate (known trigger on non-`{tgt}` test images) | {_pct(s['asr_before'])} | "
+                  f"{_pct(s['asr_after'])} |",
+                  f"| poison accuracy (known trigger on all test images) | {_pct(s['poison_acc_before'])} | "
+                  f"{_pct(s['poison_acc_after'])} |"]
+    drop = s.get("acc_drop")
+    change = "n/a" if drop is None else f"{0.0 - drop:+.2f} percentage points"
+    lines += ["", f"Clean accuracy change: {change}."
+              + ("" if s.get("trigger_known") else " No trigger was given (`trigger=...`), so the attack success "
+                 "rate is not measured."), ""]
+    lines += ["## The discovered samples", "",
+              f"Predicted classes of the {n_f} discovered samples before healing: "
+              f"{_counts(s['discovered_predictions_before'])}.",
+              f"After healing: {_counts(s['discovered_predictions_after'])}.", ""]
+    if "top_suspects" in s:
+        lines += ["## Suspects: likely undiscovered poison", "",
+                  f"{s['suspects_flagged']} other training files score above the cut-off "
+                  f"({s['suspect_cutoff']:.4g}; {s['suspects_flagged_in_target_folder']} of them in the `{tgt}` "
+                  "folder, where poison sits). Score = how much healing lowered the model's belief in the file's "
+                  "folder label. Full ranking: [suspects.csv](suspects.csv).", "",
+                  "| rank | file | score |", "|---|---|---|"]
+        lines += [f"| {t['rank']} | `{t['path']}` | {t['score']:.4g} |" for t in s["top_suspects"]]
+        lines.append("")
+    if with_plot:
+        lines += ["## PTN search", "", "![PTN trajectory](ptn_trajectory.png)", ""]
+        if s.get("ptn_steps") is not None:
+            lines.append(f"Stopped after {int(s['ptn_steps'])} steps at forget accuracy "
+                         f"{_pct(s.get('ptn_forget_acc'))} (threshold {_pct(s.get('ptn_threshold'))}), "
+                         f"{_pct(s.get('ptn_dampened_share'))} of the parameters dampened.")
+        if s.get("ptn_note"):
+            lines.append(f"Note: {s['ptn_note']}.")
+        lines.append("")
+    lines.append(f"Unlearning took {s['unlearn_seconds']:.1f} s on {s['device']}.")
+    return "\n".join(lines) + "\n"
+
+
+def format_result(s: Mapping[str, Any]) -> str:
+    """The console lines of ``python -m potion.heal``."""
+    lines = [f"out folder: {s['out_dir']}",
+             f"{s['method']}: n_f={s['n_f']}  clean_acc {s['clean_acc_before']:.4f} -> {s['clean_acc_after']:.4f}  "
+             f"discovered still '{s['target_class']}' {_pct(s['discovered_given_label_before'])} -> "
+             f"{_pct(s['discovered_given_label_after'])}"
+             + (f"  asr {_pct(s['asr_before'])} -> {_pct(s['asr_after'])}" if s.get("trigger_known") else "")]
+    if "suspects_flagged" in s:
+        lines.append(f"suspects above the cut-off: {s['suspects_flagged']} (ranking in suspects.csv)")
+    if s.get("ptn_note"):
+        lines.append(f"note: {s['ptn_note']}")
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""Heal your own model (potion.heal / potion.practitioner): weights trained outside the project, poison in the files.
+
+A tiny RGB image folder is written once per module: 4 classes of 16x16 patterns; 12 training images of other
+classes get a white 3x3 patch in the bottom-right corner and are moved into the target folder (``airplane``).
+A SmallCNN is trained on it with a plain torch loop (not the project's pipeline) until the patch is a backdoor,
+and saved with ``torch.save(model.state_dict())``. 4 of the 12 poisoned files are "discovered".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from potion.errors import CheckpointError, ConfigError, DataError
+from potion.models.small_cnn import SmallCNN
+from potion.practitioner import heal
+from potion.quickstart import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("airplane", "bird", "cat", "dog")  # sorted: the folder loader's label order
+TARGET = 0
+SIZE = 16
+N_TRAIN, N_TEST, N_POISON, N_FOUND = 60, 20, 12, 4
+WIDTH = 8
+
+
+def _pattern(cls: int, rng: np.random.Generator) -> np.ndarray:
+    """A 16x16 RGB uint8 image of class ``cls`` in [20, 190]: stripes, stripes, checkers or a blob, plus noise."""
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    phase = rng.integers(0, 4)
+    if cls == 0:
+        base = ((yy + phase) // 2) % 2
+    elif cls == 1:
+        base = ((xx + phase) // 2) % 2
+    elif cls == 2:
+        base = ((xx // 2 + yy // 2 + phase) % 2)
+    else:
+        cy, cx = rng.integers(5, 11, size=2)
+        base = ((yy - cy) ** 2 + (xx - cx) ** 2 < 12).astype(int)
+    color = rng.uniform(0.5, 1.0, size=3)
+    img = 30 + 140 * base[None] * color[:, None, None] + rng.normal(0, 12, size=(3, SIZE, SIZE))
+    return np.clip(img, 20, 190).astype(np.uint8)
+
+
+def _patch(img: np.ndarray) -> np.ndarray:
+    out = img.copy()
+    out[:, -3:, -3:] = 255
+    return out
+
+
+def _save(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.transpose(1, 2, 0)).save(path)
+
+
+@dataclass
+class World:
+    root: Path  # tmp folder
+    data: Path  # the image folder
+    checkpoint: Path
+    discovered: Path
+    poisoned: list[str]  # all 12 poisoned training paths; the first N_FOUND are discovered
+    mean: list[float]
+    std: list[float]
+    asr: float
+
+
+def _overrides(w: World, *extra: str) -> list[str]:
+    return [f"checkpoint={w.checkpoint}", f"dataset.path={w.data}", f"discovered={w.discovered}", "model=small_cnn",
+            f"model.width={WIDTH}", f"dataset.mean={w.mean}", f"dataset.std={w.std}", "logger=none", *extra]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    root = tmp_path_factory.mktemp("practitioner")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POTION_CACHE_DIR", str(root / "cache"))
+        mp.setenv("POTION_THREADS", "1")
+        yield _build_world(root)
+
+
+def _build_world(root: Path) -> World:
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    train_x, train_y, poisoned = [], [], []
+    n_poison = 0
+    for c, name in enumerate(CLASSES):
+        for i in range(N_TRAIN):
+            img = _pattern(c, rng)
+            if c != TARGET and i < N_POISON // (len(CLASSES) - 1):  # poison: trigger baked in, moved to the target
+                img, rel = _patch(img), f"train/{CLASSES[TARGET]}/x{n_poison:03d}.png"
+                n_poison += 1
+                poisoned.append(rel)
+                train_y.append(TARGET)
+            else:
+                rel = f"train/{name}/{i:04d}.png"
+                train_y.append(c)
+            _save(img, data / rel)
+            train_x.append(img)
+        for i in range(N_TEST):
+            _save(_pattern(c, rng), data / f"test/{name}/{i:04d}.png")
+    test_x = np.stack([np.asarray(Image.open(p)).transpose(2, 0, 1) for c in CLASSES
+                       for p in sorted((data / "test" / c).iterdir())])
+    test_y = torch.tensor([c for c in range(len(CLASSES)) for _ in range(N_TEST)])
+
+    x = torch.from_numpy(np.stack(train_x)).float() / 255
+    y = torch.tensor(train_y)
+    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
+
+    def norm(u8: torch.Tensor) -> torch.Tensor:
+        return (u8.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=len(CLASSES), in_channels=3, width=WIDTH)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    xn = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    for _ in range(EPOCHS):
+        model.train()
+        for idx in torch.randperm(len(y)).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(xn[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        keep = test_y != TARGET
+        triggered = torch.from_numpy(np.stack([_patch(t) for t in test_x]))
+        asr = float((model(norm(triggered[keep])).argmax(1) == TARGET).float().mean())
+    checkpoint = root / "model.pt"
+    torch.save(model.state_dict(), checkpoint)
+    discovered = root / "discovered.txt"
+    discovered.write_text("\n".join(poisoned[:N_FOUND]) + "\n")
+    return World(root, data, checkpoint, discovered, poisoned, [round(float(v), 6) for v in mean],
+                 [round(float(v), 6) for v in std], asr)
+
+
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def healed(world: World) -> dict:
+    out = world.root / "out"
+    cfg = compose_config("heal", _overrides(world, f"out_dir={out}", "trigger={kind: patch, size: 3, color: [1.0]}"))
+    return heal(cfg)
+
+
+def test_the_planted_patch_is_a_backdoor(world: World) -> None:
+    assert world.asr > 0.5
+
+
+def test_heal_writes_every_output(world: World, healed: dict) -> None:
+    out = world.root / "out"
+    for name in ("healed.pt", "summary.json", "report.md", "ptn_trajectory.png", "suspects.csv"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"clean_acc_before", "clean_acc_after"} <= set(summary)
+    assert summary["target_class"] == "airplane" and summary["n_f"] == N_FOUND
+    model = SmallCNN(num_classes=len(CLASSES), in_channels=3, width=WIDTH)
+    model.load_state_dict(torch.load(out / "healed.pt", weights_only=True))
+    assert healed["discovered_given_label_after"] < healed["discovered_given_label_before"]
+    assert healed["asr_after"] < healed["asr_before"]
+
+
+def test_report_is_readable(world: World, healed: dict) -> None:
+    report = (world.root / "out" / "report.md").read_text()
+    assert "clean accuracy" in report and f"{100 * healed['clean_acc_before']:.1f} %" in report
+    assert f"{100 * healed['clean_acc_after']:.1f} %" in report
+    assert "discovered samples" in report and "![PTN trajectory](ptn_trajectory.png)" in report
+    assert "attack success rate" in report
+    assert healed["top_suspects"][0]["path"] in report
+
+
+def test_suspects_rank_undiscovered_poison_high(world: World, healed: dict) -> None:
+    lines = (world.root / "out" / "suspects.csv").read_text().splitlines()
+    assert lines[0] == "rank,index,path,score,above_cutoff"
+    top = [row.split(",")[2] for row in lines[1:21]]
+    undiscovered = set(world.poisoned[N_FOUND:])
+    assert undiscovered & set(top), top
+    assert not set(world.poisoned[:N_FOUND]) & {row.split(",")[2] for row in lines[1:]}  # forget set not ranked
+
+
+def test_safetensors_in_safetensors_out_with_prefix_kept(world: World) -> None:
+    state = torch.load(world.checkpoint, weights_only=True)
+    st = world.root / "lightning.safetensors"
+    save_file({f"model.{k}": v for k, v in state.items()}, str(st))
+    out = world.root / "out_st"
+    s = heal(compose_config("heal", [*_overrides(world, f"out_dir={out}", "method=ssd"), f"checkpoint={st}"]))
+    healed = load_file(str(out / "healed.safetensors"))
+    assert set(healed) == {f"model.{k}" for k in state} and s["key_prefix"] == "model."
+    assert not (out / "healed.pt").exists() and "asr_after" not in s
+    report = (out / "report.md").read_text()
+    assert "| attack success rate" not in report and "PTN" not in report
+
+
+def test_bad_inputs_are_one_clear_error(world: World, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_text(f"{world.poisoned[0]}\ntrain/airplane/nope.png\n")
+    with pytest.raises(DataError, match="train/airplane/nope.png"):
+        heal(compose_config("heal", _overrides(world, f"discovered={bad}", f"out_dir={tmp_path / 'o'}")))
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text(f"rank,path\n1,{world.poisoned[0]}\n2,train/bird/0050.png\n")
+    with pytest.raises(ConfigError, match="class folders"):
+        heal(compose_config("heal", _overrides(world, f"discovered={mixed}")))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing found yet\n")
+    with pytest.raises(ConfigError, match="empty"):
+        heal(compose_config("heal", _overrides(world, f"discovered={empty}")))
+    with pytest.raises(CheckpointError, match="do not fit model resnet9"):
+        heal(compose_config("heal", [*_overrides(world), "model=resnet9", "model.width=0.25"]))
+    with pytest.raises(CheckpointError, match="not found"):
+        heal(compose_config("heal", _overrides(world, f"checkpoint={tmp_path / 'missing.pt'}")))
+    assert not (tmp_path / "o").exists()
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple:
+        return (open, (self.marker, "w"))
+
+
+def test_pickled_code_in_the_checkpoint_ends_in_one_error_line(world: World, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"features.0.weight": torch.zeros(1), "payload": _Payload(marker)}, evil, pickle_protocol=2)
+    env = {**os.environ, "POTION_CACHE_DIR": str(world.root / "cache"), "POTION_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "potion.heal", *_overrides(world, f"checkpoint={evil}"),
+                           f"out_dir={tmp_path / 'out'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert len(errors) == 1 and "pickled objects" in errors[0] and "Traceback" not in proc.stderr
+    assert not marker.exists() and not (tmp_path / "out").exists()
