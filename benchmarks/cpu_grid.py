@@ -16,8 +16,17 @@ import time
 from pathlib import Path
 
 import torch
-from common import (ROOT, command_line, discovery_label, discovery_overrides, fmt, markdown_table, train, unlearn,
-                    write_section)
+from common import (
+    ROOT,
+    command_line,
+    discovery_label,
+    discovery_overrides,
+    fmt,
+    markdown_table,
+    train,
+    unlearn,
+    write_section,
+)
 
 DEFAULT_METHODS = "none,retrain,finetune,ssd,assd,lfssd,potion"
 
@@ -83,8 +92,8 @@ def main() -> None:
                 over.append("method.importance.cache=false")
             s = unlearn(train_run, over)
             results[(method, share)] = s
-            print(f"{method:>10} {discovery_label(share):>9}: healed={fmt(s['healed'])} acc_drop={fmt(s['acc_drop'], 2)} "
-                  f"asr={s['asr']:.3f} seconds={s['unlearn_seconds']:.1f}", flush=True)
+            print(f"{method:>10} {discovery_label(share):>9}: healed={fmt(s['healed'])} "
+                  f"acc_drop={fmt(s['acc_drop'], 2)} asr={s['asr']:.3f} seconds={s['unlearn_seconds']:.1f}", flush=True)
 
     floor = retain_pass_seconds(train_run, discovery_overrides(shares[min(1, len(shares) - 1)]), 256)
     header = ["discovery", *methods]

@@ -13,8 +13,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import (ROOT, command_line, discovery_label, discovery_overrides, fmt, markdown_table, unlearn,
-                    write_section)
+from common import ROOT, command_line, discovery_label, discovery_overrides, fmt, markdown_table, unlearn, write_section
 
 
 def main() -> None:

@@ -128,7 +128,9 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
     evaluate = None
     if t.epoch_eval:
         n = min(int(t.epoch_eval_samples), len(data.bundle.test))
-        imgs, labels = data.bundle.test.images[:n], data.bundle.test.labels[:n]
+        # a seeded random subset: test splits are often stored class by class
+        pick = torch.randperm(len(data.bundle.test), generator=torch.Generator().manual_seed(0))[:n]
+        imgs, labels = data.bundle.test.images[pick], data.bundle.test.labels[pick]
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:
             return evaluate_backdoor(model, imgs, labels, data.normalizer, data.trigger, data.plan.target,
