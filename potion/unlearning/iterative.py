@@ -20,7 +20,7 @@ from potion.config import number
 from potion.discovery import Discovery
 from potion.suspects import rank_suspects
 from potion.unlearning.registry import MethodOutput, register
-from potion.unlearning.ssd_family import run_ptn
+from potion.unlearning.ssd_family import run_ptn, with_synthesis
 from potion.unlearning.task import UnlearnTask
 from potion.unlearning.training_based import retrain
 
@@ -60,7 +60,10 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     cutoff = {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction)}
     original = copy.deepcopy(task.model).eval()
     forget = task.forget_idx
-    diagnostics: dict[str, Any] = {}
+    # synthetic forget samples are found once, from the discovered samples, and kept in every round
+    task, synth_info = with_synthesis(task, synthesis)
+    synthesis = None
+    diagnostics: dict[str, Any] = dict(synth_info)
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
     out = None
     for r in range(int(rounds)):
