@@ -172,7 +172,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     try:  # the run is on disk: a tracking failure from here on must not turn it into an error
         tracker.log_metrics({**result, **numeric})
         for row in out.trajectory:
-            tracker.log_metrics({f"ptn_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+            tracker.log_metrics({f"ptn_traj_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
         if notes:
             tracker.set_tags({f"potion.{k}": str(v) for k, v in notes.items()})
         for path in artifacts:

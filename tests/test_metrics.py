@@ -75,3 +75,13 @@ def test_finite_or_none_rejects(value: object) -> None:
 @pytest.mark.parametrize("value", [0.0, -1.5, 3, 1e300])
 def test_finite_or_none_keeps(value: float) -> None:
     assert finite_or_none(value) == value
+
+
+def test_average_precision_hand_computed() -> None:
+    from potion.suspects import average_precision
+
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    truth = torch.tensor([True, False, True, False])
+    # precision at the hits: 1/1 and 2/3 -> AP = (1 + 2/3) / 2
+    assert average_precision(scores, truth) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(scores, torch.zeros(4, dtype=torch.bool)) != average_precision(scores, truth)

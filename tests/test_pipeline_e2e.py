@@ -1,0 +1,106 @@
+"""End to end on a tiny poisoned image folder: train.py's pipeline with MLflow, then every unlearning method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from tiny_world import train_overrides, write_pattern_folder
+
+from potion.io import load_tensors, read_json
+from potion.quickstart import compose_config
+from potion.train_pipeline import run_training
+from potion.unlearn_pipeline import run_unlearning
+
+FAST = {"retrain": ["method.iterations=60"], "finetune": ["method.iterations=30"], "eu_k": ["method.iterations=30"],
+        "scrub": ["method.iterations=20", "method.max_steps=5"], "bad_teacher": ["method.iterations=30"],
+        "discover_retrain": ["method.iterations=60"]}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POTION_CACHE_DIR", str(root / "cache"))
+        mp.setenv("POTION_THREADS", "1")
+        data = write_pattern_folder(root / "data")
+        uri = f"sqlite:///{root / 'mlflow.db'}"
+        cfg = compose_config("train", train_overrides(data, root / "run", f"logger.tracking_uri={uri}"))
+        summary = run_training(cfg)
+        yield {"root": root, "uri": uri, "summary": summary, "run": root / "run"}
+
+
+def test_training_logs_run_folder_and_mlflow(trained: dict) -> None:
+    s, run = trained["summary"], trained["run"]
+    assert s["asr"] >= 0.9 and s["clean_acc"] >= 0.9, s
+    for name in ("model.safetensors", "poison_plan.json", "config.yaml", "summary.json"):
+        assert (run / name).is_file()
+    assert read_json(run / "summary.json")["asr"] == s["asr"]
+    assert len(read_json(run / "poison_plan.json")["indices"]) == 16
+    load_tensors(run / "model.safetensors")
+    client = MlflowClient(trained["uri"])
+    mrun = client.get_run(s["mlflow_run_id"])
+    for key in ("clean_acc", "poison_acc", "asr"):
+        assert mrun.data.metrics[key] == pytest.approx(s[key])
+    assert mrun.data.params["poison.count"] == "16"
+    assert len(client.get_metric_history(s["mlflow_run_id"], "train_loss")) == 8  # one per epoch
+    artifacts = {a.path for a in client.list_artifacts(s["mlflow_run_id"])}
+    assert {"model.safetensors", "poison_plan.json", "config.yaml", "summary.json"} <= artifacts
+
+
+def test_potion_heals_tiny_model(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=0.5",
+                                     f"logger.tracking_uri={trained['uri']}", f"out_dir={tmp_path / 'u'}"])
+    s = run_unlearning(cfg)
+    assert s["asr"] < s["asr_before"] - 0.5, s  # the trigger clearly stops working
+    assert s["acc_drop"] < 5.0, s  # clean accuracy within a few points
+    assert s["healed"] > 50
+    assert (tmp_path / "u" / "ptn_trajectory.png").is_file() and (tmp_path / "u" / "suspects.csv").is_file()
+    run = MlflowClient(trained["uri"]).get_run(s["mlflow_run_id"])
+    assert run.data.tags["potion.train_run_id"] == trained["summary"]["mlflow_run_id"]
+    for key in ("clean_acc", "poison_acc", "asr", "healed", "acc_drop", "forget_acc", "poisoned_train_acc",
+                "unlearn_seconds", "clean_acc_before", "poison_acc_before", "asr_before"):
+        assert key in run.data.metrics, key
+    assert len(MlflowClient(trained["uri"]).get_metric_history(s["mlflow_run_id"], "ptn_traj_forget_acc")) == s["ptn_steps"]
+
+
+@pytest.mark.parametrize("method", ["none", "ssd", "assd", "lfssd", "retrain", "eu_k", "finetune", "scrub",
+                                    "bad_teacher", "potion_iterative", "discover_retrain"])
+def test_every_method_runs(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", f"method={method}", "discovery.share=0.5",
+                                     "logger=none", f"out_dir={tmp_path / method}", *FAST.get(method, [])])
+    s = run_unlearning(cfg)
+    assert 0.0 <= s["clean_acc"] <= 1.0 and s["method"] == method
+    assert (tmp_path / method / "summary.json").is_file()
+    if method == "none":
+        assert s["acc_drop"] == 0 and s["healed"] == 0
+
+
+def test_suspect_ranking_finds_undiscovered_poison(trained: dict, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=0.25",
+                                     "logger=none", f"out_dir={tmp_path / 's'}"])
+    s = run_unlearning(cfg)
+    prevalence = 12 / (320 - 4)  # undiscovered poison among the retain samples: what a random ranking's AP is
+    assert s["suspect_ap"] > 0.5 > 5 * prevalence, s
+    rows = (tmp_path / "s" / "suspects.csv").read_text().splitlines()
+    plan = read_json(trained["run"] / "poison_plan.json")["indices"]
+    top = [int(r.split(",")[1]) for r in rows[1:13]]
+    assert len(set(top) & set(plan)) >= 6  # half of the top 12 are truly poisoned (random: ~0.5 expected)
+
+
+def test_iterative_rounds_are_bounded_and_forget_set_never_shrinks(trained: dict, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
+                                     "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / 'i'}",
+                                     "method.cutoff_fraction=0.01"])
+    s = run_unlearning(cfg)
+    assert 1 <= s["rounds_run"] <= 2
+    sizes = [s[f"round{r}_forget_size"] for r in range(1, int(s["rounds_run"]) + 1)]
+    assert sizes[0] == 4 and sizes == sorted(sizes)
+    assert s["final_forget_size"] >= sizes[-1]
