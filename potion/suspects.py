@@ -43,22 +43,27 @@ class SuspectRanking:
 
 
 def label_logprob_drop(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, idx: torch.Tensor,
-                       batch_size: int = 1024) -> torch.Tensor:
-    """log p_poisoned(y|x) - log p_healed(y|x) for training samples ``idx`` as the training set shows them."""
+                       batch_size: int = 1024, before_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_poisoned(y|x) - log p_healed(y|x) for training samples ``idx`` as the training set shows them.
+
+    ``before_logits`` (the poisoned model's logits for the whole training set) skips its forward pass.
+    """
     images = data.bundle.train.images[idx]
     flags = data.train_flags[idx]
     labels = data.train_labels[idx].view(-1, 1)
-    before = F.log_softmax(logits_of(poisoned, images, data.normalizer, data.trigger, flags, batch_size), 1)
+    raw = (before_logits[idx] if before_logits is not None
+           else logits_of(poisoned, images, data.normalizer, data.trigger, flags, batch_size))
+    before = F.log_softmax(raw, 1)
     after = F.log_softmax(logits_of(healed, images, data.normalizer, data.trigger, flags, batch_size), 1)
     return (before.gather(1, labels) - after.gather(1, labels)).view(-1)
 
 
 def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
                   forget_idx: torch.Tensor, *, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5,
-                  batch_size: int = 1024) -> SuspectRanking:
+                  batch_size: int = 1024, before_logits: torch.Tensor | None = None) -> SuspectRanking:
     """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores)."""
-    scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size)
-    forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size)
+    scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size, before_logits)
+    forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size, before_logits)
     reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
     cutoff = max(cutoff_fraction * reference, 1e-6)
     return SuspectRanking(retain_idx, scores, cutoff, forget_scores)

@@ -17,14 +17,15 @@ from potion.config import identity_hash, model_kwargs, to_dict, validate_unlearn
 from potion.data.poisoned import PoisonedData, load_data, poison
 from potion.discovery import discover
 from potion.errors import ConfigError
-from potion.evaluation import evaluate_backdoor, predict
-from potion.io import atomic_write_json, atomic_write_text, save_tensors
+from potion.evaluation import evaluate_backdoor, logits_of, model_device, predict
+from potion.io import atomic_write_json, atomic_write_text, save_tensors, sha256_tensors
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
 from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
 from potion.suspects import rank_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
 from potion.training import cpu_threads
+from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.registry import MethodOutput, get_method
 from potion.unlearning.task import UnlearnTask
 
@@ -103,7 +104,8 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     data = poison(load_data(run.cfg.dataset), run.plan)
     model = run.build_model(data.num_classes, data.channels).to(device).eval()
     bs = int(cfg.eval_batch_size)
-    before = _before_metrics(run, model, data, bs)
+    before_logits = poisoned_logits(model, data, bs)
+    before = _before_metrics(before_logits, data, run.plan.target)
     task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
                        model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
                                                          **model_kwargs(run.cfg.model)),
@@ -143,7 +145,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     ranking = None
     if cfg.get("suspects", {}).get("enabled", True) and str(cfg.method.name) != "none":
         ranking = rank_suspects(poisoned_model, healed_model, data, discovery.retain_idx, discovery.forget_idx,
-                                batch_size=bs)
+                                batch_size=bs, before_logits=before_logits["train"])
         result.update(suspects_summary(ranking, data.train_flags))
     result["eval_seconds"] = time.perf_counter() - t1
     numeric = {k: float(v) for k, v in out.diagnostics.items() if isinstance(v, (int, float, bool))}
@@ -183,10 +185,33 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     return summary
 
 
-def _before_metrics(run: TrainedRun, model: torch.nn.Module, data: PoisonedData, bs: int) -> dict[str, float]:
-    """The poisoned model's clean_acc / poison_acc / asr, measured now on this device."""
-    return evaluate_backdoor(model, data.bundle.test.images, data.bundle.test.labels, data.normalizer,
-                             data.trigger, run.plan.target, bs)
+def poisoned_logits(model: torch.nn.Module, data: PoisonedData, bs: int) -> dict[str, torch.Tensor]:
+    """The poisoned model's logits on the test split (clean, triggered) and the training split as poisoned.
+
+    Cached by content (weights, data, trigger, plan, device): every unlearning cell of a grid on the same
+    model reuses them for its before-metrics and suspect scores instead of recomputing them.
+    """
+    device = model_device(model)
+    path = logits_path(weights=sha256_tensors(model.state_dict()), data=data.bundle.fingerprint,
+                       trigger=data.plan.trigger.to_dict(), flags=indices_digest(torch.tensor(data.plan.indices)),
+                       norm=[list(data.bundle.mean), list(data.bundle.std)], device=device.type)
+
+    def compute() -> dict[str, torch.Tensor]:
+        test, train = data.bundle.test.images, data.bundle.train.images
+        return {"test_clean": logits_of(model, test, data.normalizer, batch_size=bs),
+                "test_triggered": logits_of(model, test, data.normalizer, data.trigger, batch_size=bs),
+                "train": logits_of(model, train, data.normalizer, data.trigger, data.train_flags, bs)}
+
+    return cached_tensors(path, compute)[0]
+
+
+def _before_metrics(logits: dict[str, torch.Tensor], data: PoisonedData, target: int) -> dict[str, float]:
+    """The poisoned model's clean_acc / poison_acc / asr from its (cached) test logits."""
+    labels = data.bundle.test.labels
+    triggered = logits["test_triggered"].argmax(1)
+    return {"clean_acc": metrics.accuracy(logits["test_clean"].argmax(1), labels),
+            "poison_acc": metrics.accuracy(triggered, labels),
+            "asr": metrics.attack_success_rate(triggered, labels, target)}
 
 
 def model_before_copy(run: TrainedRun, data: PoisonedData, device: torch.device) -> torch.nn.Module:

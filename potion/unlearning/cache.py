@@ -38,15 +38,25 @@ def importance_path(key: str) -> Path:
 def cached_importance(key: str, compute: Callable[[], dict[str, torch.Tensor]], enabled: bool = True
                       ) -> tuple[dict[str, torch.Tensor], bool]:
     """Return (importances, hit). Reads a finished entry or computes and writes it atomically."""
+    return cached_tensors(importance_path(key), compute, enabled)
+
+
+def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]], enabled: bool = True
+                   ) -> tuple[dict[str, torch.Tensor], bool]:
+    """(tensors, hit) from a content-addressed file: read a finished entry, or compute and write it atomically."""
     if not enabled:
         return compute(), False
-    path = importance_path(key)
     if path.is_file():
         try:
             return load_tensors(path), True
         except CheckpointError as exc:
-            log.warning("corrupt importance cache %s (%s); recomputing", path, exc)
+            log.warning("corrupt cache entry %s (%s); recomputing", path, exc)
             path.unlink(missing_ok=True)
     value = compute()
     save_tensors(path, value)
     return value, False
+
+
+def logits_path(**parts: Any) -> Path:
+    """Where the poisoned model's logits for one data split live (keyed by weights, data, trigger, device)."""
+    return cache_dir() / "logits" / f"{sha256_json({'kind': 'logits-v1', **parts})}.safetensors"
