@@ -58,15 +58,71 @@ def label_logprob_drop(poisoned: nn.Module, healed: nn.Module, data: PoisonedDat
     return (before.gather(1, labels) - after.gather(1, labels)).view(-1)
 
 
+@dataclass
+class Signature:
+    """A patch trigger recovered from the discovered samples: window position, size and normalised pixels."""
+
+    row: int
+    col: int
+    patch: torch.Tensor  # [C, k, k], normalised
+    flip_rate: float
+
+
+def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tensor, retain_idx: torch.Tensor,
+                   target: int, probes: int = 256, seed: int = 0) -> Signature | None:
+    """Locate a patch trigger in the discovered samples (see unlearning/synthesis.py); None if none is found."""
+    from potion.evaluation import model_device
+    from potion.unlearning.synthesis import synthesize_forget
+
+    dev = model_device(model)
+    pool = retain_idx[data.train_labels[retain_idx] != target]
+    if pool.numel() == 0 or forget_idx.numel() == 0:
+        return None
+    pick = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[:probes]]
+    f = forget_idx[:64]
+    forget_x = data.trigger.apply(data.normalizer(data.bundle.train.images[f].to(dev)), data.train_flags[f].to(dev))
+    probe_x = data.normalizer(data.bundle.train.images[pick].to(dev))
+    found = synthesize_forget(model, forget_x, probe_x, target)
+    if found is None:
+        return None
+    k = found.size
+    return Signature(found.row, found.col, forget_x[0, :, found.row:found.row + k, found.col:found.col + k].cpu(),
+                     found.flip_rate)
+
+
+def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol: float = 0.25,
+                      chunk: int = 4096) -> torch.Tensor:
+    """True where a training sample (as the training set shows it) carries the recovered patch (max |diff| < tol)."""
+    k = sig.patch.shape[-1]
+    out = []
+    for i in range(0, idx.numel(), chunk):
+        sel = idx[i:i + chunk]
+        x = data.trigger.apply(data.normalizer(data.bundle.train.images[sel]), data.train_flags[sel])
+        win = x[:, :, sig.row:sig.row + k, sig.col:sig.col + k]
+        out.append((win - sig.patch).abs().flatten(1).max(1).values < tol)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
 def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
                   forget_idx: torch.Tensor, *, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5,
-                  batch_size: int = 1024, before_logits: torch.Tensor | None = None) -> SuspectRanking:
-    """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores)."""
+                  batch_size: int = 1024, before_logits: torch.Tensor | None = None,
+                  signature: Signature | None = None) -> SuspectRanking:
+    """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
+
+    With a recovered patch ``signature``, samples whose pixels carry it rank first (score + SIGNATURE_BONUS):
+    this also finds poisoned samples whose true class is the target, which healing leaves unchanged.
+    """
     scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size, before_logits)
     forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size, before_logits)
     reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
     cutoff = max(cutoff_fraction * reference, 1e-6)
+    if signature is not None:
+        matched = signature_matches(data, retain_idx, signature)
+        scores = scores + SIGNATURE_BONUS * matched.float()
     return SuspectRanking(retain_idx, scores, cutoff, forget_scores)
+
+
+SIGNATURE_BONUS = 1000.0
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
