@@ -36,8 +36,8 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POTION_CACHE_DIR", str(tmp / "cache_train"))
         mp.setenv("POTION_THREADS", "1")
-        run_training(compose_config("train", ["experiment=quickstart", "logger=none", "train.epochs=8",
-                                              f"out_dir={tmp / 'train'}"]))
+        run_training(compose_config("train", ["experiment=quickstart", "model=small_cnn", "logger=none",
+                                              "train.epochs=8", f"out_dir={tmp / 'train'}"]))
     return tmp
 
 
