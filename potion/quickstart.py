@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     train_over = ["experiment=quickstart"] + [o for o in overrides if not o.startswith("unlearn.")]
     unlearn_extra = [o.removeprefix("unlearn.") for o in overrides if o.startswith("unlearn.")]
     logger = [o for o in overrides if o.startswith("logger")]
-    print("training the poisoned quickstart model (digits, small CNN, BadNets patch) ...", flush=True)
+    print("training the poisoned quickstart model (digits, ResNet-9 width 1/4, BadNets patch) ...", flush=True)
     trained = run_guarded(lambda: run_training(compose_config("train", train_over)))
     print(f"poisoned model: clean_acc={trained['clean_acc']:.4f} asr={trained['asr']:.4f} "
           f"({trained['run_dir']})", flush=True)
