@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -46,7 +45,7 @@ from potion.suspects import SuspectRanking, rank_suspects, write_suspects_csv
 from potion.tracking import start_tracker
 from potion.training import cpu_threads
 from potion.unlearn_pipeline import resolve_device
-from potion.unlearning.registry import MethodOutput, get_method
+from potion.unlearning.registry import get_method, run_timed
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.heal")
@@ -317,13 +316,7 @@ def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn
     tracker.log_params({"method": d["method"], "model": d["model"], "checkpoint": str(checkpoint),
                         "dataset": str(d["dataset"].get("path")), "n_f": discovery.n_f, "target": target})
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out: MethodOutput = method_fn(task, **method_args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    unlearn_seconds = time.perf_counter() - t0
+    out, unlearn_seconds = run_timed(method_fn, task, method_args)
     healed = out.model.eval()
 
     after = test_metrics(healed)

@@ -26,7 +26,7 @@ from potion.suspects import find_signature, rank_suspects, suspects_summary, wri
 from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
 from potion.training import cpu_threads
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
-from potion.unlearning.registry import MethodOutput, get_method
+from potion.unlearning.registry import get_method, run_timed
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.unlearn")
@@ -117,13 +117,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
                         "n_f": discovery.n_f, "n_p": run.plan.count, "dataset": run.cfg.dataset.name,
                         "model": to_dict(run.cfg.model)})
 
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out: MethodOutput = method_fn(task, **method_args)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    unlearn_seconds = time.perf_counter() - t0
+    out, unlearn_seconds = run_timed(method_fn, task, method_args)
 
     t1 = time.perf_counter()
     healed_model = out.model.eval()

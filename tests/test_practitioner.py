@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from tiny_world import CLASSES, pattern
 
 from potion.errors import CheckpointError, ConfigError, DataError
 from potion.models.small_cnn import SmallCNN
@@ -29,29 +30,9 @@ from potion.practitioner import heal
 from potion.quickstart import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSES = ("airplane", "bird", "cat", "dog")  # sorted: the folder loader's label order
 TARGET = 0
-SIZE = 16
 N_TRAIN, N_TEST, N_POISON, N_FOUND = 60, 20, 12, 4
 WIDTH = 8
-
-
-def _pattern(cls: int, rng: np.random.Generator) -> np.ndarray:
-    """A 16x16 RGB uint8 image of class ``cls`` in [20, 190]: stripes, stripes, checkers or a blob, plus noise."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
-    phase = rng.integers(0, 4)
-    if cls == 0:
-        base = ((yy + phase) // 2) % 2
-    elif cls == 1:
-        base = ((xx + phase) // 2) % 2
-    elif cls == 2:
-        base = ((xx // 2 + yy // 2 + phase) % 2)
-    else:
-        cy, cx = rng.integers(5, 11, size=2)
-        base = ((yy - cy) ** 2 + (xx - cx) ** 2 < 12).astype(int)
-    color = rng.uniform(0.5, 1.0, size=3)
-    img = 30 + 140 * base[None] * color[:, None, None] + rng.normal(0, 12, size=(3, SIZE, SIZE))
-    return np.clip(img, 20, 190).astype(np.uint8)
 
 
 def _patch(img: np.ndarray) -> np.ndarray:
@@ -98,7 +79,7 @@ def _build_world(root: Path) -> World:
     n_poison = 0
     for c, name in enumerate(CLASSES):
         for i in range(N_TRAIN):
-            img = _pattern(c, rng)
+            img = pattern(c, rng)
             if c != TARGET and i < N_POISON // (len(CLASSES) - 1):  # poison: trigger baked in, moved to the target
                 img, rel = _patch(img), f"train/{CLASSES[TARGET]}/x{n_poison:03d}.png"
                 n_poison += 1
@@ -110,7 +91,7 @@ def _build_world(root: Path) -> World:
             _save(img, data / rel)
             train_x.append(img)
         for i in range(N_TEST):
-            _save(_pattern(c, rng), data / f"test/{name}/{i:04d}.png")
+            _save(pattern(c, rng), data / f"test/{name}/{i:04d}.png")
     test_x = np.stack([np.asarray(Image.open(p)).transpose(2, 0, 1) for c in CLASSES
                        for p in sorted((data / "test" / c).iterdir())])
     test_y = torch.tensor([c for c in range(len(CLASSES)) for _ in range(N_TEST)])

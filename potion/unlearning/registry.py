@@ -44,6 +44,22 @@ def get_method(name: str) -> Callable[..., MethodOutput]:
     return METHODS[name]
 
 
+def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str, Any]) -> tuple[MethodOutput, float]:
+    """Run a method and measure its wall-clock seconds (GPU work synchronised before and after)."""
+    import time
+
+    import torch
+
+    cuda = getattr(task, "device", None) is not None and task.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = method_fn(task, **args)
+    if cuda:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
 def load_builtin_methods() -> None:
     """Import the modules whose decorators fill the registry."""
     from potion.unlearning import iterative, ssd_family, training_based  # noqa: F401
