@@ -139,7 +139,7 @@ def _load(cfg: DictConfig, step: int) -> Loaded:
 
     check_ptn_config(cfg)
     method_fn = get_method(str(cfg.method.name))
-    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger")))
+    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger"), cfg.get("train")))
     d = cfg.discovery
     discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
     torch.manual_seed(int(cfg.seed))

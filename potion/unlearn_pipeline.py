@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from potion import metrics
 from potion.config import identity_hash, model_kwargs, to_dict, validate_unlearn_config
@@ -42,10 +42,18 @@ def resolve_device(trainer_cfg: Any) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_train_run(spec: str, logger_cfg: Any) -> Path:
-    """A run folder path, or ``mlflow:<run id>`` fetched from the tracking store into runs/mlflow/<id>."""
+def resolve_train_run(spec: str | None, logger_cfg: Any, train: Any = None) -> Path:
+    """A run folder path, ``mlflow:<run id>`` (fetched into runs/mlflow/<id>), or the run of a train config.
+
+    ``train`` (train.py overrides as a mapping, ``{experiment: cpu_bench, poison: {count: 100}}``, or a list)
+    finds the finished training run of that config, training it first if needed: a grid of unlearning
+    jobs over ``+train.poison.count=100,500,1000`` reuses one trained model per poison size.
+    """
+    if spec in (None, "", "???") and train:
+        return _train_run_for(train, logger_cfg)
     if spec in (None, "", "???"):
-        raise ConfigError("train_run: required; give a training run folder (printed by train.py) or mlflow:<run id>")
+        raise ConfigError("train_run: required; give a training run folder (printed by train.py), mlflow:<run id>, "
+                          "or train overrides (+train.experiment=quickstart)")
     spec = str(spec)
     if not spec.startswith("mlflow:"):
         return Path(spec)
@@ -56,6 +64,31 @@ def resolve_train_run(spec: str, logger_cfg: Any) -> Path:
         for name in ("config.yaml", "poison_plan.json", "model.safetensors", "summary.json"):
             download_run_artifacts(uri, run_id, name, dst)
     return dst
+
+
+def _train_run_for(train: Any, logger_cfg: Any) -> Path:
+    from potion.quickstart import compose_config
+    from potion.train_pipeline import run_training
+
+    plain = OmegaConf.to_container(train, resolve=True) if isinstance(train, (DictConfig, ListConfig)) else train
+    # a list is taken verbatim (needed when a group choice also gets nested values: dataset=x, dataset.path=y)
+    flat = [str(o) for o in plain] if isinstance(plain, list) else flatten_overrides(plain)
+    if logger_cfg is not None:
+        flat += [f"logger.{k}={v}" for k, v in to_dict(logger_cfg).items() if v is not None and k != "name"]
+        flat.append(f"logger={logger_cfg.get('name', 'mlflow')}")
+    return Path(run_training(compose_config("train", flat))["run_dir"])
+
+
+def flatten_overrides(d: dict[str, Any], prefix: str = "") -> list[str]:
+    """{'experiment': 'x', 'poison': {'count': 5}} -> ['experiment=x', 'poison.count=5'] (group choices first)."""
+    out: list[str] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += flatten_overrides(v, key + ".")
+        else:
+            out.append(f"{key}={'null' if v is None else v}")
+    return sorted(out, key=lambda o: "." in o.split("=")[0])
 
 
 def unlearn_run_dir(cfg: DictConfig, run: TrainedRun) -> tuple[Path, str]:
@@ -73,7 +106,7 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None) -> dict[st
     """
     method_fn = get_method(str(cfg.method.name))
     validate_unlearn_config(cfg)  # static values fail here, before the training run is read
-    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger")))
+    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger"), cfg.get("train")))
     d = cfg.discovery
     discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
     run_dir, key = unlearn_run_dir(cfg, run)

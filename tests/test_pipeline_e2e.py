@@ -105,3 +105,17 @@ def test_iterative_rounds_are_bounded_and_forget_set_never_shrinks(trained: dict
     sizes = [s[f"round{r}_forget_size"] for r in range(1, int(s["rounds_run"]) + 1)]
     assert sizes[0] == 4 and sizes == sorted(sizes)
     assert s["final_forget_size"] >= sizes[-1]
+
+
+def test_unlearn_finds_the_training_run_from_train_overrides(trained: dict, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A grid job names its poisoned model by train.py overrides; the finished run is reused, not retrained."""
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    data = trained["root"] / "data"
+    train_args = ["+train=[" + ",".join(f"'{o}'" for o in train_overrides(data, trained["run"])) + "]"]
+    before = (trained["run"] / "summary.json").stat().st_mtime_ns
+    cfg = compose_config("unlearn", [*train_args, "method=none", "discovery.share=0.5", "logger=none",
+                                     f"out_dir={tmp_path / 'n'}"])
+    s = run_unlearning(cfg)
+    assert Path(s["train_run"]).resolve() == trained["run"].resolve()
+    assert (trained["run"] / "summary.json").stat().st_mtime_ns == before  # not retrained
