@@ -20,9 +20,24 @@ SHARE = 0.2
 
 
 def compose_config(name: str, overrides: Sequence[str]) -> Any:
-    """Compose a config from conf/ in-process (the same configs the entry scripts use)."""
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    """Compose a config from conf/ in-process (the same configs the entry scripts use).
+
+    Works inside a running Hydra app too (an unlearning job composing its training config): the app's
+    global Hydra state is set aside for the compose and restored afterwards.
+    """
+    from hydra.core.global_hydra import GlobalHydra
+
+    outer = GlobalHydra.instance()
+    saved = outer.hydra if outer.is_initialized() else None
+    if saved is not None:
+        outer.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+    finally:
+        if saved is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(saved)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
