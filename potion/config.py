@@ -88,7 +88,7 @@ def validate_train_config(cfg: Any) -> None:
           f"trainer.accelerator={tr.get('accelerator')}: choose cpu, gpu or auto")
 
 
-PTN_CRITERIA = ("all", "exclude_true_target")
+PTN_CRITERIA = ("all", "exclude_true_target", "exclude_natural_target")
 
 
 def validate_unlearn_config(cfg: Any) -> None:

@@ -119,3 +119,18 @@ def test_unlearn_finds_the_training_run_from_train_overrides(trained: dict, tmp_
     s = run_unlearning(cfg)
     assert Path(s["train_run"]).resolve() == trained["run"].resolve()
     assert (trained["run"] / "summary.json").stat().st_mtime_ns == before  # not retrained
+
+
+def test_natural_target_criterion_finds_true_target_samples_without_labels(trained: dict, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    runs = {}
+    for crit in ("exclude_true_target", "exclude_natural_target"):
+        cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=1.0",
+                                         "logger=none", f"out_dir={tmp_path / crit}", "suspects.enabled=false",
+                                         f"method.ptn.criterion={crit}"])
+        runs[crit] = run_unlearning(cfg)
+    truth, found = runs["exclude_true_target"], runs["exclude_natural_target"]
+    assert truth["forget_true_target"] >= 1  # the plan drew some target-class samples
+    assert found["forget_natural_target"] == truth["forget_true_target"]
+    assert found["criterion_samples"] == truth["criterion_samples"]

@@ -31,7 +31,7 @@ from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
 
-CRITERIA = ("all", "exclude_true_target")
+CRITERIA = ("all", "exclude_true_target", "exclude_natural_target")
 ORDERS = ("shuffled", "by_label")
 
 
@@ -96,6 +96,14 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str) -> tuple[Callable[[nn.
     info: dict[str, Any] = {}
     true_target = task.forget_true_labels() == task.data.plan.target
     info["forget_true_target"] = int(true_target.sum())
+    if criterion == "exclude_natural_target":
+        natural = natural_target_mask(task)
+        info["forget_natural_target"] = int(natural.sum())
+        if bool(natural.all()):
+            log.warning("ptn.criterion=exclude_natural_target: every discovered sample looks like a natural target "
+                        "sample; falling back to all discovered samples")
+        else:
+            idx = idx[~natural]
     if criterion == "exclude_true_target":
         if bool(true_target.all()):
             log.warning("ptn.criterion=exclude_true_target: every discovered sample truly belongs to the target "
@@ -120,6 +128,38 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str) -> tuple[Callable[[nn.
         return correct / max(1, x.shape[0])
 
     return forget_acc, info
+
+
+@torch.no_grad()
+def _predict_batches(model: nn.Module, x: torch.Tensor, bs: int = 1024) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(x[i:i + bs]).argmax(1) for i in range(0, x.shape[0], bs)]) if x.shape[0] else \
+        torch.zeros(0, dtype=torch.long, device=x.device)
+
+
+def natural_target_mask(task: UnlearnTask) -> torch.Tensor:
+    """Discovered samples that are the target class by nature, found without labels.
+
+    The patch trigger is located from the discovered samples (saliency + flip test, as trigger synthesis
+    does); blanking that window (filling it with the data set's mean colour) removes the trigger, and a
+    sample the poisoned model still assigns to the target is target-class by nature: PTN cannot and
+    should not push it away from its label. No window found (e.g. a blend trigger) -> nothing excluded.
+    """
+    from potion.unlearning.synthesis import synthesize_forget
+
+    idx = task.forget_idx
+    images = task.data.bundle.train.images[idx].to(task.device)
+    x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
+    target = task.data.plan.target
+    pool = task.retain_idx[task.data.train_labels[task.retain_idx] != target]
+    probe_idx = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(task.seed + 29))[:256]]
+    probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
+    found = synthesize_forget(task.model, x[:64], probes, target)
+    if found is None:
+        return torch.zeros(idx.numel(), dtype=torch.bool)
+    blank = x.clone()
+    blank[:, :, found.row:found.row + found.size, found.col:found.col + found.size] = 0.0
+    return (_predict_batches(task.model, blank) == target).cpu()
 
 
 def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
