@@ -109,8 +109,9 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
                   signature: Signature | None = None) -> SuspectRanking:
     """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
 
-    With a recovered patch ``signature``, samples whose pixels carry it rank first (score + SIGNATURE_BONUS):
-    this also finds poisoned samples whose true class is the target, which healing leaves unchanged.
+    With a recovered patch ``signature``, samples whose pixels carry it rank first (score + SIGNATURE_BONUS)
+    and, if any match, the cut-off flags exactly those: this also finds poisoned samples whose true class
+    is the target, which healing leaves unchanged, and keeps the flagged list precise.
     """
     scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size, before_logits)
     forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size, before_logits)
@@ -119,6 +120,8 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
     if signature is not None:
         matched = signature_matches(data, retain_idx, signature)
         scores = scores + SIGNATURE_BONUS * matched.float()
+        if bool(matched.any()):  # a verified trigger signature is the strongest evidence: flag its matches only
+            cutoff = SIGNATURE_BONUS / 2
     return SuspectRanking(retain_idx, scores, cutoff, forget_scores)
 
 
