@@ -11,8 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import (ROOT, command_line, discovery_label, discovery_overrides, fmt, markdown_table, unlearn,
-                    write_section)
+from common import ROOT, command_line, discovery_label, discovery_overrides, fmt, markdown_table, unlearn, write_section
 
 
 def main() -> None:

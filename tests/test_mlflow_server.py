@@ -1,0 +1,114 @@
+"""A real tracking server: `mlflow server` on 127.0.0.1 with a temporary sqlite backend; a tiny train, an
+unlearning run and a PTN sweep log to it over HTTP, and everything is read back through the client."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tiny_world import train_overrides, write_pattern_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+PTN = ["method=potion", "discovery.share=0.5", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
+       "method.ptn.max_steps=40"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),  # noqa: SIM115
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield {"uri": uri, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def logged(server: dict) -> dict:
+    """Train, unlearn and PTN-sweep a tiny poisoned model, all logging to the server."""
+    from potion.quickstart import compose_config
+    from potion.train_pipeline import run_training
+    from potion.unlearn_pipeline import run_unlearning
+
+    root, uri = server["root"], server["uri"]
+    env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k in ("POTION_CACHE_DIR", "POTION_THREADS"):
+            mp.setenv(k, env[k])
+        data = write_pattern_folder(root / "data")
+        trained = run_training(compose_config("train", train_overrides(data, root / "run",
+                                                                       f"logger.tracking_uri={uri}")))
+        healed = run_unlearning(compose_config("unlearn", [f"train_run={root / 'run'}", *PTN,
+                                                           f"logger.tracking_uri={uri}", f"out_dir={root / 'u'}"]))
+    cmd = [sys.executable, "sweep.py", f"train_run={root / 'run'}", *PTN, f"logger.tracking_uri={uri}",
+           "logger.experiment=sweep", "hydra.sweeper.batch_size=8", f"hydra.sweep.dir={root / 'sweep'}",
+           f"out_dir={root / 'final'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return {"trained": trained, "healed": healed, **server}
+
+
+def test_training_and_unlearning_runs_are_on_the_server(logged: dict) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=logged["uri"])
+    train_run = client.get_run(logged["trained"]["mlflow_run_id"])
+    assert train_run.info.status == "FINISHED"
+    for key in ("clean_acc", "poison_acc", "asr"):
+        assert train_run.data.metrics[key] == pytest.approx(logged["trained"][key])
+    assert "model.safetensors" in {a.path for a in client.list_artifacts(train_run.info.run_id)}  # over HTTP
+    unlearn_run = client.get_run(logged["healed"]["mlflow_run_id"])
+    assert unlearn_run.data.tags["potion.train_run_id"] == train_run.info.run_id
+    assert unlearn_run.data.metrics["healed"] == pytest.approx(logged["healed"]["healed"])
+
+
+def test_the_sweep_links_children_to_its_parent_on_the_server(logged: dict) -> None:
+    from mlflow import MlflowClient
+
+    from potion.tracking import PARENT_TAG
+
+    client = MlflowClient(tracking_uri=logged["uri"])
+    exp = client.get_experiment_by_name("sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["potion.task"] == "ptn_sweep"
+    pid = parents[0].info.run_id
+    children = [r for r in runs if r.info.run_id != pid]
+    assert children and all(r.data.tags[PARENT_TAG] == pid for r in children)
+    chosen = parents[0].data.metrics["ptn_chosen_step"]
+    assert chosen == logged["healed"]["ptn_steps"] - 1  # the sweep's answer = the in-process search's
