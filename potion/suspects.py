@@ -66,6 +66,7 @@ class Signature:
     col: int
     patch: torch.Tensor  # [C, k, k], normalised
     flip_rate: float
+    mask: torch.Tensor | None = None  # [k, k]: the pixels that are the trigger (None = the whole window)
 
 
 def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tensor, retain_idx: torch.Tensor,
@@ -85,12 +86,21 @@ def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tenso
     found = synthesize_forget(model, forget_x, probe_x, target)
     if found is None:
         return None
-    k = found.size
-    return Signature(found.row, found.col, forget_x[0, :, found.row:found.row + k, found.col:found.col + k].cpu(),
-                     found.flip_rate)
+    k, r, c = found.size, found.row, found.col
+    windows = forget_x[:, :, r:r + k, c:c + k].cpu()
+    # pixels on which every discovered sample agrees are the trigger; the rest is host image (with a single
+    # discovered sample nothing can be told apart and the whole window is kept)
+    spread = (windows.amax(0) - windows.amin(0)).amax(0)  # [k, k]
+    mask = spread < MATCH_TOL if windows.shape[0] > 1 else None
+    if mask is not None and not bool(mask.any()):
+        return None
+    return Signature(r, c, windows[0], found.flip_rate, mask)
 
 
-def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol: float = 0.25,
+MATCH_TOL = 0.05  # normalised units (about 3/255 of a pixel): exact triggers, lightly re-encoded ones
+
+
+def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol: float = MATCH_TOL,
                       chunk: int = 4096) -> torch.Tensor:
     """True where a training sample (as the training set shows it) carries the recovered patch (max |diff| < tol)."""
     k = sig.patch.shape[-1]
@@ -99,7 +109,10 @@ def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol
         sel = idx[i:i + chunk]
         x = data.trigger.apply(data.normalizer(data.bundle.train.images[sel]), data.train_flags[sel])
         win = x[:, :, sig.row:sig.row + k, sig.col:sig.col + k]
-        out.append((win - sig.patch).abs().flatten(1).max(1).values < tol)
+        diff = (win - sig.patch).abs().amax(1)  # [n, k, k]
+        if sig.mask is not None:
+            diff = diff[:, sig.mask]
+        out.append(diff.flatten(1).max(1).values < tol)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
@@ -118,7 +131,8 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
     reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
     cutoff = max(cutoff_fraction * reference, 1e-6)
     if signature is not None:
-        matched = signature_matches(data, retain_idx, signature)
+        # poison carries the target label, so only target-labelled samples can be poison carrying the trigger
+        matched = signature_matches(data, retain_idx, signature) & (data.train_labels[retain_idx] == data.plan.target)
         scores = scores + SIGNATURE_BONUS * matched.float()
         if bool(matched.any()):  # a verified trigger signature is the strongest evidence: flag its matches only
             cutoff = SIGNATURE_BONUS / 2

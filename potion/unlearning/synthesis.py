@@ -84,7 +84,27 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
                 best = (rate, r, c, k)
     if best is None or best[0] < max(min_flip_rate, base_rate + 0.25):
         return None
-    rate, r, c, k = best
+    rate, r, c, k = _shrink(model, forget_x[0], probe_x, target, best)
     images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
     labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     return SynthesisResult(r, c, k, rate, images, labels)
+
+
+def _shrink(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,
+            best: tuple[float, int, int, int], slack: float = 0.02) -> tuple[float, int, int, int]:
+    """The smallest window inside the chosen one that still flips (almost) as many probes.
+
+    A window larger than the trigger copies host pixels of the discovered image too; those make the
+    synthetic samples less like real poison and the signature match fewer real poisoned samples.
+    """
+    rate, r, c, k = best
+    final = rate
+    while k > 1:
+        options = [(flip_rate(model, paste(probe_x, source[:, r + dr:r + dr + k - 1, c + dc:c + dc + k - 1],
+                                          r + dr, c + dc), target), r + dr, c + dc)
+                   for dr in (0, 1) for dc in (0, 1)]
+        sub_rate, sub_r, sub_c = max(options, key=lambda o: o[0])
+        if sub_rate < rate - slack:
+            break
+        r, c, k, final = sub_r, sub_c, k - 1, sub_rate
+    return final, r, c, k
