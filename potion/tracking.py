@@ -24,6 +24,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
@@ -183,7 +184,7 @@ def sanitize_key(key: str) -> str:
 # --------------------------------------------------------------------------- trackers
 
 
-class Tracker:
+class Tracker(ABC):
     """What the pipeline logs to: params, metrics, artifacts and tags of one run.
 
     Use as a context manager to finish the run with FINISHED, FAILED or KILLED automatically.
@@ -193,25 +194,25 @@ class Tracker:
     tracking_uri: str | None = None
     experiment_id: str | None = None
 
+    @abstractmethod
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a (possibly nested) config as flat params."""
-        raise NotImplementedError
 
+    @abstractmethod
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at a step; None values are skipped."""
-        raise NotImplementedError
 
+    @abstractmethod
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts."""
-        raise NotImplementedError
 
+    @abstractmethod
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set string tags on the run."""
-        raise NotImplementedError
 
+    @abstractmethod
     def finish(self, status: str = "FINISHED") -> None:
         """End the run; never raises."""
-        raise NotImplementedError
 
     def __enter__(self) -> Self:
         return self
@@ -385,8 +386,8 @@ def _default_tags() -> dict[str, str]:
     tags = {"mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"}
     try:
         tags["mlflow.user"] = getpass.getuser()
-    except (OSError, KeyError):  # no user entry in some containers
-        pass
+    except (OSError, KeyError):  # no user entry in some containers: leave the tag out
+        return tags
     return tags
 
 
