@@ -25,7 +25,8 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         for share in args.discovery.split(","):
-            s = unlearn(args.train_run, [f"method={method}", *discovery_overrides(share), "save_weights=false"])
+            s = unlearn(args.train_run, [f"method={method}", *discovery_overrides(share), "save_weights=false",
+                                         "force=true"])
             rows.append([method, discovery_label(share), fmt(s["healed"]), fmt(s["acc_drop"], 2),
                          fmt(s.get("suspect_precision"), 3), fmt(s.get("suspect_recall"), 3),
                          fmt(s.get("suspect_ap"), 3), s.get("suspects_flagged"), f"{s['unlearn_seconds']:.0f}"])
