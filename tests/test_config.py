@@ -88,8 +88,13 @@ def test_unlearn_option_composes(group: str, option: str) -> None:
 
 
 def test_unlearn_requires_train_run() -> None:
-    cfg = _compose("unlearn", [])
-    assert "train_run" in OmegaConf.missing_keys(cfg)
+    from potion.errors import ConfigError
+    from potion.unlearn_pipeline import run_unlearning
+
+    cfg = _compose("unlearn", ["logger=none"])
+    assert cfg.train_run is None and cfg.train is None
+    with pytest.raises(ConfigError, match="train_run"):
+        run_unlearning(cfg)
 
 
 # ---------------------------------------------------------------------------------- bad values, in-process

@@ -23,6 +23,7 @@ from potion.errors import ConfigError
 from potion.ptn_sweep import CANDIDATE, FINAL, dispatch, job_overrides, num_rounds, round_steps
 from potion.quickstart import compose_config
 
+SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
 ROOT = Path(__file__).resolve().parent.parent
 PTN = ["method=potion", "discovery.share=0.2", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
        "method.ptn.max_steps=30"]
@@ -36,7 +37,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POTION_CACHE_DIR", str(tmp / "cache_train"))
         mp.setenv("POTION_THREADS", "1")
-        run_training(compose_config("train", ["experiment=quickstart", "model=small_cnn", "logger=none",
+        run_training(compose_config("train", ["experiment=quickstart", *SMALL_CNN, "logger=none",
                                               "train.epochs=8", f"out_dir={tmp / 'train'}"]))
     return tmp
 

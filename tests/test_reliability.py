@@ -48,10 +48,11 @@ from potion.unlearning import cache as importance_cache
 from potion.unlearning import ssd_family
 from potion.unlearning.task import UnlearnTask
 
+SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # lr 0.01 learns the backdoor in 3 epochs (clean_acc ~0.85, asr ~0.8); checkpoints every 5 of its 69 steps.
-TRAIN_ARGS = ["experiment=quickstart", "model=small_cnn", "logger=none", "train.epochs=3", "train.lr=0.01",
+TRAIN_ARGS = ["experiment=quickstart", *SMALL_CNN, "logger=none", "train.epochs=3", "train.lr=0.01",
               "train.checkpoint_every_n_steps=5"]
 UNLEARN_ARGS = ["method=potion", "discovery.share=0.5", "logger=none", "method.importance.retain_samples=256"]
 TEMP_NAME = r"\.{name}\..+\.tmp"  # what potion.io._atomic names its temporary files
@@ -490,7 +491,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path: Path, share
     uri = f"http://127.0.0.1:{_closed_port()}"
     out = tmp_path / "run"
     started = time.monotonic()
-    proc = _run([str(ROOT / "train.py"), "experiment=quickstart", "model=small_cnn", f"logger.tracking_uri={uri}",
+    proc = _run([str(ROOT / "train.py"), "experiment=quickstart", *SMALL_CNN, f"logger.tracking_uri={uri}",
                  f"out_dir={out}"],
                 tmp_path, shared_cache, timeout=60)
     assert time.monotonic() - started < 30
@@ -504,7 +505,7 @@ def test_unreachable_tracking_server_with_local_fallback_goes_on(tmp_path: Path,
                                                                    tracking_dir: Path) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
     out = tmp_path / "run"
-    proc = _run([str(ROOT / "train.py"), "experiment=quickstart", "model=small_cnn", f"logger.tracking_uri={uri}",
+    proc = _run([str(ROOT / "train.py"), "experiment=quickstart", *SMALL_CNN, f"logger.tracking_uri={uri}",
                  "logger.fallback=local", "train.iterations=2", "train.epoch_eval=false", f"out_dir={out}",
                  f"hydra.run.dir={tmp_path / 'hydra'}"], tracking_dir, shared_cache)
     text = _ok(proc)
@@ -533,7 +534,7 @@ def test_tracking_failure_after_training_loses_nothing(tmp_path: Path, tracking_
     monkeypatch.setattr(MlflowTracker, "log_metrics", metrics)
     monkeypatch.setattr(MlflowTracker, "log_artifact", artifact)
     out = tmp_path / "run"
-    cfg = compose_config("train", ["experiment=quickstart", "model=small_cnn", "logger=mlflow",
+    cfg = compose_config("train", ["experiment=quickstart", *SMALL_CNN, "logger=mlflow",
                                    f"logger.tracking_uri=sqlite:///{tracking_dir / 'mlflow.db'}", "train.iterations=2",
                                    "train.epoch_eval=false", f"out_dir={out}"])
     summary = run_training(cfg)
@@ -565,7 +566,7 @@ DATA_TRAIN = [
 
 def _train_cfg(override: str, out: Path) -> Any:
     extra = ["poison.fraction=null"] if override.startswith("poison.count") else []
-    return compose_config("train", ["experiment=quickstart", "model=small_cnn", "logger=none", *extra, override,
+    return compose_config("train", ["experiment=quickstart", *SMALL_CNN, "logger=none", *extra, override,
                                     f"out_dir={out}"])
 
 
