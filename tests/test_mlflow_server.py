@@ -44,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
                 with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                     if r.status == 200:
                         break
-            except OSError:
+            except OSError:  # not listening yet: fall through to the liveness / deadline check, then poll again
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text()[-2000:])
