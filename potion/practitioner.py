@@ -41,7 +41,7 @@ from potion.evaluation import evaluate_backdoor, predict
 from potion.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_file
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
-from potion.suspects import SuspectRanking, rank_suspects, write_suspects_csv
+from potion.suspects import SuspectRanking, find_suspects, write_suspects_csv
 from potion.tracking import start_tracker
 from potion.training import cpu_threads
 from potion.unlearn_pipeline import resolve_device
@@ -336,7 +336,11 @@ def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn
 
     ranking = None
     if (d.get("suspects") or {}).get("enabled", True):
-        ranking = rank_suspects(poisoned, healed, data, discovery.retain_idx, discovery.forget_idx, batch_size=bs)
+        sus = d.get("suspects") or {}
+        ranking, _ = find_suspects(poisoned, healed, data, discovery.retain_idx, discovery.forget_idx,
+                                   signature=bool(sus.get("signature", True)),
+                                   target_only=bool(sus.get("target_only", True)), seed=int(d.get("seed", 0)),
+                                   batch_size=bs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = _save_healed(out_dir, checkpoint, healed, prefix, state)

@@ -119,17 +119,21 @@ def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol
 def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
                   forget_idx: torch.Tensor, *, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5,
                   batch_size: int = 1024, before_logits: torch.Tensor | None = None,
-                  signature: Signature | None = None) -> SuspectRanking:
+                  signature: Signature | None = None, target_only: bool = False) -> SuspectRanking:
     """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
 
     With a recovered patch ``signature``, samples whose pixels carry it rank first (score + SIGNATURE_BONUS)
     and, if any match, the cut-off flags exactly those: this also finds poisoned samples whose true class
     is the target, which healing leaves unchanged, and keeps the flagged list precise.
+    ``target_only``: an all-to-one backdoor's poison carries the target label (dirty- and clean-label
+    attacks alike), so samples with another label rank last (score - SIGNATURE_BONUS) and are never flagged.
     """
     scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size, before_logits)
     forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size, before_logits)
     reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
     cutoff = max(cutoff_fraction * reference, 1e-6)
+    if target_only:
+        scores = scores - SIGNATURE_BONUS * (data.train_labels[retain_idx] != data.plan.target).float()
     if signature is not None:
         # poison carries the target label, so only target-labelled samples can be poison carrying the trigger
         matched = signature_matches(data, retain_idx, signature) & (data.train_labels[retain_idx] == data.plan.target)
@@ -140,6 +144,23 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
 
 
 SIGNATURE_BONUS = 1000.0
+
+
+def find_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
+                  forget_idx: torch.Tensor, *, signature: bool = True, target_only: bool = True, seed: int = 0,
+                  cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5, batch_size: int = 1024,
+                  before_logits: torch.Tensor | None = None) -> tuple[SuspectRanking, Signature | None]:
+    """The suspect ranking every caller uses (unlearning runs, practitioner healing, iterative rounds).
+
+    ``signature``: recover the patch trigger from the discovered samples first (``find_signature``);
+    ``target_only``: only samples labelled with the attack's target (``data.plan.target``) can be flagged.
+    """
+    sig = (find_signature(poisoned, data, forget_idx, retain_idx, int(data.plan.target), seed=seed)
+           if signature else None)
+    ranking = rank_suspects(poisoned, healed, data, retain_idx, forget_idx, cutoff_quantile=cutoff_quantile,
+                            cutoff_fraction=cutoff_fraction, batch_size=batch_size, before_logits=before_logits,
+                            signature=sig, target_only=target_only)
+    return ranking, sig
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:

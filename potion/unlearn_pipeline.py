@@ -22,7 +22,7 @@ from potion.io import atomic_write_json, atomic_write_text, save_tensors, sha256
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
 from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
-from potion.suspects import find_signature, rank_suspects, suspects_summary, write_suspects_csv
+from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
 from potion.training import cpu_threads
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
@@ -171,12 +171,10 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     }
     ranking = None
     if cfg.get("suspects", {}).get("enabled", True) and str(cfg.method.name) != "none":
-        sig = None
-        if cfg.suspects.get("signature", True):
-            sig = find_signature(poisoned_model, data, discovery.forget_idx, discovery.retain_idx, run.plan.target,
-                                 seed=int(cfg.seed))
-        ranking = rank_suspects(poisoned_model, healed_model, data, discovery.retain_idx, discovery.forget_idx,
-                                batch_size=bs, before_logits=before_logits["train"], signature=sig)
+        ranking, sig = find_suspects(poisoned_model, healed_model, data, discovery.retain_idx, discovery.forget_idx,
+                                     signature=bool(cfg.suspects.get("signature", True)),
+                                     target_only=bool(cfg.suspects.get("target_only", True)), seed=int(cfg.seed),
+                                     batch_size=bs, before_logits=before_logits["train"])
         result.update(suspects_summary(ranking, data.train_flags))
         result["suspect_signature_found"] = float(sig is not None)
     result["eval_seconds"] = time.perf_counter() - t1

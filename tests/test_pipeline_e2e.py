@@ -134,3 +134,32 @@ def test_natural_target_criterion_finds_true_target_samples_without_labels(train
     assert truth["forget_true_target"] >= 1  # the plan drew some target-class samples
     assert found["forget_natural_target"] == truth["forget_true_target"]
     assert found["criterion_samples"] == truth["criterion_samples"]
+
+
+def test_target_only_suspects_never_flag_other_labels(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An all-to-one backdoor's poison carries the target label: other labels rank last and are never flagged."""
+    import torch
+
+    from potion.data.poisoned import load_data, poison
+    from potion.runs import load_trained_run
+    from potion.suspects import find_suspects
+
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    run = load_trained_run(trained["run"])
+    data = poison(load_data(run.cfg.dataset), run.plan)
+    poisoned = run.build_model(data.num_classes, data.channels).eval()
+    torch.manual_seed(0)
+    scrambled = run.build_model(data.num_classes, data.channels).eval()
+    with torch.no_grad():  # a "healed" model that changed every sample's belief: many clean samples score high
+        for p in scrambled.parameters():
+            p.add_(torch.randn_like(p) * p.abs().mean())
+    n = len(data.bundle.train)
+    retain, forget = torch.arange(4, n), torch.arange(4)
+    args = dict(signature=False, cutoff_fraction=1e-6)
+    loose, _ = find_suspects(poisoned, scrambled, data, retain, forget, target_only=False, **args)
+    strict, _ = find_suspects(poisoned, scrambled, data, retain, forget, target_only=True, **args)
+    labels = data.train_labels
+    assert bool((labels[loose.flagged()] != run.plan.target).any())  # without the rule other labels are flagged
+    assert strict.flagged().numel() > 0 and bool((labels[strict.flagged()] == run.plan.target).all())
+    top = strict.idx[torch.argsort(strict.scores, descending=True)][: int((labels[retain] == run.plan.target).sum())]
+    assert bool((labels[top] == run.plan.target).all())  # target-labelled samples rank first

@@ -18,7 +18,7 @@ import torch
 
 from potion.config import number
 from potion.discovery import Discovery
-from potion.suspects import rank_suspects
+from potion.suspects import find_suspects
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.ssd_family import run_ptn, with_synthesis
 from potion.unlearning.task import UnlearnTask
@@ -41,23 +41,34 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
-                  importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, cutoff: Mapping[str, float],
+                  importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, suspects: Mapping[str, Any],
                   synthesis: Mapping[str, Any] | None = None) -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
     out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
-    ranking = rank_suspects(original, out.model, task.data, sub.retain_idx, forget, **cutoff)
+    ranking, _ = find_suspects(original, out.model, task.data, sub.retain_idx, forget, seed=task.seed, **suspects)
     return out, ranking
+
+
+def _suspect_args(cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool
+                  ) -> dict[str, Any]:
+    number({"q": cutoff_quantile}, "q", "method.cutoff_quantile", lo=0, hi=1)
+    number({"f": cutoff_fraction}, "f", "method.cutoff_fraction", lo=0, lo_open=True)
+    return {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction),
+            "signature": bool(signature), "target_only": bool(target_only)}
 
 
 @register("potion_iterative")
 def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str, Any] | None = None,
                      ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
-                     cutoff_fraction: float = 0.5, synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
-    """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set."""
+                     cutoff_fraction: float = 0.5, signature: bool = True, target_only: bool = True,
+                     synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+    """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set.
+
+    Suspects are found as in every unlearning run (``potion.suspects.find_suspects``): a recovered patch
+    signature flags exactly the samples that carry it; only target-labelled samples can be flagged.
+    """
     number({"r": rounds}, "r", "method.rounds", lo=1, integer=True)
-    number({"q": cutoff_quantile}, "q", "method.cutoff_quantile", lo=0, hi=1)
-    number({"f": cutoff_fraction}, "f", "method.cutoff_fraction", lo=0, lo_open=True)
-    cutoff = {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction)}
+    cutoff = _suspect_args(cutoff_quantile, cutoff_fraction, signature, target_only)
     original = copy.deepcopy(task.model).eval()
     forget = task.forget_idx
     # synthetic forget samples are found once, from the discovered samples, and kept in every round
@@ -88,12 +99,12 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
 @register("discover_retrain")
 def discover_retrain(task: UnlearnTask, importance: Mapping[str, Any] | None = None,
                      ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
-                     cutoff_fraction: float = 0.5, iterations: int | None = None,
-                     synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+                     cutoff_fraction: float = 0.5, signature: bool = True, target_only: bool = True,
+                     iterations: int | None = None, synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """One Potion round ranks suspects; then retrain from scratch without discovered + suspected samples."""
     t0 = time.perf_counter()
     original = copy.deepcopy(task.model).eval()
-    cutoff = {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction)}
+    cutoff = _suspect_args(cutoff_quantile, cutoff_fraction, signature, target_only)
     out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff, synthesis)
     flagged = ranking.flagged()
     search = time.perf_counter() - t0
