@@ -23,7 +23,8 @@ from potion.data.augment import random_crop_flip
 from potion.data.batches import TensorBatches
 from potion.data.poisoned import load_data, plan_from_config, poison
 from potion.models import build_model
-from potion.training import PoisonTrainingModule, warmup_linear_decay
+from potion.schedule import warmup_linear_decay
+from potion.training import PoisonTrainingModule
 
 
 def main() -> None:

@@ -41,9 +41,9 @@ from potion.evaluation import evaluate_backdoor, predict
 from potion.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_file
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
+from potion.schedule import cpu_threads
 from potion.suspects import SuspectRanking, find_suspects, write_suspects_csv
 from potion.tracking import start_tracker
-from potion.training import cpu_threads
 from potion.unlearn_pipeline import resolve_device
 from potion.unlearning.registry import get_method, run_timed
 from potion.unlearning.task import UnlearnTask

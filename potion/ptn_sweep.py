@@ -157,7 +157,7 @@ def _load(cfg: DictConfig, step: int) -> Loaded:
 
 def _threads() -> int:
     """torch threads for a job: $POTION_THREADS, else joblib's per-worker share ($OMP_NUM_THREADS), else all."""
-    from potion.training import cpu_threads
+    from potion.schedule import cpu_threads
 
     if os.environ.get("POTION_THREADS"):
         return cpu_threads()

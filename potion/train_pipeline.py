@@ -22,8 +22,9 @@ from potion.evaluation import evaluate_backdoor
 from potion.io import atomic_write_json
 from potion.models import build_model
 from potion.runs import PLAN, SUMMARY, read_plan, read_summary, write_config, write_plan, write_weights
+from potion.schedule import cpu_threads, total_steps_for
 from potion.tracking import start_tracker
-from potion.training import AtomicCheckpointIO, EpochMetricsCallback, PoisonTrainingModule, cpu_threads, total_steps_for
+from potion.training import AtomicCheckpointIO, EpochMetricsCallback, PoisonTrainingModule
 
 log = logging.getLogger("potion.train")
 

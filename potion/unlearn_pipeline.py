@@ -22,9 +22,9 @@ from potion.io import atomic_write_json, atomic_write_text, save_tensors, sha256
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
 from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
+from potion.schedule import cpu_threads
 from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
-from potion.training import cpu_threads
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.registry import get_method, run_timed
 from potion.unlearning.task import UnlearnTask

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from potion.config import number
 from potion.errors import ConfigError
 from potion.evaluation import autocast_for
-from potion.training import total_steps_for, warmup_linear_decay
+from potion.schedule import total_steps_for, warmup_linear_decay
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
 
