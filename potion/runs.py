@@ -14,7 +14,7 @@ import torch.nn as nn
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config import model_kwargs
+from potion.config import model_kwargs, to_dict
 from potion.data.poison import PoisonPlan
 from potion.errors import CheckpointError
 from potion.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
@@ -35,6 +35,11 @@ class TrainedRun:
     plan: PoisonPlan
     state_dict: dict[str, Any]
     summary: dict[str, Any]
+
+    def train_settings(self) -> dict[str, Any]:
+        """The run's ``train`` section plus its trainer precision: what retraining baselines reuse."""
+        trainer = self.cfg.get("trainer") or {}
+        return {**to_dict(self.cfg.train), "precision": str(trainer.get("precision", "32-true"))}
 
     def build_model(self, num_classes: int, in_channels: int) -> nn.Module:
         """The poisoned model with its trained weights."""
