@@ -20,10 +20,11 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from potion.config import model_kwargs, to_dict
 from potion.errors import ConfigError
@@ -128,23 +129,45 @@ def check_ptn_config(cfg: DictConfig) -> None:
                           "cache; drop the override (or use unlearn.py for an uncached run)")
 
 
-def _load(cfg: DictConfig, step: int) -> Loaded:
+# One entry per process: a sweep's jobs share the trained run, the poisoned data and the discovery, so a
+# worker (or the basic launcher's single process) loads them once instead of once per candidate.
+_INPUTS: dict[str, tuple[Any, Any, Any]] = {}
+
+
+def _inputs(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """(trained run, poisoned data, discovery) for this job, reused from an earlier job of the same sweep."""
+    from potion.config import identity_hash
     from potion.data.poisoned import load_data, poison
     from potion.discovery import discover
-    from potion.models import build_model
     from potion.runs import load_trained_run
-    from potion.unlearn_pipeline import resolve_device, resolve_train_run
+    from potion.unlearn_pipeline import resolve_train_run
+
+    spec = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in ((k, cfg.get(k)) for k in ("train_run", "train", "discovery", "seed", "logger"))}
+    summary = Path(str(spec["train_run"])) / "summary.json"  # a re-trained run folder is loaded afresh
+    spec["summary_mtime"] = summary.stat().st_mtime_ns if spec["train_run"] and summary.is_file() else None
+    key = identity_hash(spec)
+    if key not in _INPUTS:
+        run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger"), cfg.get("train")))
+        d = cfg.discovery
+        discovery = discover(run.plan, share=d.get("share"), count=d.get("count"),
+                             seed=int(d.get("seed", cfg.seed)))
+        _INPUTS.clear()
+        _INPUTS[key] = (run, poison(load_data(run.cfg.dataset), run.plan), discovery)
+    return _INPUTS[key]
+
+
+def _load(cfg: DictConfig, step: int) -> Loaded:
+    from potion.models import build_model
+    from potion.unlearn_pipeline import resolve_device
     from potion.unlearning.registry import get_method
     from potion.unlearning.task import UnlearnTask
 
     check_ptn_config(cfg)
     method_fn = get_method(str(cfg.method.name))
-    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger"), cfg.get("train")))
-    d = cfg.discovery
-    discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
+    run, data, discovery = _inputs(cfg)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("trainer"))
-    data = poison(load_data(run.cfg.dataset), run.plan)
     model = run.build_model(data.num_classes, data.channels).to(device).eval()
     task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
                        model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
