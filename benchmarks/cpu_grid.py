@@ -117,6 +117,9 @@ def main() -> None:
             note = f"PTN steps {s.get('ptn_steps'):.0f}" if s.get("ptn_steps") else ""
             if s.get("ptn_note"):
                 note += " (rho not met)"
+            if s.get("suspect_ap") is not None:
+                note += (f"; suspects P/R/AP {fmt(s.get('suspect_precision'), 2)}/{fmt(s.get('suspect_recall'), 2)}"
+                         f"/{fmt(s.get('suspect_ap'), 2)}")
             detail.append([m, discovery_label(share), s["n_f"], f"{s['clean_acc']:.4f}", f"{s['asr']:.4f}",
                            fmt(s["healed"]), fmt(s["acc_drop"], 2), f"{s['unlearn_seconds']:.1f}", note])
     ptn_times = [results[(m, s)]["unlearn_seconds"] for m in methods if m == "potion" for s in shares]
