@@ -36,6 +36,8 @@ def main() -> None:
     cfg = compose_config("train", [f"experiment={args.experiment}", "logger=none"])
     data = poison(load_data(cfg.dataset), plan_from_config(load_data(cfg.dataset), cfg.poison))
     bs, steps, t = int(cfg.train.batch_size), args.steps, cfg.train
+    precision, channels_last = str(cfg.trainer.precision), bool(cfg.trainer.channels_last)
+    bf16 = precision.startswith("bf16")
     loader = TensorBatches(data.bundle.train.images, data.train_labels, data.train_flags, batch_size=bs,
                            shuffle=True, seed=0)
 
@@ -45,6 +47,8 @@ def main() -> None:
 
     # bare loop
     model = fresh()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=float(t.lr), momentum=float(t.momentum),
                           weight_decay=float(t.weight_decay), nesterov=bool(t.nesterov))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_linear_decay(steps + 3, float(t.warmup)))
@@ -55,7 +59,10 @@ def main() -> None:
             t0 = time.perf_counter()
         x, y, f = next(it)
         x = data.trigger.apply(data.normalizer(random_crop_flip(x, int(t.crop_padding), bool(t.flip))), f)
-        loss = F.cross_entropy(model(x), y, label_smoothing=float(t.label_smoothing))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y, label_smoothing=float(t.label_smoothing))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -66,7 +73,7 @@ def main() -> None:
     module = PoisonTrainingModule(fresh(), data.normalizer, data.trigger, lr=float(t.lr), momentum=float(t.momentum),
                                   weight_decay=float(t.weight_decay), total_steps=steps + 3, warmup=float(t.warmup),
                                   nesterov=bool(t.nesterov), label_smoothing=float(t.label_smoothing),
-                                  crop_padding=int(t.crop_padding), flip=bool(t.flip))
+                                  crop_padding=int(t.crop_padding), flip=bool(t.flip), channels_last=channels_last)
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -77,7 +84,8 @@ def main() -> None:
             self.t1 = time.perf_counter()
 
     timer = Timer()
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps + 3, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=steps + 3, logger=False,
+                         enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
                          deterministic=True)
     trainer.fit(module, train_dataloaders=loader)
@@ -85,7 +93,8 @@ def main() -> None:
     overhead = 100 * (light / bare - 1)
     epoch_steps = len(loader)
     body = "\n\n".join([
-        "### Lightning overhead (CPU, cpu_bench model and batch size)",
+        f"### Lightning overhead (CPU, cpu_bench model, batch size and precision {precision}"
+        f"{', channels_last' if channels_last else ''})",
         f"Command: `{command_line()}`",
         f"- bare torch loop: {bare:.3f} s/step ({bare * epoch_steps:.1f} s per epoch of {epoch_steps} steps)\n"
         f"- Lightning: {light:.3f} s/step ({light * epoch_steps:.1f} s per epoch)\n"
