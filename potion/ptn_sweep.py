@@ -6,7 +6,7 @@ launches unlearn.py jobs, told apart by ``ptn_job.role`` (see :func:`job_overrid
 
 - ``candidate``: :func:`run_candidate` reads the cached importances, dampens at
   ``method.ptn.fixed_step`` and measures the forget accuracy only (no test-set evaluation, nothing
-  written but a child MLflow run);
+  written; the sweeper records its values as a child MLflow run, :func:`log_candidate`);
 - ``final``: the full ``run_unlearning`` at the chosen step, its MLflow run a child of the sweep's.
 
 Without a role, :func:`dispatch` is plain ``run_unlearning``, so unlearn.py behaves as before.
@@ -100,7 +100,7 @@ def dispatch(cfg: DictConfig) -> dict[str, Any]:
     parent = None if parent in (None, "") else str(parent)
     plain = without_job(cfg)
     if role == CANDIDATE:
-        return run_candidate(plain, parent_run_id=parent)
+        return run_candidate(plain)
     return run_unlearning(plain, parent_run_id=parent)
 
 
@@ -132,6 +132,7 @@ def check_ptn_config(cfg: DictConfig) -> None:
 # One entry per process: a sweep's jobs share the trained run, the poisoned data and the discovery, so a
 # worker (or the basic launcher's single process) loads them once instead of once per candidate.
 _INPUTS: dict[str, tuple[Any, Any, Any]] = {}
+INPUT_KEYS = ("train_run", "train", "discovery", "seed", "logger")  # the config keys that select them
 
 
 def _inputs(cfg: DictConfig) -> tuple[Any, Any, Any]:
@@ -143,7 +144,7 @@ def _inputs(cfg: DictConfig) -> tuple[Any, Any, Any]:
     from potion.unlearn_pipeline import resolve_train_run
 
     spec = {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
-            for k, v in ((k, cfg.get(k)) for k in ("train_run", "train", "discovery", "seed", "logger"))}
+            for k, v in ((k, cfg.get(k)) for k in INPUT_KEYS)}
     summary = Path(str(spec["train_run"])) / "summary.json"  # a re-trained run folder is loaded afresh
     spec["summary_mtime"] = summary.stat().st_mtime_ns if spec["train_run"] and summary.is_file() else None
     key = identity_hash(spec)
@@ -155,6 +156,19 @@ def _inputs(cfg: DictConfig) -> tuple[Any, Any, Any]:
         _INPUTS.clear()
         _INPUTS[key] = (run, poison(load_data(run.cfg.dataset), run.plan), discovery)
     return _INPUTS[key]
+
+
+def warm_worker(cfg: dict[str, Any]) -> int:
+    """Run in a launcher's worker before its first job: import torch and the methods, load the job inputs.
+
+    The ptn sweeper calls it through a joblib launcher while it computes the importances itself, so the
+    worker start-up (interpreter, imports, data) overlaps that work instead of delaying the first round.
+    """
+    from potion.unlearning.registry import load_builtin_methods
+
+    load_builtin_methods()
+    _inputs(OmegaConf.create(cfg))
+    return os.getpid()
 
 
 def _load(cfg: DictConfig, step: int) -> Loaded:
@@ -229,33 +243,35 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def run_candidate(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+def run_candidate(cfg: DictConfig) -> dict[str, Any]:
     """One PTN candidate: cached importances, dampen at method.ptn.fixed_step, forget accuracy only.
 
-    Logs a child MLflow run (step, s, alpha, percentile, dampened_share, forget_acc, ...) under
-    ``parent_run_id``; writes no weights and evaluates nothing on the test set.
+    Writes nothing and evaluates nothing on the test set; the sweeper records the returned values as a
+    child MLflow run (:func:`log_candidate`), so jobs never open the tracking store (no MLflow import in
+    workers, one writer to a sqlite store).
     """
-    from potion.tracking import start_tracker
-
     step = cfg.method.ptn.get("fixed_step")
     if step is None:
         raise ConfigError("a ptn candidate job needs method.ptn.fixed_step (set by the ptn sweeper)")
     check_ptn_config(cfg)
-    name = str(cfg.method.name)
-    tracker = start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-candidate-{name}-k{int(step)}",
-                            tags={"potion.task": "ptn_candidate", "potion.method": name,
-                                  "potion.ptn_step": int(step)}, parent_run_id=parent_run_id)
-    try:
-        result = _candidate(cfg, int(step))
-        result["mlflow_run_id"] = tracker.run_id
-        tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),
-                            "train_run": str(cfg.get("train_run")), "seed": cfg.seed, "step": int(step)})
-        tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
+    return _candidate(cfg, int(step))
+
+
+def log_candidate(cfg: DictConfig, result: dict[str, Any], parent_run_id: str | None) -> str | None:
+    """A candidate's child MLflow run under the sweep's parent run (in the sweeper's process); its run id."""
+    from potion.tracking import start_tracker
+
+    name, step = str(cfg.method.name), int(result["step"])
+    tracker = start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-candidate-{name}-k{step}",
+                            tags={"potion.task": "ptn_candidate", "potion.method": name, "potion.ptn_step": step},
+                            parent_run_id=parent_run_id)
+    method = to_dict(cfg.method)
+    method["ptn"] = {**method.get("ptn", {}), "fixed_step": step}
+    tracker.log_params({"method": method, "discovery": to_dict(cfg.discovery),
+                        "train_run": str(cfg.get("train_run")), "seed": cfg.seed, "step": step})
+    tracker.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
     tracker.finish("FINISHED")
-    return result
+    return tracker.run_id
 
 
 def _candidate(cfg: DictConfig, step: int) -> dict[str, Any]:

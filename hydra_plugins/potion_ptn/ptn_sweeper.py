@@ -10,7 +10,9 @@ in-process search does. One final job then heals the model at that step with the
 
 Before launching anything the sweeper (in its own process) computes the importances once into the
 content-addressed cache (``potion.ptn_sweep.prepare``; every job reads them from there) and creates the
-MLflow store, experiment and parent run, so parallel jobs only add child runs to a store that exists.
+MLflow store, experiment and parent run. Candidate jobs only compute and return their values; the
+sweeper writes each candidate's child run itself (one writer, and workers never import MLflow); the
+final job logs its own child run to the store that already exists.
 
 Overrides this sweeper adds to each job: ``method.ptn.fixed_step=<k>``, ``++ptn_job.role=candidate|final``
 and ``++ptn_job.parent_run_id=<parent MLflow run id>``.
@@ -23,6 +25,7 @@ annotations``: the scanner runs this module before it is in sys.modules, where d
 import csv
 import io
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -99,6 +102,7 @@ class PTNSweeper(Sweeper):
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
 
         t0 = time.perf_counter()
+        warming = self._prewarm(cfg)
         method = str(cfg.method.name)
         launcher = type(self.launcher).__name__
         # The store, experiment and parent run exist before any job starts (jobs only add child runs).
@@ -107,7 +111,7 @@ class PTNSweeper(Sweeper):
                                      "potion.launcher": launcher, "potion.sweep_dir": str(sweep_dir)})
         try:
             parent.log_params({"override": given, "sweeper": {"batch_size": self.batch_size, "launcher": launcher}})
-            returns = self._search(cfg, arguments, parent, sweep_dir, t0)
+            returns = self._search(cfg, arguments, parent, sweep_dir, t0, warming)
         except BaseException as exc:
             parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
@@ -139,12 +143,49 @@ class PTNSweeper(Sweeper):
         self.validate_batch_is_legal(batch[:1])
         return self.launcher.launch(batch, initial_job_idx=job_idx)
 
-    def _search(self, cfg: DictConfig, arguments: list[str], parent: Any, sweep_dir: Path, t0: float
-                ) -> list[Sequence[JobReturn]]:
+    def _prewarm(self, cfg: DictConfig) -> Any:
+        """With Hydra's joblib launcher, start its worker pool now (in a thread) so the workers import torch
+        and load the job inputs while this process computes the importances; None for other launchers.
+
+        The warm-up goes through ``joblib.Parallel`` with the launcher's own settings, so the launcher's
+        first ``Parallel`` call reuses these (loky's reusable executor) instead of starting cold workers.
+        """
+        if type(self.launcher).__name__ != "JoblibLauncher":
+            return None
+        import threading
+
+        from joblib import Parallel, delayed
+
+        from potion import ptn_sweep
+
+        settings = dict(self.launcher.joblib)  # type: ignore[attr-defined]
+        settings["backend"] = "loky"  # as the launcher (hydra_joblib_launcher._core.launch) sets it
+        for k in ("pre_dispatch", "batch_size", "max_nbytes"):  # ... and converts these
+            if isinstance(settings.get(k), str) and settings[k].isdigit():
+                settings[k] = int(settings[k])
+        plain = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                 for k, v in ((k, cfg.get(k)) for k in ptn_sweep.INPUT_KEYS)}
+        n = settings.get("n_jobs") or 1
+        n = n if n > 0 else (os.cpu_count() or 1)
+
+        def warm() -> None:
+            try:
+                Parallel(**settings)(delayed(ptn_sweep.warm_worker)(plain) for _ in range(n))
+            except Exception as exc:  # only a head start; the real jobs report real errors
+                log.debug("joblib worker warm-up failed: %s", exc)
+
+        thread = threading.Thread(target=warm, name="ptn-joblib-warmup", daemon=True)
+        thread.start()
+        return thread
+
+    def _search(self, cfg: DictConfig, arguments: list[str], parent: Any, sweep_dir: Path, t0: float,
+                warming: Any = None) -> list[Sequence[JobReturn]]:
         from potion import ptn_sweep
         from potion.unlearning.ptn import Candidate, first_qualifying
 
         prep = ptn_sweep.prepare(cfg)
+        if warming is not None:
+            warming.join()  # the launcher's first round must find the pool idle, not racing the warm-up
         sched, a0, threshold = prep["schedule"], prep["a0"], prep["threshold"]
         pid = parent.run_id
         parent.log_params({"method": str(cfg.method.name), "n_f": prep["n_f"], "n_p": prep["n_p"],
@@ -169,6 +210,8 @@ class PTNSweeper(Sweeper):
             rounds += 1
             returns.append(results)
             values = [res.return_value for res in results]  # re-raises a failed job's error
+            for v in values:  # child runs are written here, by one process, not by the jobs
+                v["mlflow_run_id"] = ptn_sweep.log_candidate(cfg, v, pid)
             recomputed += sum(not v.get("importance_cache_hit") for v in values)
             cands = [ptn_sweep.candidate_of(v) for v in values]
             self._check_consistent(values, prep)
