@@ -123,8 +123,9 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
     """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
 
     With a recovered patch ``signature``, samples whose pixels carry it rank first (score + SIGNATURE_BONUS)
-    and, if any match, the cut-off flags exactly those: this also finds poisoned samples whose true class
-    is the target, which healing leaves unchanged, and keeps the flagged list precise.
+    and the cut-off flags exactly those (see below for a signature that nothing matches): this also finds
+    poisoned samples whose true class is the target, which healing leaves unchanged, and keeps the flagged
+    list precise.
     ``target_only``: an all-to-one backdoor's poison carries the target label (dirty- and clean-label
     attacks alike), so samples with another label rank last (score - SIGNATURE_BONUS) and are never flagged.
     """
@@ -138,7 +139,11 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
         # poison carries the target label, so only target-labelled samples can be poison carrying the trigger
         matched = signature_matches(data, retain_idx, signature) & (data.train_labels[retain_idx] == data.plan.target)
         scores = scores + SIGNATURE_BONUS * matched.float()
-        if bool(matched.any()):  # a verified trigger signature is the strongest evidence: flag its matches only
+        # a trigger signature is the strongest evidence: flag its matches only. One recovered from several
+        # discovered samples (the pixels they all share, ``mask``) is exact, so when no retain sample
+        # carries it there is no undiscovered poison to flag (e.g. everything was discovered); one from a
+        # single sample may include host pixels, so without matches the log-probability cut-off stays.
+        if bool(matched.any()) or signature.mask is not None:
             cutoff = SIGNATURE_BONUS / 2
     return SuspectRanking(retain_idx, scores, cutoff, forget_scores)
 
