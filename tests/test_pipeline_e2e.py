@@ -163,3 +163,14 @@ def test_target_only_suspects_never_flag_other_labels(trained: dict, monkeypatch
     assert strict.flagged().numel() > 0 and bool((labels[strict.flagged()] == run.plan.target).all())
     top = strict.idx[torch.argsort(strict.scores, descending=True)][: int((labels[retain] == run.plan.target).sum())]
     assert bool((labels[top] == run.plan.target).all())  # target-labelled samples rank first
+
+
+def test_exact_signature_without_matches_flags_nothing(trained: dict, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """All poison discovered: the trigger recovered from it matches no retain sample, so nothing is flagged."""
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=1.0",
+                                     "logger=none", f"out_dir={tmp_path / 'all'}"])
+    s = run_unlearning(cfg)
+    assert s["suspect_signature_found"] == 1.0
+    assert s["suspects_flagged"] == 0, s
