@@ -174,3 +174,18 @@ def test_exact_signature_without_matches_flags_nothing(trained: dict, tmp_path: 
     s = run_unlearning(cfg)
     assert s["suspect_signature_found"] == 1.0
     assert s["suspects_flagged"] == 0, s
+
+
+@pytest.mark.parametrize("stop_on", ["forget", "discovered"])
+def test_iterative_stopping_test_watches_the_chosen_set(trained: dict, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch, stop_on: str) -> None:
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
+                                     "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / stop_on}",
+                                     f"method.stop_on={stop_on}", "method.signature=false",
+                                     "method.cutoff_fraction=0.01", "suspects.enabled=false"])
+    s = run_unlearning(cfg)
+    assert s["rounds_run"] == 2 and s["round2_forget_size"] > s["round1_forget_size"] == 4, s
+    assert s["round1_criterion_samples"] == 4
+    watched = s["round1_forget_size"] if stop_on == "discovered" else s["round2_forget_size"]
+    assert s["round2_criterion_samples"] == watched

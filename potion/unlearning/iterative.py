@@ -18,6 +18,7 @@ import torch
 
 from potion.config import number
 from potion.discovery import Discovery
+from potion.errors import ConfigError
 from potion.suspects import find_suspects
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.ssd_family import run_ptn, with_synthesis
@@ -42,9 +43,11 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
                   importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, suspects: Mapping[str, Any],
-                  synthesis: Mapping[str, Any] | None = None) -> tuple[MethodOutput, Any]:
+                  synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None
+                  ) -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
-    out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
+    out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis,
+                  criterion_task=criterion_task)
     ranking, _ = find_suspects(original, out.model, task.data, sub.retain_idx, forget, seed=task.seed, **suspects)
     return out, ranking
 
@@ -61,13 +64,17 @@ def _suspect_args(cutoff_quantile: float, cutoff_fraction: float, signature: boo
 def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str, Any] | None = None,
                      ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
                      cutoff_fraction: float = 0.5, signature: bool = True, target_only: bool = True,
-                     synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+                     stop_on: str = "forget", synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
     """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set.
 
     Suspects are found as in every unlearning run (``potion.suspects.find_suspects``): a recovered patch
     signature flags exactly the samples that carry it; only target-labelled samples can be flagged.
+    ``stop_on``: what PTN's stopping test watches in later rounds, the whole grown forget set
+    (``forget``) or only the discovered samples (``discovered``; importances still use every sample).
     """
     number({"r": rounds}, "r", "method.rounds", lo=1, integer=True)
+    if stop_on not in ("forget", "discovered"):
+        raise ConfigError(f"method.stop_on={stop_on}: choose forget or discovered")
     cutoff = _suspect_args(cutoff_quantile, cutoff_fraction, signature, target_only)
     original = copy.deepcopy(task.model).eval()
     forget = task.forget_idx
@@ -77,13 +84,16 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     diagnostics: dict[str, Any] = dict(synth_info)
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
     out = None
+    first = with_forget(task, forget, original)  # the discovered (+ synthetic) samples
     for r in range(int(rounds)):
-        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis)
+        watch = first if r > 0 and stop_on == "discovered" else None
+        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch)
         for k in timings:
             timings[k] += float(out.timings.get(k, 0.0))
         flagged = ranking.flagged()
         diagnostics[f"round{r + 1}_forget_size"] = int(forget.numel())
         diagnostics[f"round{r + 1}_ptn_steps"] = out.diagnostics.get("ptn_steps")
+        diagnostics[f"round{r + 1}_criterion_samples"] = out.diagnostics.get("criterion_samples")
         diagnostics[f"round{r + 1}_flagged"] = int(flagged.numel())
         diagnostics["rounds_run"] = r + 1
         bigger = grow(forget, flagged)

@@ -198,13 +198,17 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None) -> tu
 
 def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any] | None = None,
             ptn: Mapping[str, Any] | None = None, lam: float = 1.0,
-            synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
-    """Importances once, then the PTN search over percentile-rule dampenings of the model (in place)."""
+            synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None) -> MethodOutput:
+    """Importances once, then the PTN search over percentile-rule dampenings of the model (in place).
+
+    ``criterion_task``: PTN's stopping test watches that task's forget set instead of ``task``'s (the
+    iterative method: importances from discovered + suspected samples, stopping on the discovered ones).
+    """
     p = dict(ptn or {})
     task, synth_info = with_synthesis(task, synthesis)
     imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **_importance_args(importance))
     criterion = str(p.get("criterion", "all"))
-    forget_acc, crit_info = forget_accuracy_fn(task, criterion)
+    forget_acc, crit_info = forget_accuracy_fn(criterion_task or task, criterion)
     s_start = p.get("s_start")
     schedule = PTNSchedule(
         s_start=float(s_start) if s_start is not None else default_s_start(task.discovery.n_f, task.num_train),
