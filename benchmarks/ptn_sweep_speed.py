@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command_line, markdown_table, write_section  # noqa: E402
 
 
 def train_quickstart() -> Path:
@@ -60,6 +62,7 @@ def main() -> None:
     ap.add_argument("--n-jobs", type=int, default=2, help="hydra.launcher.n_jobs for joblib")
     ap.add_argument("--quick", action="store_true", help="compressed PTN grid: s_start=0.01, s_step=1.5")
     ap.add_argument("--logger", choices=("mlflow", "none"), default="mlflow")
+    ap.add_argument("--section", default="ptn_sweep_speed", help="docs/results.md section ('' = print only)")
     args = ap.parse_args()
     os.chdir(ROOT)
 
@@ -77,6 +80,19 @@ def main() -> None:
               f"{r['ptn_steps_evaluated']} candidates in {r['ptn_rounds']} rounds")
     same = basic["ptn_chosen_step"] == joblib["ptn_chosen_step"]
     print(f"ratio basic/joblib: {basic['wall'] / joblib['wall']:.2f}x   same step: {same}")
+    rows = [[name, f"{r['wall']:.2f}", r["ptn_chosen_step"], r["ptn_steps_evaluated"], r["ptn_rounds"]]
+            for name, r in (("basic", basic), (f"joblib, n_jobs={args.n_jobs}", joblib))]
+    shown = train_run.relative_to(ROOT) if train_run.is_relative_to(ROOT) else train_run
+    body = "\n\n".join([
+        "### PTN sweep: basic launcher vs joblib (CPU, 2 cores)",
+        f"Command: `{command_line()}` (model `{shown}`; "
+        f"{' '.join(overrides)}; logger={args.logger})",
+        markdown_table(["launcher", "wall s", "chosen k", "candidates", "rounds"], rows),
+        f"joblib / basic wall time: **{joblib['wall'] / basic['wall']:.2f}x** (target <= 0.7x); same step: {same}.",
+    ])
+    if args.section:
+        write_section(ROOT / "docs" / "results.md", args.section, body)
+    print(body)
     if not same:
         sys.exit(1)
 
