@@ -183,7 +183,8 @@ def test_iterative_stopping_test_watches_the_chosen_set(trained: dict, tmp_path:
     cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
                                      "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / stop_on}",
                                      f"method.stop_on={stop_on}", "method.signature=false",
-                                     "method.cutoff_fraction=0.01", "suspects.enabled=false"])
+                                     "method.cutoff_fraction=0.01", "suspects.enabled=false",
+                                     "method.synthesis.enabled=false"])
     s = run_unlearning(cfg)
     assert s["rounds_run"] == 2 and s["round2_forget_size"] > s["round1_forget_size"] == 4, s
     assert s["round1_criterion_samples"] == 4
