@@ -8,7 +8,7 @@ DATA=${DATA:-.devdata/cifar10-jpg.tar.gz}
 run() {  # name overrides...
   local name=$1; shift
   python3 train.py experiment=cpu_bench trainer=gpu logger=none dataset.path=$DATA out_dir=/tmp/recipe/$name \
-    train.epoch_eval=false "$@" 2>&1 | grep -E "clean_acc|error" | sed "s/^/$name: /" | tee -a "$OUT/recipes.txt"
+    train.epoch_eval=false train.epochs=10 "$@" 2>&1 | grep -E "clean_acc|error" | sed "s/^/$name: /" | tee -a "$OUT/recipes.txt"
 }
 run A train.batch_size=128 train.lr=0.1 train.label_smoothing=0 train.warmup=0.1
 run B train.batch_size=256 train.lr=0.2 train.label_smoothing=0 train.warmup=0.15
