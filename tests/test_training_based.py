@@ -148,23 +148,3 @@ def test_invalid_arguments_raise_config_error(task: UnlearnTask, name: str, args
     with pytest.raises(ConfigError, match=match):
         get_method(name)(task, **args)
 
-
-def test_retrain_follows_the_training_runs_bf16_precision_on_cpu(task: UnlearnTask,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run trained with trainer.precision=bf16-mixed is retrained under bf16 autocast (its own recipe)."""
-    dtypes: list[torch.dtype] = []
-    forward = SmallCNN.forward
-
-    def spying(self: SmallCNN, x: torch.Tensor) -> torch.Tensor:
-        out = forward(self, x)
-        dtypes.append(out.dtype)
-        return out
-
-    monkeypatch.setattr(SmallCNN, "forward", spying)
-    fp32 = get_method("retrain")(task, iterations=2)
-    assert fp32.diagnostics["sgd_cpu_bf16"] == 0.0 and set(dtypes) == {torch.float32}
-    dtypes.clear()
-    task.train_cfg["precision"] = "bf16-mixed"
-    bf16 = get_method("retrain")(task, iterations=2)
-    assert bf16.diagnostics["sgd_cpu_bf16"] == 1.0 and set(dtypes) == {torch.bfloat16}
-    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # weights stay fp32

@@ -118,12 +118,10 @@ class SGDSettings:
     nesterov: bool
     warmup: float
     schedule: str
-    cpu_bf16: bool = False  # bf16 autocast on CPU, as the training run used (trainer.precision=bf16-mixed)
 
     def summary(self) -> dict[str, Any]:
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "nesterov": float(self.nesterov), "warmup": self.warmup, "schedule": self.schedule,
-                "cpu_bf16": float(self.cpu_bf16)}
+                "nesterov": float(self.nesterov), "warmup": self.warmup, "schedule": self.schedule}
 
 
 def sgd_settings(task: UnlearnTask, *, lr: Any = None, momentum: Any = None, weight_decay: Any = None,
@@ -141,8 +139,7 @@ def sgd_settings(task: UnlearnTask, *, lr: Any = None, momentum: Any = None, wei
                     lo=0, hi=1, hi_open=True)
     if schedule not in SCHEDULES:
         raise ConfigError(f"method.schedule={schedule!r}: choose one of {list(SCHEDULES)}")
-    cpu_bf16 = task.device.type == "cpu" and str(task.train_cfg.get("precision", "")).startswith("bf16")
-    return SGDSettings(lr, momentum, weight_decay, nesterov, warmup, str(schedule), cpu_bf16)
+    return SGDSettings(lr, momentum, weight_decay, nesterov, warmup, str(schedule))
 
 
 def _batch_size(task: UnlearnTask, batch_size: Any, path: str = "method.batch_size") -> int:
@@ -220,15 +217,13 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
     counts: dict[str, int] = defaultdict(int)
     _sync(device)
     t0 = time.perf_counter()
-    # the forward passes run inside ``losses``, so autocast around the loop covers them (CUDA: autocast_for)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sgd.cpu_bf16):
-        for kind, loss in islice(losses, total_steps):
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            recent[kind].append(loss.detach())
-            counts[kind] += 1
+    for kind, loss in islice(losses, total_steps):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        recent[kind].append(loss.detach())
+        counts[kind] += 1
     _sync(device)
     seconds = time.perf_counter() - t0
     final = {k: float(torch.stack(list(v)).float().mean()) for k, v in recent.items()}
