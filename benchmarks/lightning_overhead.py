@@ -31,9 +31,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--experiment", default="cpu_bench")
     ap.add_argument("--steps", type=int, default=40, help="optimizer steps timed per loop (after 3 warm-up steps)")
+    ap.add_argument("--override", action="append", default=[],
+                    help="train.py override, e.g. trainer.precision=32-true (repeatable)")
+    ap.add_argument("--section", default="lightning_overhead", help="docs/results.md section")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    cfg = compose_config("train", [f"experiment={args.experiment}", "logger=none"])
+    cfg = compose_config("train", [f"experiment={args.experiment}", "logger=none", *args.override])
     data = poison(load_data(cfg.dataset), plan_from_config(load_data(cfg.dataset), cfg.poison))
     bs, steps, t = int(cfg.train.batch_size), args.steps, cfg.train
     precision, channels_last = str(cfg.trainer.precision), bool(cfg.trainer.channels_last)
@@ -100,7 +103,7 @@ def main() -> None:
         f"- Lightning: {light:.3f} s/step ({light * epoch_steps:.1f} s per epoch)\n"
         f"- overhead: {overhead:+.1f} % (target < 10 %)",
     ])
-    write_section(Path(ROOT / "docs" / "results.md"), "lightning_overhead", body)
+    write_section(Path(ROOT / "docs" / "results.md"), args.section, body)
     print(body)
 
 

@@ -186,7 +186,7 @@ def _load(cfg: DictConfig, step: int) -> Loaded:
     task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
                        model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
                                                          **model_kwargs(run.cfg.model)),
-                       train_cfg=run.train_settings())
+                       train_cfg=to_dict(run.cfg.train))
     args = {k: v for k, v in to_dict(cfg.method).items() if k != "name"}
     args["ptn"] = {**args.get("ptn", {}), "fixed_step": int(step)}
     return Loaded(task, method_fn, args, run)

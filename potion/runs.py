@@ -14,7 +14,7 @@ import torch.nn as nn
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config import model_kwargs, to_dict
+from potion.config import model_kwargs
 from potion.data.poison import PoisonPlan
 from potion.errors import CheckpointError
 from potion.io import atomic_write_json, atomic_write_text, load_tensors, read_json, save_tensors
@@ -35,14 +35,6 @@ class TrainedRun:
     plan: PoisonPlan
     state_dict: dict[str, Any]
     summary: dict[str, Any]
-
-    def train_settings(self) -> dict[str, Any]:
-        """The run's ``train`` section: the schedule and SGD settings retraining baselines reuse.
-
-        (Retraining runs in fp32 on CPU even when the run trained under bf16 autocast: a bf16 autocast
-        around this project's generator-based SGD loop trained a 30-epoch retrain to chance accuracy.)
-        """
-        return to_dict(self.cfg.train)
 
     def build_model(self, num_classes: int, in_channels: int) -> nn.Module:
         """The poisoned model with its trained weights."""

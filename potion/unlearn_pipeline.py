@@ -142,7 +142,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
                        model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
                                                          **model_kwargs(run.cfg.model)),
-                       train_cfg=run.train_settings())
+                       train_cfg=to_dict(run.cfg.train))
     forget_acc_before = task.forget_accuracy(model)
     method_args = {k: v for k, v in to_dict(cfg.method).items() if k != "name"}
     tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),

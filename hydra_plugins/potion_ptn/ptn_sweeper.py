@@ -154,15 +154,14 @@ class PTNSweeper(Sweeper):
             return None
         import threading
 
+        from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
         from joblib import Parallel, delayed
 
         from potion import ptn_sweep
 
         settings = dict(self.launcher.joblib)  # type: ignore[attr-defined]
-        settings["backend"] = "loky"  # as the launcher (hydra_joblib_launcher._core.launch) sets it
-        for k in ("pre_dispatch", "batch_size", "max_nbytes"):  # ... and converts these
-            if isinstance(settings.get(k), str) and settings[k].isdigit():
-                settings[k] = int(settings[k])
+        settings["backend"] = "loky"  # exactly as the launcher's own launch() prepares them
+        process_joblib_cfg(settings)
         plain = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
                  for k, v in ((k, cfg.get(k)) for k in ptn_sweep.INPUT_KEYS)}
         n = settings.get("n_jobs") or 1
