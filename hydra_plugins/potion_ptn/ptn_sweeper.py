@@ -154,7 +154,10 @@ class PTNSweeper(Sweeper):
             return None
         import threading
 
-        from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+        try:  # the launcher's own argument preparation (a private helper: without it, skip the warm-up)
+            from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+        except ImportError:
+            return None
         from joblib import Parallel, delayed
 
         from potion import ptn_sweep
