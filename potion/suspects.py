@@ -88,13 +88,48 @@ def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tenso
         return None
     k, r, c = found.size, found.row, found.col
     windows = forget_x[:, :, r:r + k, c:c + k].cpu()
-    # pixels on which every discovered sample agrees are the trigger; the rest is host image (with a single
-    # discovered sample nothing can be told apart and the whole window is kept)
-    spread = (windows.amax(0) - windows.amin(0)).amax(0)  # [k, k]
-    mask = spread < MATCH_TOL if windows.shape[0] > 1 else None
-    if mask is not None and not bool(mask.any()):
-        return None
+    if windows.shape[0] > 1:
+        # pixels on which every discovered sample agrees are the trigger; the rest is host image
+        spread = (windows.amax(0) - windows.amin(0)).amax(0)  # [k, k]
+        mask: torch.Tensor | None = spread < MATCH_TOL
+        if not bool(mask.any()):
+            return None
+    else:
+        # one discovered sample cannot tell trigger from host pixels by itself: the training set can
+        mask = single_sample_mask(data, windows[0], r, c, retain_idx, target, seed=seed)
     return Signature(r, c, windows[0], found.flip_rate, mask)
+
+
+def single_sample_mask(data: PoisonedData, patch: torch.Tensor, row: int, col: int, retain_idx: torch.Tensor,
+                       target: int, *, reference: int = 5000, min_matches: int = 2, max_false_share: float = 0.1,
+                       seed: int = 0) -> torch.Tensor | None:
+    """The trigger pixels of a window cut from ONE discovered sample, told apart by the rest of the training set.
+
+    All-to-one poison carries the target label, so a trigger pixel's value recurs far more often among
+    target-labelled retain samples than among the others, while a host pixel's value recurs (if at all)
+    equally in both. Pixels whose excess match rate is at least half the best pixel's form the mask. It is
+    kept only if at least ``min_matches`` target-labelled samples carry every mask pixel and the
+    non-target samples' rate of the same match predicts at most ``max_false_share`` of them as chance
+    matches; otherwise None (no exact signature: the caller falls back to the score cut-off).
+    """
+    labels = data.train_labels[retain_idx]
+    own, other = retain_idx[labels == target], retain_idx[labels != target]
+    if own.numel() == 0 or other.numel() == 0:
+        return None
+    other = other[torch.randperm(other.numel(), generator=torch.Generator().manual_seed(seed + 41))[:reference]]
+    k = patch.shape[-1]
+    hit_own = pixel_matches(data, own, row, col, patch)  # [n, k, k]
+    hit_other = pixel_matches(data, other, row, col, patch)
+    excess = hit_own.float().mean(0) - hit_other.float().mean(0)
+    best = float(excess.max())
+    if best * own.numel() < min_matches:
+        return None
+    mask = excess >= 0.5 * best
+    n_own = int(hit_own[:, mask].all(1).sum())
+    chance = float(hit_other[:, mask].all(1).float().mean()) * own.numel()
+    if n_own < min_matches or chance > max_false_share * n_own:
+        return None
+    return mask.view(k, k)
 
 
 MATCH_TOL = 0.05  # normalised units (about 3/255 of a pixel): exact triggers, lightly re-encoded ones
@@ -103,17 +138,23 @@ MATCH_TOL = 0.05  # normalised units (about 3/255 of a pixel): exact triggers, l
 def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol: float = MATCH_TOL,
                       chunk: int = 4096) -> torch.Tensor:
     """True where a training sample (as the training set shows it) carries the recovered patch (max |diff| < tol)."""
-    k = sig.patch.shape[-1]
+    hits = pixel_matches(data, idx, sig.row, sig.col, sig.patch, tol, chunk)  # [n, k, k]
+    if sig.mask is not None:
+        hits = hits[:, sig.mask]
+    return hits.flatten(1).all(1)
+
+
+def pixel_matches(data: PoisonedData, idx: torch.Tensor, row: int, col: int, patch: torch.Tensor,
+                  tol: float = MATCH_TOL, chunk: int = 4096) -> torch.Tensor:
+    """[n, k, k]: where each training sample's window (as the training set shows it) equals ``patch`` pixel by pixel."""
+    k = patch.shape[-1]
     out = []
     for i in range(0, idx.numel(), chunk):
         sel = idx[i:i + chunk]
         x = data.trigger.apply(data.normalizer(data.bundle.train.images[sel]), data.train_flags[sel])
-        win = x[:, :, sig.row:sig.row + k, sig.col:sig.col + k]
-        diff = (win - sig.patch).abs().amax(1)  # [n, k, k]
-        if sig.mask is not None:
-            diff = diff[:, sig.mask]
-        out.append(diff.flatten(1).max(1).values < tol)
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+        win = x[:, :, row:row + k, col:col + k]
+        out.append((win - patch).abs().amax(1) < tol)
+    return torch.cat(out) if out else torch.zeros(0, k, k, dtype=torch.bool)
 
 
 def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,

@@ -190,3 +190,27 @@ def test_iterative_stopping_test_watches_the_chosen_set(trained: dict, tmp_path:
     assert s["round1_criterion_samples"] == 4
     watched = s["round1_forget_size"] if stop_on == "discovered" else s["round2_forget_size"]
     assert s["round2_criterion_samples"] == watched
+
+
+def test_one_discovered_sample_reveals_the_trigger_pixels(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From one discovered file, the pixels that recur among target-labelled samples flag all the other poison."""
+    import torch
+
+    from potion.data.poisoned import load_data, poison
+    from potion.runs import load_trained_run
+    from potion.suspects import find_signature, signature_matches, single_sample_mask
+
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    run = load_trained_run(trained["run"])
+    data = poison(load_data(run.cfg.dataset), run.plan)
+    model = run.build_model(data.num_classes, data.channels).eval()
+    plan = torch.tensor(run.plan.indices)
+    keep = torch.ones(len(data.bundle.train), dtype=torch.bool)
+    keep[plan[:1]] = False
+    retain = torch.nonzero(keep).view(-1)
+    sig = find_signature(model, data, plan[:1], retain, run.plan.target)
+    assert sig is not None and sig.mask is not None and 0 < int(sig.mask.sum()) < sig.mask.numel()
+    hits = retain[signature_matches(data, retain, sig)]
+    assert set(hits.tolist()) == set(plan[1:].tolist())  # every other poisoned sample, nothing else
+    noise = torch.rand_like(sig.patch) * 4 - 2  # a window no training sample carries: no signature
+    assert single_sample_mask(data, noise, sig.row, sig.col, retain, run.plan.target) is None
