@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from tiny_world import train_overrides, write_pattern_folder
 
+from potion.errors import ConfigError
 from potion.io import load_tensors, read_json
 from potion.quickstart import compose_config
 from potion.train_pipeline import run_training
@@ -214,3 +215,30 @@ def test_one_discovered_sample_reveals_the_trigger_pixels(trained: dict, monkeyp
     assert set(hits.tolist()) == set(plan[1:].tolist())  # every other poisoned sample, nothing else
     noise = torch.rand_like(sig.patch) * 4 - 2  # a window no training sample carries: no signature
     assert single_sample_mask(data, noise, sig.row, sig.col, retain, run.plan.target) is None
+
+
+def test_iterative_repair_fine_tunes_without_any_found_poison(trained: dict, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repair step trains only on samples outside the final forget set (discovered + flagged)."""
+    import potion.unlearning.iterative as iterative
+
+    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
+    seen: dict = {}
+    real = iterative.finetune
+
+    def spy(task, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen["retain"], seen["forget"], seen["kw"] = set(task.retain_idx.tolist()), set(task.forget_idx.tolist()), kw
+        return real(task, **kw)
+
+    monkeypatch.setattr(iterative, "finetune", spy)
+    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
+                                     "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / 'r'}",
+                                     "method.repair.iterations=5", "method.repair.lr=0.005"])
+    s = run_unlearning(cfg)
+    assert seen["kw"] == {"iterations": 5, "lr": 0.005}
+    assert len(seen["forget"]) == s["final_forget_size"] > 4 and not seen["retain"] & seen["forget"]
+    assert s["repair_retain_samples"] == len(seen["retain"]) == 320 - s["final_forget_size"]
+    for bad in ("method.repair.iterations=-1", "method.repair.lr=0", "+method.repair.steps=3"):
+        with pytest.raises(ConfigError, match="method.repair"):
+            run_unlearning(compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative",
+                                                      "logger=none", f"out_dir={tmp_path / 'bad'}", bad]))

@@ -23,7 +23,7 @@ from potion.suspects import find_suspects
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.ssd_family import run_ptn, with_synthesis
 from potion.unlearning.task import UnlearnTask
-from potion.unlearning.training_based import retrain
+from potion.unlearning.training_based import finetune, retrain
 
 
 def with_forget(task: UnlearnTask, forget_idx: torch.Tensor, model: torch.nn.Module) -> UnlearnTask:
@@ -64,15 +64,19 @@ def _suspect_args(cutoff_quantile: float, cutoff_fraction: float, signature: boo
 def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str, Any] | None = None,
                      ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
                      cutoff_fraction: float = 0.5, signature: bool = True, target_only: bool = True,
-                     stop_on: str = "forget", synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+                     stop_on: str = "forget", synthesis: Mapping[str, Any] | None = None,
+                     repair: Mapping[str, Any] | None = None) -> MethodOutput:
     """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set.
 
     Suspects are found as in every unlearning run (``potion.suspects.find_suspects``): a recovered patch
     signature flags exactly the samples that carry it; only target-labelled samples can be flagged.
     ``stop_on``: what PTN's stopping test watches in later rounds, the whole grown forget set
     (``forget``) or only the discovered samples (``discovered``; importances still use every sample).
+    ``repair``: ``{iterations, lr}``: after the last round, fine-tune the healed model on the training set
+    without the discovered and flagged samples (see ``repair_model``); iterations 0 = no repair.
     """
     number({"r": rounds}, "r", "method.rounds", lo=1, integer=True)
+    repair_args = _repair_args(repair)
     if stop_on not in ("forget", "discovered"):
         raise ConfigError(f"method.stop_on={stop_on}: choose forget or discovered")
     cutoff = _suspect_args(cutoff_quantile, cutoff_fraction, signature, target_only)
@@ -103,7 +107,40 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     assert out is not None
     diagnostics.update({k: v for k, v in out.diagnostics.items() if k.startswith("ptn_")})
     diagnostics["final_forget_size"] = int(forget.numel())
-    return MethodOutput(out.model, diagnostics, timings, out.trajectory)
+    model = out.model
+    if repair_args["iterations"] > 0:
+        model, info = repair_model(task, forget, model, **repair_args)
+        diagnostics.update(info)
+        timings["repair_seconds"] = info["repair_seconds"]
+    return MethodOutput(model, diagnostics, timings, out.trajectory)
+
+
+def _repair_args(repair: Mapping[str, Any] | None) -> dict[str, Any]:
+    d = dict(repair or {})
+    unknown = sorted(set(d) - {"iterations", "lr"})
+    if unknown:
+        raise ConfigError(f"method.repair.{unknown[0]}: unknown key; valid keys: iterations, lr")
+    d.setdefault("iterations", 0)
+    d.setdefault("lr", 0.01)
+    return {"iterations": int(number(d, "iterations", "method.repair.iterations", lo=0, integer=True)),
+            "lr": float(number(d, "lr", "method.repair.lr", lo=0, lo_open=True))}
+
+
+def repair_model(task: UnlearnTask, forget: torch.Tensor, healed: torch.nn.Module, *, iterations: int,
+                 lr: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Win back the accuracy dampening cost: a short fine-tune on the training set without ``forget``.
+
+    Plain Potion cannot fine-tune: its retain set still holds the undiscovered poison, which would
+    teach the trigger again. After the suspect rounds the flagged poison is out of the retain set too,
+    so a few hundred steps at a small learning rate (linear decay, the training run's other SGD
+    settings) restore clean accuracy without a trigger to re-learn.
+    """
+    t0 = time.perf_counter()
+    out = finetune(with_forget(task, forget, healed), iterations=iterations, lr=lr)
+    info = {"repair_iterations": iterations, "repair_lr": lr, "repair_retain_samples": int(task.num_train
+                                                                                        - forget.numel()),
+            "repair_seconds": time.perf_counter() - t0}
+    return out.model, info
 
 
 @register("discover_retrain")
