@@ -219,25 +219,41 @@ def test_one_discovered_sample_reveals_the_trigger_pixels(trained: dict, monkeyp
 
 def test_iterative_repair_fine_tunes_without_any_found_poison(trained: dict, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """The repair step trains only on samples outside the final forget set (discovered + flagged)."""
+    """Repair trains only on samples outside the final forget set and never regrows a dampened weight."""
+
     import potion.unlearning.iterative as iterative
 
     monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
     seen: dict = {}
-    real = iterative.finetune
+    real_stream, real_repair = iterative.tb.stream, iterative.repair_model
 
-    def spy(task, **kw):  # noqa: ANN001, ANN003, ANN202
-        seen["retain"], seen["forget"], seen["kw"] = set(task.retain_idx.tolist()), set(task.forget_idx.tolist()), kw
-        return real(task, **kw)
+    def stream_spy(task, idx, *a, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen["batches_from"], seen["forget"] = set(idx.tolist()), set(task.forget_idx.tolist())
+        return real_stream(task, idx, *a, **kw)
 
-    monkeypatch.setattr(iterative, "finetune", spy)
+    def repair_spy(task, forget, original, healed, **kw):  # noqa: ANN001, ANN003, ANN202
+        seen["kw"], seen["original"], seen["healed"] = kw, original, healed
+        seen["repaired"], info = real_repair(task, forget, original, healed, **kw)
+        return seen["repaired"], info
+
+    monkeypatch.setattr(iterative.tb, "stream", stream_spy)
+    monkeypatch.setattr(iterative, "repair_model", repair_spy)
     cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
                                      "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / 'r'}",
-                                     "method.repair.iterations=5", "method.repair.lr=0.005"])
+                                     "method.repair.iterations=20", "method.repair.lr=0.05"])
     s = run_unlearning(cfg)
-    assert seen["kw"] == {"iterations": 5, "lr": 0.005}
-    assert len(seen["forget"]) == s["final_forget_size"] > 4 and not seen["retain"] & seen["forget"]
-    assert s["repair_retain_samples"] == len(seen["retain"]) == 320 - s["final_forget_size"]
+    assert seen["kw"] == {"iterations": 20, "lr": 0.05}
+    assert len(seen["forget"]) == s["final_forget_size"] > 4 and not seen["batches_from"] & seen["forget"]
+    assert s["repair_retain_samples"] == len(seen["batches_from"]) == 320 - s["final_forget_size"]
+    original = dict(seen["original"].named_parameters())
+    healed = dict(seen["healed"].named_parameters())
+    changed = dampened = 0
+    for name, p in seen["repaired"].named_parameters():
+        damp = healed[name] != original[name]
+        dampened += int(damp.sum())
+        changed += int((p != healed[name])[~damp].sum())
+        assert bool((p.abs() <= healed[name].abs())[damp].all()), name  # dampening is never undone
+    assert dampened > 0 and changed > 0  # it did dampen, and repair did train the other weights
     for bad in ("method.repair.iterations=-1", "method.repair.lr=0", "+method.repair.steps=3"):
         with pytest.raises(ConfigError, match="method.repair"):
             run_unlearning(compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative",

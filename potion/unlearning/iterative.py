@@ -20,10 +20,11 @@ from potion.config import number
 from potion.discovery import Discovery
 from potion.errors import ConfigError
 from potion.suspects import find_suspects
+from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.ssd_family import run_ptn, with_synthesis
 from potion.unlearning.task import UnlearnTask
-from potion.unlearning.training_based import finetune, retrain
+from potion.unlearning.training_based import retrain
 
 
 def with_forget(task: UnlearnTask, forget_idx: torch.Tensor, model: torch.nn.Module) -> UnlearnTask:
@@ -109,7 +110,7 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     diagnostics["final_forget_size"] = int(forget.numel())
     model = out.model
     if repair_args["iterations"] > 0:
-        model, info = repair_model(task, forget, model, **repair_args)
+        model, info = repair_model(task, forget, original, model, **repair_args)
         diagnostics.update(info)
         timings["repair_seconds"] = info["repair_seconds"]
     return MethodOutput(model, diagnostics, timings, out.trajectory)
@@ -121,26 +122,45 @@ def _repair_args(repair: Mapping[str, Any] | None) -> dict[str, Any]:
     if unknown:
         raise ConfigError(f"method.repair.{unknown[0]}: unknown key; valid keys: iterations, lr")
     d.setdefault("iterations", 0)
-    d.setdefault("lr", 0.01)
+    d.setdefault("lr", 0.001)
     return {"iterations": int(number(d, "iterations", "method.repair.iterations", lo=0, integer=True)),
             "lr": float(number(d, "lr", "method.repair.lr", lo=0, lo_open=True))}
 
 
-def repair_model(task: UnlearnTask, forget: torch.Tensor, healed: torch.nn.Module, *, iterations: int,
-                 lr: float) -> tuple[torch.nn.Module, dict[str, Any]]:
+def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Module, healed: torch.nn.Module, *,
+                 iterations: int, lr: float) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Win back the accuracy dampening cost: a short fine-tune on the training set without ``forget``.
 
     Plain Potion cannot fine-tune: its retain set still holds the undiscovered poison, which would
     teach the trigger again. After the suspect rounds the flagged poison is out of the retain set too,
-    so a few hundred steps at a small learning rate (linear decay, the training run's other SGD
-    settings) restore clean accuracy without a trigger to re-learn.
+    so a few hundred steps at a small learning rate (the training run's other SGD settings, linear
+    decay) restore clean accuracy. Repair never undoes the dampening: the dampened weights get no
+    gradient (weight decay may only shrink them further), and batch-norm layers stay frozen.
     """
     t0 = time.perf_counter()
-    out = finetune(with_forget(task, forget, healed), iterations=iterations, lr=lr)
-    info = {"repair_iterations": iterations, "repair_lr": lr, "repair_retain_samples": int(task.num_train
-                                                                                        - forget.numel()),
+    model = copy.deepcopy(healed)
+    sub = with_forget(task, forget, model)
+    before = dict(original.named_parameters())
+    hooks = []
+    for name, p in model.named_parameters():
+        keep = (p.detach() == before[name].detach().to(p.device)).to(p.dtype)
+        hooks.append(p.register_hook(lambda g, keep=keep: g * keep))
+    try:
+        with tb.seeded(sub):
+            trainable = [m for _, m in tb.parameterised_layers(model)
+                         if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+            params = tb.freeze_all_but(model, trainable)
+            tb.train_mode_partial(model, trainable)
+            sgd = tb.sgd_settings(sub, lr=lr)
+            batches = tb.stream(sub, sub.retain_idx, tb.batch_size_for(sub, None), iterations,
+                                augment=True, seed=tb.stream_seed(sub, 0), what="retain")
+            tb.train_steps(model, params, tb.cross_entropy_losses(model, batches, 0.0), iterations, sgd, sub.device)
+    finally:
+        for h in hooks:
+            h.remove()
+    info = {"repair_iterations": iterations, "repair_lr": lr, "repair_retain_samples": int(sub.retain_idx.numel()),
             "repair_seconds": time.perf_counter() - t0}
-    return out.model, info
+    return model.eval(), info
 
 
 @register("discover_retrain")

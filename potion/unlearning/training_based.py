@@ -142,7 +142,7 @@ def sgd_settings(task: UnlearnTask, *, lr: Any = None, momentum: Any = None, wei
     return SGDSettings(lr, momentum, weight_decay, nesterov, warmup, str(schedule))
 
 
-def _batch_size(task: UnlearnTask, batch_size: Any, path: str = "method.batch_size") -> int:
+def batch_size_for(task: UnlearnTask, batch_size: Any, path: str = "method.batch_size") -> int:
     return _int(_train_value(task, "batch_size") if batch_size is None else batch_size, path, 1)
 
 
@@ -360,7 +360,7 @@ def retrain(task: UnlearnTask, iterations: int | None = None, lr: float | None =
     """
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
-    bs = _batch_size(task, batch_size)
+    bs = batch_size_for(task, batch_size)
     smoothing = _label_smoothing(task, label_smoothing)
     augment = _flag(augment, "method.augment")
     retain = retain_without(task, extra_forget)
@@ -403,7 +403,7 @@ def eu_k(task: UnlearnTask, k: int = 2, iterations: int = 1000, lr: float | None
     iterations = _int(iterations, "method.iterations", 1)
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
-    bs = _batch_size(task, batch_size)
+    bs = batch_size_for(task, batch_size)
     smoothing = _label_smoothing(task, label_smoothing)
     augment = _flag(augment, "method.augment")
     factory = _factory(task, "eu_k")
@@ -435,7 +435,7 @@ def finetune(task: UnlearnTask, k: int = -1, iterations: int = 1000, lr: float =
     iterations = _int(iterations, "method.iterations", 1)
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
-    bs = _batch_size(task, batch_size)
+    bs = batch_size_for(task, batch_size)
     smoothing = _label_smoothing(task, label_smoothing)
     augment = _flag(augment, "method.augment")
     _sync(task.device)
@@ -471,7 +471,7 @@ def scrub(task: UnlearnTask, alpha: float = 1.0, gamma: float = 1.0, temperature
                           f"(method.iterations={iterations}); lower max_steps or raise iterations")
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
-    bs = _batch_size(task, batch_size)
+    bs = batch_size_for(task, batch_size)
     fbs = bs if forget_batch_size is None else _int(forget_batch_size, "method.forget_batch_size", 1)
     augment = _flag(augment, "method.augment")
     every = max(1, iterations // max_steps) if max_steps else 0
@@ -518,7 +518,7 @@ def bad_teacher(task: UnlearnTask, iterations: int = 1000, lr: float = 0.025, te
     """
     iterations = _int(iterations, "method.iterations", 1)
     temperature = _float(temperature, "method.temperature", lo=0, lo_open=True)
-    bs = _batch_size(task, batch_size)
+    bs = batch_size_for(task, batch_size)
     if bs < 2:
         raise ConfigError(f"method.batch_size={bs}: bad_teacher needs at least 2 (retain and forget samples)")
     n_f, n_r = int(task.forget_idx.numel()), int(task.retain_idx.numel())
