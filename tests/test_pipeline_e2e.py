@@ -254,7 +254,7 @@ def test_iterative_repair_fine_tunes_without_any_found_poison(trained: dict, tmp
         changed += int((p != healed[name])[~damp].sum())
         assert bool((p.abs() <= healed[name].abs())[damp].all()), name  # dampening is never undone
     assert dampened > 0 and changed > 0  # it did dampen, and repair did train the other weights
-    for bad in ("method.repair.iterations=-1", "method.repair.lr=0", "+method.repair.steps=3"):
+    for bad in ("method.repair.iterations=-1", "method.repair.lr=0", "+method.repair.steps=3", "method.repair=5"):
         with pytest.raises(ConfigError, match="method.repair"):
             run_unlearning(compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative",
                                                       "logger=none", f"out_dir={tmp_path / 'bad'}", bad]))

@@ -117,6 +117,8 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
 
 
 def _repair_args(repair: Mapping[str, Any] | None) -> dict[str, Any]:
+    if repair is not None and not isinstance(repair, Mapping):
+        raise ConfigError(f"method.repair={repair!r}: must be a mapping {{iterations, lr}} or null")
     d = dict(repair or {})
     unknown = sorted(set(d) - {"iterations", "lr"})
     if unknown:
