@@ -13,7 +13,7 @@ from potion.cli import quiet_third_party, run_guarded
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="unlearn")
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
-    from potion.ptn_sweep import CANDIDATE, dispatch, job_role
+    from potion.ptn_sweep import CANDIDATE, PREPARE, dispatch, job_role
 
     quiet_third_party()
     role = job_role(cfg)
@@ -21,6 +21,11 @@ def main(cfg: DictConfig) -> dict[str, Any]:
         s = run_guarded(lambda: dispatch(cfg))
     else:  # a job of the ptn sweeper: an error travels back to the sweeper in Hydra's JobReturn
         s = dispatch(cfg)
+    if role == PREPARE:
+        print(f"ptn prepare: n_f={s['n_f']}/{s['n_p']} a0={s['a0']:.4f} threshold={s['threshold']:.4f} importances "
+              f"{'from the cache' if s['importance_cache_hit'] else 'computed'} in {s['importance_seconds']:.2f} s",
+              flush=True)
+        return s
     if role == CANDIDATE:
         print(f"ptn candidate k={s['step']}: s={s['s']:.4g} alpha={s['alpha']:.4g} forget_acc={s['forget_acc']:.4f}"
               f" (threshold {s['threshold']:.4f})", flush=True)

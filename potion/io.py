@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from potion.errors import CheckpointError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written, so JSON and hashing stay light
+    import torch
 
 
 def _current_umask() -> int:
@@ -64,7 +66,8 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def _json_default(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
+    torch = sys.modules.get("torch")  # no tensor can exist before torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)
@@ -86,6 +89,8 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
     """Save a flat name->tensor mapping atomically, as safetensors (.safetensors) or a weights-only .pt."""
+    import torch
+
     path = Path(path)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if path.suffix == ".safetensors":
@@ -106,6 +111,8 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ``.safetensors`` files are read with safetensors; anything else with ``torch.load(weights_only=True)``,
     which refuses pickled code. Every failure becomes one CheckpointError line.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -143,6 +150,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def sha256_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
     """Hex sha256 of a state dict's names, dtypes, shapes and bytes: a content key for caches."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()

@@ -214,6 +214,10 @@ class Tracker(ABC):
     def finish(self, status: str = "FINISHED") -> None:
         """End the run; never raises."""
 
+    @abstractmethod
+    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
+        """Start a nested run (tag ``mlflow.parentRunId``) in the same store and experiment; never raises."""
+
     def __enter__(self) -> Self:
         return self
 
@@ -241,6 +245,10 @@ class NullTracker(Tracker):
 
     def finish(self, status: str = "FINISHED") -> None:
         """Do nothing."""
+
+    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
+        """Another tracker that does nothing."""
+        return NullTracker()
 
 
 class MlflowTracker(Tracker):
@@ -327,6 +335,20 @@ class MlflowTracker(Tracker):
             return
         self._finished = True
         self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))
+
+    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
+        """A nested run through this run's client (no new connection, no experiment lookup).
+
+        A failure is one warning and a tracker that does nothing, as for every call after the start.
+        """
+        run_tags = {**_default_tags(), **{str(k): _tag_text(v) for k, v in (tags or {}).items()},
+                    PARENT_TAG: str(self.run_id)}
+        created: list[Any] = []
+        self._guard("child run", lambda: created.append(
+            self._client.create_run(self.experiment_id, run_name=run_name, tags=run_tags)))
+        if not created:
+            return NullTracker()
+        return MlflowTracker(self._client, created[0].info.run_id, self.tracking_uri, self.experiment_id)
 
     def _guard(self, kind: str, call: Any) -> None:
         """Run one MLflow call; turn its failure into a single warning per kind."""

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from potion.errors import ConfigError
-from potion.ptn_sweep import CANDIDATE, FINAL, dispatch, job_overrides, num_rounds, round_steps
+from potion.ptn_sweep import CANDIDATE, FINAL, PREPARE, dispatch, job_overrides, num_rounds, round_steps
 from potion.quickstart import compose_config
 
 SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
@@ -106,6 +106,18 @@ def test_job_overrides_quote_the_parent_id_and_name_the_role() -> None:
     assert job_overrides(3, CANDIDATE, "1234e5") == ["method.ptn.fixed_step=3", "++ptn_job.role=candidate",
                                                      "++ptn_job.parent_run_id='1234e5'"]
     assert job_overrides(0, FINAL, None) == ["method.ptn.fixed_step=0", "++ptn_job.role=final"]
+    assert job_overrides(None, PREPARE, "7") == ["++ptn_job.role=prepare", "++ptn_job.parent_run_id='7'"]
+    with pytest.raises(ValueError, match="takes no step"):
+        job_overrides(0, PREPARE, None)
+    with pytest.raises(ValueError, match="needs a step"):
+        job_overrides(None, CANDIDATE, None)
+
+
+def test_the_sweeper_process_never_imports_torch() -> None:
+    """What the sweeper itself runs is torch-free: it can sit on a login node while the jobs do the tensor work."""
+    code = ("import sys, potion.ptn_sweep, potion.tracking, potion.cli, hydra_plugins.potion_ptn.ptn_sweeper; "
+            "assert 'torch' not in sys.modules, 'the sweeper imported torch'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
 def test_sweep_py_selects_the_ptn_sweeper_once() -> None:
@@ -160,7 +172,9 @@ def test_jobs_read_the_importances_the_sweeper_computed(work: Path, basic: dict[
     assert basic["ptn_jobs_recomputed_importance"] == 0
     runs = _runs(client, "basic")
     parent = next(r for r in runs if r.data.tags.get("potion.task") == "ptn_sweep")
-    assert parent.data.metrics["prepare_importance_cache_hit"] == 0  # computed by the sweeper, before the jobs
+    assert parent.data.metrics["prepare_importance_cache_hit"] == 0  # computed by the prepare job, before the rest
+    overrides = (work / "sweep_basic" / "0" / ".hydra" / "overrides.yaml").read_text()
+    assert "ptn_job.role=prepare" in overrides and "fixed_step" not in overrides  # the sweep's first job
     jobs = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert jobs and all(r.data.metrics["importance_cache_hit"] == 1 for r in jobs)
 

@@ -153,6 +153,7 @@ def test_logger_none_and_missing_config_give_null_tracker() -> None:
         tracker.log_metrics({"m": 1.0}, step=1)
         tracker.log_artifact("missing.txt")
         tracker.set_tags({"t": "v"})
+        assert isinstance(tracker.child("c"), NullTracker)
         tracker.finish()
 
 
@@ -236,6 +237,18 @@ def test_parent_and_child(store_uri: str, client) -> None:
     assert parent.experiment_id == child.experiment_id == client.get_experiment_by_name("sweep").experiment_id
     assert client.get_run(child.run_id).data.tags[PARENT_TAG] == parent.run_id
     assert PARENT_TAG not in client.get_run(parent.run_id).data.tags
+
+
+def test_child_runs_share_the_parents_client_and_experiment(store_uri: str, client) -> None:
+    parent = start_tracker(_mlflow_cfg(store_uri, experiment="nested"), experiment="ignored", run_name="sweep")
+    child = parent.child("candidate-k3", tags={"potion.ptn_step": 3})
+    child.log_metrics({"forget_acc": 0.25})
+    child.finish()
+    parent.finish()
+    run = client.get_run(child.run_id)
+    assert run.data.tags[PARENT_TAG] == parent.run_id and run.data.tags["potion.ptn_step"] == "3"
+    assert run.info.experiment_id == parent.experiment_id and run.info.run_name == "candidate-k3"
+    assert run.data.metrics["forget_acc"] == 0.25 and run.info.status == "FINISHED"
 
 
 def test_experiment_created_by_someone_else_first(store_uri: str, client, monkeypatch: pytest.MonkeyPatch) -> None:

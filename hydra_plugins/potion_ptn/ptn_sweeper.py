@@ -8,14 +8,18 @@ in an earlier round and failed, so the answer is the in-process search's. If no 
 ``method.ptn.max_steps`` the last step is used and the parent run records ``ptn_reached=0``, as the
 in-process search does. One final job then heals the model at that step with the full evaluation.
 
-Before launching anything the sweeper (in its own process) computes the importances once into the
-content-addressed cache (``potion.ptn_sweep.prepare``; every job reads them from there) and creates the
-MLflow store, experiment and parent run. Candidate jobs only compute and return their values; the
-sweeper writes each candidate's child run itself (one writer, and workers never import MLflow); the
-final job logs its own child run to the store that already exists.
+The sweeper first creates the MLflow store, experiment and parent run, then launches one ``prepare``
+job that computes the importances once into the content-addressed cache (every later job reads them
+from there) and measures a0; being a launcher job, it runs where the candidates run (their device,
+their cache entry), and the sweeper itself never imports torch (``potion.ptn_sweep``), so it can sit
+on a login node. Candidate jobs only compute and return their values; the sweeper writes each
+candidate's child run itself through the parent's client (one writer, and workers never import
+MLflow); the final job logs its own child run to the store that already exists. With the joblib
+launcher the worker pool is started (imports, data) while the sweeper opens the store, and its idle
+workers are stopped when the sweep ends instead of tearing down one by one at exit.
 
-Overrides this sweeper adds to each job: ``method.ptn.fixed_step=<k>``, ``++ptn_job.role=candidate|final``
-and ``++ptn_job.parent_run_id=<parent MLflow run id>``.
+Overrides this sweeper adds to each job: ``method.ptn.fixed_step=<k>`` (not for prepare),
+``++ptn_job.role=prepare|candidate|final`` and ``++ptn_job.parent_run_id=<parent MLflow run id>``.
 
 Hydra imports every module under ``hydra_plugins`` whenever it starts, so this module imports only
 Hydra at the top; potion (torch, MLflow) is imported when a sweep runs. (No ``from __future__ import
@@ -97,6 +101,8 @@ class PTNSweeper(Sweeper):
         given = self._user_overrides(arguments)
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(arguments))
         ptn_sweep.check_ptn_config(cfg)
+        if cfg.method.ptn.get("fixed_step") is not None:
+            raise ConfigError("method.ptn.fixed_step is what the ptn sweeper searches over; drop it")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -115,6 +121,8 @@ class PTNSweeper(Sweeper):
         except BaseException as exc:
             parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
+        finally:
+            self._release_workers()
         parent.finish("FINISHED")
         return returns
 
@@ -145,7 +153,7 @@ class PTNSweeper(Sweeper):
 
     def _prewarm(self, cfg: DictConfig) -> Any:
         """With Hydra's joblib launcher, start its worker pool now (in a thread) so the workers import torch
-        and load the job inputs while this process computes the importances; None for other launchers.
+        and load the job inputs while this process opens the MLflow store; None for other launchers.
 
         The warm-up goes through ``joblib.Parallel`` with the launcher's own settings, so the launcher's
         first ``Parallel`` call reuses these (loky's reusable executor) instead of starting cold workers.
@@ -180,16 +188,37 @@ class PTNSweeper(Sweeper):
         thread.start()
         return thread
 
+    def _release_workers(self) -> None:
+        """With the joblib launcher, stop its (now idle) worker pool at once.
+
+        Left to the interpreter's exit, loky lets every worker tear down torch in turn (~2 s on the
+        quickstart); the jobs are finished and their outputs written, so nothing is lost. A private
+        loky detail (the reusable executor): without it, the pool is left to exit as before.
+        """
+        if type(self.launcher).__name__ != "JoblibLauncher":
+            return
+        try:
+            from joblib.externals.loky import reusable_executor
+        except ImportError:
+            return
+        executor = getattr(reusable_executor, "_executor", None)
+        if executor is not None:
+            try:
+                executor.shutdown(wait=True, kill_workers=True)
+            except Exception as exc:  # noqa: BLE001 - only a faster exit
+                log.debug("stopping the joblib workers failed: %s", exc)
+
     def _search(self, cfg: DictConfig, arguments: list[str], parent: Any, sweep_dir: Path, t0: float,
                 warming: Any = None) -> list[Sequence[JobReturn]]:
         from potion import ptn_sweep
-        from potion.unlearning.ptn import Candidate, first_qualifying
 
-        prep = ptn_sweep.prepare(cfg)
-        if warming is not None:
-            warming.join()  # the launcher's first round must find the pool idle, not racing the warm-up
-        sched, a0, threshold = prep["schedule"], prep["a0"], prep["threshold"]
         pid = parent.run_id
+        if warming is not None:
+            warming.join()  # the launcher's first call must find the pool idle, not racing the warm-up
+        returns: list[Sequence[JobReturn]] = [
+            self._launch([[*arguments, *ptn_sweep.job_overrides(None, ptn_sweep.PREPARE, pid)]], 0)]
+        prep = returns[0][0].return_value  # re-raises the prepare job's error
+        sched, a0, threshold = prep["schedule"], prep["a0"], prep["threshold"]
         parent.log_params({"method": str(cfg.method.name), "n_f": prep["n_f"], "n_p": prep["n_p"],
                            "ptn": {**sched, "threshold": threshold}})
         parent.log_metrics({"ptn_a0": a0, "ptn_threshold": threshold, "importance_seconds": prep["importance_seconds"],
@@ -199,30 +228,8 @@ class PTNSweeper(Sweeper):
         log.info("PTN sweep: a0=%.4f, threshold=%.4f, up to %d steps in rounds of %d", a0, threshold, max_steps,
                  batch_size)
 
-        returns: list[Sequence[JobReturn]] = []
-        evaluated: list[Candidate] = []
-        chosen: Candidate | None = None
-        job_idx = rounds = recomputed = 0
-        for r in range(ptn_sweep.num_rounds(batch_size, max_steps)):
-            steps = ptn_sweep.round_steps(r, batch_size, max_steps)
-            log.info("PTN round %d: steps %d..%d", r + 1, steps[0], steps[-1])
-            results = self._launch([[*arguments, *ptn_sweep.job_overrides(k, ptn_sweep.CANDIDATE, pid)]
-                                    for k in steps], job_idx)
-            job_idx += len(steps)
-            rounds += 1
-            returns.append(results)
-            values = [res.return_value for res in results]  # re-raises a failed job's error
-            for v in values:  # child runs are written here, by one process, not by the jobs
-                v["mlflow_run_id"] = ptn_sweep.log_candidate(cfg, v, pid)
-            recomputed += sum(not v.get("importance_cache_hit") for v in values)
-            cands = [ptn_sweep.candidate_of(v) for v in values]
-            self._check_consistent(values, prep)
-            for c in cands:
-                parent.log_metrics({f"traj_{k}": v for k, v in asdict(c).items() if k != "step"}, step=c.step)
-            evaluated.extend(cands)
-            chosen = first_qualifying(cands, threshold)
-            if chosen is not None:
-                break
+        evaluated, chosen, job_idx, recomputed = self._rounds(cfg, arguments, parent, prep, returns)
+        rounds = len(returns) - 1
         reached = chosen is not None
         if chosen is None:  # as the in-process search: keep the last step
             chosen = max(evaluated, key=lambda c: c.step)
@@ -256,15 +263,68 @@ class PTNSweeper(Sweeper):
               f"{wall:.1f} s; sweep folder {sweep_dir}", flush=True)
         return returns
 
+    def _rounds(self, cfg: DictConfig, arguments: list[str], parent: Any, prep: dict[str, Any],
+                returns: list[Sequence[JobReturn]]) -> tuple[list[Any], Any, int, int]:
+        """Launch the candidate rounds until one holds a qualifying step (each round's JobReturns appended
+        to ``returns``); (evaluated candidates, the chosen one or None, next job index, recomputed count).
+
+        One thread writes each round's child runs and trajectory metrics while the next round runs (the
+        launcher's workers are busy then, this process idle); it is drained before this returns, so the
+        final job is the only writer when it logs.
+        """
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        from potion import ptn_sweep
+        from potion.unlearning.ptn_candidates import Candidate, first_qualifying
+
+        batch_size, max_steps, threshold = self.batch_size, int(prep["schedule"]["max_steps"]), prep["threshold"]
+        evaluated: list[Candidate] = []
+        chosen: Candidate | None = None
+        job_idx, recomputed = 1, 0
+        writes: list[Future[None]] = []
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptn-mlflow")
+        try:
+            for r in range(ptn_sweep.num_rounds(batch_size, max_steps)):
+                steps = ptn_sweep.round_steps(r, batch_size, max_steps)
+                log.info("PTN round %d: steps %d..%d", r + 1, steps[0], steps[-1])
+                results = self._launch([[*arguments, *ptn_sweep.job_overrides(k, ptn_sweep.CANDIDATE, parent.run_id)]
+                                        for k in steps], job_idx)
+                job_idx += len(steps)
+                returns.append(results)
+                values = [res.return_value for res in results]  # re-raises a failed job's error
+                recomputed += sum(not v.get("importance_cache_hit") for v in values)
+                cands = [ptn_sweep.candidate_of(v) for v in values]
+                self._check_consistent(values, prep)
+                writes.append(writer.submit(self._record_round, parent, cfg, values, cands))
+                evaluated.extend(cands)
+                chosen = first_qualifying(cands, threshold)
+                if chosen is not None:
+                    break
+        finally:
+            writer.shutdown(wait=True)
+        for w in writes:
+            w.result()  # a failed write is an error of the sweep (tracker calls themselves only warn)
+        return evaluated, chosen, job_idx, recomputed
+
+    @staticmethod
+    def _record_round(parent: Any, cfg: DictConfig, values: list[dict[str, Any]], cands: list[Any]) -> None:
+        """A round's child runs (written here, by one process, not by the jobs) and the parent's trajectory."""
+        from potion import ptn_sweep
+
+        for v in values:
+            ptn_sweep.log_candidate(parent, cfg, v)
+        for c in cands:
+            parent.log_metrics({f"traj_{k}": v for k, v in asdict(c).items() if k != "step"}, step=c.step)
+
     @staticmethod
     def _check_consistent(values: list[dict[str, Any]], prep: dict[str, Any]) -> None:
-        """Jobs must see the sweeper's a0 (and step 0) exactly; otherwise evaluation differs between processes."""
+        """Jobs must see the prepare job's a0 (and step 0) exactly; otherwise evaluation differs between them."""
         for v in values:
             if v["a0"] != prep["a0"]:
-                log.warning("PTN candidate k=%d measured a0=%.6f, the sweeper %.6f: jobs and sweeper disagree "
+                log.warning("PTN candidate k=%d measured a0=%.6f, the prepare job %.6f: the jobs disagree "
                             "(different data, device or discovery?)", v["step"], v["a0"], prep["a0"])
             if v["step"] == 0 and v["forget_acc"] != prep["step0"]["forget_acc"]:
-                log.warning("PTN candidate k=0 measured forget_acc=%.6f, the sweeper %.6f", v["forget_acc"],
+                log.warning("PTN candidate k=0 measured forget_acc=%.6f, the prepare job %.6f", v["forget_acc"],
                             prep["step0"]["forget_acc"])
 
     @staticmethod

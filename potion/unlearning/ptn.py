@@ -8,7 +8,6 @@ independently (see ``hydra_plugins/potion_ptn``); the answer is always the first
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -16,6 +15,10 @@ import torch.nn as nn
 
 from potion.errors import ConfigError
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share
+from potion.unlearning.ptn_candidates import Candidate, first_qualifying
+
+__all__ = ["Candidate", "PTNResult", "PTNSchedule", "default_s_start", "evaluate_candidate", "first_qualifying",
+           "ptn_search"]
 
 log = logging.getLogger("potion.ptn")
 
@@ -51,21 +54,6 @@ class PTNSchedule:
 def default_s_start(n_f: int, num_train: int, divisor: float = 25.0) -> float:
     """s_start = (n_f / N) / 25 (method.md §4)."""
     return (n_f / num_train) / divisor
-
-
-@dataclass
-class Candidate:
-    """One evaluated step of the search."""
-
-    step: int
-    s: float
-    percentile: float
-    alpha: float
-    dampened_share: float
-    forget_acc: float
-
-    def qualifies(self, threshold: float) -> bool:
-        return math.isfinite(self.forget_acc) and self.forget_acc <= threshold
 
 
 @dataclass
@@ -120,9 +108,3 @@ def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, sche
     log.warning("PTN: rho=%s never met in %d steps (forget_acc %.3f > %.3f); keeping the last step's model",
                 schedule.rho, schedule.max_steps, trajectory[-1].forget_acc, threshold)
     return PTNResult(a0, threshold, False, trajectory[-1], trajectory)
-
-
-def first_qualifying(candidates: list[Candidate], threshold: float) -> Candidate | None:
-    """The smallest-step qualifying candidate of an evaluated block (parallel PTN's reduction)."""
-    ok = [c for c in candidates if c.qualifies(threshold)]
-    return min(ok, key=lambda c: c.step) if ok else None
