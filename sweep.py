@@ -5,16 +5,18 @@
         hydra/launcher=joblib hydra.launcher.n_jobs=2 hydra.sweeper.batch_size=8
 
 This is unlearn.py's task run with ``--multirun hydra/sweeper=ptn`` (hydra_plugins/potion_ptn): the
-sweeper computes the importances once into the content-addressed cache, creates an MLflow parent
-run, launches rounds of ``hydra.sweeper.batch_size`` candidate steps k (default 8) through the
-configured launcher (``hydra/launcher=basic`` by default, ``joblib``, ``submitit_slurm``, ...), stops
-at the first round with a qualifying step, and launches one final job that heals the model at the
-smallest qualifying k (the in-process search's answer) with unlearn.py's full evaluation. Candidate
-and final jobs are child runs of the parent (tag ``mlflow.parentRunId``). The sweep folder
-(``hydra.sweep.dir``) gets ``ptn_sweep.json`` and ``ptn_trajectory.csv``.
+sweeper creates an MLflow parent run, launches one job that computes the importances once into the
+content-addressed cache, then rounds of ``hydra.sweeper.batch_size`` candidate steps k (default 8), in
+jobs of ``hydra.sweeper.steps_per_job`` steps each (default: by the launcher), through the configured
+launcher (``hydra/launcher=basic`` by default, ``joblib``, ``submitit_slurm``, ...); it stops at the
+first round with a qualifying step and launches one final job that heals the model at the smallest
+qualifying k (the in-process search's answer) with unlearn.py's full evaluation. Candidate and final
+jobs are child runs of the parent (tag ``mlflow.parentRunId``), written by the sweeper: jobs never
+open the tracking store. The sweep folder (``hydra.sweep.dir``) gets ``ptn_sweep.json`` and
+``ptn_trajectory.csv``.
 
 On a SLURM cluster (hydra-submitit-launcher) every job runs on another node, so the jobs must reach
-the same importance cache and MLflow store as the sweeper:
+the same importance cache and files as the sweeper; the tracking store only the sweeper needs:
 
     export POTION_CACHE_DIR=/shared/fs/potion-cache        # shared filesystem, seen by every node
     mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:////shared/fs/mlflow.db &
@@ -22,12 +24,13 @@ the same importance cache and MLflow store as the sweeper:
         logger.tracking_uri=http://<server host>:5000 trainer=gpu \\
         hydra/launcher=submitit_slurm hydra.launcher.partition=<partition> \\
         hydra.launcher.timeout_min=20 hydra.launcher.gpus_per_node=1 hydra.launcher.cpus_per_task=8 \\
-        hydra.sweeper.batch_size=16
+        hydra.sweeper.batch_size=16 hydra.sweeper.steps_per_job=8
 
-Run the sweeper itself where the jobs run the same device type (e.g. submit sweep.py as a job): the
-cache key includes the device, so a CPU-only login node would fill a cache entry the GPU jobs never
-read (they then recompute and warn). A shared server, not a sqlite file on NFS, is the store to use
-for many concurrent jobs. Keep ``train_run`` and ``out_dir`` on the shared filesystem too.
+The sweeper's own work needs no torch and computes nothing, so with a cluster launcher it can run on a
+login node: the importances are computed by the first job, on the jobs' device, so the cache entry is
+the one the candidate jobs read. Keep ``train_run`` and ``out_dir`` on the shared filesystem too (the sweeper
+copies the final run's files into MLflow from there). A shared server, not a sqlite file on NFS, is
+the store to use for many concurrent sweeps.
 """
 
 import sys

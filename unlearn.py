@@ -11,7 +11,7 @@ from potion.cli import quiet_third_party, run_guarded
 
 # An absolute config path, so the configs are found also when sweep.py imports this module.
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="unlearn")
-def main(cfg: DictConfig) -> dict[str, Any]:
+def main(cfg: DictConfig) -> Any:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
     from potion.ptn_sweep import CANDIDATE, PREPARE, dispatch, job_role
 
@@ -26,9 +26,10 @@ def main(cfg: DictConfig) -> dict[str, Any]:
               f"{'from the cache' if s['importance_cache_hit'] else 'computed'} in {s['importance_seconds']:.2f} s",
               flush=True)
         return s
-    if role == CANDIDATE:
-        print(f"ptn candidate k={s['step']}: s={s['s']:.4g} alpha={s['alpha']:.4g} forget_acc={s['forget_acc']:.4f}"
-              f" (threshold {s['threshold']:.4f})", flush=True)
+    if role == CANDIDATE:  # one entry per step k the job evaluated
+        for c in s:
+            print(f"ptn candidate k={c['step']}: s={c['s']:.4g} alpha={c['alpha']:.4g} forget_acc={c['forget_acc']:.4f}"
+                  f" (threshold {c['threshold']:.4f})", flush=True)
         return s
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
     print(f"{s['method']}: n_f={s['n_f']}/{s['n_p']}  clean_acc {s['clean_acc_before']:.4f} -> {s['clean_acc']:.4f}  "

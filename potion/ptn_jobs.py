@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from potion.config import model_kwargs, to_dict
 from potion.errors import ConfigError
 from potion.ptn_sweep import INPUT_KEYS, check_ptn_config
 from potion.unlearning.ptn import PTNSchedule, default_s_start
+from potion.unlearning.ptn_candidates import Candidate
 
 log = logging.getLogger("potion.ptn_sweep")
 
@@ -74,7 +76,7 @@ def warm_up(cfg: dict[str, Any]) -> int:
     return os.getpid()
 
 
-def _load(cfg: DictConfig, step: int) -> Loaded:
+def _load(cfg: DictConfig, step: int | list[int]) -> Loaded:
     from potion.models import build_model
     from potion.unlearn_pipeline import resolve_device
     from potion.unlearning.registry import get_method
@@ -91,7 +93,7 @@ def _load(cfg: DictConfig, step: int) -> Loaded:
                                                          **model_kwargs(run.cfg.model)),
                        train_cfg=to_dict(run.cfg.train))
     args = {k: v for k, v in to_dict(cfg.method).items() if k != "name"}
-    args["ptn"] = {**args.get("ptn", {}), "fixed_step": int(step)}
+    args["ptn"] = {**args.get("ptn", {}), "fixed_step": step}
     return Loaded(task, method_fn, args, run)
 
 
@@ -146,34 +148,32 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def run_candidate(cfg: DictConfig) -> dict[str, Any]:
-    """One PTN candidate: cached importances, dampen at method.ptn.fixed_step, forget accuracy only.
+def run_candidates(cfg: DictConfig, steps: Sequence[int] | None) -> list[dict[str, Any]]:
+    """PTN candidates: the cached importances read once, then for each step k a dampening from the
+    undampened model and its forget accuracy; one dict per step, in the order given.
 
-    Writes nothing and evaluates nothing on the test set; the sweeper records the returned values as a
-    child MLflow run (:func:`log_candidate`), so jobs never open the tracking store (no MLflow import in
-    workers, one writer to a sqlite store).
+    Writes nothing and evaluates nothing on the test set; the sweeper records each step's values as a
+    child MLflow run (``potion.ptn_sweep.log_candidate``), so jobs never open the tracking store (no
+    MLflow import in workers, one writer to a sqlite store).
     """
-    step = cfg.method.ptn.get("fixed_step")
-    if step is None:
-        raise ConfigError("a ptn candidate job needs method.ptn.fixed_step (set by the ptn sweeper)")
+    if not steps:
+        raise ConfigError("a ptn candidate job needs ptn_job.steps (set by the ptn sweeper)")
     check_ptn_config(cfg)
-    return _candidate(cfg, int(step))
-
-
-def _candidate(cfg: DictConfig, step: int) -> dict[str, Any]:
+    steps = [int(k) for k in steps]
     torch.set_num_threads(_threads())
     t0 = time.perf_counter()
-    job = _load(cfg, step)
+    job = _load(cfg, steps)
     out = job.method_fn(job.task, **job.method_args)
     d = out.diagnostics
     if not d["importance_cache_hit"]:
-        log.warning("PTN candidate k=%d computed its importances: the prepare job's cache entry was not found (same "
-                    "POTION_CACHE_DIR on a shared filesystem and the same device type for all jobs?)", step)
-    return {
-        "step": step, "s": float(d["ptn_s"]), "percentile": float(d["ptn_percentile"]),
-        "alpha": float(d["ptn_alpha"]), "dampened_share": float(d["ptn_dampened_share"]),
-        "forget_acc": float(d["ptn_forget_acc"]), "a0": float(d["ptn_a0"]), "threshold": float(d["ptn_threshold"]),
-        "qualifies": bool(d["ptn_reached"]), "importance_cache_hit": float(d["importance_cache_hit"]),
-        "importance_seconds": float(out.timings.get("importance_seconds", 0.0)),
-        "candidate_seconds": time.perf_counter() - t0,
-    }
+        log.warning("PTN candidates k=%s computed their importances: the prepare job's cache entry was not found "
+                    "(same POTION_CACHE_DIR on a shared filesystem and the same device type for all jobs?)", steps)
+    a0, threshold = float(d["ptn_a0"]), float(d["ptn_threshold"])
+    seconds = (time.perf_counter() - t0) / len(steps)
+    shared = {"a0": a0, "threshold": threshold, "importance_cache_hit": float(d["importance_cache_hit"]),
+              "importance_seconds": float(out.timings.get("importance_seconds", 0.0)), "candidate_seconds": seconds}
+    rows = [Candidate(**{k: row[k] for k in Candidate.__dataclass_fields__}) for row in out.trajectory]
+    if [c.step for c in rows] != steps:
+        raise RuntimeError(f"PTN candidates: asked for steps {steps}, the method evaluated {[c.step for c in rows]}")
+    return [{**{k: float(v) for k, v in asdict(c).items()}, "step": c.step, "qualifies": c.qualifies(threshold),
+             **shared} for c in rows]

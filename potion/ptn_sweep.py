@@ -9,9 +9,9 @@ The sweeper launches unlearn.py jobs told apart by ``ptn_job.role`` (see :func:`
   so the key is the one every later job looks up), a0 and the candidate grid
   (:func:`potion.ptn_jobs.prepare`). As a launcher job it runs where the candidates run, so the cache
   entry is for their device;
-- ``candidate``: reads the cached importances, dampens at ``method.ptn.fixed_step`` and measures the
-  forget accuracy only (nothing written; the sweeper records its values as a child MLflow run,
-  :func:`log_candidate`);
+- ``candidate``: reads the cached importances once, then for each of its steps k (``ptn_job.steps``)
+  dampens the model and measures the forget accuracy only (nothing written; the sweeper records each
+  step's values as a child MLflow run, :func:`log_candidate`);
 - ``final``: the full ``run_unlearning`` at the chosen step, its MLflow run a child of the sweep's.
 
 Without a role, :func:`dispatch` is plain ``run_unlearning``, so unlearn.py behaves as before.
@@ -20,6 +20,7 @@ Without a role, :func:`dispatch` is plain ``run_unlearning``, so unlearn.py beha
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, open_dict
@@ -36,8 +37,10 @@ PREPARE = "prepare"
 CANDIDATE = "candidate"
 FINAL = "final"
 ROLES = (PREPARE, CANDIDATE, FINAL)
+PTN_METHODS = ("potion", "assd", "lfssd")  # one PTN search over one importance pair: what the sweeper splits
 SWEEPER_KEYS = ("method.ptn.fixed_step", JOB_KEY)  # set by the sweeper per job, never by the user
 INPUT_KEYS = ("train_run", "train", "discovery", "seed", "logger")  # the config keys that select a job's inputs
+TRACKING_KEY = "ptn_tracking"  # in a final job's return value: its recorded tracking calls and final status
 
 
 # --------------------------------------------------------------------------- what the sweeper launches
@@ -54,16 +57,38 @@ def num_rounds(batch_size: int, max_steps: int) -> int:
     return -(-max_steps // batch_size)
 
 
-def job_overrides(step: int | None, role: str, parent_run_id: str | None) -> list[str]:
-    """The overrides that turn an unlearn.py run into one of the sweeper's jobs (no step for ``prepare``)."""
+def job_chunks(steps: list[int], steps_per_job: int) -> list[list[int]]:
+    """A round's steps as the candidate jobs that evaluate them: consecutive blocks of ``steps_per_job``."""
+    if steps_per_job < 1:
+        raise ValueError(f"steps_per_job={steps_per_job}: must be >= 1")
+    return [steps[i:i + steps_per_job] for i in range(0, len(steps), steps_per_job)]
+
+
+def job_overrides(step: int | Sequence[int] | None, role: str, parent_run_id: str | None,
+                  run_id: str | None = None) -> list[str]:
+    """The overrides that turn an unlearn.py run into one of the sweeper's jobs.
+
+    ``step``: none for ``prepare``, the steps k a ``candidate`` job evaluates (one or a list), the chosen
+    k for ``final``. ``run_id`` (final job only): the MLflow run the sweeper created for it; the job then
+    records its tracking calls and returns them (:data:`TRACKING_KEY`) instead of opening the store.
+    """
     if role not in ROLES:
         raise ValueError(f"unknown PTN job role {role!r}")
     if (step is None) != (role == PREPARE):
         raise ValueError(f"a {role} job {'takes no' if role == PREPARE else 'needs a'} step k")
-    out = [] if step is None else [f"method.ptn.fixed_step={int(step)}"]
+    if run_id and role != FINAL:
+        raise ValueError("only the final job logs an MLflow run of its own")
+    if role == CANDIDATE:
+        steps = [int(step)] if isinstance(step, int) else [int(k) for k in step]  # type: ignore[union-attr]
+        if not steps:
+            raise ValueError("a candidate job needs at least one step k")
+        out = [f"++{JOB_KEY}.steps=[{','.join(map(str, steps))}]"]
+    else:
+        out = [] if step is None else [f"method.ptn.fixed_step={int(step)}"]  # type: ignore[arg-type]
     out.append(f"++{JOB_KEY}.role={role}")
-    if parent_run_id:
-        out.append(f"++{JOB_KEY}.parent_run_id='{parent_run_id}'")  # quoted: a hex id can read as a number
+    for key, value in (("parent_run_id", parent_run_id), ("run_id", run_id)):
+        if value:
+            out.append(f"++{JOB_KEY}.{key}='{value}'")  # quoted: a hex id can read as a number
     return out
 
 
@@ -76,9 +101,9 @@ def candidate_of(ret: dict[str, Any]) -> Candidate:
 def check_ptn_config(cfg: DictConfig) -> None:
     """The configured method must search with PTN and use the importance cache the jobs share."""
     name = str(cfg.method.get("name"))
-    if cfg.method.get("ptn") is None:
-        raise ConfigError(f"method={name} has no PTN search; the ptn sweeper runs potion, assd or lfssd "
-                          "(use unlearn.py for other methods)")
+    if name not in PTN_METHODS or cfg.method.get("ptn") is None:
+        raise ConfigError(f"method={name}: the ptn sweeper runs the single PTN search of "
+                          f"{', '.join(PTN_METHODS)} (use unlearn.py for other methods)")
     imp = cfg.method.get("importance")
     if imp is not None and not bool(imp.get("cache", True)):
         raise ConfigError("method.importance.cache=false: the ptn sweeper's jobs read the importances from the "
@@ -131,14 +156,20 @@ def dispatch(cfg: DictConfig) -> dict[str, Any]:
         return run_unlearning(cfg)
     if role not in ROLES:
         raise ConfigError(f"{JOB_KEY}.role={role}: choose one of {list(ROLES)} (set by the ptn sweeper)")
-    parent = cfg[JOB_KEY].get("parent_run_id")
-    parent = None if parent in (None, "") else str(parent)
+    parent, run_id = (None if v in (None, "") else str(v) for v in (cfg[JOB_KEY].get("parent_run_id"),
+                                                                     cfg[JOB_KEY].get("run_id")))
     plain = without_job(cfg)
     if role == PREPARE:
         return ptn_jobs.prepare(plain)
     if role == CANDIDATE:
-        return ptn_jobs.run_candidate(plain)
-    return run_unlearning(plain, parent_run_id=parent)
+        return ptn_jobs.run_candidates(plain, cfg[JOB_KEY].get("steps"))
+    if run_id is None:  # no run made for it (logger=none): an ordinary run under the parent
+        return run_unlearning(plain, parent_run_id=parent)
+    from potion.tracking import RecordingTracker
+
+    recorder = RecordingTracker(run_id)
+    summary = run_unlearning(plain, tracker=recorder)
+    return {**summary, TRACKING_KEY: {"calls": recorder.calls, "status": recorder.status}}
 
 
 def warm_worker(cfg: dict[str, Any]) -> int:

@@ -218,6 +218,10 @@ class Tracker(ABC):
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
         """Start a nested run (tag ``mlflow.parentRunId``) in the same store and experiment; never raises."""
 
+    @abstractmethod
+    def discard(self) -> None:
+        """Delete the run (a placeholder that got no content); never raises."""
+
     def __enter__(self) -> Self:
         return self
 
@@ -249,6 +253,70 @@ class NullTracker(Tracker):
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
         """Another tracker that does nothing."""
         return NullTracker()
+
+    def discard(self) -> None:
+        """Do nothing."""
+
+
+class RecordingTracker(Tracker):
+    """Records a run's tracking calls as plain data instead of writing them, for another process to replay.
+
+    A PTN sweep's final job logs through one of these (its run already created by the sweeper, whose id
+    it carries), returns :attr:`calls` with its result, and the sweeper replays them into that run
+    (:meth:`replay`): the jobs never import MLflow or reach the store, and a sqlite store keeps one writer.
+    Artifacts are recorded as paths, so the replaying process must see the job's files (the same machine,
+    or the shared filesystem a cluster sweep uses anyway).
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+        self.calls: list[tuple[str, Any]] = []
+        self.status: str | None = None
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Record the flattened params."""
+        self.calls.append(("params", flatten_params(params)))
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Record the metrics as plain numbers (tensors and numpy scalars unwrapped)."""
+        plain = {str(k): v.item() if hasattr(v, "item") else v for k, v in metrics.items() if v is not None}
+        self.calls.append(("metrics", (plain, step)))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Record the artifact's absolute path."""
+        self.calls.append(("artifact", (os.path.abspath(os.fspath(path)), artifact_path)))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Record the tags as text."""
+        self.calls.append(("tags", {str(k): _tag_text(v) for k, v in tags.items()}))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Record the final status (the first one given)."""
+        if self.status is None:
+            self.status = status
+
+    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
+        """Nested runs are not recorded: a tracker that does nothing."""
+        return NullTracker()
+
+    def discard(self) -> None:
+        """Forget the recorded calls."""
+        self.calls.clear()
+
+    @staticmethod
+    def replay(calls: Sequence[tuple[str, Any]], into: Tracker) -> None:
+        """Apply recorded ``calls`` (from :attr:`calls`, maybe sent from another process) to ``into``, in order."""
+        for kind, args in calls:
+            if kind == "params":
+                into.log_params(args)
+            elif kind == "metrics":
+                into.log_metrics(args[0], step=args[1])
+            elif kind == "artifact":
+                into.log_artifact(args[0], args[1])
+            elif kind == "tags":
+                into.set_tags(args)
+            else:
+                raise ValueError(f"unknown recorded tracking call {kind!r}")
 
 
 class MlflowTracker(Tracker):
@@ -349,6 +417,11 @@ class MlflowTracker(Tracker):
         if not created:
             return NullTracker()
         return MlflowTracker(self._client, created[0].info.run_id, self.tracking_uri, self.experiment_id)
+
+    def discard(self) -> None:
+        """Delete this run from the store (it stays restorable with ``mlflow runs restore``)."""
+        self._finished = True
+        self._guard("discard", lambda: self._client.delete_run(self.run_id))
 
     def _guard(self, kind: str, call: Any) -> None:
         """Run one MLflow call; turn its failure into a single warning per kind."""

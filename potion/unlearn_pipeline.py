@@ -24,7 +24,7 @@ from potion.plots import plot_ptn_trajectory
 from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
 from potion.schedule import cpu_threads
 from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
-from potion.tracking import download_run_artifacts, resolve_tracking_uri, start_tracker
+from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri, start_tracker
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.registry import get_method, run_timed
 from potion.unlearning.task import UnlearnTask
@@ -99,10 +99,13 @@ def unlearn_run_dir(cfg: DictConfig, run: TrainedRun) -> tuple[Path, str]:
     return Path("runs") / "unlearn" / f"{cfg.method.name}-{key}", key
 
 
-def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None) -> dict[str, Any]:
+def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None, tracker: Tracker | None = None
+                   ) -> dict[str, Any]:
     """Heal the training run's model with the configured method; return the summary (also on disk).
 
-    ``parent_run_id`` makes the MLflow run a child of that run (the PTN sweeper's final job).
+    ``parent_run_id`` makes the MLflow run a child of that run. ``tracker``: log to this tracker (its run
+    already started elsewhere, e.g. a :class:`~potion.tracking.RecordingTracker` in a PTN sweep's final
+    job) instead of starting one from ``cfg.logger``; it gets the run's tags and its final status.
     """
     method_fn = get_method(str(cfg.method.name))
     validate_unlearn_config(cfg)  # static values fail here, before the training run is read
@@ -114,12 +117,14 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None) -> dict[st
     if done is not None and done.get("config_hash") == key and not cfg.get("force", False):
         done["reused"] = True
         return done
-    tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
-                            run_name=f"unlearn-{cfg.method.name}", tags={
-                                "potion.task": "unlearn", "potion.method": str(cfg.method.name),
-                                "potion.config_hash": key, "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
-                                "potion.train_config_hash": str(run.summary.get("config_hash"))},
-                            parent_run_id=parent_run_id)
+    tags = {"potion.task": "unlearn", "potion.method": str(cfg.method.name), "potion.config_hash": key,
+            "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
+            "potion.train_config_hash": str(run.summary.get("config_hash"))}
+    if tracker is None:
+        tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
+                                run_name=f"unlearn-{cfg.method.name}", tags=tags, parent_run_id=parent_run_id)
+    else:
+        tracker.set_tags(tags)
     try:
         summary = _unlearn(cfg, run, discovery, method_fn, run_dir, key, tracker)
     except BaseException:

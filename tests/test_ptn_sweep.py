@@ -20,7 +20,17 @@ from typing import Any
 import pytest
 
 from potion.errors import ConfigError
-from potion.ptn_sweep import CANDIDATE, FINAL, PREPARE, dispatch, job_overrides, num_rounds, round_steps
+from potion.ptn_sweep import (
+    CANDIDATE,
+    FINAL,
+    PREPARE,
+    check_ptn_config,
+    dispatch,
+    job_chunks,
+    job_overrides,
+    num_rounds,
+    round_steps,
+)
 from potion.quickstart import compose_config
 
 SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
@@ -62,15 +72,16 @@ def inproc(work: Path) -> dict[str, Any]:
     return s
 
 
-def _sweep(work: Path, name: str, batch: int, *extra: str) -> dict[str, Any]:
+def _sweep(work: Path, name: str, batch: int, *extra: str, sweep: str | None = None) -> dict[str, Any]:
     env = {**os.environ, "POTION_CACHE_DIR": str(work / f"cache_{name}"), "POTION_THREADS": "1"}
+    sweep_dir = work / f"sweep_{sweep or name}"
     cmd = [sys.executable, "sweep.py", f"train_run={work / 'train'}", *PTN,
            f"logger.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"logger.experiment={name}",
-           f"hydra.sweeper.batch_size={batch}", f"hydra.sweep.dir={work / ('sweep_' + name)}",
+           f"hydra.sweeper.batch_size={batch}", f"hydra.sweep.dir={sweep_dir}",
            f"out_dir={work / ('final_' + name)}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    record = json.loads((work / f"sweep_{name}" / "ptn_sweep.json").read_text())
+    record = json.loads((sweep_dir / "ptn_sweep.json").read_text())
     record["final_summary"] = json.loads((work / f"final_{name}" / "summary.json").read_text())
     record["stdout"] = proc.stdout
     return record
@@ -103,14 +114,31 @@ def test_rounds_cover_the_grid_in_order() -> None:
 
 
 def test_job_overrides_quote_the_parent_id_and_name_the_role() -> None:
-    assert job_overrides(3, CANDIDATE, "1234e5") == ["method.ptn.fixed_step=3", "++ptn_job.role=candidate",
+    assert job_overrides(3, CANDIDATE, "1234e5") == ["++ptn_job.steps=[3]", "++ptn_job.role=candidate",
                                                      "++ptn_job.parent_run_id='1234e5'"]
+    assert job_overrides([4, 5, 6], CANDIDATE, None) == ["++ptn_job.steps=[4,5,6]", "++ptn_job.role=candidate"]
+    assert job_overrides(2, FINAL, "p", run_id="r") == ["method.ptn.fixed_step=2", "++ptn_job.role=final",
+                                                        "++ptn_job.parent_run_id='p'", "++ptn_job.run_id='r'"]
     assert job_overrides(0, FINAL, None) == ["method.ptn.fixed_step=0", "++ptn_job.role=final"]
     assert job_overrides(None, PREPARE, "7") == ["++ptn_job.role=prepare", "++ptn_job.parent_run_id='7'"]
     with pytest.raises(ValueError, match="takes no step"):
         job_overrides(0, PREPARE, None)
     with pytest.raises(ValueError, match="needs a step"):
         job_overrides(None, CANDIDATE, None)
+
+
+def test_a_round_splits_into_jobs_of_consecutive_steps() -> None:
+    assert job_chunks([8, 9, 10, 11, 12], 2) == [[8, 9], [10, 11], [12]]
+    assert job_chunks([0, 1, 2], 8) == [[0, 1, 2]] and job_chunks([0, 1], 1) == [[0], [1]]
+    with pytest.raises(ValueError, match="steps_per_job"):
+        job_chunks([0], 0)
+
+
+def test_only_single_search_methods_are_swept() -> None:
+    for method in ("potion_iterative", "ssd"):
+        cfg = compose_config("unlearn", ["train_run=x", f"method={method}", "logger=none"])
+        with pytest.raises(ConfigError, match=f"method={method}: the ptn sweeper runs"):
+            check_ptn_config(cfg)
 
 
 def test_the_sweeper_process_never_imports_torch() -> None:
@@ -175,6 +203,8 @@ def test_jobs_read_the_importances_the_sweeper_computed(work: Path, basic: dict[
     assert parent.data.metrics["prepare_importance_cache_hit"] == 0  # computed by the prepare job, before the rest
     overrides = (work / "sweep_basic" / "0" / ".hydra" / "overrides.yaml").read_text()
     assert "ptn_job.role=prepare" in overrides and "fixed_step" not in overrides  # the sweep's first job
+    jobs = sorted(int(d.name) for d in (work / "sweep_basic").iterdir() if d.name.isdigit())
+    assert jobs == list(range(basic["ptn_rounds"] + 2))  # basic launcher, steps_per_job auto: a round is one job
     jobs = [r for r in runs if r.info.run_id != parent.info.run_id]
     assert jobs and all(r.data.metrics["importance_cache_hit"] == 1 for r in jobs)
 
@@ -207,12 +237,29 @@ def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, A
                                                  client: Any) -> None:
     from potion.tracking import PARENT_TAG
 
-    rec = _sweep(work, "joblib", inproc["batch"], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    rec = _sweep(work, "joblib", inproc["batch"], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 "hydra.sweeper.steps_per_job=1")
     assert rec["ptn_chosen_step"] == inproc["chosen"] == basic["ptn_chosen_step"]
-    assert rec["trajectory"] == basic["trajectory"]
+    assert rec["trajectory"] == basic["trajectory"]  # one step per job or a whole round per job: the same values
     assert "JoblibLauncher" in rec["stdout"]
     runs = _runs(client, "joblib")  # the shared sqlite store took the parallel jobs' runs intact
     parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
     assert len(runs) == rec["ptn_steps_evaluated"] + 2
     assert all(r.data.tags.get(PARENT_TAG) == parent.info.run_id for r in runs if r is not parent)
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_a_rerun_reuses_the_final_run_and_adds_no_empty_child(work: Path, inproc: dict[str, Any],
+                                                              basic: dict[str, Any], client: Any) -> None:
+    from potion.tracking import PARENT_TAG
+
+    again = _sweep(work, "basic", inproc["batch"], sweep="basic_again")  # same out_dir, no force: reused
+    assert again["ptn_chosen_step"] == basic["ptn_chosen_step"]
+    assert again["final_mlflow_run_id"] == basic["final_mlflow_run_id"]  # the earlier final run, not a new one
+    runs = _runs(client, "basic")
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    second = next(r for r in parents if r.data.tags["potion.sweep_dir"].endswith("sweep_basic_again"))
+    assert second.data.tags["potion.final_reused"] == "True"
+    finals = [r for r in runs if r.data.tags.get("potion.task") == "unlearn"]
+    assert [r.info.run_id for r in finals] == [basic["final_mlflow_run_id"]]  # the placeholder was deleted
+

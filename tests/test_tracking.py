@@ -359,3 +359,37 @@ def test_health_endpoint_answers(tmp_path: Path) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_recorded_calls_replay_into_a_run_after_a_trip_through_pickle(store_uri: str, client,
+                                                                       tmp_path: Path) -> None:
+    import pickle
+
+    from potion.tracking import RecordingTracker
+
+    artifact = tmp_path / "summary.json"
+    artifact.write_text("{}")
+    recorder = RecordingTracker("placeholder-id")
+    recorder.set_tags({"potion.task": "unlearn"})
+    recorder.log_params({"method": {"name": "potion", "ptn": {"rho": 0.1}}})
+    recorder.log_metrics({"healed": 93.5, "skipped": None})
+    recorder.log_metrics({"ptn_traj_forget_acc": 0.5}, step=3)
+    recorder.log_artifact(artifact)
+    recorder.finish("FINISHED")
+    calls = pickle.loads(pickle.dumps(recorder.calls))  # what a job returns to the sweeper's process
+    run = start_tracker(_mlflow_cfg(store_uri, experiment="replay"), experiment="ignored", run_name="final")
+    RecordingTracker.replay(calls, run)
+    run.finish(recorder.status or "FAILED")
+    got = client.get_run(run.run_id)
+    assert got.data.tags["potion.task"] == "unlearn" and got.data.params["method.ptn.rho"] == "0.1"
+    assert got.data.metrics["healed"] == 93.5 and "skipped" not in got.data.metrics
+    assert [m.step for m in client.get_metric_history(run.run_id, "ptn_traj_forget_acc")] == [3]
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["summary.json"]
+    assert got.info.status == "FINISHED"
+
+
+def test_a_discarded_placeholder_run_is_deleted(store_uri: str, client) -> None:
+    parent = start_tracker(_mlflow_cfg(store_uri, experiment="discard"), experiment="ignored", run_name="sweep")
+    child = parent.child("final")
+    child.discard()
+    assert client.get_run(child.run_id).info.lifecycle_stage == "deleted"

@@ -2,19 +2,22 @@
 
 PTN's candidates s_k = s_start * s_step^k are fixed in advance, so the sweeper evaluates them in rounds
 of ``batch_size`` consecutive steps, each round one ``launcher.launch`` of candidate jobs (any Hydra
-launcher: basic, joblib, submitit). It stops after the first round that holds a qualifying step
-(forget_acc <= rho * a0) and takes the smallest qualifying k there: every earlier step was evaluated
-in an earlier round and failed, so the answer is the in-process search's. If no step qualifies within
-``method.ptn.max_steps`` the last step is used and the parent run records ``ptn_reached=0``, as the
-in-process search does. One final job then heals the model at that step with the full evaluation.
+launcher: basic, joblib, submitit), each job evaluating ``steps_per_job`` of them (its start-up, the
+importances read once, shared by its steps; see PTNSweeperConf for the default). It stops after the
+first round that holds a qualifying step (forget_acc <= rho * a0) and takes the smallest qualifying k
+there: every earlier step was evaluated in an earlier round and failed, so the answer is the in-process
+search's. If no step qualifies within ``method.ptn.max_steps`` the last step is used and the parent run
+records ``ptn_reached=0``, as the in-process search does. One final job then heals the model at that
+step with the full evaluation.
 
 The sweeper first creates the MLflow store, experiment and parent run, then launches one ``prepare``
 job that computes the importances once into the content-addressed cache (every later job reads them
 from there) and measures a0; being a launcher job, it runs where the candidates run (their device,
 their cache entry), and the sweeper itself never imports torch (``potion.ptn_sweep``), so it can sit
 on a login node. Candidate jobs only compute and return their values; the sweeper writes each
-candidate's child run itself through the parent's client (one writer, and workers never import
-MLflow); the final job logs its own child run to the store that already exists. With the joblib
+candidate's child run itself through the parent's client, and the final job records its tracking calls
+and returns them for the sweeper to replay into a child run it created: one writer to the store, and no
+job imports MLflow or needs to reach the tracking server. With the joblib
 launcher the worker pool is started (imports, data) while the sweeper opens the store, and its idle
 workers are stopped when the sweep ends instead of tearing down one by one at exit.
 
@@ -22,7 +25,7 @@ Overrides this sweeper adds to each job: ``method.ptn.fixed_step=<k>`` (not for 
 ``++ptn_job.role=prepare|candidate|final`` and ``++ptn_job.parent_run_id=<parent MLflow run id>``.
 
 Hydra imports every module under ``hydra_plugins`` whenever it starts, so this module imports only
-Hydra at the top; potion (torch, MLflow) is imported when a sweep runs. (No ``from __future__ import
+Hydra at the top; potion is imported when a sweep runs (and never torch in this process). (No ``from __future__ import
 annotations``: the scanner runs this module before it is in sys.modules, where dataclasses look.)
 """
 
@@ -34,7 +37,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -53,10 +56,16 @@ FINAL_METRICS = ("clean_acc", "asr", "poison_acc", "healed", "acc_drop", "forget
 
 @dataclass
 class PTNSweeperConf:
-    """``hydra/sweeper=ptn``; ``hydra.sweeper.batch_size`` = candidate steps launched per round."""
+    """``hydra/sweeper=ptn``: ``batch_size`` candidate steps per round, ``steps_per_job`` of them per job.
+
+    ``steps_per_job=null`` (auto): the whole round in one job with the basic launcher (its jobs run one
+    after another in this process anyway), the round split evenly over the workers with joblib, one step
+    per job with other launchers (a cluster: raise it where a job's start-up costs more than its steps).
+    """
 
     _target_: str = "hydra_plugins.potion_ptn.ptn_sweeper.PTNSweeper"
     batch_size: int = 8
+    steps_per_job: Optional[int] = None  # noqa: UP045 - Hydra's structured configs read typing.Optional
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="ptn", node=PTNSweeperConf, provider="potion")
@@ -65,9 +74,10 @@ ConfigStore.instance().store(group="hydra/sweeper", name="ptn", node=PTNSweeperC
 class PTNSweeper(Sweeper):
     """PTN search in rounds of candidate jobs, then one final job at the chosen step (see the module doc)."""
 
-    def __init__(self, batch_size: int = 8) -> None:
+    def __init__(self, batch_size: int = 8, steps_per_job: int | None = None) -> None:
         super().__init__()
         self.batch_size = batch_size
+        self.steps_per_job = steps_per_job
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
@@ -98,6 +108,10 @@ class PTNSweeper(Sweeper):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"hydra.sweeper.batch_size={self.batch_size}: must be a positive integer "
                               "(candidate steps launched per round)")
+        spj = self.steps_per_job
+        if spj is not None and (isinstance(spj, bool) or not isinstance(spj, int) or spj < 1):
+            raise ConfigError(f"hydra.sweeper.steps_per_job={spj}: must be a positive integer or null (auto: "
+                              "by the launcher's parallelism)")
         given = self._user_overrides(arguments)
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(arguments))
         ptn_sweep.check_ptn_config(cfg)
@@ -116,7 +130,8 @@ class PTNSweeper(Sweeper):
                                tags={"potion.task": "ptn_sweep", "potion.method": method,
                                      "potion.launcher": launcher, "potion.sweep_dir": str(sweep_dir)})
         try:
-            parent.log_params({"override": given, "sweeper": {"batch_size": self.batch_size, "launcher": launcher}})
+            parent.log_params({"override": given, "sweeper": {"batch_size": self.batch_size, "launcher": launcher,
+                                                              "steps_per_job": self._steps_per_job()}})
             returns = self._search(cfg, arguments, parent, sweep_dir, t0, warming)
         except BaseException as exc:
             parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -143,6 +158,19 @@ class PTNSweeper(Sweeper):
                 raise ConfigError(f"{o.get_key_element()}: set by the ptn sweeper for each job; drop the override")
             given[o.get_key_element()] = "null" if o.is_delete() else o.get_value_element_as_str()
         return given
+
+    def _steps_per_job(self) -> int:
+        """hydra.sweeper.steps_per_job, or (null) what suits the launcher: see PTNSweeperConf."""
+        if self.steps_per_job is not None:
+            return int(self.steps_per_job)
+        name = type(self.launcher).__name__
+        if name == "BasicLauncher":
+            return self.batch_size
+        if name == "JoblibLauncher":
+            n = int(self.launcher.joblib.get("n_jobs") or 1)  # type: ignore[attr-defined]
+            workers = n if n > 0 else max(1, (os.cpu_count() or 1) + 1 + n)  # joblib: -1 = all cores, -2 = all but one
+            return -(-self.batch_size // workers)
+        return 1
 
     def _launch(self, batch: list[list[str]], job_idx: int) -> Sequence[JobReturn]:
         assert self.launcher is not None
@@ -236,9 +264,8 @@ class PTNSweeper(Sweeper):
             log.warning("PTN sweep: rho=%s never met in %d steps; the final run uses the last step k=%d",
                         sched["rho"], max_steps, chosen.step)
 
-        final = self._launch([[*arguments, *ptn_sweep.job_overrides(chosen.step, ptn_sweep.FINAL, pid)]], job_idx)
+        final, summary = self._final(cfg, arguments, parent, chosen.step, job_idx)
         returns.append(final)
-        summary = final[0].return_value
         wall = time.perf_counter() - t0
         if summary.get("ptn_forget_acc") is not None and abs(summary["ptn_forget_acc"] - chosen.forget_acc) > 1e-9:
             log.warning("PTN sweep: the final job's forget_acc at k=%d is %.6f, the candidate's was %.6f "
@@ -268,9 +295,10 @@ class PTNSweeper(Sweeper):
         """Launch the candidate rounds until one holds a qualifying step (each round's JobReturns appended
         to ``returns``); (evaluated candidates, the chosen one or None, next job index, recomputed count).
 
-        One thread writes each round's child runs and trajectory metrics while the next round runs (the
-        launcher's workers are busy then, this process idle); it is drained before this returns, so the
-        final job is the only writer when it logs.
+        When the jobs run in other processes, one thread writes each round's child runs and trajectory
+        metrics while the next round runs (the workers are busy then, this process idle); it is drained
+        before this returns. With the basic launcher the jobs run in this process, so a writer thread would
+        only contend with them for the interpreter: the rounds are written inline.
         """
         from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -278,24 +306,30 @@ class PTNSweeper(Sweeper):
         from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
         batch_size, max_steps, threshold = self.batch_size, int(prep["schedule"]["max_steps"]), prep["threshold"]
+        steps_per_job = self._steps_per_job()
         evaluated: list[Candidate] = []
         chosen: Candidate | None = None
         job_idx, recomputed = 1, 0
         writes: list[Future[None]] = []
+        overlap = type(self.launcher).__name__ != "BasicLauncher"
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptn-mlflow")
         try:
             for r in range(ptn_sweep.num_rounds(batch_size, max_steps)):
                 steps = ptn_sweep.round_steps(r, batch_size, max_steps)
                 log.info("PTN round %d: steps %d..%d", r + 1, steps[0], steps[-1])
-                results = self._launch([[*arguments, *ptn_sweep.job_overrides(k, ptn_sweep.CANDIDATE, parent.run_id)]
-                                        for k in steps], job_idx)
-                job_idx += len(steps)
+                jobs = ptn_sweep.job_chunks(steps, steps_per_job)
+                results = self._launch([[*arguments, *ptn_sweep.job_overrides(c, ptn_sweep.CANDIDATE, parent.run_id)]
+                                        for c in jobs], job_idx)
+                job_idx += len(jobs)
                 returns.append(results)
-                values = [res.return_value for res in results]  # re-raises a failed job's error
+                values = [v for res in results for v in res.return_value]  # re-raises a failed job's error
                 recomputed += sum(not v.get("importance_cache_hit") for v in values)
                 cands = [ptn_sweep.candidate_of(v) for v in values]
                 self._check_consistent(values, prep)
-                writes.append(writer.submit(self._record_round, parent, cfg, values, cands))
+                if overlap:
+                    writes.append(writer.submit(self._record_round, parent, cfg, values, cands))
+                else:
+                    self._record_round(parent, cfg, values, cands)
                 evaluated.extend(cands)
                 chosen = first_qualifying(cands, threshold)
                 if chosen is not None:
@@ -305,6 +339,34 @@ class PTNSweeper(Sweeper):
         for w in writes:
             w.result()  # a failed write is an error of the sweep (tracker calls themselves only warn)
         return evaluated, chosen, job_idx, recomputed
+
+    def _final(self, cfg: DictConfig, arguments: list[str], parent: Any, step: int, job_idx: int
+               ) -> tuple[Sequence[JobReturn], dict[str, Any]]:
+        """Launch the final job at ``step`` into a child run created here; replay what it recorded.
+
+        The job logs to a RecordingTracker and returns the calls, so it never imports MLflow or reaches
+        the store (a compute node need not see the tracking server); a reused (already finished) final
+        run gets no new child run: the placeholder is deleted and the summary names the earlier run.
+        """
+        from potion import ptn_sweep
+        from potion.tracking import RecordingTracker
+
+        method = str(cfg.method.name)
+        run = parent.child(f"unlearn-{method}", tags={"potion.task": "unlearn", "potion.method": method})
+        try:
+            final = self._launch([[*arguments, *ptn_sweep.job_overrides(step, ptn_sweep.FINAL, parent.run_id,
+                                                                        run_id=run.run_id)]], job_idx)
+            summary = final[0].return_value  # re-raises the job's error
+        except BaseException as exc:
+            run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        record = summary.pop(ptn_sweep.TRACKING_KEY, None)
+        if record is None or summary.get("reused"):
+            run.discard()
+        else:
+            RecordingTracker.replay(record["calls"], run)
+            run.finish(record["status"] or "FINISHED")
+        return final, summary
 
     @staticmethod
     def _record_round(parent: Any, cfg: DictConfig, values: list[dict[str, Any]], cands: list[Any]) -> None:

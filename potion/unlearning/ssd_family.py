@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from potion.config import number
+from potion.config import check, number
 from potion.errors import ConfigError
 from potion.evaluation import autocast_for
 from potion.io import sha256_tensors
@@ -203,6 +203,8 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
 
     ``criterion_task``: PTN's stopping test watches that task's forget set instead of ``task``'s (the
     iterative method: importances from discovered + suspected samples, stopping on the discovered ones).
+    ``ptn.fixed_step``: evaluate only this step k instead of searching; a list of steps (how the PTN
+    sweeper's candidate jobs call it) evaluates each from the undampened model and leaves the last.
     """
     p = dict(ptn or {})
     task, synth_info = with_synthesis(task, synthesis)
@@ -225,12 +227,16 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     names = [n for n, _ in importance_parameters(model)]
     originals = snapshot(model, names)
     fixed = p.get("fixed_step")
-    if fixed is not None:  # one given candidate (how the PTN sweeper's jobs and its final step run)
-        number({"k": fixed}, "k", "method.ptn.fixed_step", lo=0, hi=schedule.max_steps - 1, integer=True)
-        cand = evaluate_candidate(int(fixed), schedule, RatioPool.build(imp_r, imp_f), model, originals, imp_r,
-                                  imp_f, forget_acc, lam)
+    if fixed is not None:  # given candidates (the PTN sweeper's jobs: a list; its final run: one step)
+        steps = fixed if isinstance(fixed, (list, tuple)) else [fixed]
+        check(len(steps) > 0, "method.ptn.fixed_step: an empty list of steps")
+        for k in steps:
+            number({"k": k}, "k", "method.ptn.fixed_step", lo=0, hi=schedule.max_steps - 1, integer=True)
+        pool = RatioPool.build(imp_r, imp_f)  # each candidate is dampened from the originals, independently
+        cands = [evaluate_candidate(int(k), schedule, pool, model, originals, imp_r, imp_f, forget_acc, lam)
+                 for k in steps]
         threshold = schedule.rho * a0
-        result = PTNResult(a0, threshold, cand.qualifies(threshold), cand, [cand])
+        result = PTNResult(a0, threshold, cands[-1].qualifies(threshold), cands[-1], cands)
     else:
         result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam)
     sync(task.device)
