@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--rho", type=float, default=0.1, help="method.ptn.rho")
     ap.add_argument("--batch-size", type=int, default=8, help="hydra.sweeper.batch_size (candidates per round)")
     ap.add_argument("--n-jobs", type=int, default=2, help="hydra.launcher.n_jobs for joblib")
+    ap.add_argument("--steps-per-job", type=int, help="hydra.sweeper.steps_per_job (default: auto, by launcher)")
     ap.add_argument("--quick", action="store_true", help="compressed PTN grid: s_start=0.01, s_step=1.5")
     ap.add_argument("--logger", choices=("mlflow", "none"), default="mlflow")
     ap.add_argument("--repeat", type=int, default=3,
@@ -78,6 +79,8 @@ def main() -> None:
     train_run = Path(args.train_run).resolve() if args.train_run else train_quickstart()
     overrides = ["method=potion", f"discovery.share={args.share}", f"method.ptn.rho={args.rho}",
                  f"hydra.sweeper.batch_size={args.batch_size}"]
+    if args.steps_per_job is not None:
+        overrides.append(f"hydra.sweeper.steps_per_job={args.steps_per_job}")
     if args.quick:
         overrides += ["method.ptn.s_start=0.01", "method.ptn.s_step=1.5"]
     print(f"PTN sweep on {train_run}: {' '.join(overrides)} (logger={args.logger})", flush=True)
@@ -99,9 +102,10 @@ def main() -> None:
     rows = [[name, f"{r['wall']:.2f}", " / ".join(f"{x['wall']:.2f}" for x in runs[key]), r["ptn_chosen_step"],
              r["ptn_steps_evaluated"], r["ptn_rounds"]]
             for name, key, r in (("basic", "basic", basic), (f"joblib, n_jobs={args.n_jobs}", "joblib", joblib))]
+    title_note = "" if args.steps_per_job is None else f", {args.steps_per_job} step(s) per job"
     shown = train_run.relative_to(ROOT) if train_run.is_relative_to(ROOT) else train_run
     body = "\n\n".join([
-        "### PTN sweep: basic launcher vs joblib (CPU, 2 cores)",
+        f"### PTN sweep: basic launcher vs joblib (CPU, 2 cores{title_note})",
         f"Command: `{command_line()}` (model `{shown}`; "
         f"{' '.join(overrides)}; logger={args.logger})",
         markdown_table(["launcher", "median wall s", "each run (s)", "chosen k", "candidates", "rounds"], rows),
