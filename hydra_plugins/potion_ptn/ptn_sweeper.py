@@ -125,21 +125,23 @@ class PTNSweeper(Sweeper):
         warming = self._prewarm(cfg)
         method = str(cfg.method.name)
         launcher = type(self.launcher).__name__
-        # The store, experiment and parent run exist before any job starts (jobs only add child runs).
-        parent = start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-sweep-{method}",
-                               tags={"potion.task": "ptn_sweep", "potion.method": method,
-                                     "potion.launcher": launcher, "potion.sweep_dir": str(sweep_dir)})
         try:
-            parent.log_params({"override": given, "sweeper": {"batch_size": self.batch_size, "launcher": launcher,
-                                                              "steps_per_job": self._steps_per_job()}})
-            returns = self._search(cfg, arguments, parent, sweep_dir, t0, warming)
-        except BaseException as exc:
-            parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-            raise
+            # The store, experiment and parent run exist before any job starts; every run of the sweep is
+            # written by this process (the jobs return their values).
+            parent = start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-sweep-{method}",
+                                   tags={"potion.task": "ptn_sweep", "potion.method": method,
+                                         "potion.launcher": launcher, "potion.sweep_dir": str(sweep_dir)})
+            try:
+                parent.log_params({"override": given, "sweeper": {
+                    "batch_size": self.batch_size, "launcher": launcher, "steps_per_job": self._steps_per_job()}})
+                returns = self._search(cfg, arguments, parent, sweep_dir, t0, warming)
+            except BaseException as exc:
+                parent.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                raise
+            parent.finish("FINISHED")
+            return returns
         finally:
             self._release_workers()
-        parent.finish("FINISHED")
-        return returns
 
     def _user_overrides(self, arguments: list[str]) -> dict[str, str]:
         """The command line's overrides as {key: value}; sweeps and the sweeper's own keys are refused."""
