@@ -77,7 +77,7 @@ def logged(server: dict) -> dict:
                                                            f"logger.tracking_uri={uri}", f"out_dir={root / 'u'}"]))
     cmd = [sys.executable, "sweep.py", f"train_run={root / 'run'}", *PTN, f"logger.tracking_uri={uri}",
            "logger.experiment=sweep", "hydra.sweeper.batch_size=8", f"hydra.sweep.dir={root / 'sweep'}",
-           f"out_dir={root / 'final'}"]
+           f"out_dir={root / 'final'}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return {"trained": trained, "healed": healed, **server}
@@ -112,3 +112,8 @@ def test_the_sweep_links_children_to_its_parent_on_the_server(logged: dict) -> N
     assert children and all(r.data.tags[PARENT_TAG] == pid for r in children)
     chosen = parents[0].data.metrics["ptn_chosen_step"]
     assert chosen == logged["healed"]["ptn_steps"] - 1  # the sweep's answer = the in-process search's
+    assert parents[0].data.tags["potion.launcher"] == "JoblibLauncher"
+    final = next(r for r in children if r.data.tags.get("potion.task") == "unlearn")
+    assert final.info.run_id == parents[0].data.tags["potion.final_run_id"] and final.info.status == "FINISHED"
+    assert final.data.metrics["healed"] == pytest.approx(parents[0].data.metrics["healed"])
+    assert "summary.json" in {a.path for a in client.list_artifacts(final.info.run_id)}  # replayed over HTTP
