@@ -389,6 +389,13 @@ def retrain(task: UnlearnTask, iterations: int | None = None, lr: float | None =
                    extra_forget=len(extra_forget) if extra_forget is not None else 0)
 
 
+def _last_layer_settings(task: UnlearnTask, iterations: Any, batch_size: int | None, label_smoothing: float | None,
+                         augment: Any, **sgd: Any) -> tuple[int, SGDSettings, int, float, bool]:
+    """The validated settings eu_k and finetune share: (iterations, SGD, batch size, smoothing, augment)."""
+    return (_int(iterations, "method.iterations", 1), sgd_settings(task, **sgd), batch_size_for(task, batch_size),
+            _label_smoothing(task, label_smoothing), _flag(augment, "method.augment"))
+
+
 @_method("eu_k")
 def eu_k(task: UnlearnTask, k: int = 2, iterations: int = 1000, lr: float | None = None,
          momentum: float | None = None, weight_decay: float | None = None, nesterov: bool | None = None,
@@ -400,12 +407,9 @@ def eu_k(task: UnlearnTask, k: int = 2, iterations: int = 1000, lr: float | None
     default to the training run's (lr included).
     """
     k = _layer_count(k, allow_all=False)
-    iterations = _int(iterations, "method.iterations", 1)
-    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                       warmup=warmup, schedule=schedule)
-    bs = batch_size_for(task, batch_size)
-    smoothing = _label_smoothing(task, label_smoothing)
-    augment = _flag(augment, "method.augment")
+    iterations, sgd, bs, smoothing, augment = _last_layer_settings(
+        task, iterations, batch_size, label_smoothing, augment, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, nesterov=nesterov, warmup=warmup, schedule=schedule)
     factory = _factory(task, "eu_k")
     _sync(task.device)
     t_start = time.perf_counter()
@@ -432,12 +436,9 @@ def finetune(task: UnlearnTask, k: int = -1, iterations: int = 1000, lr: float =
     the other SGD settings to the training run's.
     """
     k = _layer_count(k, allow_all=True)
-    iterations = _int(iterations, "method.iterations", 1)
-    sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                       warmup=warmup, schedule=schedule)
-    bs = batch_size_for(task, batch_size)
-    smoothing = _label_smoothing(task, label_smoothing)
-    augment = _flag(augment, "method.augment")
+    iterations, sgd, bs, smoothing, augment = _last_layer_settings(
+        task, iterations, batch_size, label_smoothing, augment, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, nesterov=nesterov, warmup=warmup, schedule=schedule)
     _sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
