@@ -1,5 +1,5 @@
 """PTN as a Hydra sweeper (sweep.py, hydra_plugins/potion_ptn): the in-process answer, importances computed
-once, MLflow parent/child runs, and the same answer through the joblib launcher.
+once, MLflow parent/child runs, and the same answer through the joblib and submitit (local) launchers.
 
 One poisoned digits model is trained per module. It trains 8 epochs, not 4: after 4 the small CNN is at
 ~19 % clean accuracy and no dampening moves its forget accuracy, so every search would run to max_steps.
@@ -263,3 +263,17 @@ def test_a_rerun_reuses_the_final_run_and_adds_no_empty_child(work: Path, inproc
     finals = [r for r in runs if r.data.tags.get("potion.task") == "unlearn"]
     assert [r.info.run_id for r in finals] == [basic["final_mlflow_run_id"]]  # the placeholder was deleted
 
+
+
+def test_the_submitit_launcher_runs_the_cluster_path(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
+                                                     client: Any) -> None:
+    """hydra/launcher=submitit_local: each job in a process of its own, results pickled back, as on SLURM."""
+    rec = _sweep(work, "submitit", inproc["batch"], "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
+                 f"hydra.sweeper.steps_per_job={inproc['batch']}")
+    assert rec["ptn_chosen_step"] == inproc["chosen"] and rec["trajectory"] == basic["trajectory"]
+    assert "LocalLauncher" in rec["stdout"]
+    runs = _runs(client, "submitit")
+    finals = [r for r in runs if r.data.tags.get("potion.task") == "unlearn"]
+    assert [r.info.run_id for r in finals] == [rec["final_summary"]["mlflow_run_id"]]
+    assert finals[0].data.metrics["healed"] == pytest.approx(rec["final_summary"]["healed"])
+    assert len([r for r in runs if r.data.tags.get("potion.task") == "ptn_candidate"]) == rec["ptn_steps_evaluated"]
