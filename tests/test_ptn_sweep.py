@@ -195,7 +195,7 @@ def test_the_sweep_chooses_the_in_process_step(basic: dict[str, Any], inproc: di
     assert f"k={inproc['chosen']}" in basic["stdout"]
 
 
-def test_jobs_read_the_importances_the_sweeper_computed(work: Path, basic: dict[str, Any], client: Any) -> None:
+def test_jobs_read_the_importances_the_prepare_job_computed(work: Path, basic: dict[str, Any], client: Any) -> None:
     assert len(list((work / "cache_basic" / "importance").glob("*.safetensors"))) == 2  # Omega_r, Omega_f once
     assert basic["ptn_jobs_recomputed_importance"] == 0
     runs = _runs(client, "basic")
