@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from potion.cli import quiet_third_party, run_guarded
+from potion.cli import fast_exit, quiet_third_party, run_guarded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -11,6 +11,8 @@ def main(cfg: DictConfig) -> None:
     from potion.train_pipeline import run_training
 
     quiet_third_party()
+
+    fast_exit()
     s = run_guarded(lambda: run_training(cfg))
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
     print(f"clean_acc={s['clean_acc']:.4f}  poison_acc={s['poison_acc']:.4f}  asr={s['asr']:.4f}  "

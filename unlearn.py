@@ -6,7 +6,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from potion.cli import quiet_third_party, run_guarded
+from potion.cli import fast_exit, quiet_third_party, run_guarded
 
 
 # An absolute config path, so the configs are found also when sweep.py imports this module.
@@ -16,6 +16,8 @@ def main(cfg: DictConfig) -> Any:
     from potion.ptn_sweep import CANDIDATE, PREPARE, dispatch, job_role
 
     quiet_third_party()
+
+    fast_exit()
     role = job_role(cfg)
     if role is None:
         s = run_guarded(lambda: dispatch(cfg))

@@ -7,7 +7,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from potion.cli import quiet_third_party, run_guarded
+from potion.cli import fast_exit, quiet_third_party, run_guarded
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -16,6 +16,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def main(cfg: DictConfig) -> dict[str, Any]:
     """Heal, write the out folder, print where it is and the before/after line."""
     quiet_third_party()
+    fast_exit()
     from potion.practitioner import format_result, heal
 
     summary = run_guarded(lambda: heal(cfg))

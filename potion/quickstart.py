@@ -12,7 +12,7 @@ from typing import Any
 
 from hydra import compose, initialize_config_dir
 
-from potion.cli import quiet_third_party, run_guarded
+from potion.cli import fast_exit, quiet_third_party, run_guarded
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 METHODS = ("potion", "retrain")
@@ -59,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from potion.unlearn_pipeline import run_unlearning
 
     quiet_third_party()
+
+    fast_exit()
     overrides = list(sys.argv[1:] if argv is None else argv)
     train_over = ["experiment=quickstart"] + [o for o in overrides if not o.startswith("unlearn.")]
     unlearn_extra = [o.removeprefix("unlearn.") for o in overrides if o.startswith("unlearn.")]

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from potion.cli import EXIT_USER_ERROR, quiet_third_party
+from potion.cli import EXIT_USER_ERROR, fast_exit, quiet_third_party
 from potion.errors import PotionError, TrackingError
 
 PAGE_SIZE = 5000
@@ -446,6 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: write the report; 0 on success, 2 with one ``error:`` line when nothing can be reported."""
     args = _parser().parse_args(argv)
     quiet_third_party()
+    fast_exit()
     try:
         paths, uri, n_runs = build_report(args)
     except PotionError as exc:

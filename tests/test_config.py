@@ -184,3 +184,18 @@ def test_train_cli_rejects_bad_values(overrides: list[str], key: str | None, tmp
         lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(lines) == 1 and key in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_fast_exit_freezes_the_heap_before_the_interpreter_ends_once() -> None:
+    """The last collection is skipped: gc.freeze runs after the atexit handlers registered later (MLflow's),
+    before the ones registered earlier; a second call adds nothing."""
+    code = ("import atexit, gc, sys\n"
+            "atexit.register(lambda: print('frozen' if gc.get_freeze_count() else 'not frozen', flush=True))\n"
+            "from potion.cli import fast_exit\n"
+            "before = atexit._ncallbacks()\n"
+            "fast_exit(); fast_exit()\n"
+            "assert atexit._ncallbacks() == before + 1\n"
+            "atexit.register(lambda: print('later handler ran, heap frozen: %s' % bool(gc.get_freeze_count())))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")
+    assert out[:2] == ["later handler ran, heap frozen: False", "frozen"]

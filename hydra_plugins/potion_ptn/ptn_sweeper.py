@@ -92,9 +92,11 @@ class PTNSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         """Run the search; return every round's job returns, the final job's last."""
-        from potion.cli import quiet_third_party, run_guarded
+        from potion.cli import fast_exit, quiet_third_party, run_guarded
 
         quiet_third_party()
+
+        fast_exit()
         return run_guarded(lambda: self._sweep(list(arguments)))
 
     # ----------------------------------------------------------------------------------------------
