@@ -11,7 +11,6 @@ def main(cfg: DictConfig) -> None:
     from potion.train_pipeline import run_training
 
     quiet_third_party()
-
     fast_exit()
     s = run_guarded(lambda: run_training(cfg))
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))

@@ -16,7 +16,6 @@ def main(cfg: DictConfig) -> Any:
     from potion.ptn_sweep import CANDIDATE, PREPARE, dispatch, job_role
 
     quiet_third_party()
-
     fast_exit()
     role = job_role(cfg)
     if role is None:

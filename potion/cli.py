@@ -34,8 +34,8 @@ _FAST_EXIT = False
 def fast_exit() -> None:
     """Skip the interpreter's last garbage collection of the whole heap when the process ends.
 
-    With torch, MLflow and SQLAlchemy loaded that pass costs ~1 s of every command's wall time
-    (measured: 1.3 s -> 0.2 s from the atexit handlers to the process end). It only frees memory the OS
+    With torch, MLflow and SQLAlchemy loaded that pass costs about a second of every command's wall
+    time on this project's CPU machine. It only frees memory the OS
     takes back anyway: ``gc.freeze`` runs as the last atexit handler, after MLflow's, loky's and
     logging's, and objects are still released by reference counting (open files closed, outputs written
     atomically before that).

@@ -123,8 +123,6 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
     job computes), which also yields a0 and the step-0 candidate (a cross-check for the jobs).
     """
     check_ptn_config(cfg)
-    if cfg.method.ptn.get("fixed_step") is not None:
-        raise ConfigError("method.ptn.fixed_step is what the ptn sweeper searches over; drop the override")
     torch.set_num_threads(_threads())
     t0 = time.perf_counter()
     job = _load(cfg, 0)

@@ -99,11 +99,13 @@ def candidate_of(ret: dict[str, Any]) -> Candidate:
 
 
 def check_ptn_config(cfg: DictConfig) -> None:
-    """The configured method must search with PTN and use the importance cache the jobs share."""
+    """The configured method must be one PTN search (no fixed step) using the importance cache the jobs share."""
     name = str(cfg.method.get("name"))
     if name not in PTN_METHODS or cfg.method.get("ptn") is None:
         raise ConfigError(f"method={name}: the ptn sweeper runs the single PTN search of "
                           f"{', '.join(PTN_METHODS)} (use unlearn.py for other methods)")
+    if cfg.method.ptn.get("fixed_step") is not None:
+        raise ConfigError("method.ptn.fixed_step is what the ptn sweeper searches over; drop it")
     imp = cfg.method.get("importance")
     if imp is not None and not bool(imp.get("cache", True)):
         raise ConfigError("method.importance.cache=false: the ptn sweeper's jobs read the importances from the "

@@ -59,7 +59,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     from potion.unlearn_pipeline import run_unlearning
 
     quiet_third_party()
-
     fast_exit()
     overrides = list(sys.argv[1:] if argv is None else argv)
     train_over = ["experiment=quickstart"] + [o for o in overrides if not o.startswith("unlearn.")]

@@ -13,20 +13,23 @@ step with the full evaluation.
 The sweeper first creates the MLflow store, experiment and parent run, then launches one ``prepare``
 job that computes the importances once into the content-addressed cache (every later job reads them
 from there) and measures a0; being a launcher job, it runs where the candidates run (their device,
-their cache entry), and the sweeper itself never imports torch (``potion.ptn_sweep``), so it can sit
-on a login node. Candidate jobs only compute and return their values; the sweeper writes each
-candidate's child run itself through the parent's client, and the final job records its tracking calls
-and returns them for the sweeper to replay into a child run it created: one writer to the store, and no
-job imports MLflow or needs to reach the tracking server. With the joblib
-launcher the worker pool is started (imports, data) while the sweeper opens the store, and its idle
-workers are stopped when the sweep ends instead of tearing down one by one at exit.
+their cache entry), and the sweeper's own code never imports torch (``potion.ptn_sweep``), so with a
+cluster launcher it can sit on a login node. Candidate jobs only compute and return their values; the
+sweeper writes each candidate's child run itself through the parent's client, and the final job records
+its tracking calls and returns them for the sweeper to replay into a child run it created: one writer to
+the store, and no job imports MLflow or needs to reach the tracking server. With the joblib launcher the
+worker pool is started (imports, data) while the sweeper opens the store, and its idle workers are
+stopped when the sweep ends instead of tearing down one by one at exit.
 
-Overrides this sweeper adds to each job: ``method.ptn.fixed_step=<k>`` (not for prepare),
-``++ptn_job.role=prepare|candidate|final`` and ``++ptn_job.parent_run_id=<parent MLflow run id>``.
+Overrides this sweeper adds to its jobs: ``++ptn_job.role=prepare|candidate|final``,
+``++ptn_job.parent_run_id=<parent MLflow run id>``, the steps of a candidate job
+(``++ptn_job.steps=[k, ...]``), and for the final job ``method.ptn.fixed_step=<k>`` and
+``++ptn_job.run_id=<the child run created for it>``.
 
 Hydra imports every module under ``hydra_plugins`` whenever it starts, so this module imports only
-Hydra at the top; potion is imported when a sweep runs (and never torch in this process). (No ``from __future__ import
-annotations``: the scanner runs this module before it is in sys.modules, where dataclasses look.)
+Hydra at the top; potion is imported when a sweep runs (torch only by jobs the basic launcher runs in
+this process). (No ``from __future__ import annotations``: the scanner runs this module before it is in
+sys.modules, where dataclasses look.)
 """
 
 import csv
@@ -95,7 +98,6 @@ class PTNSweeper(Sweeper):
         from potion.cli import fast_exit, quiet_third_party, run_guarded
 
         quiet_third_party()
-
         fast_exit()
         return run_guarded(lambda: self._sweep(list(arguments)))
 
@@ -117,8 +119,6 @@ class PTNSweeper(Sweeper):
         given = self._user_overrides(arguments)
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(arguments))
         ptn_sweep.check_ptn_config(cfg)
-        if cfg.method.ptn.get("fixed_step") is not None:
-            raise ConfigError("method.ptn.fixed_step is what the ptn sweeper searches over; drop it")
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
