@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -11,7 +11,9 @@ import torch
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_plan
 from potion.data.sources import DatasetBundle, load_dataset
+from potion.data.triggers import kind_of
 from potion.errors import ConfigError
+from potion.io import sha256_json, sha256_tensors
 
 
 @dataclass
@@ -23,7 +25,7 @@ class PoisonedData:
     trigger: Trigger
     normalizer: Normalizer
     train_labels: torch.Tensor  # poisoned labels
-    train_flags: torch.Tensor  # True where the trigger is pasted
+    train_flags: torch.Tensor  # what the trigger gets: True where pasted (uint8 codes for a noise mode)
 
     @property
     def num_classes(self) -> int:
@@ -32,6 +34,15 @@ class PoisonedData:
     @property
     def channels(self) -> int:
         return self.bundle.channels
+
+    @property
+    def poison_mask(self) -> torch.Tensor:
+        """Bool mask over the training set: True at the plan's poisoned samples (noise-mode ones are not poison)."""
+        return self.plan.mask()
+
+    def wanted_test_labels(self) -> torch.Tensor:
+        """The attacker's label for every test image (what asr counts)."""
+        return self.plan.wanted(self.bundle.test.labels)
 
 
 def load_data(dataset_cfg: Mapping[str, Any]) -> DatasetBundle:
@@ -56,18 +67,47 @@ def plan_from_config(bundle: DatasetBundle, poison_cfg: Mapping[str, Any]) -> Po
     return make_poison_plan(
         bundle.train.labels, target=target, num_classes=bundle.num_classes, trigger=spec,
         seed=int(p.get("seed", 0)), count=p.get("count"), fraction=p.get("fraction"),
-        exclude_target=bool(p.get("exclude_target", False)),
+        exclude_target=bool(p.get("exclude_target", False)), mapping=str(p.get("mapping") or "all_to_one"),
     )
 
 
-def poison(bundle: DatasetBundle, plan: PoisonPlan) -> PoisonedData:
-    """Apply a plan to a data set (labels and trigger flags; pixels are triggered batch-wise later)."""
+def poison(bundle: DatasetBundle, plan: PoisonPlan, poison_images: torch.Tensor | None = None) -> PoisonedData:
+    """Apply a plan to a data set (labels and trigger flags; pixels are triggered batch-wise later).
+
+    ``poison_images`` (uint8 [n_p, C, H, W], aligned with ``plan.indices``) replace the poisoned training
+    images before augmentation: the label-consistent attack's PGD-hardened images.
+    """
     if plan.num_train != len(bundle.train):
         raise ConfigError(f"the poison plan was drawn for {plan.num_train} training samples, the data set has "
                           f"{len(bundle.train)}: use the data set the model was trained on")
+    if plan.num_classes is not None and plan.num_classes != bundle.num_classes:
+        raise ConfigError(f"the poison plan maps labels over {plan.num_classes} classes, the data set has "
+                          f"{bundle.num_classes}: use the data set the model was trained on")
+    if poison_images is not None:
+        bundle = with_poison_images(bundle, plan, poison_images)
+    elif kind_needs_images(plan):
+        raise ConfigError(f"poison.trigger.kind={plan.trigger.kind}: the perturbed training images "
+                          "(poison_images.safetensors of the training run) are missing")
     _, c, h, w = bundle.train.images.shape
     return PoisonedData(
         bundle=bundle, plan=plan, trigger=Trigger(plan.trigger, c, h, w, bundle.mean, bundle.std),
         normalizer=Normalizer(bundle.mean, bundle.std), train_labels=plan.poisoned_labels(bundle.train.labels),
-        train_flags=plan.mask(),
+        train_flags=plan.flags(),
     )
+
+
+def kind_needs_images(plan: PoisonPlan) -> bool:
+    """Whether the plan's attack perturbs its training images (they travel with the run)."""
+    return plan.count > 0 and kind_of(plan.trigger.kind).surrogate
+
+
+def with_poison_images(bundle: DatasetBundle, plan: PoisonPlan, images: torch.Tensor) -> DatasetBundle:
+    """The bundle with the poisoned samples' images replaced (and a fingerprint that says so)."""
+    expected = (plan.count, *bundle.train.images.shape[1:])
+    if images.dtype != torch.uint8 or tuple(images.shape) != expected:
+        raise ConfigError(f"poison images: expected uint8 {list(expected)}, got {images.dtype} {list(images.shape)}")
+    new = bundle.train.images.clone()
+    new[torch.tensor(plan.indices, dtype=torch.long)] = images
+    train = replace(bundle.train, images=new)
+    fp = sha256_json([bundle.fingerprint, sha256_tensors({"poison_images": images})])[:16]
+    return replace(bundle, train=train, fingerprint=fp)

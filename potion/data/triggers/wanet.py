@@ -1,0 +1,65 @@
+"""WaNet (Nguyen & Tran, ICLR 2021): an imperceptible warp of the whole image as the trigger.
+
+A seeded k x k field of random flow offsets, normalised to mean |offset| 1, is upsampled (bicubic) to
+the image and scaled by ``strength / size``; ``grid_sample`` moves every pixel along it. Noise mode:
+samples of code 2 get the same warp plus fresh uniform noise of up to one pixel per call and keep their
+true label, which teaches the network that *other* warps mean nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from potion.data.triggers.base import PixelSpace, PixelTrigger
+
+
+def warp_grid(height: int, width: int, grid_size: int, strength: float, seed: int) -> torch.Tensor:
+    """The fixed sampling grid [1, H, W, 2] (x, y in [-1, 1]) of the trigger warp."""
+    gen = torch.Generator().manual_seed(int(seed))
+    ctrl = torch.rand(1, 2, grid_size, grid_size, generator=gen) * 2 - 1
+    ctrl = ctrl / ctrl.abs().mean()
+    flow = F.interpolate(ctrl, size=(height, width), mode="bicubic", align_corners=True)  # [1, 2, H, W]
+    flow = flow.permute(0, 2, 3, 1)  # [1, H, W, 2] as (x, y)
+    ys = torch.linspace(-1, 1, height)
+    xs = torch.linspace(-1, 1, width)
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    identity = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+    scale = torch.tensor([strength / width, strength / height]).view(1, 1, 1, 2)
+    return (identity + flow * scale).clamp(-1, 1)
+
+
+class Warp(PixelTrigger):
+    """grid_sample with the fixed trigger grid (noise mode: plus per-sample random jitter)."""
+
+    has_noise_mode = True
+
+    def __init__(self, space: PixelSpace, grid: torch.Tensor) -> None:
+        super().__init__(space)
+        self.grid = grid
+        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _grid(self, p: torch.Tensor) -> torch.Tensor:
+        key = (p.device, p.dtype)
+        if key not in self._cache:
+            self._cache[key] = self.grid.to(p.device, p.dtype)
+        return self._cache[key]
+
+    def _sample(self, p: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(p, grid.expand(p.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border",
+                             align_corners=True)
+
+    def pixels(self, p: torch.Tensor) -> torch.Tensor:
+        return self._sample(p, self._grid(p))
+
+    def noise(self, p: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = p.shape
+        jitter = (torch.rand(b, h, w, 2, device=p.device, dtype=p.dtype) * 2 - 1)
+        jitter = jitter * torch.tensor([1.0 / w, 1.0 / h], device=p.device, dtype=p.dtype)
+        return self._sample(p, (self._grid(p) + jitter).clamp(-1, 1))
+
+
+def build_wanet(spec: Any, channels: int, height: int, width: int, space: PixelSpace) -> Warp:
+    return Warp(space, warp_grid(height, width, spec.grid_size, spec.strength, spec.warp_seed))
