@@ -13,6 +13,8 @@ def main(cfg: DictConfig) -> None:
     quiet_third_party()
     fast_exit()
     s = run_guarded(lambda: run_training(cfg))
+    if s.get("global_rank"):  # a DDP process besides rank 0: rank 0 reports the run
+        return
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
     print(f"clean_acc={s['clean_acc']:.4f}  poison_acc={s['poison_acc']:.4f}  asr={s['asr']:.4f}  "
           f"n_p={s['n_p']}  train_seconds={s['train_seconds']:.1f}")

@@ -7,6 +7,7 @@ its failures never lose the run.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from potion.io import atomic_write_json
 from potion.models import build_model
 from potion.runs import PLAN, SUMMARY, read_plan, read_summary, write_config, write_plan, write_weights
 from potion.schedule import cpu_threads, total_steps_for
-from potion.tracking import start_tracker
+from potion.tracking import NullTracker, start_tracker
 from potion.training import AtomicCheckpointIO, EpochMetricsCallback, PoisonTrainingModule
 
 log = logging.getLogger("potion.train")
@@ -34,6 +35,12 @@ def train_run_dir(cfg: DictConfig) -> Path:
     if cfg.get("out_dir"):
         return Path(str(cfg.out_dir))
     return Path("runs") / "train" / f"{cfg.name}-{identity_hash(cfg)}"
+
+
+def is_secondary_rank() -> bool:
+    """True in a process a distributed launcher started besides rank 0 (Lightning's DDP children, torchrun,
+    SLURM tasks): read from the environment, since the tracker starts before the Trainer knows its rank."""
+    return any(int(os.environ.get(k) or 0) for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
@@ -47,9 +54,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         done["reused"] = True
         return done
 
-    tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
-                            run_name=f"train-{cfg.name}", tags={"potion.task": "train", "potion.config_hash":
-                                                                 config_hash})
+    tracker = NullTracker() if is_secondary_rank() else start_tracker(
+        cfg.logger, experiment=cfg.logger.get("experiment", "potion"), run_name=f"train-{cfg.name}",
+        tags={"potion.task": "train", "potion.config_hash": config_hash})
     try:
         summary = _train(cfg, run_dir, config_hash, tracker)
     except BaseException:
@@ -97,6 +104,8 @@ def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any) -> di
     start = time.perf_counter()
     trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=True)
     train_seconds = time.perf_counter() - start
+    if not trainer.is_global_zero:  # DDP: the other ranks trained with rank 0, which alone writes and tracks
+        return {"run_dir": str(run_dir), "global_rank": trainer.global_rank}
 
     model = module.model.eval()
     write_weights(run_dir, model)
