@@ -40,7 +40,7 @@ def retain_pass_seconds(train_run: str, discovery: list[str], batch_size: int) -
     from potion.runs import load_trained_run
 
     run = load_trained_run(train_run)
-    data = poison(load_data(run.cfg.dataset), run.plan)
+    data = poison(load_data(run.cfg.dataset), run.plan, run.poison_images)
     model = run.build_model(data.num_classes, data.channels).eval()
     share = None if discovery == ["discovery=single"] else float(discovery[0].split("=")[1])
     disc = discover(run.plan, share=share, count=1 if share is None else None, seed=0)

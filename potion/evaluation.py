@@ -57,8 +57,11 @@ def logits_of(model: nn.Module, images: torch.Tensor, normalizer: Normalizer, tr
 
 @torch.no_grad()
 def evaluate_backdoor(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, normalizer: Normalizer,
-                      trigger: Trigger, target: int, batch_size: int = 1024) -> dict[str, float]:
-    """clean_acc, poison_acc and asr (method.md §3) on a labelled split."""
+                      trigger: Trigger, target: int | torch.Tensor, batch_size: int = 1024) -> dict[str, float]:
+    """clean_acc, poison_acc and asr (method.md §3) on a labelled split.
+
+    ``target``: the attack's class, or the attacker's label per image (``PoisonPlan.wanted``; all-to-all).
+    """
     clean = predict(model, images, normalizer, batch_size=batch_size)
     triggered = predict(model, images, normalizer, trigger, batch_size=batch_size)
     return {

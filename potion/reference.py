@@ -1,0 +1,38 @@
+"""The clean reference model: the same data set, model, recipe and seed, trained with no poison at all.
+
+It answers "what would a model that never saw poison do on triggered inputs?": the ceiling that
+``healed_attainable`` measures against (image-wide triggers degrade images, so a clean model misreads
+many triggered inputs too), and the surrogate whose gradients the label-consistent attack uses. Every
+attack on one recipe shares it: its config is the training config with the ``poison`` block replaced
+by ``conf/poison/none.yaml``, so ``python train.py <the same overrides> poison=none`` trains the same run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+NO_POISON = {"count": 0, "fraction": None, "target": 0, "exclude_target": False, "mapping": "all_to_one",
+             "trigger": {"kind": "none"}}
+# per-run settings that say where and how a run is kept, not what it is
+RUN_PLACE_KEYS = {"out_dir": None, "force": False, "resume": True}
+
+MODES = ("auto", "train", "off")
+
+
+def reference_config(train_cfg: Any) -> DictConfig:
+    """The training config of the clean reference for a (poisoned) training config."""
+    d = OmegaConf.to_container(train_cfg, resolve=True) if isinstance(train_cfg, DictConfig) else dict(train_cfg)
+    poison = dict(NO_POISON)
+    poison["seed"] = (d.get("poison") or {}).get("seed", d.get("seed", 0))
+    d["poison"] = poison
+    d.update(RUN_PLACE_KEYS)
+    return OmegaConf.create(d)
+
+
+def is_reference(train_cfg: Any) -> bool:
+    """Whether a training config is itself a clean reference (no trigger)."""
+    poison = train_cfg.get("poison") or {}
+    trigger = poison.get("trigger") or {}
+    return str(trigger.get("kind", "patch")) == "none"
