@@ -35,6 +35,7 @@ the store to use for many concurrent sweeps.
 
 import sys
 
+from potion.cli import check_before_hydra
 from unlearn import main
 
 SWEEPER = "hydra/sweeper"
@@ -52,4 +53,5 @@ def ptn_argv(args: list[str]) -> list[str]:
 
 if __name__ == "__main__":
     sys.argv = [sys.argv[0], *ptn_argv(sys.argv[1:])]
+    check_before_hydra("unlearn")
     main()

@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from potion.cli import fast_exit, quiet_third_party, run_guarded
+from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_guarded
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,4 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_before_hydra("train")  # a bad value or option: one line, before torch is imported
     main()

@@ -6,7 +6,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from potion.cli import fast_exit, quiet_third_party, run_guarded
+from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_guarded
 
 
 # An absolute config path, so the configs are found also when sweep.py imports this module.
@@ -46,4 +46,5 @@ def _f(x: object) -> str:
 
 
 if __name__ == "__main__":
+    check_before_hydra("unlearn")  # a bad value or option: one line, before torch is imported
     main()

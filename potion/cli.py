@@ -8,9 +8,10 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from potion.config import check_command_line
 from potion.errors import PotionError
 
 EXIT_USER_ERROR = 2
@@ -56,3 +57,12 @@ def run_guarded(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+def check_before_hydra(config_name: str, argv: Sequence[str] | None = None) -> None:
+    """Compose and check the command line's config before Hydra starts a job (``argv``: default sys.argv[1:]).
+
+    A bad value, an unknown key or option and Hydra's own composition errors end here in one ``error:``
+    line with exit code 2, before torch, Lightning or MLflow are imported and before any run is created.
+    """
+    run_guarded(lambda: check_command_line(config_name, sys.argv[1:] if argv is None else list(argv)))

@@ -1,24 +1,43 @@
-"""Config helpers: plain containers, content hashes and the static validation rules of every config value."""
+"""Config handling: compose (Hydra), check against the schema (:mod:`potion.config_schema`), hash, convert.
+
+Everything here is torch-free, so a command checks its whole config before anything heavy is imported:
+:func:`check_config` walks a composed config against the schema classes and raises one
+:class:`~potion.errors.ConfigError` naming the key, the value and what is allowed; :func:`compose_config`
+turns Hydra's own composition errors (unknown option, unknown key, unparsable override) into the same.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping
-from typing import Any
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Iterator, Mapping, Sequence
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from potion.config_schema import ROOTS, Method
 from potion.errors import ConfigError
 from potion.io import sha256_json
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Keys that do not change what a run computes: excluded from a run's identity.
 NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "print_table")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A resolved plain dict from a DictConfig or mapping."""
+    """A resolved plain dict from a DictConfig or mapping; an unresolvable value is a ConfigError."""
     if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+        except OmegaConfBaseException as exc:
+            raise ConfigError(f"{_full_key(exc) or 'config'}: {_first_line(getattr(exc, 'msg', str(exc)))}") from None
     return dict(cfg)
 
 
@@ -30,6 +49,47 @@ def identity_hash(cfg: Any, extra_exclude: tuple[str, ...] = ()) -> str:
     return sha256_json(d)[:12]
 
 
+def model_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Constructor arguments of the configured model (everything but its name)."""
+    return {k: v for k, v in dict(model_cfg).items() if k != "name"}
+
+
+# ------------------------------------------------------------------------------------------ checking
+
+
+def check_config(kind: str, cfg: Any) -> dict[str, Any]:
+    """Check a composed ``train``, ``unlearn`` or ``heal`` config against its schema; return it as a plain dict."""
+    d = to_dict(cfg)
+    check_node(ROOTS[kind], d, "")
+    return d
+
+
+def validate_train_config(cfg: Any) -> None:
+    """Every training value a user can get wrong, checked before any data is read."""
+    check_config("train", cfg)
+
+
+def validate_unlearn_config(cfg: Any) -> None:
+    """Every unlearning value checkable without the training run, checked before the run is loaded.
+
+    Values that need the run (``discovery.count`` against n_p) are checked where the run is known.
+    """
+    check_config("unlearn", cfg)
+
+
+def validate_heal_config(cfg: Any) -> None:
+    """Every value of a heal command, checked before any file is read."""
+    check_config("heal", cfg)
+
+
+def method_arguments(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The registered method's keyword arguments: the config's values, the schema's for keys not given."""
+    d = to_dict(method_cfg)
+    schema = Method.variant(d.get("name")) or Method
+    args = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
+    return {k: v for k, v in {**args, **d}.items() if k != "name"}
+
+
 def check(condition: bool, message: str) -> None:
     """Raise ConfigError(message) unless condition holds."""
     if not condition:
@@ -38,107 +98,249 @@ def check(condition: bool, message: str) -> None:
 
 def number(cfg: Mapping[str, Any], key: str, path: str, *, lo: float | None = None, hi: float | None = None,
            lo_open: bool = False, hi_open: bool = False, integer: bool = False, allow_none: bool = False) -> Any:
-    """Fetch ``cfg[key]`` and check its type and range; the error names ``path`` and what is allowed."""
+    """``cfg[key]`` checked by the schema's rules as one number (for values computed at run time)."""
     value = cfg.get(key)
     if value is None:
         check(allow_none, f"{path}: required (got null)")
         return None
-    if integer:
-        check(isinstance(value, int) and not isinstance(value, bool), f"{path}={value!r}: must be an integer")
-    else:
-        check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)),
-              f"{path}={value!r}: must be a finite number")
-    lo_txt = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-    hi_txt = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-    allowed = " and ".join(t for t in (lo_txt, hi_txt) if t)
-    if lo is not None:
-        check(value > lo if lo_open else value >= lo, f"{path}={value}: must be {allowed}")
-    if hi is not None:
-        check(value < hi if hi_open else value <= hi, f"{path}={value}: must be {allowed}")
+    bounds = {"gt" if lo_open else "ge": lo, "lt" if hi_open else "le": hi}
+    check_value(int if integer else float, value, path, {k: v for k, v in bounds.items() if v is not None})
     return value
 
 
-def validate_train_config(cfg: Any) -> None:
-    """Every training value a user can get wrong, checked before any data is read."""
-    d = to_dict(cfg)
-    number(d, "seed", "seed", lo=0, integer=True)
-    t = d["train"]
-    number(t, "batch_size", "train.batch_size", lo=1, integer=True)
-    number(t, "iterations", "train.iterations", lo=1, integer=True, allow_none=True)
-    if t.get("iterations") is None:
-        number(t, "epochs", "train.epochs", lo=0, lo_open=True)
-    number(t, "lr", "train.lr", lo=0, lo_open=True)
-    number(t, "momentum", "train.momentum", lo=0, hi=1, hi_open=True)
-    number(t, "weight_decay", "train.weight_decay", lo=0)
-    number(t, "warmup", "train.warmup", lo=0, hi=1, hi_open=True)
-    number(t, "label_smoothing", "train.label_smoothing", lo=0, hi=1, hi_open=True)
-    number(t, "crop_padding", "train.crop_padding", lo=0, integer=True)
-    number(t, "checkpoint_every_n_steps", "train.checkpoint_every_n_steps", lo=1, integer=True, allow_none=True)
-    p = d["poison"]
-    check((p.get("count") is None) != (p.get("fraction") is None),
-          "poison: set exactly one of poison.count (e.g. 500) or poison.fraction (e.g. 0.01); null the other")
-    if p.get("fraction") is not None:
-        number(p, "fraction", "poison.fraction", lo=0, hi=1, lo_open=True, hi_open=True)
-    else:
-        number(p, "count", "poison.count", lo=1, integer=True)
-    number(p, "target", "poison.target", lo=0, integer=True)
-    validate_model_config(d["model"])
-    tr = d["trainer"]
-    check(tr.get("accelerator") in ("cpu", "gpu", "cuda", "auto", "mps"),
-          f"trainer.accelerator={tr.get('accelerator')}: choose cpu, gpu or auto")
+def check_node(schema: type, value: Any, path: str) -> None:
+    """Check a mapping against a schema class: known keys, required keys, each value, then the relations."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path or 'config'}={value!r}: must be a mapping")
+    schema = _variant(schema, value, path)
+    specs = _fields(schema)
+    unknown = [k for k in value if k not in specs]
+    if unknown and not getattr(schema, "OPEN", False):
+        raise ConfigError(f"{_key(path, unknown[0])}: unknown key; valid keys: {', '.join(specs)}")
+    for name, spec in specs.items():
+        key = _key(path, name)
+        if name not in value or value[name] == "???":
+            if spec.required or name in value:
+                hint = spec.meta.get("help") or f"set {key}=<value>"
+                raise ConfigError(f"{key}: required; {hint}")
+            continue
+        check_value(spec.type, value[name], key, spec.meta.get("range", {}))
+        if spec.meta.get("directory") and value[name] is not None:
+            check_creatable_dir(str(value[name]), key)
+    for message in _relations(schema, value):
+        raise ConfigError(message)
 
 
-PTN_CRITERIA = ("all", "exclude_true_target", "exclude_natural_target")
+def check_value(tp: Any, value: Any, path: str, bounds: Mapping[str, float]) -> None:
+    """Check one value against a type (and, for numbers and lists of numbers, the bounds)."""
+    chosen = _matching(tp, value)
+    if chosen is None or not _in_bounds(chosen, value, bounds):
+        raise ConfigError(f"{path}={value!r}: must be {_describe(tp, bounds)}")
+    if dataclasses.is_dataclass(chosen):
+        check_node(chosen, value, path)  # type: ignore[arg-type]
 
 
-def validate_unlearn_config(cfg: Any) -> None:
-    """Every unlearning value checkable without the training run, checked before the run is loaded.
+def check_creatable_dir(path: str, key: str) -> None:
+    """The folder ``path`` exists or can be created (probed by creating and removing a folder where it goes)."""
+    target = Path(path).expanduser()
+    parent = target
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key}={path}: {parent} is not a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".potion-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"{key}={path}: cannot write in {parent} ({exc.strerror or exc})") from None
 
-    Values that need the run (``discovery.count`` against n_p) are checked where the run is known.
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    type: Any
+    meta: Mapping[str, Any]
+    required: bool
+
+
+@cache
+def _fields(schema: type) -> dict[str, _Spec]:
+    hints = typing.get_type_hints(schema)
+    return {f.name: _Spec(hints[f.name], f.metadata,
+                          f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+            for f in dataclasses.fields(schema)}
+
+
+def _variant(schema: type, value: Mapping[str, Any], path: str) -> type:
+    """A group with differently shaped options (model, method): the class registered for ``name``."""
+    if not getattr(schema, "VARIANTS", None):
+        return schema
+    chosen = schema.variant(value.get("name"))  # type: ignore[attr-defined]
+    if chosen is None:
+        raise ConfigError(f"{path}.name={value.get('name')}: unknown {path}; choose one of "
+                          f"{sorted(schema.VARIANTS)}{schema.HINT}")  # type: ignore[attr-defined]
+    return chosen
+
+
+def _relations(schema: type, value: Mapping[str, Any]) -> Iterator[str]:
+    rule = getattr(schema, "relations", None)
+    return iter(rule(value)) if rule is not None else iter(())
+
+
+def _options(tp: Any) -> tuple[Any, ...]:
+    """The alternatives of a union type (a plain type is its only alternative)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _matching(tp: Any, value: Any) -> Any:
+    """The alternative of ``tp`` that ``value`` has the shape of, or None."""
+    for option in _options(tp):
+        if _is(option, value):
+            return option
+    return None
+
+
+def _is(tp: Any, value: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, (list, ListConfig)) and all(_is(item, v) for v in value)
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return isinstance(value, Mapping)
+    raise TypeError(f"config schema: unsupported type {tp!r}")
+
+
+def _in_bounds(tp: Any, value: Any, bounds: Mapping[str, float]) -> bool:
+    if typing.get_origin(tp) is list:
+        return all(_in_bounds(typing.get_args(tp)[0], v, bounds) for v in value)
+    if tp not in (int, float):
+        return True
+    tests = {"ge": value.__ge__, "gt": value.__gt__, "le": value.__le__, "lt": value.__lt__}
+    return all(tests[k](v) for k, v in bounds.items())
+
+
+_OPS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_PLURAL = {int: "integers", float: "numbers", str: "strings"}
+
+
+def _describe(tp: Any, bounds: Mapping[str, float]) -> str:
+    """What a type and its bounds allow, in words: 'an integer >= 1 or null'."""
+    rng = " and ".join(f"{_OPS[k]} {v:g}" for k, v in bounds.items())
+    parts = []
+    for option in _options(tp):
+        origin = typing.get_origin(option)
+        if option is type(None):
+            parts.append("null")
+        elif origin is Literal:
+            parts.append(f"one of {list(typing.get_args(option))}")
+        elif origin is list:
+            item = typing.get_args(option)[0]
+            parts.append(f"a list of {_PLURAL.get(item, 'values')}" + (f" {rng}" if rng else ""))
+        elif option in (int, float):
+            parts.append(("an integer" if option is int else "a finite number") + (f" {rng}" if rng else ""))
+        else:
+            parts.append({bool: "true or false", str: "a string"}.get(option, "a mapping"))
+    return " or ".join(parts)
+
+
+def _key(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+# ------------------------------------------------------------------------------------------ composing
+
+
+def compose_config(name: str, overrides: Sequence[str]) -> DictConfig:
+    """Compose a config from conf/ in-process (the same configs the entry scripts use).
+
+    Hydra's composition errors become one-line ConfigErrors. Works inside a running Hydra app too (an
+    unlearning job composing its training config): the app's global Hydra state is set aside for the
+    compose and restored afterwards.
     """
-    d = to_dict(cfg)
-    number(d, "seed", "seed", lo=0, integer=True)
-    if "eval_batch_size" in d:
-        number(d, "eval_batch_size", "eval_batch_size", lo=1, integer=True)
-    disc = d.get("discovery") or {}
-    if disc.get("count") is not None:
-        number(disc, "count", "discovery.count", lo=1, integer=True)
-    else:
-        check(disc.get("share") is not None,
-              "discovery: set discovery.share (in (0, 1]) or discovery.count (in [1, n_p])")
-        number(disc, "share", "discovery.share", lo=0, hi=1, lo_open=True)
-    m = d.get("method") or {}
-    imp = m.get("importance")
-    if isinstance(imp, Mapping):
-        if "batch_size" in imp:
-            number(imp, "batch_size", "method.importance.batch_size", lo=1, integer=True)
-        number(imp, "retain_samples", "method.importance.retain_samples", lo=1, integer=True, allow_none=True)
-    ptn = m.get("ptn")
-    if isinstance(ptn, Mapping):
-        rules = {"rho": {"lo": 0, "hi": 1}, "s_step": {"lo": 1, "lo_open": True},
-                 "s_start": {"lo": 0, "lo_open": True, "allow_none": True},
-                 "max_steps": {"lo": 1, "integer": True}, "fixed_step": {"lo": 0, "integer": True, "allow_none": True}}
-        for key, rule in rules.items():
-            if key in ptn:
-                number(ptn, key, f"method.ptn.{key}", **rule)
-        crit = ptn.get("criterion", "all")
-        check(crit in PTN_CRITERIA, f"method.ptn.criterion={crit}: choose one of {list(PTN_CRITERIA)}")
-    if m.get("name") == "ssd":
-        for key in ("alpha", "lam"):
-            if key in m:
-                number(m, key, f"method.{key}", lo=0, lo_open=True)
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    outer = GlobalHydra.instance()
+    saved = outer.hydra if outer.is_initialized() else None
+    if saved is not None:
+        outer.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            return compose(config_name=name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise ConfigError(hydra_message(exc)) from None
+    finally:
+        if saved is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(saved)
 
 
-def validate_model_config(m: Mapping[str, Any]) -> None:
-    """Model values: width/depth/factor ranges (names are checked by the model registry)."""
-    if "width" in m:
-        number(m, "width", "model.width", lo=0, lo_open=True)
-    if "widen_factor" in m:
-        number(m, "widen_factor", "model.widen_factor", lo=1, integer=True)
-    if "depth" in m:
-        number(m, "depth", "model.depth", lo=10, integer=True)
+def hydra_message(exc: BaseException) -> str:
+    """One line for one of Hydra's (multi-line) composition errors."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(exc, MissingConfigException) and exc.options is not None and exc.missing_cfg_file:
+        group, _, option = str(exc.missing_cfg_file).rpartition("/")
+        return f"{group}={option}: no such option in group '{group}'; choose one of {', '.join(exc.options)}"
+    if isinstance(exc, OverrideParseException):
+        return f"cannot parse the override {exc.override!r}: {_first_line(exc.message)}"
+    lines = [line.strip() for line in str(exc).split("Config search path")[0].splitlines() if line.strip()]
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException):
+        lines.append(f"({_first_line(getattr(cause, 'msg', str(cause)))})")
+    return " ".join(lines) or type(exc).__name__
 
 
-def model_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Constructor arguments of the configured model (everything but its name)."""
-    return {k: v for k, v in dict(model_cfg).items() if k != "name"}
+def check_command_line(name: str, argv: Sequence[str]) -> None:
+    """Compose and check the config(s) a command line asks for, before Hydra runs any job.
+
+    A multirun's swept values are each composed at least once (the i-th composition takes every sweep's
+    i-th value, cycling), so a bad value anywhere in a grid fails before its first job; command lines with
+    Hydra's own flags other than ``-m`` (``--cfg``, ``--help``, ...) are left to Hydra.
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return
+    args = [a for a in argv if not a.startswith("-")]
+    for overrides in _sweep_samples(args) if any(a in ("-m", "--multirun") for a in argv) else [args]:
+        check_config(name, compose_config(name, overrides))
+
+
+def _sweep_samples(args: list[str]) -> list[list[str]]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except HydraException as exc:
+        raise ConfigError(hydra_message(exc)) from None
+    values: list[list[str]] = []
+    for o in parsed:
+        if not o.is_sweep_override():
+            values.append([o.input_line])
+        elif o.value_type is not None and o.value_type.name != "GLOB_CHOICE_SWEEP":  # a glob picks existing options
+            values.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+    width = max((len(v) for v in values), default=1)
+    return [[v[i % len(v)] for v in values if v] for i in range(width)]
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), "")
+
+
+def _full_key(exc: OmegaConfBaseException) -> str:
+    return str(getattr(exc, "full_key", "") or "")

@@ -1,15 +1,13 @@
 """Heal a model trained anywhere: ``python -m potion.heal checkpoint=<weights> dataset.path=<image folder>
 discovered=<list> model=resnet9 model.width=0.25`` (see conf/heal.yaml and potion/practitioner.py)."""
 
-from pathlib import Path
 from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
-from potion.cli import fast_exit, quiet_third_party, run_guarded
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_guarded
+from potion.config import CONF_DIR, check_config
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="heal")
@@ -17,6 +15,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     """Heal, write the out folder, print where it is and the before/after line."""
     quiet_third_party()
     fast_exit()
+    run_guarded(lambda: check_config("heal", cfg))  # every value, before torch is imported
     from potion.practitioner import format_result, heal
 
     summary = run_guarded(lambda: heal(cfg))
@@ -25,4 +24,5 @@ def main(cfg: DictConfig) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    check_before_hydra("heal")
     main()

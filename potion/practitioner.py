@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from potion import metrics
-from potion.config import identity_hash, model_kwargs, to_dict, validate_model_config, validate_unlearn_config
+from potion.config import identity_hash, model_kwargs, to_dict, validate_heal_config
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
 from potion.data.poisoned import PoisonedData, load_data
@@ -50,7 +50,6 @@ from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.heal")
 
-METHODS = ("potion", "assd", "lfssd", "ssd")  # the methods that need nothing but the model and the data
 KEY_PREFIXES = ("model.", "module.", "_orig_mod.")  # Lightning attribute, DataParallel/DDP, torch.compile
 # Never pasted (all trigger flags are False): a placeholder unlike any benchmark trigger, so the
 # importance cache keys of healing runs and benchmark runs differ.
@@ -222,18 +221,6 @@ def complement_discovery(forget_idx: torch.Tensor, num_train: int, seed: int) ->
     keep = torch.ones(num_train, dtype=torch.bool)
     keep[forget_idx] = False
     return Discovery(forget_idx=forget_idx, retain_idx=torch.nonzero(keep).view(-1), seed=seed)
-
-
-def validate_heal_config(d: Mapping[str, Any]) -> None:
-    """Static values, checked before any file is read."""
-    method = d.get("method") or {}
-    name = str(method.get("name"))
-    if name not in METHODS:
-        raise ConfigError(f"method={name}: heal runs one of {list(METHODS)} (training-based baselines need the "
-                          "original training recipe; use unlearn.py for those)")
-    # The unlearning rules (seed, eval_batch_size, method.importance/ptn, ssd values); discovery is a list here.
-    validate_unlearn_config({**d, "discovery": {"count": 1}})
-    validate_model_config(d.get("model") or {})
 
 
 def default_out_dir(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str]) -> Path:

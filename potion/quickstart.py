@@ -7,37 +7,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-
 from potion.cli import fast_exit, quiet_third_party, run_guarded
+from potion.config import check_config, compose_config
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+__all__ = ["compose_config", "format_table", "main"]
+
 METHODS = ("potion", "retrain")
 SHARE = 0.2
-
-
-def compose_config(name: str, overrides: Sequence[str]) -> Any:
-    """Compose a config from conf/ in-process (the same configs the entry scripts use).
-
-    Works inside a running Hydra app too (an unlearning job composing its training config): the app's
-    global Hydra state is set aside for the compose and restored afterwards.
-    """
-    from hydra.core.global_hydra import GlobalHydra
-
-    outer = GlobalHydra.instance()
-    saved = outer.hydra if outer.is_initialized() else None
-    if saved is not None:
-        outer.clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name=name, overrides=list(overrides))
-    finally:
-        if saved is not None:
-            GlobalHydra.instance().clear()
-            GlobalHydra.instance().initialize(saved)
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -53,25 +31,40 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """Train + heal + print; extra arguments are train overrides (e.g. logger=none)."""
-    from potion.train_pipeline import run_training
-    from potion.unlearn_pipeline import run_unlearning
+def unlearn_overrides(train_run: str, method: str, overrides: Sequence[str]) -> list[str]:
+    """The unlearn.py overrides of one healing: the method, the share, the logger and ``unlearn.*`` arguments."""
+    logger = [o for o in overrides if o.startswith("logger")]
+    extra = [o.removeprefix("unlearn.") for o in overrides if o.startswith("unlearn.")]
+    return [f"train_run={train_run}", f"method={method}", f"discovery.share={SHARE}", *logger, *extra]
 
+
+def checked_configs(overrides: Sequence[str]) -> Any:
+    """The training config, every healing config checked too (before anything is trained or imported)."""
+    train_cfg = compose_config("train", ["experiment=quickstart"] + [o for o in overrides
+                                                                     if not o.startswith("unlearn.")])
+    check_config("train", train_cfg)
+    for method in METHODS:
+        check_config("unlearn", compose_config("unlearn", unlearn_overrides("<the trained run>", method, overrides)))
+    return train_cfg
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Train + heal + print; extra arguments are train overrides (e.g. logger=none), ``unlearn.<key>=...`` heal's."""
     quiet_third_party()
     fast_exit()
     overrides = list(sys.argv[1:] if argv is None else argv)
-    train_over = ["experiment=quickstart"] + [o for o in overrides if not o.startswith("unlearn.")]
-    unlearn_extra = [o.removeprefix("unlearn.") for o in overrides if o.startswith("unlearn.")]
-    logger = [o for o in overrides if o.startswith("logger")]
+    train_cfg = run_guarded(lambda: checked_configs(overrides))
+    # the pipelines import torch, Lightning and MLflow: only once every value is known to be good
+    from potion.train_pipeline import run_training
+    from potion.unlearn_pipeline import run_unlearning
+
     print("training the poisoned quickstart model (digits, ResNet-9 width 1/4, BadNets patch) ...", flush=True)
-    trained = run_guarded(lambda: run_training(compose_config("train", train_over)))
+    trained = run_guarded(lambda: run_training(train_cfg))
     print(f"poisoned model: clean_acc={trained['clean_acc']:.4f} asr={trained['asr']:.4f} "
           f"({trained['run_dir']})", flush=True)
     rows = []
     for method in METHODS:
-        cfg = compose_config("unlearn", [f"train_run={trained['run_dir']}", f"method={method}",
-                                         f"discovery.share={SHARE}", *logger, *unlearn_extra])
+        cfg = compose_config("unlearn", unlearn_overrides(str(trained["run_dir"]), method, overrides))
         rows.append(run_guarded(lambda cfg=cfg: run_unlearning(cfg)))
     print()
     print(f"healing with {int(SHARE * 100)} % of the poison discovered:")

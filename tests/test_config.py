@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config import validate_train_config
+from potion.config import validate_train_config, validate_unlearn_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -38,6 +38,21 @@ def _compose(name: str, overrides: list[str]) -> DictConfig:
 
 def _raw(cfg: object) -> object:
     return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[arg-type]
+
+
+def _option(group: str, option: str) -> DictConfig:
+    """An option file as Hydra composes it: its shared blocks (``/blocks/<name>@<key>``), then its own values."""
+    own = OmegaConf.load(CONF / group / f"{option}.yaml")
+    defaults = list(own.pop("defaults", ["_self_"]))
+    assert "_self_" in defaults, f"{group}/{option}: put _self_ in its defaults list"
+    out = OmegaConf.create()
+    for entry in defaults:
+        if entry == "_self_":
+            out = OmegaConf.merge(out, own)
+        else:
+            path, _, key = str(entry).lstrip("/").partition("@")
+            out = OmegaConf.merge(out, {key: OmegaConf.load(CONF / f"{path}.yaml")})
+    return out  # type: ignore[return-value]
 
 
 def _train_overrides(group: str, option: str) -> list[str]:
@@ -80,11 +95,38 @@ def test_missing_dataset_path_is_visible_in_the_composed_config() -> None:
 @pytest.mark.parametrize(("group", "option"), _cases(UNLEARN_GROUPS))
 def test_unlearn_option_composes(group: str, option: str) -> None:
     cfg = _compose("unlearn", [f"{group}={option}", "train_run=runs/train/x"])
-    assert _raw(cfg[group]) == _raw(OmegaConf.load(CONF / group / f"{option}.yaml"))
+    assert _raw(cfg[group]) == _raw(_option(group, option))
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert resolved["train_run"] == "runs/train/x"  # type: ignore[index]
     if group == "discovery":
         assert resolved["discovery"]["seed"] == resolved["seed"]  # type: ignore[index]
+    validate_unlearn_config(cfg)
+
+
+@pytest.mark.parametrize("block", ["importance", "ptn", "synthesis"])
+def test_method_blocks_are_written_once(block: str) -> None:
+    """A method shares the importance/ptn/synthesis block through its defaults list; no option file copies it."""
+    shared = set(OmegaConf.load(CONF / "blocks" / f"{block}.yaml"))
+    users = []
+    for option in _options("method"):
+        own = OmegaConf.load(CONF / "method" / f"{option}.yaml")
+        assert not shared <= set(own.get(block) or {}), f"method/{option}.yaml copies the {block} block"
+        if f"/blocks/{block}@{block}" in list(own.get("defaults", [])):
+            users.append(option)
+            assert _compose("unlearn", [f"method={option}"]).method[block].keys() >= shared
+    assert len(users) >= 2, users
+
+
+def test_the_hydra_block_is_written_once() -> None:
+    """train, unlearn and heal select conf/hydra/potion.yaml instead of each holding a hydra: section."""
+    expected = _raw(OmegaConf.load(CONF / "hydra" / "potion.yaml"))
+    for name in ("train", "unlearn", "heal"):
+        assert "hydra" not in OmegaConf.load(CONF / f"{name}.yaml"), name
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = compose(config_name=name, return_hydra_config=True)
+        assert _raw(cfg.hydra.run) == expected["run"]  # type: ignore[index]
+        assert _raw(cfg.hydra.sweep) == expected["sweep"]  # type: ignore[index]
+        assert cfg.hydra.job.chdir is False
 
 
 def test_unlearn_requires_train_run() -> None:
@@ -173,16 +215,17 @@ def test_train_cli_rejects_bad_values(overrides: list[str], key: str | None, tmp
     cmd = [sys.executable, "train.py", "logger=none", f"out_dir={tmp_path / 'run'}",
            f"hydra.run.dir={tmp_path / 'hydra'}", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert "Traceback" not in proc.stderr, proc.stderr
-    if key is None:  # Hydra's own error for an unknown option lists the available ones
-        assert "Could not find 'model/nope'" in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    if key is None:  # an unknown option: one line naming the group and its options
+        assert proc.stderr.strip() == lines[0]
+        assert lines[0].startswith("error: model=nope: no such option in group 'model'; choose one of ")
         for option in _options("model"):
-            assert option in proc.stderr
+            assert option in lines[0]
     else:
-        assert proc.returncode == 2
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-        assert len(lines) == 1 and key in lines[0], proc.stderr
+        assert key in lines[0], proc.stderr
     assert not (tmp_path / "run").exists()
 
 
