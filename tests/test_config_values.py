@@ -52,7 +52,7 @@ TRAIN_CASES = [
     (["model=small_cnn", "model.width=0.5"], "model.width=0.5: must be an integer >= 1"),
     (["model=wrn28x10", "model.depth=27"], "model.depth=27: must be 6n+4 with n >= 1"),
     (["model=wrn28x10", "model.dropout=1"], "model.dropout=1: must be a finite number >= 0 and < 1"),
-    (["model.name=nope"], "model.name=nope: unknown model; choose one of ['resnet9', 'small_cnn', 'wrn'] or torch"),
+    (["model.name=nope"], "model.name=nope: unknown model; choose one of ['resnet9', 'small_cnn', 'wrn', 'wrn28x10']"),
     (["model=resnet9", "+model.depth=3"], "model.depth: unknown key; valid keys: name, width"),
     (["poison=nosuch"], "poison=nosuch: no such option in group 'poison'; choose one of badnets, blend,"),
     (["poison.fraction=1.5"], "poison.fraction=1.5: must be a finite number > 0 and < 1 or null"),
@@ -177,6 +177,18 @@ def test_every_registered_method_has_a_schema_of_its_arguments() -> None:
         params = set(inspect.signature(fn).parameters) - {"task"}
         fields = set(inspect.signature(Method.VARIANTS[name]).parameters) - {"name"}
         assert fields == params, name
+
+
+def test_every_registered_model_has_a_schema_and_is_checked_by_it() -> None:
+    """build_model checks its arguments with the schema: also a run folder's config.yaml, never composed by Hydra."""
+    from potion.config_schema import Model
+    from potion.models import MODELS, build_model
+
+    assert set(Model.VARIANTS) == set(MODELS)
+    with pytest.raises(ConfigError, match=r"^model.depth: unknown key; valid keys: name, width$"):
+        build_model("resnet9", num_classes=10, in_channels=3, width=0.5, depth=3)
+    with pytest.raises(ConfigError, match=r"^model.width='1': must be a finite number > 0$"):
+        build_model("resnet9", num_classes=10, in_channels=3, width="1")
 
 
 def test_method_arguments_fill_what_the_yaml_leaves_out() -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from potion.config import check_node
+from potion.config_schema import Model
 from potion.errors import ConfigError
 from potion.models.resnet9 import ResNet9
 from potion.models.small_cnn import SmallCNN
@@ -21,7 +23,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
-    """Build a registered model, or ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) with fresh weights."""
+    """Build a registered model, or ``torchvision:<name>`` (e.g. ``torchvision:resnet18``) with fresh weights.
+
+    The name and arguments are checked against the config schema first (also when they come from a run
+    folder's config.yaml rather than a composed config).
+    """
+    check_node(Model, {"name": name, **kwargs}, "model")
     if name.startswith("torchvision:"):
         import torchvision
 
@@ -31,6 +38,4 @@ def build_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) ->
         if in_channels != 3:
             raise ConfigError(f"model.name={name}: torchvision models expect 3 input channels, data has {in_channels}")
         return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes, **kwargs)
-    if name not in MODELS:
-        raise ConfigError(f"model.name={name}: unknown model; choose one of {sorted(MODELS)} or torchvision:<name>")
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -5,16 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from potion.errors import ConfigError
-
 
 class SmallCNN(nn.Module):
     """Two conv-bn-relu stages with max-pooling, global average pooling, then a linear head."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32) -> None:
         super().__init__()
-        if width < 1:
-            raise ConfigError(f"model.width={width}: must be a positive integer")
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, padding=1, bias=False),
             nn.BatchNorm2d(width),

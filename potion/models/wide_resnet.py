@@ -6,8 +6,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potion.errors import ConfigError
-
 
 class WideBasic(nn.Module):
     """BN-ReLU-conv-BN-ReLU-(dropout)-conv with a 1x1 projection shortcut when the shape changes."""
@@ -41,10 +39,6 @@ class WideResNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if depth < 10 or (depth - 4) % 6 != 0:
-            raise ConfigError(f"model.depth={depth}: must be 6n+4 with n >= 1 (e.g. 16, 22, 28)")
-        if widen_factor < 1:
-            raise ConfigError(f"model.widen_factor={widen_factor}: must be >= 1")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
