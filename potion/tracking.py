@@ -6,7 +6,13 @@ is logged as a warning (once per kind) and the work goes on; ``finish`` never ra
 a wrong URI or a dead server shows up before any work is done.
 
 The tracking URI is always explicit: the default is an embedded sqlite store in the working folder,
-``http(s)://`` points at a shared server, and ``file:`` stores (deprecated in MLflow) are refused.
+``http(s)://`` points at a shared server, and ``file:`` stores (deprecated in MLflow) are refused. A sqlite
+store is created, migrated (and repaired) under an inter-process lock (:mod:`potion.tracking_store`), so
+commands started together on a new store all succeed. Calls to a server give up after about
+``logger.timeout_s`` seconds (MLflow's own retries would take minutes), and a server that stops answering
+switches tracking off for the rest of the run: the results are in the run folder, and rerunning the same
+command logs a finished run that its store lacks. Runs carry the host and process that created them, so a
+run left RUNNING by a killed process is closed as KILLED by the next potion process on that host.
 The client API with explicit run ids is used throughout, never the global fluent ``mlflow.start_run``
 state, so parent and child runs and several trackers can live in one process. ``mlflow`` is imported
 lazily because it is slow to import.
@@ -19,6 +25,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -26,10 +33,12 @@ import urllib.request
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
 from potion.errors import ConfigError, TrackingError
+from potion.tracking_store import inspect_store, is_unfinished_and_empty, repair_store, set_aside, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +49,9 @@ PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params and tags
 METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
 PARENT_TAG = "mlflow.parentRunId"
 STALL_SECONDS = 30.0  # a failing call this slow means retries against a dead server: stop tracking
+DEFAULT_TIMEOUT_S = 60.0  # logger.timeout_s when a config has none: how long one call to a server may try
+HEALTH_TIMEOUT_S = 3.0  # the reachability check's own limit
+HOST_TAG, PID_TAG, PID_START_TAG = "potion.host", "potion.pid", "potion.pid_start"  # who created a run
 _SQLITE = "sqlite:///"
 _BAD_KEY_CHARS = re.compile(r"[^\w\-. /]")
 
@@ -88,7 +100,7 @@ def is_http(uri: str) -> bool:
     return uri.startswith(("http://", "https://"))
 
 
-def check_reachable(uri: str, timeout: float = 3.0) -> None:
+def check_reachable(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
     """Fail fast, in one line, when a store cannot be used, instead of MLflow retrying for minutes.
 
     For http(s) servers this asks ``<uri>/health``; for sqlite it makes sure the database folder exists
@@ -136,6 +148,84 @@ def _check_sqlite_folder(db: Path) -> None:
 def _one_line(exc: object) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- the logger config
+
+
+@dataclass(frozen=True)
+class LoggerSettings:
+    """The checked ``logger`` config: where to log, what to do when the server is down, how long calls may try."""
+
+    tracking_uri: str
+    fallback: str
+    experiment: str | None
+    timeout_s: float | None  # None: MLflow's own HTTP retry settings (minutes against a dead server)
+
+
+def logger_settings(logger_cfg: Mapping[str, Any] | None) -> LoggerSettings | None:
+    """The checked ``logger`` config, None for ``logger=none`` (or no config); a bad value raises one line.
+
+    Keys: ``name`` (mlflow or none), ``tracking_uri``, ``fallback`` (none or local), ``experiment``,
+    ``timeout_s``. Used before a run starts and also when a finished run is reused, so that a wrong URI or
+    fallback never passes silently.
+    """
+    cfg = dict(logger_cfg or {"name": "none"})
+    name = str(cfg.get("name") or "none").lower()
+    if name in ("none", "null", "off"):
+        return None
+    if name != "mlflow":
+        raise ConfigError(f"unknown logger.name {name!r}; use mlflow or none")
+    fallback = str(cfg.get("fallback") or "none").lower()
+    if fallback not in ("none", "local"):
+        raise ConfigError(f"unknown logger.fallback {fallback!r}; use none or local")
+    timeout = _timeout(cfg.get("timeout_s", DEFAULT_TIMEOUT_S))
+    experiment = cfg.get("experiment")
+    return LoggerSettings(resolve_tracking_uri(cfg.get("tracking_uri")), fallback,
+                          str(experiment) if experiment not in (None, "") else None, timeout)
+
+
+def tracking_enabled(logger_cfg: Mapping[str, Any] | None) -> bool:
+    """Whether the ``logger`` config asks for tracking at all (``logger=none`` does not); values unchecked."""
+    name = str((logger_cfg or {}).get("name") or "none").lower()
+    return name not in ("none", "null", "off")
+
+
+def _timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise ConfigError(f"logger.timeout_s={value!r}: must be a positive number of seconds (how long one call to "
+                          "a tracking server may try), or null for MLflow's own retries")
+    return seconds
+
+
+def http_settings(timeout_s: float) -> dict[str, str]:
+    """MLflow's HTTP settings under which one tracking call gives up within about ``timeout_s`` seconds.
+
+    Below 10 s: one attempt of that length. Otherwise three attempts sharing the time, with short backoff
+    sleeps between them (0 s, then 2 s, each plus up to 0.5 s jitter), so a server that restarts
+    quickly is not given up on at the first refused connection.
+    """
+    if timeout_s < 10:
+        retries, per_attempt = 0, max(1, int(timeout_s))
+    else:
+        retries, per_attempt = 2, max(1, int((timeout_s - 3) // 3))
+    return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(per_attempt), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5"}
+
+
+def apply_timeout(timeout_s: float | None) -> None:
+    """Make this process's (and its child processes') MLflow calls give up after about ``timeout_s`` seconds.
+
+    MLflow reads these environment variables at every request; None leaves them as they are.
+    """
+    if timeout_s is not None:
+        os.environ.update(http_settings(timeout_s))
 
 
 # --------------------------------------------------------------------------- params
@@ -323,8 +413,9 @@ class MlflowTracker(Tracker):
     """One MLflow run, driven through ``MlflowClient`` with its explicit run id.
 
     After the start every call is guarded: an exception becomes one warning per kind and the run
-    goes on. A failing call that stalls for ``STALL_SECONDS`` (a server gone away, MLflow retrying)
-    switches tracking off for the rest of the run so the work is not held up.
+    goes on. A failing call against a server that no longer answers its health check, or one that
+    stalls for ``STALL_SECONDS``, switches tracking off for the rest of the run so the work is not held
+    up. :attr:`failed` tells afterwards whether everything reached the store.
     """
 
     def __init__(self, client: Any, run_id: str, tracking_uri: str, experiment_id: str) -> None:
@@ -335,6 +426,13 @@ class MlflowTracker(Tracker):
         self._warned: set[tuple[str, str]] = set()
         self._disabled = False
         self._finished = False
+        self.failed = False  # some call did not reach the store
+        self.offline = False  # the server stopped answering; tracking is off
+
+    @property
+    def client(self) -> Any:
+        """The MlflowClient this run is written through (for lookups in the same store)."""
+        return self._client
 
     @classmethod
     def start(
@@ -347,13 +445,12 @@ class MlflowTracker(Tracker):
         parent_run_id: str | None = None,
     ) -> MlflowTracker:
         """Create (or reuse) the experiment and create the run; failures raise one TrackingError line."""
-        mlflow = _import_mlflow()
         run_tags = {**_default_tags(), **{str(k): _tag_text(v) for k, v in (tags or {}).items()}}
         if parent_run_id:
             run_tags[PARENT_TAG] = str(parent_run_id)
         try:
-            client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-            experiment_id = _ensure_experiment(client, experiment, tracking_uri)
+            client, experiment_id = open_client(tracking_uri, experiment)
+            close_dead_runs(client, experiment_id)
             run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         except TrackingError:
             raise
@@ -431,8 +528,18 @@ class MlflowTracker(Tracker):
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the run
+            self.failed = True
             self._warn_once(kind, exc)
-            if time.monotonic() - started > STALL_SECONDS:
+            gone = _server_problem(self.tracking_uri, HEALTH_TIMEOUT_S) if is_http(self.tracking_uri) else None
+            if gone is not None:
+                self._disabled = self.offline = True
+                log.warning(
+                    "MLflow tracking server %s stopped answering (%s): tracking is off for the rest of run %s; "
+                    "results are still written to the run folder, and rerunning the same command once the server "
+                    "is back logs a finished run the store lacks",
+                    self.tracking_uri, gone, self.run_id,
+                )
+            elif time.monotonic() - started > STALL_SECONDS:
                 self._disabled = True
                 log.warning(
                     "MLflow tracking is off for the rest of run %s: %s stalled for over %.0f s "
@@ -477,13 +584,128 @@ def _tag_text(value: Any) -> str:
 
 
 def _default_tags() -> dict[str, str]:
-    """The source and user tags the fluent API would add, so runs read the same in the UI."""
-    tags = {"mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"}
+    """The source and user tags the fluent API would add, so runs read the same in the UI, and the process's."""
+    tags = {"mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
+            **process_tags()}
     try:
         tags["mlflow.user"] = getpass.getuser()
     except (OSError, KeyError):  # no user entry in some containers: leave the tag out
         return tags
     return tags
+
+
+# --------------------------------------------------------------------------- runs left by killed processes
+
+
+def process_tags() -> dict[str, str]:
+    """This process as run tags (host, pid and the pid's start time), so a later process can tell it died."""
+    pid = os.getpid()
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid)}
+    start = _process_start(pid)
+    if start:
+        tags[PID_START_TAG] = start
+    return tags
+
+
+def _process_start(pid: int) -> str:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``); '' where that cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    fields = stat.rsplit(")", 1)[-1].split()  # the command name in parentheses may hold spaces
+    return fields[19] if len(fields) > 19 else ""
+
+
+def process_alive(tags: Mapping[str, str]) -> bool | None:
+    """Whether the process that created a run (from its tags) still runs; None when this host cannot tell.
+
+    A pid now used by another process (a different start time) counts as dead.
+    """
+    host, pid = tags.get(HOST_TAG), str(tags.get(PID_TAG, ""))
+    if not host or host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        pass
+    start, now = tags.get(PID_START_TAG, ""), _process_start(int(pid))
+    return not (start and now and start != now)
+
+
+def close_dead_runs(client: Any, experiment_id: str) -> list[str]:
+    """Close as KILLED the runs of an experiment left RUNNING by processes of this host that have died.
+
+    Such runs (a SIGKILLed train.py, a sweep parent, its placeholder child) would otherwise read as running
+    forever. Runs of other hosts are left alone (their processes cannot be seen from here). Never raises.
+    """
+    host = socket.gethostname().replace("'", "")
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'"
+    try:
+        runs = client.search_runs([experiment_id], filter_string=query, max_results=1000)
+    except Exception as exc:  # noqa: BLE001 - housekeeping only
+        log.debug("looking for runs left RUNNING failed: %s", exc)
+        return []
+    closed = [r.info.run_id for r in runs if process_alive(r.data.tags) is False and _close_killed(client, r)]
+    if closed:
+        log.warning("closed %d MLflow run(s) left RUNNING by a killed process on this host as KILLED: %s",
+                    len(closed), ", ".join(closed))
+    return closed
+
+
+def _close_killed(client: Any, run: Any) -> bool:
+    try:
+        client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - housekeeping only
+        log.debug("closing run %s failed: %s", run.info.run_id, exc)
+        return False
+    return True
+
+
+def open_client(uri: str, experiment: str | None = None) -> tuple[Any, str | None]:
+    """An MlflowClient for ``uri`` with its store ready, and the id of ``experiment`` (created if missing).
+
+    A sqlite store is created, migrated or repaired while this process holds the store's lock (see
+    :mod:`potion.tracking_store`), so processes opening a new store at once do not race MLflow's
+    migration; MLflow keeps the opened store for the rest of the process. Failures raise one line.
+    """
+    db = sqlite_path(uri)
+    with store_lock(db):
+        if db is not None and repair_store(db, uri):
+            _forget_engine(uri)
+        try:
+            return _ready_client(uri, experiment)
+        except TrackingError:
+            raise
+        except Exception as exc:  # a corrupt or foreign database, a refused connection, ...
+            if db is None or not is_unfinished_and_empty(inspect_store(db)):
+                raise TrackingError(f"cannot open the MLflow store {uri} ({_one_line(exc)}); fix "
+                                    "logger.tracking_uri or use logger=none") from exc
+            set_aside(db, f"an unfinished schema migration ({_one_line(exc)})")
+            _forget_engine(uri)
+        return _ready_client(uri, experiment)
+
+
+def _forget_engine(uri: str) -> None:
+    """Close the database connections MLflow keeps for ``uri`` (they would still read a file moved aside)."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # its per-URI engine cache
+
+        engine = SqlAlchemyStore._engine_map.pop(uri, None)
+    except (ImportError, AttributeError):
+        return
+    if engine is not None:
+        engine.dispose()
+
+
+def _ready_client(uri: str, experiment: str | None) -> tuple[Any, str | None]:
+    client = _import_mlflow().MlflowClient(tracking_uri=uri)
+    if experiment is None:
+        client.search_experiments(max_results=1)  # builds (creates, migrates) the store now, under the lock
+        return client, None
+    return client, _ensure_experiment(client, experiment, uri)
 
 
 def _ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
@@ -518,6 +740,8 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
 
 def _import_mlflow() -> Any:
     """Import mlflow on first use (it is slow) and quieten its info chatter and internal deprecation notices."""
+    for key, value in http_settings(DEFAULT_TIMEOUT_S).items():  # bounded calls also where no logger config is read
+        os.environ.setdefault(key, value)
     import mlflow
 
     for name in ("mlflow", "alembic"):
@@ -544,24 +768,28 @@ def start_tracker(
     ``tracking_uri``, ``fallback`` (``none`` or ``local``: on an unreachable server, log to the local
     sqlite store instead) and ``experiment`` (overrides the experiment name).
     """
-    cfg = dict(logger_cfg or {"name": "none"})
-    name = str(cfg.get("name") or "none").lower()
-    if name in ("none", "null", "off"):
+    settings = logger_settings(logger_cfg)
+    if settings is None:
         return NullTracker()
-    if name != "mlflow":
-        raise ConfigError(f"unknown logger.name {name!r}; use mlflow or none")
-    fallback = str(cfg.get("fallback") or "none").lower()
-    if fallback not in ("none", "local"):
-        raise ConfigError(f"unknown logger.fallback {fallback!r}; use none or local")
-    uri = _reachable_uri(resolve_tracking_uri(cfg.get("tracking_uri")), fallback)
-    experiment = str(cfg.get("experiment") or experiment)
-    return MlflowTracker.start(uri, experiment, run_name=run_name, tags=tags, parent_run_id=parent_run_id)
+    uri = usable_uri(settings)
+    return MlflowTracker.start(uri, settings.experiment or experiment, run_name=run_name, tags=tags,
+                               parent_run_id=parent_run_id)
 
 
-def _reachable_uri(uri: str, fallback: str) -> str:
+def usable_uri(settings: LoggerSettings) -> str:
+    """The store to log to: the configured one when it answers, else (fallback=local) the local sqlite store.
+
+    Also sets the HTTP timeout of this process's MLflow calls (``logger.timeout_s``).
+    """
+    apply_timeout(settings.timeout_s)
+    limit = min(HEALTH_TIMEOUT_S, settings.timeout_s or HEALTH_TIMEOUT_S)
+    return _reachable_uri(settings.tracking_uri, settings.fallback, limit)
+
+
+def _reachable_uri(uri: str, fallback: str, timeout: float = HEALTH_TIMEOUT_S) -> str:
     """``uri`` when usable, else (with fallback=local and a server URI) the local sqlite store."""
     try:
-        check_reachable(uri)
+        check_reachable(uri, timeout)
         return uri
     except TrackingError:
         if fallback != "local" or not is_http(uri):
@@ -574,10 +802,9 @@ def _reachable_uri(uri: str, fallback: str) -> str:
 
 def download_run_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dst: str | os.PathLike) -> Path:
     """Fetch ``artifact_path`` of a finished run (``mlflow:<run id>`` inputs) into ``dst``; return the local path."""
-    mlflow = _import_mlflow()
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    client = mlflow.MlflowClient(tracking_uri=uri)
+    client, _ = open_client(uri)
     try:
         client.get_run(run_id)
     except Exception as exc:  # unknown id, malformed id and store errors read the same
