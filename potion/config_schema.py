@@ -110,7 +110,7 @@ class TorchvisionModel(Model):
     OPEN: ClassVar[bool] = True
 
 
-Model.VARIANTS.update(resnet9=ResNet9, small_cnn=SmallCNN, wrn=WideResNet)
+Model.VARIANTS.update(resnet9=ResNet9, small_cnn=SmallCNN, wrn=WideResNet, wrn28x10=WideResNet)
 
 TriggerKind = Literal["patch", "blend", "sig", "wanet", "ftrojan", "label_consistent", "none"]
 TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
@@ -174,6 +174,7 @@ class Logger:
     tracking_uri: str | None
     fallback: Literal["none", "local"]
     experiment: str
+    timeout_s: float | None = num(60.0, gt=0)  # one call to a server gives up after ~this long (potion.tracking)
 
 
 @dataclass(kw_only=True)
