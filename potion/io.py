@@ -8,16 +8,18 @@ Every tensor file it reads goes through ``load_tensors`` (safetensors, or ``torc
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from potion.errors import CheckpointError
+from potion.errors import CheckpointError, PotionError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, so JSON and hashing stay light
     import torch
@@ -32,10 +34,28 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+class StorageError(PotionError, OSError):
+    """An output could not be written (full disk, no permission, not a folder): one line, never a traceback.
+
+    Also an OSError, so callers that treat a failed cache write as a cache miss keep doing so.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+# Free space below this after a failed write means the disk filled up (writers such as torch.save report
+# a full disk only as "unexpected pos ...").
+NEARLY_FULL_BYTES = 1 << 20
+
+
 def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _storage_error(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -44,10 +64,40 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, (OSError, RuntimeError)) and _nearly_full(path.parent)
         tmp_path.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or full:
+            raise _storage_error(path, exc, full) from exc
         raise
     return path
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def _storage_error(path: Path, exc: BaseException, full: bool = False) -> StorageError:
+    """One line naming the file, the reason and the fix."""
+    code = getattr(exc, "errno", None)
+    if full or code in (errno.ENOSPC, errno.EDQUOT):
+        return StorageError(errno.ENOSPC, f"cannot write {path}: no space left on the device; free some space, or "
+                                          "write elsewhere (out_dir=..., POTION_CACHE_DIR=...)")
+    text = str(exc).strip()
+    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else "")
+    return StorageError(code or errno.EIO, f"cannot write {path}: {reason or type(exc).__name__}; choose a "
+                                           "writable folder (out_dir=..., POTION_CACHE_DIR=...)")
+
+
+def write_torch(obj: Any, path: Path) -> None:
+    """torch.save through a Python file, so a full disk surfaces as OSError(ENOSPC) rather than a RuntimeError."""
+    import torch
+
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
@@ -87,17 +137,22 @@ def read_json(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"corrupt JSON file {path} ({exc.__class__.__name__}); delete it or rerun") from exc
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Save a flat name->tensor mapping atomically, as safetensors (.safetensors) or a weights-only .pt."""
-    import torch
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                 metadata: Mapping[str, str] | None = None) -> Path:
+    """Save a flat name->tensor mapping atomically, as safetensors (.safetensors) or a weights-only .pt.
 
+    ``metadata`` (text, safetensors only) is stored in the file's header, e.g. a content digest.
+    """
     path = Path(path)
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        return _atomic(path, lambda p: save_file(_dedupe_storage(flat), str(p)))
-    return _atomic(path, lambda p: torch.save(flat, p))
+        meta = dict(metadata) if metadata else None
+        return _atomic(path, lambda p: save_file(_dedupe_storage(flat), str(p), metadata=meta))
+    if metadata:
+        raise ValueError("metadata needs a .safetensors file")
+    return _atomic(path, lambda p: write_torch(flat, p))
 
 
 def _dedupe_storage(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -137,6 +192,17 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a state dict of tensors")
     return dict(obj)
+
+
+def read_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The text metadata in a safetensors file's header ({} when none); a CheckpointError if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - any reader failure means a damaged file
+        raise CheckpointError(f"cannot read {path}: corrupt or truncated ({type(exc).__name__})") from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

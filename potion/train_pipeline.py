@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +17,44 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
+from potion import interrupt
 from potion.config import identity_hash, model_kwargs, to_dict, validate_train_config
+from potion.data.adversarial import pgd_away
+from potion.data.augment import Normalizer
 from potion.data.batches import TensorBatches
-from potion.data.poisoned import PoisonedData, load_data, plan_from_config, poison
+from potion.data.poisoned import PoisonedData, kind_needs_images, load_data, plan_from_config, poison
 from potion.evaluation import evaluate_backdoor
-from potion.io import atomic_write_json
+from potion.interrupt import Interrupted
+from potion.io import atomic_write_json, load_tensors, save_tensors
 from potion.models import build_model
-from potion.runs import PLAN, SUMMARY, read_plan, read_summary, write_config, write_plan, write_weights
+from potion.reference import reference_config
+from potion.runs import (
+    CHECKPOINTS,
+    PLAN,
+    POISON_IMAGES,
+    SUMMARY,
+    check_out_dir,
+    check_plan_fits,
+    claim_run_dir,
+    load_trained_run,
+    read_plan,
+    read_summary,
+    remove_stale_temp_files,
+    run_lock,
+    write_config,
+    write_plan,
+    write_weights,
+)
 from potion.schedule import cpu_threads, total_steps_for
 from potion.tracking import NullTracker, start_tracker
-from potion.training import AtomicCheckpointIO, EpochMetricsCallback, PoisonTrainingModule
+from potion.training import (
+    AtomicCheckpointIO,
+    EpochMetricsCallback,
+    PoisonTrainingModule,
+    StopOnSignal,
+    check_checkpoint_fits,
+    read_resume_checkpoint,
+)
 
 log = logging.getLogger("potion.train")
 
@@ -44,42 +73,64 @@ def is_secondary_rank() -> bool:
 
 
 def run_training(cfg: DictConfig) -> dict[str, Any]:
-    """Train (or resume, or reuse) the poisoned model the config describes; return its summary."""
+    """Train (or resume, or reuse) the poisoned model the config describes; return its summary.
+
+    The run folder is locked for the whole call: a second identical command waits and then reuses the
+    result. A folder holding another config is refused unless ``force=true``, which trains from scratch.
+    """
     validate_train_config(cfg)
     run_dir = train_run_dir(cfg)
     config_hash = identity_hash(cfg)
-    done = read_summary(run_dir)
-    if done is not None and done.get("config_hash") == config_hash and not cfg.get("force", False):
-        log.info("already finished: %s (force=true to retrain)", run_dir)
-        done["reused"] = True
-        return done
+    secondary = is_secondary_rank()  # DDP ranks > 0 follow rank 0, which holds the lock and claims the folder
+    with nullcontext() if secondary else run_lock(run_dir):
+        fresh = not secondary and check_out_dir(run_dir, "train", config_hash, bool(cfg.get("force", False)))
+        done = read_summary(run_dir)
+        if done is not None and not fresh and done.get("config_hash") == config_hash:
+            log.info("already finished: %s (force=true to retrain)", run_dir)
+            done["reused"] = True
+            return done
+        resume = _resume_checkpoint(cfg, run_dir, fresh)
+        tracker = NullTracker() if is_secondary_rank() else start_tracker(
+            cfg.logger, experiment=cfg.logger.get("experiment", "potion"), run_name=f"train-{cfg.name}",
+            tags={"potion.task": "train", "potion.config_hash": config_hash})
+        try:
+            summary = _train(cfg, run_dir, config_hash, tracker, fresh, resume)
+        except BaseException as exc:
+            tracker.finish("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
+            raise
+        tracker.finish("FINISHED")
+        return summary
 
-    tracker = NullTracker() if is_secondary_rank() else start_tracker(
-        cfg.logger, experiment=cfg.logger.get("experiment", "potion"), run_name=f"train-{cfg.name}",
-        tags={"potion.task": "train", "potion.config_hash": config_hash})
-    try:
-        summary = _train(cfg, run_dir, config_hash, tracker)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
-    return summary
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path, fresh: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The checked last checkpoint to resume from, or None (none there, resume=false, or a fresh start)."""
+    ckpt = run_dir / CHECKPOINTS / "last.ckpt"
+    if fresh or not cfg.get("resume", True) or not ckpt.is_file():
+        return None
+    return ckpt, read_resume_checkpoint(ckpt)
 
 
-def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any) -> dict[str, Any]:
+def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any, fresh: bool,
+           resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
     torch.set_num_threads(cpu_threads())
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     bundle = load_data(cfg.dataset)
     plan = plan_from_config(bundle, cfg.poison)
     plan_path = run_dir / PLAN
-    if plan_path.is_file():  # a resumed run must keep the plan it started with
+    if plan_path.is_file() and not fresh:  # a resumed run must keep the plan it started with
         old = read_plan(plan_path)
+        check_plan_fits(old, bundle, plan_path)
         if old.to_dict() != plan.to_dict():
             log.warning("poison plan in %s differs from the config's; keeping the saved one", run_dir)
             plan = old
-    data = poison(bundle, plan)
+    if fresh:  # from scratch: not even the attack's stored images of an earlier run are reused
+        (run_dir / POISON_IMAGES).unlink(missing_ok=True)
+    data = poison(bundle, plan, _poison_images(cfg, bundle, plan, run_dir))
     model = build_model(cfg.model.name, data.num_classes, data.channels, **model_kwargs(cfg.model))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if not is_secondary_rank():
+        claim_run_dir(run_dir, "train", config_hash, fresh)
+        for folder in (run_dir, run_dir / CHECKPOINTS):  # what a killed writer left (we hold the run lock)
+            remove_stale_temp_files(folder)
     write_config(run_dir, cfg)
     write_plan(run_dir, plan)
     tracker.log_params(to_dict(cfg) | {"run_dir": str(run_dir), "poison.n_p": plan.count})
@@ -95,22 +146,23 @@ def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any) -> di
         label_smoothing=float(t.label_smoothing), crop_padding=int(t.crop_padding), flip=bool(t.flip),
         channels_last=bool(tr.channels_last), seed=int(cfg.seed),
     )
-    trainer = _make_trainer(cfg, run_dir, steps, data, tracker)
+    ckpt = run_dir / CHECKPOINTS / "last.ckpt"
+    if resume is not None:
+        check_checkpoint_fits(resume[1], module, resume[0])
+        log.info("resuming from %s", resume[0])
+    trainer = _make_trainer(cfg, run_dir, steps, data, tracker, resume, StopOnSignal(ckpt))
     loader = _train_loader(data, cfg, trainer)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    resume_from = str(ckpt) if cfg.get("resume", True) and ckpt.is_file() else None
-    if resume_from:
-        log.info("resuming from %s", resume_from)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=True)
+    _fit(trainer, module, loader, None if resume is None else str(resume[0]), ckpt)
     train_seconds = time.perf_counter() - start
+    resume_from = resume is not None
     if not trainer.is_global_zero:  # DDP: the other ranks trained with rank 0, which alone writes and tracks
         return {"run_dir": str(run_dir), "global_rank": trainer.global_rank}
 
     model = module.model.eval()
     write_weights(run_dir, model)
     final = evaluate_backdoor(model, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,
-                              plan.target, int(t.eval_batch_size))
+                              data.wanted_test_labels(), int(t.eval_batch_size))
     summary = {
         **final, "train_seconds": train_seconds, "steps": steps, "epochs": steps / max(1, len(loader)),
         "n_p": plan.count, "target": plan.target, "config_hash": config_hash, "run_dir": str(run_dir),
@@ -128,11 +180,44 @@ def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any) -> di
     return summary
 
 
-def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData, tracker: Any) -> pl.Trainer:
+def _poison_images(cfg: DictConfig, bundle: Any, plan: Any, run_dir: Path) -> torch.Tensor | None:
+    """The label-consistent attack's PGD-hardened images: from the run folder, or made with the reference model."""
+    if not kind_needs_images(plan):
+        return None
+    path = run_dir / POISON_IMAGES
+    if path.is_file():
+        return load_tensors(path)["images"]
+    ref_dir = train_run_dir(reference_config(cfg))
+    surrogate = load_trained_run(ref_dir).build_model(bundle.num_classes, bundle.channels).eval()
+    idx = torch.tensor(plan.indices, dtype=torch.long)
+    s = plan.trigger
+    log.info("label-consistent attack: PGD (eps %g/255, %d steps) on %d target-class images", s.eps, s.pgd_steps,
+             plan.count)
+    images = pgd_away(surrogate, bundle.train.images[idx], bundle.train.labels[idx],
+                      Normalizer(bundle.mean, bundle.std), eps=s.eps, steps=s.pgd_steps, step=s.pgd_step)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_tensors(path, {"images": images})
+    return images
+
+
+def _fit(trainer: pl.Trainer, module: pl.LightningModule, loader: Any, resume_from: str | None, ckpt: Path) -> None:
+    """Lightning's fit, stopped cleanly by SIGTERM/SIGINT (checkpoint at the step, then :class:`Interrupted`)."""
+    with interrupt.deferred():
+        try:
+            trainer.fit(module, train_dataloaders=loader, ckpt_path=resume_from, weights_only=True)
+        except SystemExit:  # Lightning's own SIGTERMException: the signal came after this step's check
+            signum = interrupt.pending()
+            if signum is None:
+                raise
+            raise Interrupted(signum, f"last checkpoint {ckpt}") from None
+
+
+def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData, tracker: Any,
+                  resume: tuple[Path, dict[str, Any]] | None, stop: pl.Callback) -> pl.Trainer:
     t, tr = cfg.train, cfg.trainer
     every = t.checkpoint_every_n_steps
     checkpoint = pl.callbacks.ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+        dirpath=run_dir / CHECKPOINTS, save_last=True, save_top_k=0,
         every_n_train_steps=int(every) if every else None, save_on_train_epoch_end=True,
     )
     evaluate = None
@@ -141,19 +226,20 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
         # a seeded random subset: test splits are often stored class by class
         pick = torch.randperm(len(data.bundle.test), generator=torch.Generator().manual_seed(0))[:n]
         imgs, labels = data.bundle.test.images[pick], data.bundle.test.labels[pick]
+        wanted = data.plan.wanted(labels)
 
         def evaluate(model: torch.nn.Module) -> dict[str, float]:
-            return evaluate_backdoor(model, imgs, labels, data.normalizer, data.trigger, data.plan.target,
+            return evaluate_backdoor(model, imgs, labels, data.normalizer, data.trigger, wanted,
                                      int(t.eval_batch_size))
 
     def sink(values: dict[str, float], epoch: int) -> None:
         log.info("epoch %d: %s", epoch, "  ".join(f"{k}={v:.4f}" for k, v in values.items()))
         tracker.log_metrics(values, step=epoch)
 
-    callbacks = [checkpoint, EpochMetricsCallback(sink, evaluate)]
+    callbacks = [checkpoint, EpochMetricsCallback(sink, evaluate), stop]
     return pl.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, strategy=tr.strategy, precision=tr.precision,
-        max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO()],
+        max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO(resume)],
         enable_progress_bar=bool(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, deterministic=bool(tr.deterministic), benchmark=bool(tr.get("benchmark", False)),
         default_root_dir=str(run_dir),

@@ -6,7 +6,8 @@ strategies and checkpoint/resume mechanics are Lightning's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import pickle
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from potion import interrupt
 from potion.data.augment import Normalizer, random_crop_flip
 from potion.data.poison import Trigger
-from potion.io import _atomic
+from potion.errors import CheckpointError
+from potion.io import _atomic, write_torch
 from potion.schedule import warmup_linear_decay
 
 
@@ -80,14 +83,81 @@ class PoisonTrainingModule(pl.LightningModule):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written atomically (temp + rename) and read back with ``weights_only=True``."""
+    """Lightning checkpoints written atomically (temp + rename) and read back with ``weights_only=True``.
+
+    ``preloaded``: a checkpoint already read and checked by :func:`read_resume_checkpoint`, handed to
+    Lightning instead of reading the file a second time.
+    """
+
+    def __init__(self, preloaded: tuple[Path, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.preloaded = preloaded
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        _atomic(Path(path), lambda p: torch.save(checkpoint, p))
+        _atomic(Path(path), lambda p: write_torch(checkpoint, p))
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
                         ) -> dict[str, Any]:
+        if self.preloaded is not None and Path(path) == self.preloaded[0]:
+            checkpoint, self.preloaded = self.preloaded[1], None
+            return checkpoint
         return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+# What every checkpoint Lightning writes during fit holds; anything less cannot be resumed from.
+RESUME_KEYS = {"state_dict": Mapping, "optimizer_states": list, "loops": Mapping, "global_step": int, "epoch": int}
+
+
+def read_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a Lightning checkpoint to resume from, refusing anything else in one CheckpointError line.
+
+    Read with ``weights_only=True`` (pickled objects are refused, never run); a truncated or garbage file,
+    or a bare state dict without the optimizer and loop state, cannot be resumed from.
+    """
+    fix = f"delete {path} to train from the start, or add force=true to retrain from scratch"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(f"refused to resume from {path}: it holds pickled objects, not a checkpoint of "
+                              f"tensors ({fix})") from exc
+    except Exception as exc:  # noqa: BLE001 - every reader failure means a damaged file
+        raise CheckpointError(f"cannot resume from {path}: corrupt or truncated ({type(exc).__name__}); {fix}"
+                              ) from exc
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"cannot resume from {path}: not a Lightning checkpoint; {fix}")
+    missing = [k for k, kind in RESUME_KEYS.items() if not isinstance(checkpoint.get(k), kind)]
+    if missing:
+        raise CheckpointError(f"cannot resume from {path}: not a Lightning training checkpoint (no "
+                              f"{', '.join(missing)}; a bare state dict has no optimizer or loop state); {fix}")
+    return dict(checkpoint)
+
+
+def check_checkpoint_fits(checkpoint: Mapping[str, Any], module: nn.Module, path: Path) -> None:
+    """The checkpoint's weights have this module's names and shapes (else Lightning fails with a traceback)."""
+    theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
+    ours = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    if theirs != ours:
+        diff = sorted(set(theirs) ^ set(ours)) or sorted(k for k in ours if theirs[k] != ours[k])
+        raise CheckpointError(f"cannot resume from {path}: its weights do not fit this model (first difference: "
+                              f"{diff[0]}); delete it, or add force=true to retrain from scratch")
+
+
+class StopOnSignal(pl.Callback):
+    """A SIGTERM/SIGINT recorded by :func:`potion.interrupt.deferred` stops the fit at the end of a step.
+
+    The checkpoint is written there first (to the path resume reads), so the resumed run loses no step.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        signum = interrupt.pending()
+        if signum is None:
+            return
+        trainer.save_checkpoint(self.path)
+        raise interrupt.Interrupted(signum, f"stopped after step {trainer.global_step}, checkpoint {self.path}")
 
 
 class EpochMetricsCallback(pl.Callback):

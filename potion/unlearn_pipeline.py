@@ -18,13 +18,27 @@ from potion.data.poisoned import PoisonedData, load_data, poison
 from potion.discovery import discover
 from potion.errors import ConfigError
 from potion.evaluation import evaluate_backdoor, logits_of, model_device, predict
+from potion.interrupt import Interrupted
 from potion.io import atomic_write_json, atomic_write_text, save_tensors, sha256_tensors
 from potion.models import build_model
 from potion.plots import plot_ptn_trajectory
-from potion.runs import SUMMARY, TrainedRun, load_trained_run, read_summary
+from potion.reference import is_reference, reference_config
+from potion.runs import (
+    PLAN,
+    SUMMARY,
+    TrainedRun,
+    check_out_dir,
+    check_plan_fits,
+    claim_run_dir,
+    load_trained_run,
+    read_summary,
+    remove_stale_temp_files,
+    run_lock,
+)
 from potion.schedule import cpu_threads
 from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri, start_tracker
+from potion.train_pipeline import run_training, train_run_dir
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.registry import get_method, run_timed
 from potion.unlearning.task import UnlearnTask
@@ -113,10 +127,19 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None, tracker: T
     d = cfg.discovery
     discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
     run_dir, key = unlearn_run_dir(cfg, run)
+    with run_lock(run_dir):  # a second identical command waits, then reuses the result
+        return _unlearn_locked(cfg, run, discovery, method_fn, run_dir, key, parent_run_id, tracker)
+
+
+def _unlearn_locked(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, run_dir: Path, key: str,
+                    parent_run_id: str | None, tracker: Tracker | None) -> dict[str, Any]:
+    fresh = check_out_dir(run_dir, "unlearn", key, bool(cfg.get("force", False)))
     done = read_summary(run_dir)
-    if done is not None and done.get("config_hash") == key and not cfg.get("force", False):
+    if done is not None and not fresh and done.get("config_hash") == key:
         done["reused"] = True
         return done
+    bundle = load_data(run.cfg.dataset)  # before the MLflow run: a plan that does not fit leaves no FAILED run
+    check_plan_fits(run.plan, bundle, run.path / PLAN)
     tags = {"potion.task": "unlearn", "potion.method": str(cfg.method.name), "potion.config_hash": key,
             "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
             "potion.train_config_hash": str(run.summary.get("config_hash"))}
@@ -126,24 +149,25 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None, tracker: T
     else:
         tracker.set_tags(tags)
     try:
-        summary = _unlearn(cfg, run, discovery, method_fn, run_dir, key, tracker)
-    except BaseException:
-        tracker.finish("FAILED")
+        summary = _unlearn(cfg, run, bundle, discovery, method_fn, run_dir, (key, fresh), tracker)
+    except BaseException as exc:
+        tracker.finish("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
         raise
     tracker.finish("FINISHED")
     return summary
 
 
-def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, run_dir: Path, key: str,
-             tracker: Any) -> dict[str, Any]:
+def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, method_fn: Any, run_dir: Path,
+             identity: tuple[str, bool], tracker: Any) -> dict[str, Any]:
+    key, fresh = identity
     torch.set_num_threads(cpu_threads())
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("trainer"))
-    data = poison(load_data(run.cfg.dataset), run.plan)
+    data = poison(bundle, run.plan, run.poison_images)
     model = run.build_model(data.num_classes, data.channels).to(device).eval()
     bs = int(cfg.eval_batch_size)
     before_logits = poisoned_logits(model, data, bs)
-    before = _before_metrics(before_logits, data, run.plan.target)
+    before = _before_metrics(before_logits, data, data.wanted_test_labels())
     task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
                        model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
                                                          **model_kwargs(run.cfg.model)),
@@ -161,11 +185,13 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     healed_model = out.model.eval()
     poisoned_model = model_before_copy(run, data, device)
     after = evaluate_backdoor(healed_model, data.bundle.test.images, data.bundle.test.labels, data.normalizer,
-                              data.trigger, run.plan.target, bs)
+                              data.trigger, data.wanted_test_labels(), bs)
     result = {
         **after,
         **{f"{k}_before": v for k, v in before.items()},
         "healed": metrics.healed(after["poison_acc"], before["poison_acc"], before["clean_acc"]),
+        **attainable(run, data, after["poison_acc"], before["poison_acc"], str(cfg.get("reference", "auto")),
+                     device, bs),
         "acc_drop": metrics.acc_drop(before["clean_acc"], after["clean_acc"]),
         "forget_acc": task.forget_accuracy(healed_model),
         "forget_acc_before": forget_acc_before,
@@ -180,13 +206,14 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
                                      signature=bool(cfg.suspects.get("signature", True)),
                                      target_only=bool(cfg.suspects.get("target_only", True)), seed=int(cfg.seed),
                                      batch_size=bs, before_logits=before_logits["train"])
-        result.update(suspects_summary(ranking, data.train_flags))
+        result.update(suspects_summary(ranking, data.poison_mask))
         result["suspect_signature_found"] = float(sig is not None)
     result["eval_seconds"] = time.perf_counter() - t1
     numeric = {k: float(v) for k, v in out.diagnostics.items() if isinstance(v, (int, float, bool))}
     notes = {k: v for k, v in out.diagnostics.items() if not isinstance(v, (int, float, bool))}
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(run_dir, "unlearn", key, fresh)
+    remove_stale_temp_files(run_dir)  # what a killed writer left (we hold the run lock)
     artifacts = []
     if cfg.get("save_weights", True):
         artifacts.append(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
@@ -220,6 +247,27 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn: Any, r
     return summary
 
 
+def attainable(run: TrainedRun, data: PoisonedData, poison_acc_after: float, poison_acc_before: float,
+               mode: str, device: torch.device, bs: int) -> dict[str, float]:
+    """healed_attainable against the clean reference model (``reference``: auto = if trained, train, off)."""
+    if mode == "off" or is_reference(run.cfg):
+        return {}
+    ref_cfg = reference_config(run.cfg)
+    ref_dir = train_run_dir(ref_cfg)
+    done = read_summary(ref_dir)
+    if (done is None or done.get("config_hash") != identity_hash(ref_cfg)) and mode == "train":
+        ref_dir = Path(run_training(ref_cfg)["run_dir"])
+        done = read_summary(ref_dir)
+    if done is None or done.get("config_hash") != identity_hash(ref_cfg):
+        log.info("no clean reference model yet (reference=train trains it: %s); healed_attainable left out", ref_dir)
+        return {}
+    ref_model = load_trained_run(ref_dir).build_model(data.num_classes, data.channels).to(device).eval()
+    ref = evaluate_backdoor(ref_model, data.bundle.test.images, data.bundle.test.labels, data.normalizer,
+                            data.trigger, data.wanted_test_labels(), bs)
+    return {"poison_acc_reference": ref["poison_acc"], "clean_acc_reference": ref["clean_acc"],
+            "healed_attainable": metrics.healed_attainable(poison_acc_after, poison_acc_before, ref["poison_acc"])}
+
+
 def poisoned_logits(model: torch.nn.Module, data: PoisonedData, bs: int) -> dict[str, torch.Tensor]:
     """The poisoned model's logits on the test split (clean, triggered) and the training split as poisoned.
 
@@ -240,7 +288,8 @@ def poisoned_logits(model: torch.nn.Module, data: PoisonedData, bs: int) -> dict
     return cached_tensors(path, compute)[0]
 
 
-def _before_metrics(logits: dict[str, torch.Tensor], data: PoisonedData, target: int) -> dict[str, float]:
+def _before_metrics(logits: dict[str, torch.Tensor], data: PoisonedData, target: int | torch.Tensor
+                    ) -> dict[str, float]:
     """The poisoned model's clean_acc / poison_acc / asr from its (cached) test logits."""
     labels = data.bundle.test.labels
     triggered = logits["test_triggered"].argmax(1)

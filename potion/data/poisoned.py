@@ -50,7 +50,7 @@ def load_data(dataset_cfg: Mapping[str, Any]) -> DatasetBundle:
     d = {k: dataset_cfg.get(k) for k in dataset_cfg}  # a missing (???) value reads as None, not a traceback
     return load_dataset(
         str(d.get("source", d.get("name"))), d.get("path"), download=bool(d.get("download", False)),
-        mean=d.get("mean"), std=d.get("std"), image_size=d.get("image_size"),
+        mean=d.get("mean"), std=d.get("std"), image_size=d.get("image_size"), archive_limits=d,
     )
 
 

@@ -10,19 +10,22 @@ unpickler that can only rebuild numpy arrays, so a crafted file cannot run code.
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import hashlib
 import importlib.metadata
 import importlib.util
 import io
 import logging
+import lzma
 import math
 import os
 import pickle
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -107,23 +110,26 @@ def load_dataset(
     std: Sequence[float] | None = None,
     image_size: int | None = None,
     use_cache: bool = True,
+    archive_limits: Mapping[str, Any] | None = None,
 ) -> DatasetBundle:
     """Decode (or read from the cache) a data set and attach its normalisation.
 
     ``source`` is one of :data:`SOURCES`; ``path`` is the CIFAR root, the image folder / archive, or
     ignored for digits. ``image_size`` resizes to a square size. ``mean``/``std`` default to the
-    per-channel statistics of the training images, in [0, 1] pixel units.
+    per-channel statistics of the training images, in [0, 1] pixel units. ``archive_limits`` (the
+    dataset config's ``archive_max_*`` keys) caps what a tar archive may expand to (:class:`ArchiveLimits`).
     """
     if source not in SOURCES:
         raise ConfigError(f"unknown dataset source {source!r}; valid sources: {', '.join(SOURCES)}")
     _check_image_size(image_size)
+    limits = ArchiveLimits.from_config(archive_limits)
     root = _resolve_root(source, path)
     content = _content_key(source, root, download)
     key = sha256_json({"format": CACHE_FORMAT, "source": source, "image_size": image_size, "content": content})
     cache_file = cache_dir() / "datasets" / f"{key}.npz"
     arrays = _read_cache(cache_file) if use_cache else None
     if arrays is None:
-        arrays = _decode(source, root, image_size)
+        arrays = _decode(source, root, image_size, limits)
         _check_arrays(arrays)
         if use_cache:
             _write_cache(cache_file, arrays)
@@ -157,13 +163,13 @@ def _content_key(source: str, root: Path, download: bool) -> dict[str, Any]:
     return _digits_content()
 
 
-def _decode(source: str, root: Path, image_size: int | None) -> dict[str, np.ndarray]:
+def _decode(source: str, root: Path, image_size: int | None, limits: ArchiveLimits) -> dict[str, np.ndarray]:
     """Decode a source into the cacheable arrays: {train,test}_{images,labels[,paths]} and classes."""
     if source in _CIFAR:
         layout = _CIFAR[source]
         return _decode_cifar(_cifar_folder(root, layout), layout, image_size)
     if source == "imagefolder":
-        return _decode_imagefolder(root, image_size)
+        return _decode_imagefolder(root, image_size, limits)
     return _decode_digits(image_size)
 
 
@@ -254,13 +260,28 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> None:
         raise ValueError(f"train and test image shapes differ: {sorted(shapes)}")
 
 
+DIGEST = "content_sha256"  # the cache entry's own field: sha256 of every other array, names included
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        h.update(f"{name}\0".encode())
+        h.update(_hash_arrays(arrays[name]).encode())
+    return h.hexdigest()
+
+
 def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    """Read a cached decode; a file that cannot be read or fails the checks is deleted, never trusted."""
+    """Read a cached decode; a file that cannot be read, fails the checks or no longer matches the digest
+    stored in it (e.g. replaced by arrays of the same shape) is deleted, never trusted."""
     if not path.is_file():
         return None
     try:
         with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as npz:  # own the handle: closed on any error
             arrays = {name: npz[name] for name in npz.files}
+        stored = arrays.pop(DIGEST, None)
+        if stored is None or stored.shape != () or str(stored) != _arrays_digest(arrays):
+            raise ValueError("no content digest" if stored is None else "the arrays do not match their digest")
         _check_arrays(arrays)
     except Exception as exc:  # noqa: BLE001 - any defect means the same thing: rebuild
         log.warning(
@@ -275,7 +296,7 @@ def _read_cache(path: Path) -> dict[str, np.ndarray] | None:
 def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Store the decoded arrays atomically; a read-only cache only costs a re-decode next time."""
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays, **{DIGEST: np.array(_arrays_digest(arrays))})
     try:
         atomic_write_bytes(path, buf.getvalue())
     except OSError as exc:
@@ -496,8 +517,9 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _decode_imagefolder(root: Path, image_size: int | None) -> dict[str, np.ndarray]:
-    items, class_dirs = _scan_archive(root) if _is_archive(root) else _scan_folder(root)
+def _decode_imagefolder(root: Path, image_size: int | None, limits: ArchiveLimits | None = None
+                        ) -> dict[str, np.ndarray]:
+    items, class_dirs = _scan_archive(root, limits) if _is_archive(root) else _scan_folder(root)
     classes = _check_layout(items, class_dirs, root)
     index = {c: i for i, c in enumerate(classes)}
     items = sorted(items, key=lambda it: (index[it.cls], it.rel))
@@ -509,6 +531,11 @@ def _decode_imagefolder(root: Path, image_size: int | None) -> dict[str, np.ndar
         arrays[f"{split}_labels"] = np.array([index[it.cls] for it in part], dtype=np.int64)
         arrays[f"{split}_paths"] = np.array([it.rel for it in part], dtype=str)
     return arrays
+
+
+def folder_data_root(root: Path) -> Path:
+    """The folder the image paths (``train/<class>/<file>``) are relative to: ``root`` or its wrapper subfolder."""
+    return _folder_data_root(Path(root))
 
 
 def _folder_data_root(root: Path) -> Path:
@@ -577,24 +604,140 @@ def _archive_prefix(paths: list[tuple[str, ...]]) -> int:
     return 0
 
 
-def _scan_archive(path: Path) -> tuple[list[_Item], dict[str, set[str]]]:
-    """Image members of a tar archive, read into memory (nothing is extracted to disk)."""
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What reading a tar archive may cost: a crafted archive (a member declaring terabytes, a gzip bomb,
+    millions of empty members) is refused in one line before it fills the memory.
+
+    Members are streamed (decompressed in chunks, never extracted to disk); only image members are kept,
+    as compressed bytes, so the whole archive's expanded size bounds the memory they take.
+    """
+
+    max_member_mb: float = 256.0  # one member (image or not) expanded, in MiB
+    max_total_gb: float = 16.0  # the whole archive expanded (tar headers and skipped members included), in GiB
+    max_members: int = 5_000_000
+
+    KEYS = {"archive_max_member_mb": "max_member_mb", "archive_max_total_gb": "max_total_gb",
+            "archive_max_members": "max_members"}
+
+    @staticmethod
+    def from_config(cfg: Mapping[str, Any] | None) -> ArchiveLimits:
+        """From the dataset config's ``archive_max_*`` keys (missing or null: the default); bad values: ConfigError."""
+        values: dict[str, Any] = {}
+        for key, field_name in ArchiveLimits.KEYS.items():
+            value = (cfg or {}).get(key)
+            if value is None:
+                continue
+            integer = field_name == "max_members"
+            ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if not ok or isinstance(value, bool) or not math.isfinite(float(value)) or value <= 0:
+                kind = "a positive integer" if integer else "a positive number"
+                raise ConfigError(f"dataset.{key}={value!r}: must be {kind}")
+            values[field_name] = value
+        return ArchiveLimits(**values)
+
+    @property
+    def member_bytes(self) -> int:
+        return int(self.max_member_mb * (1 << 20))
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.max_total_gb * (1 << 30))
+
+
+class _ArchiveTooLarge(Exception):
+    """The archive expands beyond its limits (the message says which and how to raise it)."""
+
+
+class _BudgetedStream:
+    """The decompressed bytes of an archive, read through a budget.
+
+    The whole stream may not exceed ``total_bytes``; between two members the tar reader may not read more
+    than the member it just skipped plus ``member_bytes`` (which bounds what an oversized tar header,
+    e.g. a pax record, can make it hold in memory).
+    """
+
+    def __init__(self, raw: Any, limits: ArchiveLimits, path: Path) -> None:
+        self.raw, self.limits, self.path = raw, limits, path
+        self.count = 0
+        self.allowed = limits.member_bytes + (1 << 20)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size if size is not None and size >= 0 else 1 << 20)
+        self.count += len(data)
+        if self.count > self.limits.total_bytes:
+            raise _ArchiveTooLarge(f"archive {self.path} expands to more than {self.limits.max_total_gb:g} GiB "
+                                   f"(dataset.archive_max_total_gb={self.limits.max_total_gb:g})")
+        if self.count > self.allowed:
+            raise _ArchiveTooLarge(f"archive {self.path} holds a tar header larger than "
+                                   f"{self.limits.max_member_mb:g} MiB (dataset.archive_max_member_mb)")
+        return data
+
+    def member(self, size: int) -> None:
+        """A member was handed over: its data (read or skipped) and the next header may be read."""
+        self.allowed = self.count + size + self.limits.member_bytes + (1 << 20)
+
+
+def _open_decompressed(fh: Any) -> Any:
+    """A reader of the tar bytes: gzip, bzip2 and xz are decompressed in chunks as they are read."""
+    magic = fh.read(6)
+    fh.seek(0)
+    if magic.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=fh, mode="rb")
+    if magic.startswith(b"BZh"):
+        return bz2.BZ2File(fh, mode="rb")
+    if magic.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(fh, mode="rb")
+    return fh
+
+
+def _scan_archive(path: Path, limits: ArchiveLimits | None = None) -> tuple[list[_Item], dict[str, set[str]]]:
+    """Image members of a tar archive, streamed into memory within ``limits`` (nothing is extracted to disk)."""
+    limits = limits or ArchiveLimits()
     files: dict[tuple[str, ...], bytes] = {}
     dirs: list[tuple[str, ...]] = []
     try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                parts = _safe_parts(member.name)
-                if parts is None:
-                    continue
-                if member.isdir():
-                    dirs.append(parts)
-                elif member.isfile() and _is_image_name(parts[-1]):
-                    fh = tar.extractfile(member)
-                    if fh is not None:
-                        files[parts] = fh.read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        with open(path, "rb") as raw, _open_decompressed(raw) as fh:
+            stream = _BudgetedStream(fh, limits, path)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
+                for n, member in enumerate(tar, start=1):
+                    _check_member(member, n, limits, path)
+                    stream.member(member.size)
+                    _keep_member(tar, member, files, dirs)
+    except _ArchiveTooLarge as exc:
+        raise DataError(f"{exc}; refused to read it (raise the limit in the dataset config if the archive is "
+                        "trusted)") from None
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise DataError(f"cannot read archive {path}: corrupt or truncated ({type(exc).__name__}: {exc})") from exc
+    return _archive_items(files, dirs)
+
+
+def _check_member(member: tarfile.TarInfo, n: int, limits: ArchiveLimits, path: Path) -> None:
+    if n > limits.max_members:
+        raise _ArchiveTooLarge(f"archive {path} holds more than {limits.max_members} members "
+                               f"(dataset.archive_max_members={limits.max_members})")
+    if member.size > limits.member_bytes:
+        raise _ArchiveTooLarge(f"member {member.name[:200]!r} of archive {path} expands to "
+                               f"{member.size / (1 << 20):,.0f} MiB, more than dataset.archive_max_member_mb="
+                               f"{limits.max_member_mb:g}")
+
+
+def _keep_member(tar: tarfile.TarFile, member: tarfile.TarInfo, files: dict[tuple[str, ...], bytes],
+                 dirs: list[tuple[str, ...]]) -> None:
+    """Remember a safe folder name, or read a safe image member's bytes (others are skipped unread)."""
+    parts = _safe_parts(member.name)
+    if parts is None:
+        return
+    if member.isdir():
+        dirs.append(parts)
+    elif member.isfile() and _is_image_name(parts[-1]):
+        fh = tar.extractfile(member)
+        if fh is not None:
+            files[parts] = fh.read(member.size)
+
+
+def _archive_items(files: dict[tuple[str, ...], bytes], dirs: list[tuple[str, ...]]
+                   ) -> tuple[list[_Item], dict[str, set[str]]]:
     drop = _archive_prefix(list(files))
     items: list[_Item] = []
     class_dirs: dict[str, set[str]] = {s: set() for s in SPLITS}

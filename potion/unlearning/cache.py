@@ -1,8 +1,9 @@
-"""Content-addressed, atomic cache of importances: keyed by everything they depend on.
+"""Content-addressed, atomic cache of importances and logits: keyed by everything they depend on.
 
 The key hashes the model's weights, the data set's fingerprint, the trigger and the exact sample
-indices, and the estimator settings; two runs with different inputs never share an entry, and a
-corrupt entry is deleted and recomputed rather than trusted.
+indices, and the estimator settings; two runs with different inputs never share an entry. Each entry
+also stores the sha256 of its own tensors: an entry that is corrupt, lacks the digest or no longer
+matches it (a file replaced by one of the same shape) is deleted and recomputed rather than trusted.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 
 from potion.errors import CheckpointError
-from potion.io import cache_dir, load_tensors, save_tensors, sha256_json
+from potion.io import cache_dir, load_tensors, read_tensor_metadata, save_tensors, sha256_json, sha256_tensors
 
 log = logging.getLogger("potion.cache")
+
+DIGEST_KEY = "potion.sha256"  # safetensors header field: sha256_tensors of the entry's tensors
 
 
 def indices_digest(idx: torch.Tensor) -> str:
@@ -43,18 +46,38 @@ def cached_importance(key: str, compute: Callable[[], dict[str, torch.Tensor]], 
 
 def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]], enabled: bool = True
                    ) -> tuple[dict[str, torch.Tensor], bool]:
-    """(tensors, hit) from a content-addressed file: read a finished entry, or compute and write it atomically."""
+    """(tensors, hit) from a content-addressed file: read a verified entry, or compute and write it atomically.
+
+    A cache that cannot be written (full disk, read-only) costs a recomputation next time, nothing more.
+    """
     if not enabled:
         return compute(), False
     if path.is_file():
-        try:
-            return load_tensors(path), True
-        except CheckpointError as exc:
-            log.warning("corrupt cache entry %s (%s); recomputing", path, exc)
-            path.unlink(missing_ok=True)
+        value = read_entry(path)
+        if value is not None:
+            return value, True
     value = compute()
-    save_tensors(path, value)
+    try:
+        save_tensors(path, value, metadata={DIGEST_KEY: sha256_tensors(value)})
+    except OSError as exc:
+        log.warning("could not write cache entry %s (%s); going on without it", path, exc)
     return value, False
+
+
+def read_entry(path: Path) -> dict[str, torch.Tensor] | None:
+    """An entry's tensors if they match the digest stored with them; else the entry is deleted and None."""
+    try:
+        stored = read_tensor_metadata(path).get(DIGEST_KEY)
+        value = load_tensors(path)
+    except CheckpointError as exc:
+        problem = str(exc)
+    else:
+        if stored is not None and stored == sha256_tensors(value):
+            return value
+        problem = "no content digest" if stored is None else "its tensors do not match its stored digest"
+    log.warning("untrusted cache entry %s (%s); recomputing", path, problem)
+    path.unlink(missing_ok=True)
+    return None
 
 
 def logits_path(**parts: Any) -> Path:
