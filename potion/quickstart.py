@@ -44,7 +44,7 @@ def checked_configs(overrides: Sequence[str]) -> Any:
                                                                      if not o.startswith("unlearn.")])
     check_config("train", train_cfg)
     for method in METHODS:
-        check_config("unlearn", compose_config("unlearn", unlearn_overrides("<the trained run>", method, overrides)))
+        check_config("unlearn", compose_config("unlearn", unlearn_overrides("runs/train/pending", method, overrides)))
     return train_cfg
 
 

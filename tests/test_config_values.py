@@ -199,6 +199,23 @@ def test_method_arguments_fill_what_the_yaml_leaves_out() -> None:
     assert method_arguments({"name": "retrain"})["augment"] is True
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["logger=none", "unlearn.method.ptn.rho=5"], "error: method.ptn.rho=5: must be a finite number >= 0 and <= 1"),
+    (["train.epochs=abc"], "error: train.epochs='abc': must be a finite number > 0 or null"),
+])
+def test_the_quickstart_checks_both_configs_before_training(args: list[str], message: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from potion import quickstart
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        quickstart.main(args)
+    assert info.value.code == 2
+    assert capsys.readouterr().err.strip() == message
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------------------------- the CLI
 
 CLI = [
