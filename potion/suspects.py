@@ -201,6 +201,8 @@ def find_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
     ``signature``: recover the patch trigger from the discovered samples first (``find_signature``);
     ``target_only``: only samples labelled with the attack's target (``data.plan.target``) can be flagged.
     """
+    if data.plan.all_to_all:  # poison carries every label: neither the target label nor a target patch tells it apart
+        signature, target_only = False, False
     sig = (find_signature(poisoned, data, forget_idx, retain_idx, int(data.plan.target), seed=seed)
            if signature else None)
     ranking = rank_suspects(poisoned, healed, data, retain_idx, forget_idx, cutoff_quantile=cutoff_quantile,

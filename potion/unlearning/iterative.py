@@ -44,11 +44,11 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
                   importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, suspects: Mapping[str, Any],
-                  synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None
-                  ) -> tuple[MethodOutput, Any]:
+                  synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None,
+                  estimate: Any = None) -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
     out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis,
-                  criterion_task=criterion_task)
+                  criterion_task=criterion_task, estimate=estimate)
     ranking, _ = find_suspects(original, out.model, task.data, sub.retain_idx, forget, seed=task.seed, **suspects)
     return out, ranking
 
@@ -84,7 +84,7 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     original = copy.deepcopy(task.model).eval()
     forget = task.forget_idx
     # synthetic forget samples are found once, from the discovered samples, and kept in every round
-    task, synth_info = with_synthesis(task, synthesis)
+    task, synth_info, estimate = with_synthesis(task, synthesis)
     synthesis = None
     diagnostics: dict[str, Any] = dict(synth_info)
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
@@ -92,7 +92,7 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     first = with_forget(task, forget, original)  # the discovered (+ synthetic) samples
     for r in range(int(rounds)):
         watch = first if r > 0 and stop_on == "discovered" else None
-        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch)
+        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate)
         for k in timings:
             timings[k] += float(out.timings.get(k, 0.0))
         flagged = ranking.flagged()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, default_s_start, evaluate_candidate, ptn_search
 from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.synthesis import SynthesisResult, paste, synthesize_additive, synthesize_forget
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
@@ -88,46 +90,84 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
     return ({k: v.to(dev) for k, v in imp_r.items()}, {k: v.to(dev) for k, v in imp_f.items()}, info)
 
 
-def forget_accuracy_fn(task: UnlearnTask, criterion: str) -> tuple[Callable[[nn.Module], float], dict[str, Any]]:
-    """forget_acc as PTN watches it: the forget set prepared once on the device, one forward per call."""
+def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisResult | None = None
+                       ) -> tuple[Callable[[nn.Module], float], dict[str, Any]]:
+    """forget_acc as PTN watches it: the forget set prepared once on the device, one forward per call.
+
+    Discovered and synthetic samples are two groups, and a step qualifies only when EVERY group has
+    fallen to rho of its own start: hundreds of synthetic samples must never outvote the real discovered
+    ones (a search that stops on the synthetic set alone can leave the discovered sample at the target).
+    The value returned is the worst group's accuracy relative to its start, times the pooled start
+    accuracy, so with one group it is that group's accuracy and ``forget_acc <= rho * a0`` keeps its meaning.
+    ``estimate``: a trigger recovered from an image-wide additive trigger; discovered samples still called
+    the target once it is subtracted are target-class by nature (clean-label poison) and are left out, as
+    ``exclude_natural_target`` does for a located patch.
+    """
     if criterion not in CRITERIA:
         raise ConfigError(f"method.ptn.criterion={criterion}: choose one of {list(CRITERIA)}")
     idx = task.forget_idx
     info: dict[str, Any] = {}
     true_target = task.forget_true_labels() == task.data.plan.target
     info["forget_true_target"] = int(true_target.sum())
-    if criterion == "exclude_natural_target":
-        natural = natural_target_mask(task)
+    natural = None
+    if criterion == "exclude_natural_target" or (estimate is not None and estimate.additive):
+        natural = natural_target_mask(task, estimate)
         info["forget_natural_target"] = int(natural.sum())
-        if bool(natural.all()):
-            log.warning("ptn.criterion=exclude_natural_target: every discovered sample looks like a natural target "
-                        "sample; falling back to all discovered samples")
+    if natural is not None and bool(natural.all()):
+        if task.extra_forget is None:
+            log.warning("every discovered sample looks like a natural target sample; PTN watches all of them")
+            natural = None
         else:
-            idx = idx[~natural]
+            log.info("every discovered sample is target-class by nature (clean-label poison): PTN watches the "
+                     "synthetic samples only")
+    if natural is not None:
+        idx = idx[~natural]
     if criterion == "exclude_true_target":
         if bool(true_target.all()):
             log.warning("ptn.criterion=exclude_true_target: every discovered sample truly belongs to the target "
                         "class; falling back to all discovered samples")
         else:
             idx = idx[~true_target]
-    images = task.data.bundle.train.images[idx].to(task.device)
-    x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
-    y = task.data.train_labels[idx].to(task.device)
+    groups: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if idx.numel():
+        images = task.data.bundle.train.images[idx].to(task.device)
+        x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
+        groups.append((x, task.data.train_labels[idx].to(task.device)))
     if task.extra_forget is not None:  # synthetic samples are poison of known non-target classes
-        x = torch.cat([x, task.extra_forget[0].to(task.device)])
-        y = torch.cat([y, task.extra_forget[1].to(task.device)])
-    info["criterion_samples"] = int(x.shape[0])
+        groups.append((task.extra_forget[0].to(task.device), task.extra_forget[1].to(task.device)))
+    info["criterion_samples"] = int(sum(g[1].numel() for g in groups))
+    info["criterion_groups"] = len(groups)
 
     @torch.no_grad()
-    def forget_acc(model: nn.Module) -> float:
+    def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
         model.eval()
-        correct = 0
+        hits = 0
         for i in range(0, x.shape[0], 1024):
             with autocast_for(x.device):
-                correct += int((model(x[i:i + 1024]).argmax(1) == y[i:i + 1024]).sum())
-        return correct / max(1, x.shape[0])
+                hits += int((model(x[i:i + 1024]).argmax(1) == y[i:i + 1024]).sum())
+        return hits
+
+    total = max(1, sum(int(g[1].numel()) for g in groups))
+    start = [correct(task.model, x, y) for x, y in groups]
+
+    def forget_acc(model: nn.Module) -> float:
+        return grouped_forget_acc([correct(model, x, y) for x, y in groups], start, total)
 
     return forget_acc, info
+
+
+def grouped_forget_acc(hits: list[int], start: list[int], total: int | None = None) -> float:
+    """PTN's watched value for groups of forget samples (discovered, synthetic): the worst group's accuracy
+    relative to its start (``start``: hits of the undampened model), times the pooled start accuracy.
+
+    ``value <= rho * value(start)`` then holds exactly when every group fell to rho of its own start; with one
+    group it is simply that group's accuracy (``hits / total``). A group that started at zero is done.
+    """
+    total = total if total is not None else max(1, sum(start))
+    if len(hits) == 1:
+        return hits[0] / total
+    ratios = [h / s0 for h, s0 in zip(hits, start, strict=True) if s0 > 0]
+    return max(ratios, default=0.0) * sum(start) / total
 
 
 @torch.no_grad()
@@ -137,29 +177,28 @@ def _predict_batches(model: nn.Module, x: torch.Tensor, bs: int = 1024) -> torch
         torch.zeros(0, dtype=torch.long, device=x.device)
 
 
-def natural_target_mask(task: UnlearnTask) -> torch.Tensor:
+def natural_target_mask(task: UnlearnTask, estimate: SynthesisResult | None = None) -> torch.Tensor:
     """Discovered samples that are the target class by nature, found without labels.
 
-    The patch trigger is located from the discovered samples (saliency + flip test, as trigger synthesis
-    does); blanking that window (filling it with the data set's mean colour) removes the trigger, and a
-    sample the poisoned model still assigns to the target is target-class by nature: PTN cannot and
-    should not push it away from its label. No window found (e.g. a blend trigger) -> nothing excluded.
+    The trigger is located from the discovered samples (``estimate``, or a patch window found as trigger
+    synthesis does); taking it out (blanking the window, or subtracting an additive estimate) leaves the
+    host image, and a sample the poisoned model still assigns to the target is target-class by nature:
+    PTN cannot and should not push it away from its label. No trigger found -> nothing excluded.
     """
-    from potion.unlearning.synthesis import synthesize_forget
-
     idx = task.forget_idx
     images = task.data.bundle.train.images[idx].to(task.device)
     x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
     target = task.data.plan.target
-    pool = task.retain_idx[task.data.train_labels[task.retain_idx] != target]
-    probe_idx = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(task.seed + 29))[:256]]
-    probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
-    found = synthesize_forget(task.model, x[:64], probes, target)
+    found = estimate
+    if found is None:
+        pool = task.retain_idx[task.data.train_labels[task.retain_idx] != target]
+        gen = torch.Generator().manual_seed(task.seed + 29)
+        probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:256]]
+        probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
+        found = synthesize_forget(task.model, x[:64], probes, target)
     if found is None:
         return torch.zeros(idx.numel(), dtype=torch.bool)
-    blank = x.clone()
-    blank[:, :, found.row:found.row + found.size, found.col:found.col + found.size] = 0.0
-    return (_predict_batches(task.model, blank) == target).cpu()
+    return (_predict_batches(task.model, found.remove_from(x)) == target).cpu()
 
 
 def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -168,37 +207,66 @@ def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
             "cache": bool(d.get("cache", True)), "order": str(d.get("order", "by_label"))}
 
 
-def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None) -> tuple[UnlearnTask, dict[str, Any]]:
-    """The task with synthetic forget samples added when ``synthesis.enabled`` and the discovered set is small."""
+def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
+                   ) -> tuple[UnlearnTask, dict[str, Any], SynthesisResult | None]:
+    """The task with synthetic forget samples from the recovered trigger, when ``synthesis.enabled``.
+
+    A patch is located when at most ``max_discovered`` samples were found (beyond that the discovered set
+    itself is enough); with at least ``additive_min_discovered`` samples and no patch, an image-wide
+    additive trigger is estimated instead. Steps aside (logged) for all-to-all attacks, which have no
+    single target class to synthesise for.
+    """
     s = dict(synthesis or {})
-    if not s.get("enabled", False) or task.discovery.n_f > int(s.get("max_discovered", 10)):
-        return task, {}
-    from dataclasses import replace
-
-    from potion.unlearning.synthesis import synthesize_forget
-
+    if not s.get("enabled", False):
+        return task, {}, None
+    if task.data.plan.all_to_all:
+        log.info("trigger synthesis: steps aside for an all-to-all attack (no single target class)")
+        return task, {"synth_samples": 0}, None
     n = int(s.get("samples", 500))
     number({"n": n}, "n", "method.synthesis.samples", lo=1, integer=True)
+    target = task.data.plan.target
     labels = task.data.train_labels[task.retain_idx]
-    pool = task.retain_idx[labels != task.data.plan.target]
+    pool = task.retain_idx[labels != target]
     gen = torch.Generator().manual_seed(task.seed + 17)
     probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:n]]
     probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
     forget_x, _ = task.forget_tensors()
-    result = synthesize_forget(task.model, forget_x, probes, task.data.plan.target,
-                               sizes=tuple(s.get("sizes", (2, 3, 4, 5))),
-                               min_flip_rate=float(s.get("min_flip_rate", 0.5)))
+    n_f = task.discovery.n_f
+    min_flip = float(s.get("min_flip_rate", 0.5))
+    small = n_f <= int(s.get("max_discovered", 10))
+    additive_ok = bool(s.get("additive", True)) and n_f >= int(s.get("additive_min_discovered", 5))
+    result = None
+    if small or additive_ok:
+        result = synthesize_forget(task.model, forget_x[:64], probes, target, sizes=tuple(s.get("sizes", (2, 3, 4, 5))),
+                                   min_flip_rate=min_flip)
+        if result is not None and not small:
+            return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
+        if result is not None:
+            result = SynthesisResult(result.row, result.col, result.size, result.flip_rate,
+                                     paste(probes, forget_x[0, :, result.row:result.row + result.size,
+                                                             result.col:result.col + result.size],
+                                           result.row, result.col), result.labels)
+    if result is None and additive_ok:
+        ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
+        reference = task.data.normalizer(task.data.bundle.train.images[ref_idx].to(task.device))
+        result = synthesize_additive(task.model, forget_x, reference, probes, target, min_flip_rate=min_flip)
     if result is None:
-        log.info("trigger synthesis: no window flips enough predictions; using the discovered samples only")
-        return task, {"synth_samples": 0}
-    log.info("trigger synthesis: %dx%d window at (%d, %d) flips %.1f%% of probes", result.size, result.size,
-             result.row, result.col, 100 * result.flip_rate)
-    return replace(task, extra_forget=(result.images, result.labels)), result.summary()
+        log.info("trigger synthesis: no patch window or additive estimate flips enough predictions; "
+                 "using the discovered samples only")
+        return task, {"synth_samples": 0}, None
+    if result.additive:
+        log.info("trigger synthesis: an image-wide additive estimate from %d samples flips %.1f%% of probes", n_f,
+                 100 * result.flip_rate)
+    else:
+        log.info("trigger synthesis: %dx%d window at (%d, %d) flips %.1f%% of probes", result.size, result.size,
+                 result.row, result.col, 100 * result.flip_rate)
+    return replace(task, extra_forget=(result.images, result.labels)), result.summary(), result
 
 
 def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any] | None = None,
             ptn: Mapping[str, Any] | None = None, lam: float = 1.0,
-            synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None) -> MethodOutput:
+            synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None,
+            estimate: SynthesisResult | None = None) -> MethodOutput:
     """Importances once, then the PTN search over percentile-rule dampenings of the model (in place).
 
     ``criterion_task``: PTN's stopping test watches that task's forget set instead of ``task``'s (the
@@ -207,10 +275,12 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     sweeper's candidate jobs call it) evaluates each from the undampened model and leaves the last.
     """
     p = dict(ptn or {})
-    task, synth_info = with_synthesis(task, synthesis)
+    task, synth_info, found = with_synthesis(task, synthesis)
+    estimate = found or estimate  # ``estimate``: a trigger recovered earlier (iterative rounds synthesise once)
     imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **_importance_args(importance))
     criterion = str(p.get("criterion", "all"))
-    forget_acc, crit_info = forget_accuracy_fn(criterion_task or task, criterion)
+    crit_task = task if criterion_task is None else replace(criterion_task, extra_forget=task.extra_forget)
+    forget_acc, crit_info = forget_accuracy_fn(crit_task, criterion, estimate)
     s_start = p.get("s_start")
     schedule = PTNSchedule(
         s_start=float(s_start) if s_start is not None else default_s_start(task.discovery.n_f, task.num_train),

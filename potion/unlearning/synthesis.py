@@ -5,8 +5,14 @@ importance on a single gradient. If the trigger is a local patch, the discovered
 the input-gradient saliency of the target logit concentrates on it. Candidate windows (several sizes,
 the most salient positions) are cut out of the discovered sample and pasted onto clean retain images;
 the window that flips the poisoned model's predictions to the target most often is taken as the
-trigger, and those pasted images (labelled as the target) join the forget set. If no window flips
-enough predictions (e.g. a blended, image-wide trigger), nothing is synthesised.
+trigger, and those pasted images (labelled as the target) join the forget set. The chosen window is
+refined by shifting it a pixel either way and growing or shrinking it (the saliency peak of a corner
+patch can sit a row inside the image), then shrunk to the trigger's pixels.
+
+Image-wide additive triggers (blend, SIG, FTrojan, faint corner patterns) have no window: with several
+discovered samples their mean minus the mean of clean images estimates the trigger itself (host images
+average out), and adding that estimate to clean probes gives synthetic poison just the same. An
+estimate that flips too few probes (e.g. a warp, or too few samples) is dropped: nothing is synthesised.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch.nn.functional as F
 
 @dataclass
 class SynthesisResult:
-    """The recovered window and the synthetic forget samples (normalised images, labels)."""
+    """The recovered trigger (a window, or an additive image for ``size == 0``) and the synthetic samples."""
 
     row: int
     col: int
@@ -29,10 +35,24 @@ class SynthesisResult:
     flip_rate: float
     images: torch.Tensor
     labels: torch.Tensor
+    delta: torch.Tensor | None = None  # [C, H, W] additive estimate (image-wide triggers)
+
+    @property
+    def additive(self) -> bool:
+        return self.delta is not None
 
     def summary(self) -> dict[str, float]:
         return {"synth_row": self.row, "synth_col": self.col, "synth_size": self.size,
-                "synth_flip_rate": self.flip_rate, "synth_samples": int(self.labels.numel())}
+                "synth_flip_rate": self.flip_rate, "synth_samples": int(self.labels.numel()),
+                "synth_additive": float(self.additive)}
+
+    def remove_from(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the recovered trigger taken out: the window blanked (mean colour), or the estimate subtracted."""
+        if self.delta is not None:
+            return x - self.delta.to(x.device, x.dtype)
+        out = x.clone()
+        out[:, :, self.row:self.row + self.size, self.col:self.col + self.size] = 0.0
+        return out
 
 
 def saliency_map(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
@@ -84,10 +104,48 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
                 best = (rate, r, c, k)
     if best is None or best[0] < max(min_flip_rate, base_rate + 0.25):
         return None
+    best = _refine(model, forget_x[0], probe_x, target, best)
     rate, r, c, k = _shrink(model, forget_x[0], probe_x, target, best)
     images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
     labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     return SynthesisResult(r, c, k, rate, images, labels)
+
+
+def _refine(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,
+            best: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
+    """The best window among the chosen one shifted by up to a pixel and grown or shrunk by one (at a tie:
+    the smaller, then the original), so a trigger touching the image border is covered whole."""
+    rate, r, c, k = best
+    _, h, w = source.shape
+    found = best
+    for kk in (k - 1, k, k + 1):
+        if kk < 1 or kk > min(h, w):
+            continue
+        for dr in (-1, 0, 1):
+            for dc in (-1, 0, 1):
+                rr, cc = min(max(r + dr, 0), h - kk), min(max(c + dc, 0), w - kk)
+                if (rr, cc, kk) == (r, c, k):
+                    continue
+                patch = source[:, rr:rr + kk, cc:cc + kk]
+                cand = flip_rate(model, paste(probe_x, patch, rr, cc), target)
+                if cand > found[0] + 1e-9 or (abs(cand - found[0]) <= 1e-9 and kk < found[3]):
+                    found = (cand, rr, cc, kk)
+    return found
+
+
+def synthesize_additive(model: nn.Module, forget_x: torch.Tensor, reference_x: torch.Tensor, probe_x: torch.Tensor,
+                        target: int, *, min_flip_rate: float = 0.5) -> SynthesisResult | None:
+    """Estimate an image-wide additive trigger as mean(discovered) - mean(clean reference images) and add it
+    to ``probe_x`` (normalised, non-target); None when the estimate flips fewer than ``min_flip_rate`` of
+    the probes (and at least 0.25 more than the probes alone)."""
+    model.eval()
+    delta = forget_x.mean(0) - reference_x.mean(0)
+    images = probe_x + delta
+    rate = flip_rate(model, images, target)
+    if rate < max(min_flip_rate, flip_rate(model, probe_x, target) + 0.25):
+        return None
+    labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+    return SynthesisResult(-1, -1, 0, rate, images, labels, delta)
 
 
 def _shrink(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,

@@ -1,0 +1,144 @@
+"""The attack grid: every `poison=` option on the cpu_bench-style model, healed by every method.
+
+    python benchmarks/attack_grid.py train   [--epochs 10] [--attacks badnets,blend,...]
+    python benchmarks/attack_grid.py unlearn [--cells potion:1,0.1,0.5 ssd:0.1 retrain:0.1 ...]
+    python benchmarks/attack_grid.py table   [--section attack_grid]
+
+``train`` trains the clean reference model (same recipe, no poison) and one poisoned model per attack
+(ResNet-9 width 1/4 on the CIFAR-10 JPEG pack, the cpu_bench recipe at ``--epochs``); ``unlearn`` runs the
+(method, discovery) cells on each and appends every summary to ``benchmarks/out/attack_grid.jsonl``
+(a restarted grid skips the cells already there); ``table`` writes the table into docs/results.md
+between the section's markers. Each row names the attack's overrides, so any figure can be re-made with
+``python train.py experiment=cpu_bench train.epochs=<E> <overrides>`` and ``python unlearn.py ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from common import (
+    ROOT,
+    command_line,
+    compose_config,
+    discovery_label,
+    discovery_overrides,
+    fmt,
+    markdown_table,
+    train,
+    unlearn,
+    write_section,
+)
+
+from potion.reference import reference_config
+from potion.train_pipeline import run_training
+
+# attack name -> train.py overrides (the rate each attack needs is part of its row)
+ATTACKS: dict[str, list[str]] = {
+    "badnets": ["poison=badnets"],
+    "blend": ["poison=blend"],
+    "sig": ["poison=sig", "poison.count=2500"],
+    "wanet": ["poison=wanet", "poison.count=2500"],
+    "ftrojan": ["poison=ftrojan"],
+    "label_consistent": ["poison=label_consistent", "poison.count=2500"],
+    "badnets_all_to_all": ["poison=badnets", "poison.mapping=all_to_all"],
+}
+DEFAULT_CELLS = ["potion:1,0.1,0.5", "ssd:1,0.1,0.5", "potion_iterative:0.1", "finetune:0.1", "retrain:0.1"]
+OUT = ROOT / "benchmarks" / "out" / "attack_grid.jsonl"
+KEYS = ("clean_acc_before", "asr_before", "asr", "healed", "healed_attainable", "acc_drop", "suspect_precision",
+        "suspect_recall", "suspect_ap", "unlearn_seconds", "poison_acc_reference")
+
+
+def base_overrides(epochs: int) -> list[str]:
+    return ["experiment=cpu_bench", f"train.epochs={epochs}"]
+
+
+def attack_overrides(name: str) -> list[str]:
+    if name not in ATTACKS:
+        raise SystemExit(f"error: unknown attack {name}; choose from {sorted(ATTACKS)}")
+    return ATTACKS[name]
+
+
+def stage_train(attacks: list[str], epochs: int) -> None:
+    # the clean reference is the poisoned config with its poison block replaced (potion/reference.py)
+    ref = run_training(reference_config(compose_config("train", [*base_overrides(epochs), "poison=badnets"])))
+    print(f"reference: {ref['run_dir']} clean_acc={ref['clean_acc']:.4f}", flush=True)
+    for name in attacks:
+        t0 = time.perf_counter()
+        s = train([*base_overrides(epochs), *attack_overrides(name)])
+        print(f"{name}: {s['run_dir']} clean_acc={s['clean_acc']:.4f} asr={s['asr']:.4f} n_p={s['n_p']} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def done_cells() -> set[tuple[str, str, str, str]]:
+    if not OUT.is_file():
+        return set()
+    return {(r["attack"], r["method"], r["discovery"], r.get("extra", "")) for r in map(json.loads,
+                                                                                      OUT.read_text().splitlines())}
+
+
+def stage_unlearn(attacks: list[str], epochs: int, cells: list[str], extra: list[str]) -> None:
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    done = done_cells()
+    tag = " ".join(extra)
+    for name in attacks:
+        run = train([*base_overrides(epochs), *attack_overrides(name)])["run_dir"]
+        for cell in cells:
+            method, shares = cell.split(":", 1)
+            for share in shares.split(","):
+                if (name, method, share, tag) in done:
+                    continue
+                t0 = time.perf_counter()
+                s = unlearn(run, [f"method={method}", *discovery_overrides(share), "save_weights=false",
+                                  "reference=train", *extra])
+                row: dict[str, Any] = {"attack": name, "method": method, "discovery": share, "extra": tag,
+                                       "train_run": run, "command": command_line(),
+                                       **{k: s.get(k) for k in KEYS}, "wall_seconds": time.perf_counter() - t0}
+                with OUT.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{name} {method} {share}: healed={fmt(s.get('healed'))} "
+                      f"attainable={fmt(s.get('healed_attainable'))} asr={fmt(s.get('asr'), 3)} "
+                      f"drop={fmt(s.get('acc_drop'), 2)}", flush=True)
+
+
+def stage_table(section: str, doc: Path) -> None:
+    rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    header = ["attack (overrides)", "clean / asr before", "method", "discovered", "asr after", "healed",
+              "healed_attainable", "acc_drop", "suspects P / R / AP", "s"]
+    body = []
+    for r in rows:
+        body.append([
+            f"{r['attack']} (`{' '.join(ATTACKS.get(r['attack'], []))}`)",
+            f"{fmt(r['clean_acc_before'], 3)} / {fmt(r['asr_before'], 3)}", r["method"] + (
+                f" {r['extra']}" if r.get("extra") else ""), discovery_label(r["discovery"]), fmt(r["asr"], 3),
+            fmt(r["healed"]), fmt(r["healed_attainable"]), fmt(r["acc_drop"], 2),
+            f"{fmt(r['suspect_precision'], 2)} / {fmt(r['suspect_recall'], 2)} / {fmt(r['suspect_ap'], 2)}",
+            fmt(r["wall_seconds"], 0)])
+    write_section(doc, section, markdown_table(header, body))
+    print(f"{len(body)} rows -> {doc} ({section})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("train", "unlearn", "table"))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--attacks", default=",".join(ATTACKS))
+    ap.add_argument("--cells", nargs="*", default=DEFAULT_CELLS, help="METHOD:SHARES (1 = one sample)")
+    ap.add_argument("--extra", action="append", default=[], help="extra unlearn override for every cell")
+    ap.add_argument("--section", default="attack_grid")
+    ap.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
+    args = ap.parse_args()
+    attacks = [a for a in args.attacks.split(",") if a]
+    if args.stage == "train":
+        stage_train(attacks, args.epochs)
+    elif args.stage == "unlearn":
+        stage_unlearn(attacks, args.epochs, args.cells, args.extra)
+    else:
+        stage_table(args.section, Path(args.doc))
+
+
+if __name__ == "__main__":
+    main()
