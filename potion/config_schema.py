@@ -284,6 +284,8 @@ class Synthesis:
     samples: int = num(ge=1)
     min_flip_rate: float = num(ge=0, le=1)
     sizes: list[int] = num(ge=1)
+    additive: bool = True  # estimate image-wide additive triggers (blend, sig, ftrojan) from several samples
+    additive_min_discovered: int = num(ge=2, default=5)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
@@ -461,6 +463,7 @@ class UnlearnConfig:
     out_dir: str | None = text(directory=True)
     save_weights: bool
     eval_batch_size: int = num(ge=1)
+    reference: Literal["auto", "train", "off"] = "auto"  # the clean reference model for healed_attainable
     suspects: Suspects
     discovery: Discovery
     method: Method
