@@ -180,7 +180,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every loader failure means the same thing to the user
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+        if refused_pickle(exc):
             raise CheckpointError(
                 f"refused to load {path}: it contains pickled objects, not plain tensors "
                 "(only state dicts of tensors are accepted; re-save with torch.save(model.state_dict()) "
@@ -203,6 +203,12 @@ def read_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - any reader failure means a damaged file
         raise CheckpointError(f"cannot read {path}: corrupt or truncated ({type(exc).__name__})") from exc
+
+
+def refused_pickle(exc: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed because the file names a code object (not because it is
+    damaged: garbage bytes also raise its "Weights only load failed" error, with "Unsupported operand")."""
+    return "GLOBAL" in str(exc) or "Unsupported global" in str(exc)
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -21,7 +21,7 @@ from potion import interrupt
 from potion.data.augment import Normalizer, random_crop_flip
 from potion.data.poison import Trigger
 from potion.errors import CheckpointError
-from potion.io import _atomic, write_torch
+from potion.io import _atomic, refused_pickle, write_torch
 from potion.schedule import warmup_linear_decay
 
 
@@ -118,6 +118,9 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not refused_pickle(exc):  # torch refused a pickled object; anything else is a damaged file
+            raise CheckpointError(f"cannot resume from {path}: corrupt or truncated (UnpicklingError); {fix}"
+                                  ) from exc
         raise CheckpointError(f"refused to resume from {path}: it holds pickled objects, not a checkpoint of "
                               f"tensors ({fix})") from exc
     except Exception as exc:  # noqa: BLE001 - every reader failure means a damaged file
