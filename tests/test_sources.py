@@ -159,6 +159,91 @@ def test_corrupt_archive(tmp_path: Path) -> None:
         load_dataset("imagefolder", archive)
 
 
+# ------------------------------------------------------------------------------ archive limits
+
+
+class _Zeros:
+    """A file-like source of ``n`` zero bytes, read in chunks (a huge member without holding it in memory)."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def read(self, size: int = -1) -> bytes:
+        size = self.left if size < 0 else min(size, self.left)
+        self.left -= size
+        return bytes(size)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, size: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    tar.addfile(info, _Zeros(size))
+
+
+def test_member_declaring_terabytes_is_refused_before_reading(tmp_path: Path) -> None:
+    _write_folder(tmp_path / "d", {"a": (1, 1)})
+    info = tarfile.TarInfo("train/a/huge.png")
+    info.size = 10 << 40  # 10 TiB declared, nothing behind it: a 1.5 KB file
+    archive = tmp_path / "bomb.tar"
+    archive.write_bytes(info.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(DataError, match=r"huge.png.* expands to 10,485,760 MiB, more than "
+                                        r"dataset.archive_max_member_mb=256") as info_:
+        load_dataset("imagefolder", archive)  # before: MemoryError from reading the member whole
+    assert "\n" not in str(info_.value)
+
+
+def test_gzip_bomb_member_is_refused_at_the_default_limit(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        _add_member(tar, "train/a/0.png", 300 << 20)  # 300 MiB of zeros: a few hundred KB compressed
+        _add_member(tar, "test/a/0.png", 10)
+    assert archive.stat().st_size < 2 << 20
+    with pytest.raises(DataError, match="archive_max_member_mb=256"):
+        load_dataset("imagefolder", archive)
+
+
+@pytest.mark.parametrize(("limits", "needle"), [
+    ({"archive_max_member_mb": 1}, "archive_max_member_mb=1"),
+    ({"archive_max_total_gb": 4 / 1024}, "archive_max_total_gb"),
+    ({"archive_max_members": 5}, "more than 5 members"),
+])
+def test_archive_limits_come_from_the_dataset_config(tmp_path: Path, limits: dict, needle: str) -> None:
+    from potion.data.poisoned import load_data
+
+    archive = tmp_path / "many.tar.gz"
+    with tarfile.open(archive, "w:gz", compresslevel=1) as tar:
+        for i in range(6):  # 6 members of 1.5 MiB: 9 MiB expanded
+            _add_member(tar, f"train/a/{i}.bin", 3 << 19)
+    cfg = {"name": "imagefolder", "source": "imagefolder", "path": str(archive), **limits}
+    with pytest.raises(DataError, match=needle):
+        load_data(cfg)
+
+
+def test_oversized_tar_header_is_refused(tmp_path: Path) -> None:
+    """A pax header is read whole by tarfile before any member is seen: it counts as a member."""
+    archive = tmp_path / "pax.tar.gz"
+    with tarfile.open(archive, "w:gz", format=tarfile.PAX_FORMAT, compresslevel=1) as tar:
+        info = tarfile.TarInfo("train/a/0.png")
+        info.pax_headers = {"comment": "x" * (3 << 20)}
+        tar.addfile(info, _Zeros(0))
+    with pytest.raises(DataError, match="tar header larger than 1 MiB"):
+        load_dataset("imagefolder", archive, archive_limits={"archive_max_member_mb": 1})
+
+
+@pytest.mark.parametrize("bad", [0, -1, "abc", True, float("nan")])
+def test_bad_archive_limit_is_a_config_error(tmp_path: Path, bad: object) -> None:
+    with pytest.raises(ConfigError, match="dataset.archive_max_member_mb"):
+        load_dataset("digits", archive_limits={"archive_max_member_mb": bad})
+
+
+def test_archive_within_limits_still_loads(tmp_path: Path) -> None:
+    written = _write_folder(tmp_path / "d", {"a": (2, 1), "b": (1, 1)})
+    archive = _tar(tmp_path / "d", tmp_path / "ok.tar.gz")
+    bundle = load_dataset("imagefolder", archive, archive_limits={"archive_max_member_mb": 1,
+                                                                   "archive_max_total_gb": 0.01})
+    _check_roundtrip(bundle, written, ["a", "b"])
+
+
 # ------------------------------------------------------------------------------ CIFAR pickles
 
 
