@@ -55,6 +55,10 @@ class Dataset:
     image_size: int | None = num(ge=1)
     mean: list[float] | None
     std: list[float] | None = num(gt=0)
+    # What reading a tar archive may expand to (potion.data.sources.ArchiveLimits); null = its default.
+    archive_max_member_mb: float | None = num(None, gt=0)
+    archive_max_total_gb: float | None = num(None, gt=0)
+    archive_max_members: int | None = num(None, ge=1)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
