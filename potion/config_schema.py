@@ -437,10 +437,30 @@ class BadTeacher(SGD):
     batch_size: int | None = num(None, ge=2)
 
 
+@dataclass(kw_only=True)
+class REM(Method):
+    """rem (potion/unlearning/rem.py): NPO removal plus redirection into added, discarded units."""
+
+    epochs: int = num(ge=1)
+    lr: float = num(gt=0)
+    momentum: float = num(ge=0, lt=1)
+    weight_decay: float = num(ge=0)
+    batch_size: int | None = num(None, ge=1)
+    beta: float = num(gt=0)
+    threshold: float = num(ge=0, le=1)
+    max_flush: int = num(ge=0)
+    width: float = num(gt=0)
+    mask_share: float = num(gt=0, le=1)
+    taps: int = num(ge=1)
+    tap_modules: list[str] | None = None
+    augment: bool = True
+    select: Literal["proxy", "last"] = "proxy"
+
+
 Method.VARIANTS.update(
     none=NoMethod, ssd=SSD, potion=PTNMethod, assd=PTNMethod, lfssd=PTNMethod, potion_iterative=PotionIterative,
     discover_retrain=DiscoverRetrain, retrain=Retrain, eu_k=EUk, finetune=Finetune, scrub=Scrub,
-    bad_teacher=BadTeacher)
+    bad_teacher=BadTeacher, rem=REM)
 
 
 @dataclass(kw_only=True)

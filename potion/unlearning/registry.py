@@ -62,4 +62,4 @@ def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str,
 
 def load_builtin_methods() -> None:
     """Import the modules whose decorators fill the registry."""
-    from potion.unlearning import iterative, ssd_family, training_based  # noqa: F401
+    from potion.unlearning import iterative, rem, ssd_family, training_based  # noqa: F401

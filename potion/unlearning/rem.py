@@ -1,0 +1,495 @@
+"""REM, Redirection for Erasing Memory (Schoepf, Mozer, Mitchell, Brintrup, Kaissis, Kairouz, Triantafillou;
+arXiv 2505.17730, ICLR 2026): a removal step plus added neurons that absorb the corruption and are then discarded.
+
+The algorithm (paper §3, Algorithm 1), with ``D_f`` the discovered samples, ``D_tr`` the whole training set
+(discovered and undiscovered poison included) and CE the per-sample cross-entropy against the training label:
+
+1. Expand: give the network extra units ``theta_o2`` next to its own weights ``theta_o1``. In *redirect
+   mode* every sample switches on its own fixed random subset of the added units (a binary mask,
+   ``mask_share`` of them); all discovered samples share ONE mask, so their common pattern has one
+   dedicated path. In *drop mode* the added units are off and the network is exactly the original.
+2. The reference ``ref`` is a frozen copy of the expanded network at the start (redirect mode, eval).
+3. Each epoch: (a) removal without the retain set: while the drop-mode accuracy on ``D_f`` (against the
+   poisoned labels) exceeds ``threshold``, one pass of NPO over ``D_f`` in drop mode,
+   ``-2/beta * log sigmoid(beta * (CE - CE_ref))`` (at most ``max_flush`` passes); (b) redirection: one
+   pass over ``D_tr`` minimising ``2/beta * log sigmoid(beta * (CE_redirect - CE_ref))`` on every sample
+   (redirect mode, ``theta_o1`` and ``theta_o2`` trained) plus the NPO term in drop mode on the samples of
+   the batch that are in ``D_f`` (both averaged over the batch), so corruption that the training set
+   re-teaches flows into the added units, not back into ``theta_o1``.
+4. After each epoch the drop-mode model is scored with the paper's proxy ``acc(D_r) * (1 - max(acc(D_f),
+   threshold))`` (``D_r`` = retain set, poisoned labels); the best epoch is kept (``select=proxy``).
+5. The added units are discarded: the returned model is the original architecture with ``theta_o1``.
+
+Defaults follow the authors' CIFAR-10 / ResNet-9 setting (their release): SGD, constant lr 0.005, momentum
+0.9, weight decay 5e-4, batch 512 (here: the training run's), about 10 epochs (980 steps at batch 512),
+beta 1, threshold 0.2, at most 100 removal passes per epoch, 20 % of the added units per mask, as many
+added units as the layer has channels, masks after the 4 stages of ResNet-9.
+
+How the added units are built, for any model (the paper widens ResNet-9's conv layers at the four stage
+outputs; a general channel-widening rewrite of arbitrary networks is not practical, so the same capacity is
+attached as a residual side path): at each *tap* -- the output ``h`` of a chosen module -- the added units
+are ``a = relu(down(h))`` (a 3x3 conv for [B, C, H, W] maps, a linear layer over the last dimension for
+[B, D] or [B, N, D] tokens) with ``round(width * C)`` units, masked per sample, and written back as
+``h + up(mask * a)`` (1x1 conv / linear, no bias), so they feed every later layer as the widened
+channels do in the paper. With the masks off the side paths contribute nothing, and dropping them (the
+forward hooks are removed) leaves the original module tree untouched. Taps are chosen automatically:
+the model's *spine* (its children, with ``nn.Sequential`` containers flattened) is run once; consecutive
+spine modules with the same output shape form a stage, a stage counts when it holds parameters, its last
+module is the stage's output, the classifier (the last spine module) never counts, and ``taps`` stages
+are picked evenly from first to last. On ResNet-9 that is exactly the paper's four places (after the
+first conv block, the first residual stage, the second residual stage and the last conv block);
+``tap_modules`` names modules explicitly instead. Batch-norm layers of the model stay in train mode
+during unlearning, as in the authors' code. Synthetic forget samples (``task.extra_forget``) are not used:
+REM works on the discovered training samples.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from potion.config import number
+from potion.errors import ConfigError
+from potion.evaluation import autocast_for, predict
+from potion.unlearning import training_based as tb
+from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.task import UnlearnTask
+
+SELECT = ("proxy", "last")
+
+
+# --------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class REMSettings:
+    """The validated arguments of one REM run."""
+
+    epochs: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    batch_size: int
+    beta: float
+    threshold: float
+    max_flush: int
+    width: float
+    mask_share: float
+    taps: int
+    tap_modules: tuple[str, ...] | None
+    augment: bool
+    select: str
+
+
+def _num(value: Any, path: str, **bounds: Any) -> Any:
+    return number({"v": value}, "v", path, **bounds)
+
+
+def _tap_names(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value \
+            or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"method.tap_modules={value!r}: must be a non-empty list of module names or null")
+    return tuple(value)
+
+
+def rem_settings(task: UnlearnTask, **args: Any) -> REMSettings:
+    """Check every argument (one ConfigError line each); batch_size null = the training run's."""
+    if not isinstance(args["augment"], bool):
+        raise ConfigError(f"method.augment={args['augment']!r}: must be true or false")
+    if args["select"] not in SELECT:
+        raise ConfigError(f"method.select={args['select']!r}: choose one of {list(SELECT)}")
+    return REMSettings(
+        epochs=int(_num(args["epochs"], "method.epochs", lo=1, integer=True)),
+        lr=float(_num(args["lr"], "method.lr", lo=0, lo_open=True)),
+        momentum=float(_num(args["momentum"], "method.momentum", lo=0, hi=1, hi_open=True)),
+        weight_decay=float(_num(args["weight_decay"], "method.weight_decay", lo=0)),
+        batch_size=tb.batch_size_for(task, args["batch_size"]),
+        beta=float(_num(args["beta"], "method.beta", lo=0, lo_open=True)),
+        threshold=float(_num(args["threshold"], "method.threshold", lo=0, hi=1)),
+        max_flush=int(_num(args["max_flush"], "method.max_flush", lo=0, integer=True)),
+        width=float(_num(args["width"], "method.width", lo=0, lo_open=True)),
+        mask_share=float(_num(args["mask_share"], "method.mask_share", lo=0, lo_open=True, hi=1)),
+        taps=int(_num(args["taps"], "method.taps", lo=1, integer=True)),
+        tap_modules=_tap_names(args["tap_modules"]),
+        augment=args["augment"],
+        select=str(args["select"]),
+    )
+
+
+# --------------------------------------------------------------------------------------- taps
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One place the added units attach: a module name and the shape of its output (batch dimension left out)."""
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def channels(self) -> int:
+        """The feature dimension: dim 1 of a [B, C, H, W] map, the last dim of [B, D] and [B, N, D]."""
+        return self.shape[0] if len(self.shape) == 3 else self.shape[-1]
+
+
+def spine(model: nn.Module, prefix: str = "") -> list[str]:
+    """The model's children in order, ``nn.Sequential`` containers replaced by their own children."""
+    names = []
+    for name, child in model.named_children():
+        full = f"{prefix}{name}"
+        names += spine(child, f"{full}.") if isinstance(child, nn.Sequential) else [full]
+    return names
+
+
+@torch.no_grad()
+def probe(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[str, tuple[int, ...] | None]], dict[str, int]]:
+    """Run ``x`` once (eval mode): every module's output shape in call order, and how often each was called."""
+    calls: list[tuple[str, tuple[int, ...] | None]] = []
+    counts: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            calls.append((name, tuple(output.shape[1:]) if isinstance(output, torch.Tensor) else None))
+            counts[name] = counts.get(name, 0) + 1
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast_for(x.device):
+            model(x)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls, counts
+
+
+def _usable(shape: tuple[int, ...] | None) -> bool:
+    return shape is not None and 1 <= len(shape) <= 3
+
+
+def stage_outputs(model: nn.Module, calls: list[tuple[str, tuple[int, ...] | None]], counts: dict[str, int]
+                  ) -> list[Tap]:
+    """The last module of every parameterised run of equal-shaped spine outputs, classifier excluded."""
+    on_spine = set(spine(model))
+    seq = [(n, s) for n, s in calls if n in on_spine and counts[n] == 1][:-1]  # the last one is the classifier
+    modules = dict(model.named_modules())
+    stages: list[Tap] = []
+    run_has_params = False
+    for i, (name, shape) in enumerate(seq):
+        run_has_params |= any(True for _ in modules[name].parameters())
+        ends = i + 1 == len(seq) or seq[i + 1][1] != shape
+        if ends:
+            if run_has_params and _usable(shape):
+                stages.append(Tap(name, shape))  # type: ignore[arg-type]
+            run_has_params = False
+    return stages
+
+
+def evenly(items: list[Tap], k: int) -> list[Tap]:
+    """``k`` items spread from the first to the last (all of them when there are no more than ``k``)."""
+    if len(items) <= k:
+        return items
+    if k == 1:
+        return [items[-1]]
+    picks = sorted({round(i * (len(items) - 1) / (k - 1)) for i in range(k)})
+    return [items[i] for i in picks]
+
+
+def choose_taps(model: nn.Module, x: torch.Tensor, count: int, names: tuple[str, ...] | None) -> list[Tap]:
+    """The named modules (checked), else ``count`` stage outputs spread over the network."""
+    calls, counts = probe(model, x)
+    if names is None:
+        taps = evenly(stage_outputs(model, calls, counts), count)
+        if not taps:
+            raise ConfigError("method.taps: found no stage output to attach REM's added units to; "
+                              "name modules with method.tap_modules")
+        return taps
+    if len(set(names)) != len(names):
+        raise ConfigError("method.tap_modules: a module is named twice")
+    shapes = dict(calls)
+    known = dict(model.named_modules())
+    taps = []
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"method.tap_modules: {name!r} is not a module of the model")
+        if counts.get(name) != 1 or not _usable(shapes.get(name)):
+            raise ConfigError(f"method.tap_modules: {name!r} must run once per forward pass and output a "
+                              "[B, D], [B, N, D] or [B, C, H, W] tensor")
+        taps.append(Tap(name, shapes[name]))  # type: ignore[arg-type]
+    return taps
+
+
+# --------------------------------------------------------------------------------------- added units
+
+
+class AddedUnits(nn.Module):
+    """``units`` neurons read from a tap's output and written back to it, gated per sample by a binary mask."""
+
+    def __init__(self, tap: Tap, units: int) -> None:
+        super().__init__()
+        self.spatial = len(tap.shape) == 3
+        c = tap.channels
+        if self.spatial:
+            self.down: nn.Module = nn.Conv2d(c, units, 3, padding=1)
+            self.up: nn.Module = nn.Conv2d(units, c, 1, bias=False)
+        else:
+            self.down = nn.Linear(c, units)
+            self.up = nn.Linear(units, c, bias=False)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The side path's contribution ``up(mask * relu(down(h)))`` (``mask``: [B, units], 0/1)."""
+        a = F.relu(self.down(h))
+        shape = (mask.shape[0], mask.shape[1], 1, 1) if self.spatial else \
+            (mask.shape[0],) + (1,) * (h.dim() - 2) + (mask.shape[1],)
+        return self.up(a * mask.view(shape).to(a.dtype))
+
+
+class Redirection:
+    """Forward hooks that add the units' contribution at the taps while masks are set (redirect mode).
+
+    Without masks (drop mode) the hooks return nothing and the model computes exactly what it did before.
+    """
+
+    def __init__(self, model: nn.Module, taps: list[Tap], units: nn.ModuleList) -> None:
+        self.units = units
+        self.masks: list[torch.Tensor] | None = None
+        modules = dict(model.named_modules())
+        self.handles = [modules[t.name].register_forward_hook(self._hook(j)) for j, t in enumerate(taps)]
+
+    def _hook(self, j: int):
+        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+            if self.masks is None:
+                return None
+            return output + self.units[j](output, self.masks[j])
+        return hook
+
+    @contextmanager
+    def on(self, masks: list[torch.Tensor]) -> Iterator[None]:
+        """Redirect mode for the forward passes inside the block."""
+        self.masks = masks
+        try:
+            yield
+        finally:
+            self.masks = None
+
+    def remove(self) -> None:
+        """Detach the hooks for good: the model is its plain self again."""
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+class MaskBank:
+    """Each training sample's fixed binary mask per tap; every discovered sample gets the one shared mask."""
+
+    def __init__(self, units: list[int], num_train: int, forget_idx: torch.Tensor, share: float, seed: int,
+                 device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(int(seed))
+        # row num_train is the discovered samples' shared mask
+        self.tables = [(torch.rand(num_train + 1, m, generator=gen) < share).to(device) for m in units]
+        self.shared_row = num_train
+        self.is_forget = torch.zeros(num_train, dtype=torch.bool)
+        self.is_forget[forget_idx.cpu()] = True
+        self.is_forget = self.is_forget.to(device)
+
+    def masks(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The masks of the samples ``ids`` (device tensor), one [B, units] float tensor per tap."""
+        rows = torch.where(self.is_forget[ids], torch.full_like(ids, self.shared_row), ids)
+        return [t[rows].float() for t in self.tables]
+
+
+# --------------------------------------------------------------------------------------- losses and data
+
+
+def npo(ce: torch.Tensor, ce_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-sample NPO loss ``-2/beta * log sigmoid(beta * (CE - CE_ref))``: minimising raises CE above the reference.
+
+    Its negative is REM's redirection loss, which lowers CE (weighted like NPO, saturating far from the
+    reference).
+    """
+    return -2.0 / beta * F.logsigmoid(beta * (ce - ce_ref))
+
+
+def ce_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample cross-entropy (float32)."""
+    with autocast_for(x.device):
+        logits = model(x)
+    return F.cross_entropy(logits.float(), y, reduction="none")
+
+
+def id_batches(task: UnlearnTask, idx: torch.Tensor, batch_size: int, *, augment: bool, seed: int
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """One shuffled pass over ``idx``: (sample indices on the device, images, poisoned labels) per batch."""
+    order = idx[torch.randperm(int(idx.numel()), generator=torch.Generator().manual_seed(int(seed)))]
+    for i in range(0, int(order.numel()), batch_size):
+        sel = order[i:i + batch_size]
+        x, y = next(task.batches(sel, int(sel.numel()), augment=augment))
+        yield sel.to(task.device), x, y
+
+
+def retain_accuracy(task: UnlearnTask, model: nn.Module) -> float:
+    """Accuracy on the retain set against the (poisoned) training labels, as the paper's proxy counts it."""
+    idx = task.retain_idx
+    if idx.numel() == 0:
+        return float("nan")
+    preds = predict(model, task.data.bundle.train.images[idx], task.data.normalizer, task.data.trigger,
+                    task.data.train_flags[idx])
+    return float((preds == task.data.train_labels[idx]).float().mean())
+
+
+# --------------------------------------------------------------------------------------- the method
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Run:
+    """The objects one REM run trains: the model, its added units, the frozen reference and the masks."""
+
+    task: UnlearnTask
+    s: REMSettings
+    model: nn.Module
+    channel: Redirection
+    ref: nn.Module
+    ref_channel: Redirection
+    bank: MaskBank
+    opt: torch.optim.Optimizer
+
+    def step(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    @torch.no_grad()
+    def ref_ce(self, x: torch.Tensor, y: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+        """The frozen starting network's per-sample CE in redirect mode (NPO's reference)."""
+        with self.ref_channel.on(masks):
+            return ce_of(self.ref, x, y)
+
+    def flush(self, seed: int) -> tuple[int, int]:
+        """Removal: NPO passes over the discovered samples (drop mode) until their accuracy is at most threshold.
+
+        Returns (passes, optimizer steps).
+        """
+        passes, steps = 0, 0
+        fbs = min(self.s.batch_size, int(self.task.forget_idx.numel()))
+        while passes < self.s.max_flush and self.task.forget_accuracy(self.model) > self.s.threshold:
+            self.model.train()
+            for ids, x, y in id_batches(self.task, self.task.forget_idx, fbs, augment=self.s.augment,
+                                        seed=seed + passes):
+                ce_ref = self.ref_ce(x, y, self.bank.masks(ids))
+                self.step(npo(ce_of(self.model, x, y), ce_ref, self.s.beta).mean())
+                steps += 1
+            passes += 1
+        return passes, steps
+
+    def redirect(self, everything: torch.Tensor, seed: int) -> tuple[int, float]:
+        """Redirection: one pass over the training set (redirect mode) with NPO on its discovered samples."""
+        self.model.train()
+        steps, total = 0, 0.0
+        for ids, x, y in id_batches(self.task, everything, self.s.batch_size, augment=self.s.augment, seed=seed):
+            masks = self.bank.masks(ids)
+            ce_ref = self.ref_ce(x, y, masks)
+            forget = self.bank.is_forget[ids]
+            loss = torch.zeros((), device=x.device)
+            if bool(forget.any()):  # removal on theta_o1 alone (drop mode), averaged over the whole batch
+                loss = npo(ce_of(self.model, x, y), ce_ref, self.s.beta)[forget].sum() / x.shape[0]
+            with self.channel.on(masks):
+                loss = loss - npo(ce_of(self.model, x, y), ce_ref, self.s.beta).mean()
+            self.step(loss)
+            steps += 1
+            total += float(loss.detach())
+        return steps, total / max(1, steps)
+
+    def proxy(self) -> tuple[float, float, float]:
+        """(proxy, forget accuracy, retain accuracy) of the drop-mode model (the model REM returns)."""
+        forget_acc = self.task.forget_accuracy(self.model)
+        keep = retain_accuracy(self.task, self.model)
+        return keep * (1.0 - max(forget_acc, self.s.threshold)), forget_acc, keep
+
+
+def _build(task: UnlearnTask, s: REMSettings) -> tuple[_Run, list[Tap], int]:
+    """Copy the model, choose the taps, add the units, freeze a reference copy and draw the masks."""
+    model = copy.deepcopy(task.model).to(task.device)
+    everything = torch.cat([task.forget_idx, task.retain_idx])
+    x_probe, _ = next(task.batches(everything[:2], 2))
+    taps = choose_taps(model, x_probe, s.taps, s.tap_modules)
+    units = [max(1, round(s.width * t.channels)) for t in taps]
+    added = nn.ModuleList([AddedUnits(t, m) for t, m in zip(taps, units, strict=True)]).to(task.device)
+    ref = copy.deepcopy(model).eval()
+    ref_added = copy.deepcopy(added).eval()
+    for p in [*ref.parameters(), *ref_added.parameters()]:
+        p.requires_grad_(False)
+    params = [*model.parameters(), *added.parameters()]
+    opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    bank = MaskBank(units, task.num_train, task.forget_idx, s.mask_share, tb.stream_seed(task, 9), task.device)
+    run = _Run(task, s, model, Redirection(model, taps, added), ref, Redirection(ref, taps, ref_added), bank, opt)
+    return run, taps, sum(p.numel() for p in added.parameters())
+
+
+@register("rem")
+def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4,
+        batch_size: int | None = None, beta: float = 1.0, threshold: float = 0.2, max_flush: int = 100,
+        width: float = 1.0, mask_share: float = 0.2, taps: int = 4, tap_modules: Sequence[str] | None = None,
+        augment: bool = True, select: str = "proxy") -> MethodOutput:
+    """REM: NPO removal on the discovered samples, redirection of what the training set re-teaches into added units.
+
+    See the module docstring for the algorithm. The poisoned ``task.model`` is not modified; the returned
+    model has its architecture (the added units are discarded), is in eval mode and fully trainable.
+    """
+    s = rem_settings(task, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     batch_size=batch_size, beta=beta, threshold=threshold, max_flush=max_flush, width=width,
+                     mask_share=mask_share, taps=taps, tap_modules=tap_modules, augment=augment, select=select)
+    if task.forget_idx.numel() == 0:
+        raise ConfigError("rem: the forget set is empty: nothing to remove")
+    _sync(task.device)
+    t_start = time.perf_counter()
+    everything = torch.cat([task.forget_idx, task.retain_idx])
+    with tb.seeded(task):
+        run, tap_list, added_params = _build(task, s)
+        try:
+            best, flush_passes, flush_steps, steps, last_loss = None, [], 0, 0, float("nan")
+            for epoch in range(s.epochs):
+                passes, n = run.flush(tb.stream_seed(task, 1) + 1009 * epoch)
+                flush_passes.append(passes)
+                flush_steps += n
+                n, last_loss = run.redirect(everything, tb.stream_seed(task, 2) + epoch)
+                steps += n
+                proxy, forget_acc, keep = run.proxy()
+                if best is None or s.select == "last" or proxy > best[0]:
+                    state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+                    best = (proxy, epoch, forget_acc, keep, state)
+        finally:
+            run.channel.remove()
+            run.ref_channel.remove()
+    proxy, best_epoch, forget_acc, keep, state = best
+    model = run.model
+    model.load_state_dict(state)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    _sync(task.device)
+    diagnostics = {
+        "epochs": s.epochs, "iterations": steps + flush_steps, "redirect_steps": steps,
+        "flush_steps": flush_steps, "flush_passes": sum(flush_passes), "flush_passes_first_epoch": flush_passes[0],
+        "selected_epoch": best_epoch + 1, "selected_proxy": proxy, "selected_forget_acc": forget_acc,
+        "selected_retain_acc": keep, "final_redirect_loss": last_loss, "taps": len(tap_list),
+        "added_params": added_params, "rem_tap_modules": ",".join(t.name for t in tap_list),
+    }
+    return MethodOutput(model, diagnostics, {"train_seconds": time.perf_counter() - t_start})
