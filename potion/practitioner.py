@@ -34,7 +34,7 @@ from potion.config import identity_hash, model_kwargs, to_dict, validate_heal_co
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
 from potion.data.poisoned import PoisonedData, load_data
-from potion.data.sources import DatasetBundle
+from potion.data.sources import DatasetBundle, folder_data_root
 from potion.discovery import Discovery
 from potion.errors import CheckpointError, ConfigError, DataError
 from potion.evaluation import evaluate_backdoor, predict
@@ -142,6 +142,26 @@ def read_discovered(path: str | Path) -> list[str]:
     return entries
 
 
+def _root_relative(entry: str, data_path: str) -> str | None:
+    """``entry`` relative to the data root when it names a file inside it, else None.
+
+    A folder data set: an absolute path, or one relative to the working folder or to ``dataset.path``,
+    that resolves inside the data root. An archive: ``<top folder>/train/...`` (its single wrapper folder).
+    """
+    root = Path(data_path).expanduser()
+    if not root.is_dir():
+        parts = PurePosixPath(entry).parts
+        ok = len(parts) > 2 and parts[1] == "train" and not PurePosixPath(entry).is_absolute() and ".." not in parts
+        return "/".join(parts[1:]) if ok else None
+    data_root = folder_data_root(root).resolve()
+    for candidate in (Path(entry).expanduser(), root / entry):
+        try:
+            return candidate.resolve().relative_to(data_root).as_posix()
+        except (ValueError, OSError):
+            continue
+    return None
+
+
 def resolve_discovered(entries: Sequence[str], bundle: DatasetBundle, list_path: str, data_path: str
                        ) -> tuple[torch.Tensor, int]:
     """Training indices of the listed files (in list order) and their shared class (the attack's target)."""
@@ -154,10 +174,8 @@ def resolve_discovered(entries: Sequence[str], bundle: DatasetBundle, list_path:
     unknown: list[str] = []
     for entry in entries:
         i = index.get(entry)
-        if i is None:  # a path that names the data root's wrapper folder, or an absolute path into it
-            parts = PurePosixPath(entry).parts
-            if "train" in parts[:-1]:
-                i = index.get("/".join(parts[parts.index("train"):]))
+        if i is None:  # a path into the data root (absolute, or naming its folder), never one merely ending alike
+            i = index.get(_root_relative(entry, data_path) or "")
         if i is None:
             unknown.append(entry)
         else:
