@@ -55,7 +55,7 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
-        raise _storage_error(path, exc) from exc
+        raise storage_error(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -65,10 +65,10 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> Path:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
     except BaseException as exc:
-        full = isinstance(exc, (OSError, RuntimeError)) and _nearly_full(path.parent)
+        full = isinstance(exc, Exception) and _nearly_full(path.parent)  # any writer's way of saying "disk full"
         tmp_path.unlink(missing_ok=True)
         if isinstance(exc, OSError) or full:
-            raise _storage_error(path, exc, full) from exc
+            raise storage_error(path, exc, full) from exc
         raise
     return path
 
@@ -80,8 +80,8 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
-def _storage_error(path: Path, exc: BaseException, full: bool = False) -> StorageError:
-    """One line naming the file, the reason and the fix."""
+def storage_error(path: Path, exc: BaseException, full: bool = False) -> StorageError:
+    """The one-line error for a failed write of ``path``: names the file, the reason and the fix."""
     code = getattr(exc, "errno", None)
     if full or code in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(errno.ENOSPC, f"cannot write {path}: no space left on the device; free some space, or "

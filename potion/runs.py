@@ -30,7 +30,15 @@ from omegaconf import DictConfig, OmegaConf
 from potion.config import identity_hash, model_kwargs
 from potion.data.poison import PoisonPlan
 from potion.errors import CheckpointError, ConfigError
-from potion.io import atomic_write_json, atomic_write_text, cache_dir, load_tensors, read_json, save_tensors
+from potion.io import (
+    atomic_write_json,
+    atomic_write_text,
+    cache_dir,
+    load_tensors,
+    read_json,
+    save_tensors,
+    storage_error,
+)
 from potion.models import MODELS, build_model
 
 log = logging.getLogger("potion.runs")
@@ -362,7 +370,10 @@ def claim_run_dir(run_dir: Path, kind: str, config_hash: str, fresh: bool) -> No
     The summary goes first, so an interruption mid-way never leaves a finished-looking run; checkpoints
     are renamed away before deletion, so a resume never sees half of them.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise storage_error(run_dir, exc) from exc
     if fresh:
         (run_dir / SUMMARY).unlink(missing_ok=True)
         (run_dir / MARKER).unlink(missing_ok=True)
