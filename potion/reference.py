@@ -4,14 +4,19 @@ It answers "what would a model that never saw poison do on triggered inputs?": t
 ``healed_attainable`` measures against (image-wide triggers degrade images, so a clean model misreads
 many triggered inputs too), and the surrogate whose gradients the label-consistent attack uses. Every
 attack on one recipe shares it: its config is the training config with the ``poison`` block replaced
-by ``conf/poison/none.yaml``, so ``python train.py <the same overrides> poison=none`` trains the same run.
+by the one of ``conf/poison/none.yaml``. It lives where the training run's default folder would be
+(runs/train/<name>-<hash>), or, for a run trained into an explicit ``out_dir``, beside it as
+``reference-<hash>``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from potion.config import identity_hash
 
 NO_POISON = {"count": 0, "fraction": None, "target": 0, "exclude_target": False, "mapping": "all_to_one",
              "trigger": {"kind": "none"}}
@@ -27,8 +32,12 @@ def reference_config(train_cfg: Any) -> DictConfig:
     poison = dict(NO_POISON)
     poison["seed"] = (d.get("poison") or {}).get("seed", d.get("seed", 0))
     d["poison"] = poison
+    out_dir = d.get("out_dir")
     d.update(RUN_PLACE_KEYS)
-    return OmegaConf.create(d)
+    ref = OmegaConf.create(d)
+    if out_dir:
+        ref.out_dir = str(Path(str(out_dir)).parent / f"reference-{identity_hash(ref)}")
+    return ref
 
 
 def is_reference(train_cfg: Any) -> bool:
