@@ -23,6 +23,7 @@ from potion.data.adversarial import pgd_away
 from potion.data.augment import Normalizer
 from potion.data.batches import TensorBatches
 from potion.data.poisoned import PoisonedData, kind_needs_images, load_data, plan_from_config, poison
+from potion.data.triggers import kind_of
 from potion.evaluation import evaluate_backdoor
 from potion.interrupt import Interrupted
 from potion.io import atomic_write_json, load_tensors, save_tensors
@@ -47,6 +48,7 @@ from potion.runs import (
 )
 from potion.schedule import cpu_threads, total_steps_for
 from potion.tracking import NullTracker, start_tracker
+from potion.tracking_runs import ensure_logged, train_folder_run
 from potion.training import (
     AtomicCheckpointIO,
     EpochMetricsCallback,
@@ -81,12 +83,17 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     validate_train_config(cfg)
     run_dir = train_run_dir(cfg)
     config_hash = identity_hash(cfg)
+    if kind_of(str(cfg.poison.trigger.kind)).surrogate and not (run_dir / POISON_IMAGES).is_file():
+        log.info("%s needs a clean surrogate: the clean reference model of this recipe", cfg.poison.trigger.kind)
+        run_training(reference_config(cfg))  # trained once (or reused) before this run's folder is claimed
     secondary = is_secondary_rank()  # DDP ranks > 0 follow rank 0, which holds the lock and claims the folder
     with nullcontext() if secondary else run_lock(run_dir):
         fresh = not secondary and check_out_dir(run_dir, "train", config_hash, bool(cfg.get("force", False)))
         done = read_summary(run_dir)
         if done is not None and not fresh and done.get("config_hash") == config_hash:
             log.info("already finished: %s (force=true to retrain)", run_dir)
+            if not secondary:  # a finished run that its store lacks (killed before tracking it) is logged now
+                done = ensure_logged(cfg.logger, run_dir, done, train_folder_run(cfg, run_dir, done))
             done["reused"] = True
             return done
         resume = _resume_checkpoint(cfg, run_dir, fresh)
