@@ -157,8 +157,8 @@ class Trainer:
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook", "ddp_find_unused_parameters_true", "fsdp",
                       "deepspeed", "single_device"]
     precision: Literal["64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16",
-                       "bf16", 64, 32, 16]
-    channels_last: bool
+                       "bf16", 64, 32, 16, "auto"]  # auto: by what the machine can do (potion/precision.py)
+    channels_last: bool | Literal["auto"]
     progress_bar: bool
     deterministic: bool
     benchmark: bool
@@ -501,7 +501,10 @@ class UnlearnConfig:
             yield f"train_run: required; {TRAIN_RUN_HELP}"
 
 
-HEAL_METHODS = ("potion", "assd", "lfssd", "ssd")  # the methods that need nothing but the model and the data
+# The registry's heal_ok methods (``@register(..., heal_ok=True)``: nothing but the model and the data needed),
+# named here too because heal's values are checked before torch (and so the method modules) is imported; a test
+# keeps the two equal.
+HEAL_METHODS = ("potion", "assd", "lfssd", "ssd")
 
 
 @dataclass(kw_only=True)

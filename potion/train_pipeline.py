@@ -28,6 +28,7 @@ from potion.evaluation import evaluate_backdoor
 from potion.interrupt import Interrupted
 from potion.io import atomic_write_json, load_tensors, save_tensors
 from potion.models import build_model
+from potion.precision import resolve_auto
 from potion.reference import reference_config
 from potion.runs import (
     CHECKPOINTS,
@@ -81,6 +82,9 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     result. A folder holding another config is refused unless ``force=true``, which trains from scratch.
     """
     validate_train_config(cfg)
+    cfg, why = resolve_auto(cfg)
+    if why:
+        log.info("trainer: precision=%s channels_last=%s (%s)", cfg.trainer.precision, cfg.trainer.channels_last, why)
     run_dir = train_run_dir(cfg)
     config_hash = identity_hash(cfg)
     if kind_of(str(cfg.poison.trigger.kind)).surrogate and not (run_dir / POISON_IMAGES).is_file():
