@@ -165,10 +165,12 @@ def dispatch(cfg: DictConfig) -> dict[str, Any]:
         return ptn_jobs.prepare(plain)
     if role == CANDIDATE:
         return ptn_jobs.run_candidates(plain, cfg[JOB_KEY].get("steps"))
-    if run_id is None:  # no run made for it (logger=none): an ordinary run under the parent
-        return run_unlearning(plain, parent_run_id=parent)
-    from potion.tracking import RecordingTracker
+    from potion.tracking import RecordingTracker, tracking_enabled
 
+    if not tracking_enabled(cfg.get("logger")):  # logger=none: nothing to record
+        return run_unlearning(plain, parent_run_id=parent)
+    # Recorded also when the sweeper could not create its run (run_id None: the server went away): the run
+    # folder is written whatever the tracking state, and the sweeper keeps the calls for a later replay.
     recorder = RecordingTracker(run_id)
     summary = run_unlearning(plain, tracker=recorder)
     return {**summary, TRACKING_KEY: {"calls": recorder.calls, "status": recorder.status}}

@@ -766,7 +766,8 @@ def start_tracker(
 
     ``logger_cfg`` keys: ``name`` (``mlflow`` or ``none``; a missing config means none),
     ``tracking_uri``, ``fallback`` (``none`` or ``local``: on an unreachable server, log to the local
-    sqlite store instead) and ``experiment`` (overrides the experiment name).
+    sqlite store instead), ``experiment`` (overrides the experiment name) and ``timeout_s`` (how long
+    one call to a server may try; see :func:`http_settings`).
     """
     settings = logger_settings(logger_cfg)
     if settings is None:

@@ -36,6 +36,7 @@ import csv
 import io
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -84,6 +85,7 @@ class PTNSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
+        self._pending: Path | None = None  # the final run folder whose tracking waits for potion.relog
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         from hydra.core.plugins import Plugins
@@ -288,6 +290,7 @@ class PTNSweeper(Sweeper):
                          "potion.final_reused": bool(summary.get("reused", False))})
         for path in self._write_outputs(sweep_dir, result, evaluated, summary, prep):
             parent.log_artifact(path)
+        self._warn_tracking_lost(parent, sweep_dir)
         print(f"PTN sweep ({type(self.launcher).__name__}, rounds of {batch_size}): k={chosen.step} "
               f"s={chosen.s:.4g} alpha={chosen.alpha:.4g} forget_acc {a0:.4f} -> {chosen.forget_acc:.4f} "
               f"(threshold {threshold:.4f}, reached={reached}); {len(evaluated)} candidates in {rounds} rounds, "
@@ -349,11 +352,11 @@ class PTNSweeper(Sweeper):
         """Launch the final job at ``step`` into a child run created here; replay what it recorded.
 
         The job logs to a RecordingTracker and returns the calls, so it never imports MLflow or reaches
-        the store (a compute node need not see the tracking server); a reused (already finished) final
-        run gets no new child run: the placeholder is deleted and the summary names the earlier run.
+        the store (a compute node need not see the tracking server), and it writes its run folder whatever
+        the tracking state. A reused final run that the store holds gets no new child run (the placeholder
+        is deleted and the summary names the earlier run); one the store lacks is logged into it.
         """
         from potion import ptn_sweep
-        from potion.tracking import RecordingTracker
 
         method = str(cfg.method.name)
         run = parent.child(f"unlearn-{method}", tags={"potion.task": "unlearn", "potion.method": method})
@@ -365,12 +368,59 @@ class PTNSweeper(Sweeper):
             run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
             raise
         record = summary.pop(ptn_sweep.TRACKING_KEY, None)
-        if record is None or summary.get("reused"):
+        if record is None or (summary.get("reused") and self._already_logged(parent, summary)):
             run.discard()
-        else:
+            return final, summary
+        return final, self._store_final(cfg, parent, run, record, summary)
+
+    @staticmethod
+    def _already_logged(parent: Any, summary: dict[str, Any]) -> bool:
+        """Whether the store holds a reused final run (or cannot be asked: then nothing is logged again)."""
+        from potion.tracking_runs import MISSING, logged_state
+
+        if getattr(parent, "client", None) is None or getattr(parent, "offline", False):
+            return True
+        return logged_state(parent.client, str(parent.experiment_id), Path(str(summary["run_dir"])), summary,
+                            "unlearn") != MISSING
+
+    def _store_final(self, cfg: DictConfig, parent: Any, run: Any, record: dict[str, Any], summary: dict[str, Any]
+                     ) -> dict[str, Any]:
+        """Replay the final job's calls into its child run; calls that cannot reach the store (no child run,
+        or the server went away) are kept in the run folder for ``python -m potion.relog``."""
+        from potion.tracking import RecordingTracker
+        from potion.tracking_runs import PENDING, record_run_id, write_pending
+
+        run_dir = Path(str(summary["run_dir"]))
+        if run.run_id is not None:
             RecordingTracker.replay(record["calls"], run)
             run.finish(record["status"] or "FINISHED")
-        return final, summary
+        if run.run_id is not None and not getattr(run, "failed", False):
+            (run_dir / PENDING).unlink(missing_ok=True)
+            if summary.get("mlflow_run_id") == run.run_id:
+                return summary
+            return {**record_run_id(run_dir, summary, run.run_id), "reused": summary.get("reused", False)}
+        logger = cfg.get("logger") or {}
+        write_pending(run_dir, tracking_uri=str(parent.tracking_uri), experiment=str(logger.get("experiment")
+                      or "potion"), run_name=f"unlearn-{cfg.method.name}", parent_run_id=parent.run_id,
+                      calls=record["calls"], status=record["status"])
+        self._pending = run_dir
+        return summary
+
+    def _warn_tracking_lost(self, parent: Any, sweep_dir: Path) -> None:
+        """After a sweep whose tracking server went away: where the results are, and how to log them later."""
+        from potion.tracking_runs import replay_command
+
+        if self._pending is None and not getattr(parent, "offline", False):
+            return
+        uri = parent.tracking_uri
+        text = (f"warning: the MLflow tracking server {uri} went away during the sweep; its results are on disk "
+                f"(sweep folder {sweep_dir}: ptn_sweep.json, ptn_trajectory.csv")
+        if self._pending is not None:
+            text += (f"; final run folder {self._pending}). Once the server is back, log the final run with: "
+                     f"{replay_command(self._pending, uri)}")
+        else:
+            text += ")"
+        print(text, file=sys.stderr, flush=True)
 
     @staticmethod
     def _record_round(parent: Any, cfg: DictConfig, values: list[dict[str, Any]], cands: list[Any]) -> None:

@@ -1,0 +1,278 @@
+"""Finished run folders and their MLflow runs: a finished run that its store lacks is logged from its folder.
+
+A run is written to disk first (``summary.json`` last) and tracked second, so a process killed in between,
+a tracking server that died, or a run made with ``logger=none`` leaves a finished folder whose MLflow run
+is missing, RUNNING or KILLED. When the same command finds such a folder and reuses it,
+:func:`ensure_logged` logs it from the folder (the summary's numbers as metrics, the folder's files as
+artifacts, the params and tags the pipeline gives) after closing, as KILLED, a run that a dead process left
+RUNNING; ``summary.json`` then names the new run. A PTN sweep's final run whose tracking calls could not
+be replayed (the server was down) is kept in its folder as ``mlflow_pending.json``, which
+``python -m potion.relog <run folder>`` logs once the server is back (:func:`replay_pending`).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from potion.config import to_dict
+from potion.errors import TrackingError
+from potion.io import atomic_write_json, read_json
+from potion.tracking import (
+    MlflowTracker,
+    RecordingTracker,
+    Tracker,
+    close_dead_runs,
+    logger_settings,
+    open_client,
+    process_alive,
+    resolve_tracking_uri,
+    usable_uri,
+)
+
+log = logging.getLogger(__name__)
+
+SUMMARY = "summary.json"
+PENDING = "mlflow_pending.json"  # a sweep's final run: the tracking calls the sweeper could not replay
+TRAIN_ARTIFACTS = ("model.safetensors", "poison_plan.json", "config.yaml", SUMMARY)
+UNLEARN_ARTIFACTS = ("model.safetensors", "suspects.csv", "ptn_trajectory.csv", "ptn_trajectory.png", SUMMARY)
+TRAJECTORY = "ptn_trajectory.csv"
+STILL_LOGGING_S = 600.0  # a run RUNNING this long after its summary was written is not being logged any more
+LOGGED, BUSY, MISSING = "logged", "busy", "missing"
+
+
+@dataclass
+class FolderRun:
+    """How a finished run folder reads as an MLflow run: what its pipeline logs when it runs."""
+
+    task: str  # potion.task: train or unlearn
+    experiment: str
+    run_name: str
+    tags: dict[str, Any]
+    params: dict[str, Any]
+    artifacts: tuple[str, ...] = field(default=())
+
+
+def train_folder_run(cfg: Any, run_dir: Path, summary: Mapping[str, Any]) -> FolderRun:
+    """A finished training folder as train.py logs it (params: the config; tags: task, hash, folder)."""
+    config_hash = str(summary.get("config_hash"))
+    return FolderRun(
+        "train", _experiment(cfg), f"train-{cfg.name}",
+        {"potion.task": "train", "potion.config_hash": config_hash, "potion.run_dir": str(Path(run_dir).resolve())},
+        to_dict(cfg) | {"run_dir": str(run_dir), "poison.n_p": summary.get("n_p")}, TRAIN_ARTIFACTS)
+
+
+def unlearn_folder_run(cfg: Any, run: Any, discovery: Any, tags: Mapping[str, Any]) -> FolderRun:
+    """A finished unlearning folder as unlearn.py logs it (``run``: the TrainedRun it healed)."""
+    params = {"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery), "poison": to_dict(run.cfg.poison),
+              "train_run": str(run.path), "seed": cfg.seed, "n_f": discovery.n_f, "n_p": run.plan.count,
+              "dataset": run.cfg.dataset.name, "model": to_dict(run.cfg.model)}
+    return FolderRun("unlearn", _experiment(cfg), f"unlearn-{cfg.method.name}", dict(tags), params,
+                     UNLEARN_ARTIFACTS)
+
+
+def _experiment(cfg: Any) -> str:
+    logger = cfg.get("logger") or {}
+    return str(logger.get("experiment") or "potion")
+
+
+# --------------------------------------------------------------------------- logging a folder
+
+
+def log_folder(tracker: Tracker, run_dir: Path, summary: Mapping[str, Any], spec: FolderRun) -> None:
+    """Log a finished folder into ``tracker``: tags, params, the summary's numbers, the PTN trajectory, files."""
+    run_dir = Path(run_dir)
+    tracker.set_tags({**spec.tags, "potion.logged_from_folder": "true"})
+    tracker.log_params(spec.params)
+    tracker.log_metrics(summary_metrics(summary))
+    for step, row in trajectory_rows(run_dir / TRAJECTORY):
+        tracker.log_metrics(row, step=step)
+    for name in spec.artifacts:
+        if (run_dir / name).is_file():
+            tracker.log_artifact(run_dir / name)
+
+
+def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a summary (what the pipeline logged as metrics, plus a few counts)."""
+    return {k: float(v) for k, v in summary.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "reused"}
+
+
+def trajectory_rows(path: Path) -> Iterator[tuple[int, dict[str, float]]]:
+    """The PTN trajectory CSV as (step, {ptn_traj_<column>: value}), as unlearn.py logs it; nothing if absent."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                step = int(float(row["step"]))
+                values = {f"ptn_traj_{k}": float(v) for k, v in row.items() if k != "step" and v not in (None, "")}
+            except (KeyError, TypeError, ValueError):
+                continue  # a row that is not numbers is left out, as a malformed metric would be
+            yield step, values
+
+
+def record_run_id(run_dir: Path, summary: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+    """Name ``run_id`` as the folder's MLflow run in its summary.json (rewritten atomically); the new summary."""
+    updated = {k: v for k, v in summary.items() if k != "reused"} | {"mlflow_run_id": run_id}
+    atomic_write_json(Path(run_dir) / SUMMARY, updated)
+    return updated
+
+
+# --------------------------------------------------------------------------- is it in the store?
+
+
+def logged_state(client: Any, experiment_id: str, run_dir: Path, summary: Mapping[str, Any], task: str) -> str:
+    """LOGGED (a FINISHED run of this work is in the store), BUSY (its process is logging it right now)
+    or MISSING. A run of the summary left RUNNING by a process that stopped is closed as KILLED here."""
+    run = _get_run(client, summary.get("mlflow_run_id"))
+    if run is not None and run.info.lifecycle_stage != "deleted":
+        if run.info.status == "FINISHED":
+            return LOGGED
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            if _still_logging(run, Path(run_dir) / SUMMARY):
+                return BUSY
+            _close_killed(client, run.info.run_id)
+    return LOGGED if _finished_twin(client, experiment_id, summary, task) else MISSING
+
+
+def _get_run(client: Any, run_id: Any) -> Any:
+    if not run_id:
+        return None
+    try:
+        return client.get_run(str(run_id))
+    except Exception:  # noqa: BLE001 - unknown in this store (another store, a deleted database): missing
+        return None
+
+
+def _still_logging(run: Any, summary_path: Path) -> bool:
+    """Whether the run's process may still be writing it: alive, or unknown (another host) with a fresh summary."""
+    alive = process_alive(run.data.tags)
+    if alive is not None:
+        return alive
+    try:
+        age = time.time() - summary_path.stat().st_mtime
+    except OSError:
+        return False
+    return age < STILL_LOGGING_S
+
+
+def _close_killed(client: Any, run_id: str) -> None:
+    try:
+        client.set_terminated(run_id, "KILLED")
+    except Exception as exc:  # noqa: BLE001 - a new run is logged either way
+        log.debug("closing run %s failed: %s", run_id, exc)
+        return
+    log.warning("closed MLflow run %s as KILLED: its process stopped after the results were written", run_id)
+
+
+def _finished_twin(client: Any, experiment_id: str, summary: Mapping[str, Any], task: str) -> bool:
+    """Whether the experiment holds a FINISHED run of the same work (same task and config hash)."""
+    config_hash = str(summary.get("config_hash") or "").replace("'", "")
+    if not config_hash:
+        return False
+    query = (f"tags.`potion.config_hash` = '{config_hash}' and tags.`potion.task` = '{task}' "
+             "and attributes.status = 'FINISHED'")
+    try:
+        return bool(client.search_runs([experiment_id], filter_string=query, max_results=1))
+    except Exception:  # noqa: BLE001 - then it is logged again: a duplicate, never a loss
+        return False
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+def ensure_logged(logger_cfg: Mapping[str, Any] | None, run_dir: Path, summary: dict[str, Any], spec: FolderRun,
+                  parent_run_id: str | None = None) -> dict[str, Any]:
+    """Make sure a reused finished run is in the configured store; return its summary (naming the run).
+
+    Checks the ``logger`` config as a new run would (a bad URI, fallback or timeout is one error line,
+    an unreachable server too unless fallback=local), then logs the folder when the store has no FINISHED
+    run of it. With ``logger=none`` nothing is checked or logged.
+    """
+    settings = logger_settings(logger_cfg)
+    if settings is None:
+        return summary
+    uri = usable_uri(settings)
+    experiment = settings.experiment or spec.experiment
+    client, experiment_id = open_client(uri, experiment)
+    close_dead_runs(client, str(experiment_id))
+    state = logged_state(client, str(experiment_id), run_dir, summary, spec.task)
+    if state == BUSY:
+        log.info("MLflow run %s of %s is still being written by its process; not logged again",
+                 summary.get("mlflow_run_id"), run_dir)
+    if state != MISSING:
+        return summary
+    tracker = MlflowTracker.start(uri, experiment, run_name=spec.run_name, parent_run_id=parent_run_id)
+    updated = record_run_id(run_dir, summary, str(tracker.run_id))
+    log_folder(tracker, run_dir, updated, spec)
+    tracker.finish("FINISHED")
+    log.info("logged the finished run %s to MLflow as run %s (its tracking was missing or unfinished)", run_dir,
+             tracker.run_id)
+    return updated
+
+
+# --------------------------------------------------------------------------- a sweep's final run, kept for later
+
+
+def write_pending(run_dir: Path, *, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None,
+                  calls: list[Any], status: str | None) -> Path:
+    """Keep a run's recorded tracking calls in its folder (``mlflow_pending.json``) for :func:`replay_pending`."""
+    return atomic_write_json(Path(run_dir) / PENDING, {
+        "tracking_uri": tracking_uri, "experiment": experiment, "run_name": run_name,
+        "parent_run_id": parent_run_id, "status": status or "FINISHED", "calls": [list(c) for c in calls]})
+
+
+def replay_command(run_dir: Path, tracking_uri: str) -> str:
+    """The command that logs a folder's pending run (for messages)."""
+    return f"python -m potion.relog {run_dir} --tracking-uri {tracking_uri}"
+
+
+def replay_pending(run_dir: Path, tracking_uri: str | None = None, timeout_s: float | None = None) -> tuple[str, str]:
+    """Log the pending run of a folder into its store (or ``tracking_uri``); return (run id, store URI).
+
+    The new run keeps its parent link (the sweep's run), ``summary.json`` names it, and the pending file is
+    removed. Nothing pending, an unreadable record or a store that fails are one TrackingError line.
+    """
+    run_dir = Path(run_dir)
+    record = _read_pending(run_dir)
+    uri = resolve_tracking_uri(tracking_uri or record.get("tracking_uri"))
+    settings = logger_settings({"name": "mlflow", "tracking_uri": uri, "timeout_s": timeout_s})
+    assert settings is not None
+    uri = usable_uri(settings)
+    tracker = MlflowTracker.start(uri, str(record.get("experiment") or "potion"),
+                                  run_name=str(record.get("run_name") or "unlearn"),
+                                  parent_run_id=record.get("parent_run_id") or None)
+    try:
+        RecordingTracker.replay(record["calls"], tracker)
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        tracker.discard()
+        raise TrackingError(f"{run_dir / PENDING} holds a malformed tracking call ({exc})") from exc
+    tracker.finish(str(record.get("status") or "FINISHED"))
+    if tracker.failed:
+        raise TrackingError(f"logging {run_dir} to {uri} failed part-way (see the warnings above); its record "
+                            f"{run_dir / PENDING} is kept: run the command again")
+    summary = read_json(run_dir / SUMMARY) if (run_dir / SUMMARY).is_file() else None
+    if isinstance(summary, dict):
+        record_run_id(run_dir, summary, str(tracker.run_id))
+    (run_dir / PENDING).unlink(missing_ok=True)
+    return str(tracker.run_id), uri
+
+
+def _read_pending(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / PENDING
+    if not path.is_file():
+        raise TrackingError(f"{run_dir} has no {PENDING}: nothing there waits to be logged (a train.py or "
+                            "unlearn.py run is logged by running its command again)")
+    try:
+        record = read_json(path)
+    except Exception as exc:  # CheckpointError for truncated JSON; anything else reads the same
+        raise TrackingError(f"cannot read {path} ({exc})") from exc
+    if not isinstance(record, dict) or not isinstance(record.get("calls"), list):
+        raise TrackingError(f"{path} is not a pending MLflow run record")
+    return record
