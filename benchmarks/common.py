@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from potion.quickstart import compose_config  # noqa: E402
+from potion.config import compose_config  # noqa: E402
 
 
 def command_line() -> str:

@@ -28,6 +28,8 @@ from common import (
     write_section,
 )
 
+from potion.unlearning.methods import method_info
+
 DEFAULT_METHODS = "none,retrain,finetune,ssd,assd,lfssd,potion"
 
 
@@ -88,9 +90,9 @@ def main() -> None:
     for share in shares:
         for method in methods:
             over = [f"method={method}", *discovery_overrides(share), *args.extra, *per_method.get(method, [])]
-            if method in ("ssd", "assd", "lfssd", "potion"):
+            if method_info(method).dampens:
                 over.append("method.importance.cache=false")
-            if method not in ("potion", "potion_iterative", "discover_retrain"):
+            if method != "potion" and not method_info(method).iterative:
                 over.append("suspects.enabled=false")  # the ranking is reported for potion; saves a pass per cell
             s = unlearn(train_run, over)
             results[(method, share)] = s

@@ -29,7 +29,7 @@ def main() -> None:
     import torch
 
     from potion import metrics
-    from potion.config import model_kwargs, to_dict
+    from potion.config import compose_config, method_arguments, model_kwargs, to_dict
     from potion.data.poisoned import load_data, poison
     from potion.discovery import discover
     from potion.evaluation import evaluate_backdoor
@@ -38,7 +38,7 @@ def main() -> None:
     from potion.schedule import cpu_threads
     from potion.unlearning import training_based as tb
     from potion.unlearning.iterative import with_forget
-    from potion.unlearning.ssd_family import run_ptn
+    from potion.unlearning.methods import get_method
     from potion.unlearning.task import UnlearnTask
 
     torch.set_num_threads(cpu_threads())
@@ -63,7 +63,9 @@ def main() -> None:
         print(f"{name:<44} healed {metrics.healed(r['poison_acc'], before['poison_acc'], before['clean_acc']):6.2f} "
               f"drop {metrics.acc_drop(before['clean_acc'], r['clean_acc']):5.2f} asr {r['asr']:.4f}", flush=True)
 
-    healed = run_ptn(task, loss="logit_norm", power=1, importance={"cache": True}, ptn={}).model
+    potion_args = method_arguments(compose_config("unlearn", [f"train_run={args.train_run}", "method=potion",
+                                                              "method.synthesis.enabled=false"]).method)
+    healed = get_method("potion")(task, **potion_args).model
     show(healed, "potion, all poison known (no repair)")
     for spec in args.variants.split(","):
         iters, lr, bn, *rest = spec.split(":")
@@ -83,7 +85,7 @@ def main() -> None:
             batches = tb.stream(sub, sub.retain_idx, tb.batch_size_for(sub, None), int(iters), augment=True,
                                 seed=tb.stream_seed(sub, 0), what="retain")
             tb.train_steps(m, params, tb.cross_entropy_losses(m, batches, 0.0), int(iters),
-                           tb.sgd_settings(sub, lr=float(lr)), sub.device)
+                           tb.sgd_settings(sub, lr=float(lr), schedule="linear"), sub.device)
         for h in hooks:
             h.remove()
         show(m, f"repair {spec} ({time.perf_counter() - t0:.0f} s)")

@@ -83,17 +83,28 @@ def validate_heal_config(cfg: Any) -> None:
 
 
 def method_arguments(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The registered method's keyword arguments: the config's values, the schema's for keys not given."""
+    """The registered method's keyword arguments: the config's values, the schema's for optional keys not given
+    (in nested blocks too: ``synthesis.additive`` of a config written before the key existed)."""
     d = to_dict(method_cfg)
-    schema = Method.variant(d.get("name")) or Method
-    args = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
-    return {k: v for k, v in {**args, **d}.items() if k != "name"}
+    args = _with_defaults(Method.variant(d.get("name")) or Method, d)
+    args.pop("name", None)
+    return args
 
 
-def check(condition: bool, message: str) -> None:
-    """Raise ConfigError(message) unless condition holds."""
-    if not condition:
-        raise ConfigError(message)
+def _with_defaults(schema: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    out = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
+    out.update(d)
+    for name, spec in _fields(schema).items():
+        block = next((t for t in _options(spec.type) if dataclasses.is_dataclass(t)), None)
+        if block is not None and isinstance(out.get(name), Mapping):
+            out[name] = _with_defaults(block, out[name])  # type: ignore[arg-type]
+    return out
+
+
+def check_field(schema: type, name: str, value: Any, path: str) -> None:
+    """One value checked against one field of a schema class (for values read at run time, e.g. a run's config)."""
+    spec = _fields(schema)[name]
+    check_value(spec.type, value, path, spec.meta.get("range", {}))
 
 
 def number(cfg: Mapping[str, Any], key: str, path: str, *, lo: float | None = None, hi: float | None = None,
@@ -101,7 +112,8 @@ def number(cfg: Mapping[str, Any], key: str, path: str, *, lo: float | None = No
     """``cfg[key]`` checked by the schema's rules as one number (for values computed at run time)."""
     value = cfg.get(key)
     if value is None:
-        check(allow_none, f"{path}: required (got null)")
+        if not allow_none:
+            raise ConfigError(f"{path}: required (got null)")
         return None
     bounds = {"gt" if lo_open else "ge": lo, "lt" if hi_open else "le": hi}
     check_value(int if integer else float, value, path, {k: v for k, v in bounds.items() if v is not None})
@@ -317,7 +329,38 @@ def check_command_line(name: str, argv: Sequence[str]) -> None:
         return
     args = [a for a in argv if not a.startswith("-")]
     for overrides in _sweep_samples(args) if any(a in ("-m", "--multirun") for a in argv) else [args]:
-        check_config(name, compose_config(name, overrides))
+        d = check_config(name, compose_config(name, overrides))
+        if name == "unlearn" and d.get("train"):  # +train.*: the training run it names (trained if missing)
+            try:
+                check_config("train", compose_config("train", train_overrides(d["train"], d.get("logger"))))
+            except ConfigError as exc:
+                raise ConfigError(f"+train: {exc}") from None
+
+
+def train_overrides(train: Any, logger: Mapping[str, Any] | None = None) -> list[str]:
+    """train.py overrides from an unlearning config's ``train`` value, with the unlearning run's logger.
+
+    A mapping is flattened (``{experiment: x, poison: {count: 5}}``), a list taken verbatim (needed when a
+    group choice also gets nested values: ``['dataset=imagefolder', 'dataset.path=/x']``).
+    """
+    plain = OmegaConf.to_container(train, resolve=True) if isinstance(train, (DictConfig, ListConfig)) else train
+    flat = [str(o) for o in plain] if isinstance(plain, list) else flatten_overrides(dict(plain))
+    if logger is not None:
+        flat += [f"logger.{k}={v}" for k, v in to_dict(logger).items() if v is not None and k != "name"]
+        flat.append(f"logger={logger.get('name', 'mlflow')}")
+    return flat
+
+
+def flatten_overrides(d: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """{'experiment': 'x', 'poison': {'count': 5}} -> ['experiment=x', 'poison.count=5'] (group choices first)."""
+    out: list[str] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out += flatten_overrides(v, key + ".")
+        else:
+            out.append(f"{key}={'null' if v is None else v}")
+    return sorted(out, key=lambda o: "." in o.split("=")[0])
 
 
 def _sweep_samples(args: list[str]) -> list[list[str]]:

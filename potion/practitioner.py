@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from potion import metrics
-from potion.config import identity_hash, model_kwargs, to_dict, validate_heal_config
+from potion.config import identity_hash, method_arguments, model_kwargs, to_dict, validate_heal_config
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
 from potion.data.poisoned import PoisonedData, load_data
@@ -45,7 +45,8 @@ from potion.schedule import cpu_threads
 from potion.suspects import SuspectRanking, find_suspects, write_suspects_csv
 from potion.tracking import start_tracker
 from potion.unlearn_pipeline import resolve_device
-from potion.unlearning.registry import get_method, run_timed
+from potion.unlearning.methods import get_method
+from potion.unlearning.registry import run_timed
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.heal")
@@ -317,7 +318,7 @@ def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn
     preds_before = predict(model, forget_images, data.normalizer, batch_size=bs)
     task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(d.get("seed", 0)),
                        model_factory=factory, train_cfg={})
-    method_args = {k: v for k, v in d["method"].items() if k != "name"}
+    method_args = method_arguments(d["method"])
     tracker.log_params({"method": d["method"], "model": d["model"], "checkpoint": str(checkpoint),
                         "dataset": str(d["dataset"].get("path")), "n_f": discovery.n_f, "target": target})
 

@@ -10,10 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
 from potion import metrics
-from potion.config import identity_hash, model_kwargs, to_dict, validate_unlearn_config
+from potion.config import (
+    compose_config,
+    identity_hash,
+    method_arguments,
+    model_kwargs,
+    to_dict,
+    train_overrides,
+    validate_unlearn_config,
+)
 from potion.data.poisoned import PoisonedData, load_data, poison
 from potion.discovery import discover
 from potion.errors import ConfigError
@@ -40,7 +48,8 @@ from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri, start_tracker
 from potion.train_pipeline import run_training, train_run_dir
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
-from potion.unlearning.registry import get_method, run_timed
+from potion.unlearning.methods import get_method, method_info
+from potion.unlearning.registry import run_timed
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.unlearn")
@@ -81,28 +90,7 @@ def resolve_train_run(spec: str | None, logger_cfg: Any, train: Any = None) -> P
 
 
 def _train_run_for(train: Any, logger_cfg: Any) -> Path:
-    from potion.quickstart import compose_config
-    from potion.train_pipeline import run_training
-
-    plain = OmegaConf.to_container(train, resolve=True) if isinstance(train, (DictConfig, ListConfig)) else train
-    # a list is taken verbatim (needed when a group choice also gets nested values: dataset=x, dataset.path=y)
-    flat = [str(o) for o in plain] if isinstance(plain, list) else flatten_overrides(plain)
-    if logger_cfg is not None:
-        flat += [f"logger.{k}={v}" for k, v in to_dict(logger_cfg).items() if v is not None and k != "name"]
-        flat.append(f"logger={logger_cfg.get('name', 'mlflow')}")
-    return Path(run_training(compose_config("train", flat))["run_dir"])
-
-
-def flatten_overrides(d: dict[str, Any], prefix: str = "") -> list[str]:
-    """{'experiment': 'x', 'poison': {'count': 5}} -> ['experiment=x', 'poison.count=5'] (group choices first)."""
-    out: list[str] = []
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out += flatten_overrides(v, key + ".")
-        else:
-            out.append(f"{key}={'null' if v is None else v}")
-    return sorted(out, key=lambda o: "." in o.split("=")[0])
+    return Path(run_training(compose_config("train", train_overrides(train, logger_cfg)))["run_dir"])
 
 
 def unlearn_run_dir(cfg: DictConfig, run: TrainedRun) -> tuple[Path, str]:
@@ -173,7 +161,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
                                                          **model_kwargs(run.cfg.model)),
                        train_cfg=to_dict(run.cfg.train))
     forget_acc_before = task.forget_accuracy(model)
-    method_args = {k: v for k, v in to_dict(cfg.method).items() if k != "name"}
+    method_args = method_arguments(cfg.method)
     tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),
                         "poison": to_dict(run.cfg.poison), "train_run": str(run.path), "seed": cfg.seed,
                         "n_f": discovery.n_f, "n_p": run.plan.count, "dataset": run.cfg.dataset.name,
@@ -201,7 +189,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
         **{k: float(v) for k, v in out.timings.items()},
     }
     ranking = None
-    if cfg.get("suspects", {}).get("enabled", True) and str(cfg.method.name) != "none":
+    if cfg.get("suspects", {}).get("enabled", True) and method_info(str(cfg.method.name)).changes_model:
         ranking, sig = find_suspects(poisoned_model, healed_model, data, discovery.retain_idx, discovery.forget_idx,
                                      signature=bool(cfg.suspects.get("signature", True)),
                                      target_only=bool(cfg.suspects.get("target_only", True)), seed=int(cfg.seed),

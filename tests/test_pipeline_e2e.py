@@ -1,46 +1,47 @@
-"""End to end on a tiny poisoned image folder: train.py's pipeline with MLflow, then every unlearning method."""
+"""End to end on the session's tiny poisoned model (tests/conftest.py): train.py's pipeline with MLflow, then every
+registered unlearning method, each shown to change the model in its own way."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import TinyRun
 from mlflow.tracking import MlflowClient
-from tiny_world import train_overrides, write_pattern_folder
+from tiny_world import train_overrides
 
+from potion.config import compose_config
 from potion.errors import ConfigError
 from potion.io import load_tensors, read_json
-from potion.quickstart import compose_config
-from potion.train_pipeline import run_training
 from potion.unlearn_pipeline import run_unlearning
+from potion.unlearning.methods import METHODS, method_info
+from potion.unlearning.training_based import parameterised_layers
 
-FAST = {"retrain": ["method.iterations=60"], "finetune": ["method.iterations=30"], "eu_k": ["method.iterations=30"],
-        "scrub": ["method.iterations=20", "method.max_steps=5"], "bad_teacher": ["method.iterations=30"],
-        "discover_retrain": ["method.iterations=60"]}
+FAST = {"retrain": ["method.iterations=60"], "finetune": ["method.iterations=30", "method.k=1"],
+        "eu_k": ["method.iterations=30"], "scrub": ["method.iterations=20", "method.max_steps=5"],
+        "bad_teacher": ["method.iterations=30"], "discover_retrain": ["method.iterations=60"],
+        "potion_iterative": ["method.repair.iterations=30"], "rem": ["method.epochs=1"]}
 
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    root = tmp_path_factory.mktemp("e2e")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POTION_CACHE_DIR", str(root / "cache"))
-        mp.setenv("POTION_THREADS", "1")
-        data = write_pattern_folder(root / "data")
-        uri = f"sqlite:///{root / 'mlflow.db'}"
-        cfg = compose_config("train", train_overrides(data, root / "run", f"logger.tracking_uri={uri}"))
-        summary = run_training(cfg)
-        yield {"root": root, "uri": uri, "summary": summary, "run": root / "run"}
+State = dict[str, torch.Tensor]
 
 
-def test_training_logs_run_folder_and_mlflow(trained: dict) -> None:
-    s, run = trained["summary"], trained["run"]
+def unlearn(tiny: TinyRun, out: Path, *overrides: str) -> dict:
+    """One unlearning run on the shared model, logged nowhere, written to ``out``."""
+    return run_unlearning(compose_config("unlearn", [f"train_run={tiny.run}", "logger=none", f"out_dir={out}",
+                                                     *overrides]))
+
+
+def test_training_logs_run_folder_and_mlflow(tiny: TinyRun) -> None:
+    s, run = tiny.summary, tiny.run
     assert s["asr"] >= 0.9 and s["clean_acc"] >= 0.9, s
     for name in ("model.safetensors", "poison_plan.json", "config.yaml", "summary.json"):
         assert (run / name).is_file()
     assert read_json(run / "summary.json")["asr"] == s["asr"]
     assert len(read_json(run / "poison_plan.json")["indices"]) == 16
     load_tensors(run / "model.safetensors")
-    client = MlflowClient(trained["uri"])
+    client = MlflowClient(tiny.uri)
     mrun = client.get_run(s["mlflow_run_id"])
     for key in ("clean_acc", "poison_acc", "asr"):
         assert mrun.data.metrics[key] == pytest.approx(s[key])
@@ -50,103 +51,164 @@ def test_training_logs_run_folder_and_mlflow(trained: dict) -> None:
     assert {"model.safetensors", "poison_plan.json", "config.yaml", "summary.json"} <= artifacts
 
 
-def test_potion_heals_tiny_model(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=0.5",
-                                     f"logger.tracking_uri={trained['uri']}", f"out_dir={tmp_path / 'u'}"])
-    s = run_unlearning(cfg)
+def test_potion_heals_tiny_model(tiny: TinyRun, tmp_path: Path) -> None:
+    s = unlearn(tiny, tmp_path / "u", "method=potion", "discovery.share=0.5", "logger=mlflow",
+                f"logger.tracking_uri={tiny.uri}")
     assert s["asr"] < s["asr_before"] - 0.5, s  # the trigger clearly stops working
     assert s["acc_drop"] < 5.0, s  # clean accuracy within a few points
     assert s["healed"] > 50
     assert (tmp_path / "u" / "ptn_trajectory.png").is_file() and (tmp_path / "u" / "suspects.csv").is_file()
-    run = MlflowClient(trained["uri"]).get_run(s["mlflow_run_id"])
-    assert run.data.tags["potion.train_run_id"] == trained["summary"]["mlflow_run_id"]
+    run = MlflowClient(tiny.uri).get_run(s["mlflow_run_id"])
+    assert run.data.tags["potion.train_run_id"] == tiny.summary["mlflow_run_id"]
     for key in ("clean_acc", "poison_acc", "asr", "healed", "acc_drop", "forget_acc", "poisoned_train_acc",
                 "unlearn_seconds", "clean_acc_before", "poison_acc_before", "asr_before"):
         assert key in run.data.metrics, key
-    history = MlflowClient(trained["uri"]).get_metric_history(s["mlflow_run_id"], "ptn_traj_forget_acc")
+    history = MlflowClient(tiny.uri).get_metric_history(s["mlflow_run_id"], "ptn_traj_forget_acc")
     assert len(history) == s["ptn_steps"]
 
 
-@pytest.mark.parametrize("method", ["none", "ssd", "assd", "lfssd", "retrain", "eu_k", "finetune", "scrub",
-                                    "bad_teacher", "potion_iterative", "discover_retrain"])
-def test_every_method_runs(trained: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", f"method={method}", "discovery.share=0.5",
-                                     "logger=none", f"out_dir={tmp_path / method}", *FAST.get(method, [])])
-    s = run_unlearning(cfg)
-    assert 0.0 <= s["clean_acc"] <= 1.0 and s["method"] == method
-    assert (tmp_path / method / "summary.json").is_file()
-    if method == "none":
-        assert s["acc_drop"] == 0 and s["healed"] == 0
+# ------------------------------------------------------------------------- every method, its own kind of change
 
 
-def test_suspect_ranking_finds_undiscovered_poison(trained: dict, tmp_path: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=0.25",
-                                     "logger=none", f"out_dir={tmp_path / 's'}"])
-    s = run_unlearning(cfg)
+def _cosines(a: State, b: State, names: list[str]) -> list[float]:
+    """Per weight matrix (conv, linear: batch-norm scales sit near 1 in any model), the cosine of a and b."""
+    return [float(torch.nn.functional.cosine_similarity(a[n].flatten(), b[n].flatten(), dim=0))
+            for n in names if a[n].dim() >= 2]
+
+
+def _params(state: State) -> list[str]:
+    return [n for n, v in state.items() if v.is_floating_point() and "running_" not in n]
+
+
+def _unchanged(before: State) -> Callable[[State], None]:
+    def check(after: State) -> None:
+        assert all(torch.equal(before[n], after[n]) for n in before), "the model must stay bit-identical"
+    return check
+
+
+def _dampened(before: State) -> Callable[[State], None]:
+    def check(after: State) -> None:
+        params = _params(before)
+        for n in params:  # dampening scales weights by factors in [0, 1]: never larger, never flipped
+            assert bool((after[n].abs() <= before[n].abs()).all() and (after[n] * before[n] >= 0).all()), n
+        assert sum(int((after[n].abs() < before[n].abs()).sum()) for n in params) > 0, "nothing was dampened"
+        assert all(torch.equal(before[n], after[n]) for n in before if n not in params)  # batch-norm statistics
+    return check
+
+
+def _counters(state: State) -> list[int]:
+    return [int(v) for n, v in state.items() if n.endswith("num_batches_tracked")]
+
+
+def _fresh(before: State, steps: int) -> Callable[[State], None]:
+    def check(after: State) -> None:  # a new model trained from scratch: every tensor new, batch-norm counted anew
+        assert all(not torch.equal(before[n], after[n]) for n in before if not n.endswith("num_batches_tracked"))
+        assert _counters(after) == [steps] * len(_counters(before)) != _counters(before)
+    return check
+
+
+def _fine_tuned(before: State) -> Callable[[State], None]:
+    def check(after: State) -> None:  # trained on from the poisoned weights: changed, but close to them
+        assert any(not torch.equal(before[n], after[n]) for n in _params(before))
+        assert min(_cosines(before, after, _params(before))) > 0.9
+        assert all(a >= b for a, b in zip(_counters(after), _counters(before), strict=True))  # not reset
+    return check
+
+
+def _only_last(before: State, k: int, reinitialised_for: int | None) -> Callable[[State], None]:
+    def check(after: State) -> None:
+        from potion.models import build_model
+
+        model = build_model("small_cnn", num_classes=4, in_channels=3, width=8)
+        last = {f"{name}." for name, _ in parameterised_layers(model)[-k:]}
+        inside = [n for n in before if any(n.startswith(p) for p in last)]
+        assert inside and all(torch.equal(before[n], after[n]) for n in before if n not in inside)
+        changed = [n for n in _params(before) if n in inside and not torch.equal(before[n], after[n])]
+        assert changed, "the last layers did not change"
+        counters = [int(after[n]) for n in inside if n.endswith("num_batches_tracked")]
+        if reinitialised_for is not None:  # re-initialised, then trained: batch-norm counted from zero
+            assert counters == [reinitialised_for], counters
+    return check
+
+
+EXPECTED: dict[str, Callable[[State], Callable[[State], None]]] = {
+    "none": _unchanged, "ssd": _dampened, "assd": _dampened, "lfssd": _dampened, "potion": _dampened,
+    "retrain": lambda before: _fresh(before, 60), "discover_retrain": lambda before: _fresh(before, 60),  # FAST
+    "scrub": _fine_tuned, "bad_teacher": _fine_tuned,
+    "potion_iterative": _fine_tuned, "rem": _fine_tuned,
+    "finetune": lambda before: _only_last(before, 1, None),  # FAST: method.k=1
+    "eu_k": lambda before: _only_last(before, 2, 30),  # conf/method/eu_k.yaml: k=2 (a batch norm, the classifier)
+}
+
+
+def test_every_registered_method_has_an_expected_change() -> None:
+    assert set(EXPECTED) == set(METHODS)
+    assert {m for m, e in EXPECTED.items() if e is _dampened} == {m for m in METHODS if method_info(m).dampens}
+    assert {m for m, e in EXPECTED.items() if e is _unchanged} == {m for m in METHODS
+                                                                  if not method_info(m).changes_model}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_every_method_changes_the_model_in_its_own_way(tiny: TinyRun, tmp_path: Path, method: str) -> None:
+    s = unlearn(tiny, tmp_path / method, f"method={method}", "discovery.share=0.5", *FAST.get(method, []))
+    assert s["method"] == method and 0.0 <= s["clean_acc"] <= 1.0
+    before, after = load_tensors(tiny.run / "model.safetensors"), load_tensors(tmp_path / method / "model.safetensors")
+    assert set(after) == set(before)
+    EXPECTED[method](before)(after)
+    if not method_info(method).changes_model:
+        assert s["acc_drop"] == 0 and s["healed"] == 0 and s["clean_acc"] == s["clean_acc_before"]
+        assert "suspects_flagged" not in s  # nothing changed: no ranking of what healing changed
+
+
+# ------------------------------------------------------------------------------------------------- suspects
+
+
+def test_suspect_ranking_finds_undiscovered_poison(tiny: TinyRun, tmp_path: Path) -> None:
+    s = unlearn(tiny, tmp_path / "s", "method=potion", "discovery.share=0.25")
     prevalence = 12 / (320 - 4)  # undiscovered poison among the retain samples: what a random ranking's AP is
-    assert s["suspect_ap"] > 0.5 > 5 * prevalence, s
+    assert s["suspect_ap"] > max(0.5, 5 * prevalence), s
     rows = (tmp_path / "s" / "suspects.csv").read_text().splitlines()
-    plan = read_json(trained["run"] / "poison_plan.json")["indices"]
+    plan = read_json(tiny.run / "poison_plan.json")["indices"]
     top = [int(r.split(",")[1]) for r in rows[1:13]]
     assert len(set(top) & set(plan)) >= 6  # half of the top 12 are truly poisoned (random: ~0.5 expected)
 
 
-def test_iterative_rounds_are_bounded_and_forget_set_never_shrinks(trained: dict, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
-                                     "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / 'i'}",
-                                     "method.cutoff_fraction=0.01"])
-    s = run_unlearning(cfg)
+def test_iterative_rounds_are_bounded_and_forget_set_never_shrinks(tiny: TinyRun, tmp_path: Path) -> None:
+    s = unlearn(tiny, tmp_path / "i", "method=potion_iterative", "method.rounds=2", "discovery.share=0.25",
+                "method.cutoff_fraction=0.01")
     assert 1 <= s["rounds_run"] <= 2
     sizes = [s[f"round{r}_forget_size"] for r in range(1, int(s["rounds_run"]) + 1)]
     assert sizes[0] == 4 and sizes == sorted(sizes)
     assert s["final_forget_size"] >= sizes[-1]
 
 
-def test_unlearn_finds_the_training_run_from_train_overrides(trained: dict, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unlearn_finds_the_training_run_from_train_overrides(tiny: TinyRun, tmp_path: Path) -> None:
     """A grid job names its poisoned model by train.py overrides; the finished run is reused, not retrained."""
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    data = trained["root"] / "data"
-    train_args = ["+train=[" + ",".join(f"'{o}'" for o in train_overrides(data, trained["run"])) + "]"]
-    before = (trained["run"] / "summary.json").stat().st_mtime_ns
-    cfg = compose_config("unlearn", [*train_args, "method=none", "discovery.share=0.5", "logger=none",
-                                     f"out_dir={tmp_path / 'n'}"])
-    s = run_unlearning(cfg)
-    assert Path(s["train_run"]).resolve() == trained["run"].resolve()
-    assert (trained["run"] / "summary.json").stat().st_mtime_ns == before  # not retrained
+    train_args = ["+train=[" + ",".join(f"'{o}'" for o in train_overrides(tiny.data, tiny.run)) + "]"]
+    before = (tiny.run / "summary.json").stat().st_mtime_ns
+    s = run_unlearning(compose_config("unlearn", [*train_args, "method=none", "discovery.share=0.5", "logger=none",
+                                                  f"out_dir={tmp_path / 'n'}"]))
+    assert Path(s["train_run"]).resolve() == tiny.run.resolve()
+    assert (tiny.run / "summary.json").stat().st_mtime_ns == before  # not retrained
 
 
-def test_natural_target_criterion_finds_true_target_samples_without_labels(trained: dict, tmp_path: Path,
-                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    runs = {}
-    for crit in ("exclude_true_target", "exclude_natural_target"):
-        cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=1.0",
-                                         "logger=none", f"out_dir={tmp_path / crit}", "suspects.enabled=false",
-                                         f"method.ptn.criterion={crit}"])
-        runs[crit] = run_unlearning(cfg)
+def test_natural_target_criterion_finds_true_target_samples_without_labels(tiny: TinyRun, tmp_path: Path) -> None:
+    runs = {crit: unlearn(tiny, tmp_path / crit, "method=potion", "discovery.share=1.0", "suspects.enabled=false",
+                          f"method.ptn.criterion={crit}")
+            for crit in ("exclude_true_target", "exclude_natural_target")}
     truth, found = runs["exclude_true_target"], runs["exclude_natural_target"]
     assert truth["forget_true_target"] >= 1  # the plan drew some target-class samples
     assert found["forget_natural_target"] == truth["forget_true_target"]
     assert found["criterion_samples"] == truth["criterion_samples"]
 
 
-def test_target_only_suspects_never_flag_other_labels(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_target_only_suspects_never_flag_other_labels(tiny: TinyRun) -> None:
     """An all-to-one backdoor's poison carries the target label: other labels rank last and are never flagged."""
-    import torch
-
     from potion.data.poisoned import load_data, poison
     from potion.runs import load_trained_run
     from potion.suspects import find_suspects
 
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    run = load_trained_run(trained["run"])
+    run = load_trained_run(tiny.run)
     data = poison(load_data(run.cfg.dataset), run.plan)
     poisoned = run.build_model(data.num_classes, data.channels).eval()
     torch.manual_seed(0)
@@ -166,43 +228,31 @@ def test_target_only_suspects_never_flag_other_labels(trained: dict, monkeypatch
     assert bool((labels[top] == run.plan.target).all())  # target-labelled samples rank first
 
 
-def test_exact_signature_without_matches_flags_nothing(trained: dict, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_exact_signature_without_matches_flags_nothing(tiny: TinyRun, tmp_path: Path) -> None:
     """All poison discovered: the trigger recovered from it matches no retain sample, so nothing is flagged."""
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion", "discovery.share=1.0",
-                                     "logger=none", f"out_dir={tmp_path / 'all'}"])
-    s = run_unlearning(cfg)
+    s = unlearn(tiny, tmp_path / "all", "method=potion", "discovery.share=1.0")
     assert s["suspect_signature_found"] == 1.0
     assert s["suspects_flagged"] == 0, s
 
 
 @pytest.mark.parametrize("stop_on", ["forget", "discovered"])
-def test_iterative_stopping_test_watches_the_chosen_set(trained: dict, tmp_path: Path,
-                                                        monkeypatch: pytest.MonkeyPatch, stop_on: str) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
-                                     "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / stop_on}",
-                                     f"method.stop_on={stop_on}", "method.signature=false",
-                                     "method.cutoff_fraction=0.01", "suspects.enabled=false",
-                                     "method.synthesis.enabled=false"])
-    s = run_unlearning(cfg)
+def test_iterative_stopping_test_watches_the_chosen_set(tiny: TinyRun, tmp_path: Path, stop_on: str) -> None:
+    s = unlearn(tiny, tmp_path / stop_on, "method=potion_iterative", "method.rounds=2", "discovery.share=0.25",
+                f"method.stop_on={stop_on}", "method.signature=false", "method.cutoff_fraction=0.01",
+                "suspects.enabled=false", "method.synthesis.enabled=false", "method.repair.iterations=0")
     assert s["rounds_run"] == 2 and s["round2_forget_size"] > s["round1_forget_size"] == 4, s
     assert s["round1_criterion_samples"] == 4
     watched = s["round1_forget_size"] if stop_on == "discovered" else s["round2_forget_size"]
     assert s["round2_criterion_samples"] == watched
 
 
-def test_one_discovered_sample_reveals_the_trigger_pixels(trained: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_discovered_sample_reveals_the_trigger_pixels(tiny: TinyRun) -> None:
     """From one discovered file, the pixels that recur among target-labelled samples flag all the other poison."""
-    import torch
-
     from potion.data.poisoned import load_data, poison
     from potion.runs import load_trained_run
     from potion.suspects import find_signature, signature_matches, single_sample_mask
 
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
-    run = load_trained_run(trained["run"])
+    run = load_trained_run(tiny.run)
     data = poison(load_data(run.cfg.dataset), run.plan)
     model = run.build_model(data.num_classes, data.channels).eval()
     plan = torch.tensor(run.plan.indices)
@@ -217,13 +267,12 @@ def test_one_discovered_sample_reveals_the_trigger_pixels(trained: dict, monkeyp
     assert single_sample_mask(data, noise, sig.row, sig.col, retain, run.plan.target) is None
 
 
-def test_iterative_repair_fine_tunes_without_any_found_poison(trained: dict, tmp_path: Path,
+def test_iterative_repair_fine_tunes_without_any_found_poison(tiny: TinyRun, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Repair trains only on samples outside the final forget set and never regrows a dampened weight."""
 
     import potion.unlearning.iterative as iterative
 
-    monkeypatch.setenv("POTION_CACHE_DIR", str(trained["root"] / "cache"))
     seen: dict = {}
     real_stream, real_repair = iterative.tb.stream, iterative.repair_model
 
@@ -238,10 +287,8 @@ def test_iterative_repair_fine_tunes_without_any_found_poison(trained: dict, tmp
 
     monkeypatch.setattr(iterative.tb, "stream", stream_spy)
     monkeypatch.setattr(iterative, "repair_model", repair_spy)
-    cfg = compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative", "method.rounds=2",
-                                     "discovery.share=0.25", "logger=none", f"out_dir={tmp_path / 'r'}",
-                                     "method.repair.iterations=20", "method.repair.lr=0.05"])
-    s = run_unlearning(cfg)
+    s = unlearn(tiny, tmp_path / "r", "method=potion_iterative", "method.rounds=2", "discovery.share=0.25",
+                "method.repair.iterations=20", "method.repair.lr=0.05")
     assert seen["kw"] == {"iterations": 20, "lr": 0.05}
     assert len(seen["forget"]) == s["final_forget_size"] > 4 and not seen["batches_from"] & seen["forget"]
     assert s["repair_retain_samples"] == len(seen["batches_from"]) == 320 - s["final_forget_size"]
@@ -255,6 +302,6 @@ def test_iterative_repair_fine_tunes_without_any_found_poison(trained: dict, tmp
         assert bool((p.abs() <= healed[name].abs())[damp].all()), name  # dampening is never undone
     assert dampened > 0 and changed > 0  # it did dampen, and repair did train the other weights
     for bad in ("method.repair.iterations=-1", "method.repair.lr=0", "+method.repair.steps=3", "method.repair=5"):
-        with pytest.raises(ConfigError, match="method.repair"):
-            run_unlearning(compose_config("unlearn", [f"train_run={trained['run']}", "method=potion_iterative",
-                                                      "logger=none", f"out_dir={tmp_path / 'bad'}", bad]))
+        with pytest.raises(ConfigError, match="^method.repair"):
+            unlearn(tiny, tmp_path / "bad", "method=potion_iterative", bad)
+    assert not (tmp_path / "bad").exists()

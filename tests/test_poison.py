@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from potion.config import check_node
+from potion.config_schema import Poison
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_plan
 from potion.errors import ConfigError
 
@@ -44,23 +46,32 @@ def test_plan_same_seed_same_indices_other_seed_different() -> None:
     assert a.count == 50 and a.num_train == 1000 and a.seed == 7 and a.target == 0
 
 
-def test_plan_count_or_fraction_exactly_one() -> None:
-    with pytest.raises(ConfigError, match="exactly one"):
-        _plan()
-    with pytest.raises(ConfigError, match="exactly one"):
-        _plan(count=5, fraction=0.05)
+POISON = {"count": None, "fraction": 0.01, "target": 0, "seed": 0, "exclude_target": False, "mapping": "all_to_one",
+          "trigger": {"kind": "patch"}}
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, 1.5, -0.1])
-def test_plan_fraction_outside_open_unit_interval(fraction: float) -> None:
-    with pytest.raises(ConfigError, match="poison.fraction"):
-        _plan(fraction=fraction)
+@pytest.mark.parametrize(("change", "message"), [
+    ({"fraction": None}, "poison: set exactly one of poison.count (e.g. 500) or poison.fraction"),
+    ({"count": 5}, "poison: set exactly one of poison.count (e.g. 500) or poison.fraction"),
+    ({"fraction": 0.0}, "poison.fraction=0.0: must be a finite number > 0 and < 1 or null"),
+    ({"fraction": 1.0}, "poison.fraction=1.0: must be a finite number > 0 and < 1 or null"),
+    ({"fraction": -0.1}, "poison.fraction=-0.1: must be a finite number > 0 and < 1 or null"),
+    ({"count": 0, "fraction": None}, "poison.count=0: must be >= 1"),
+    ({"count": -3, "fraction": None}, "poison.count=-3: must be an integer >= 0 or null"),
+    ({"target": -1}, "poison.target=-1: must be an integer >= 0"),
+    ({"mapping": "some_to_one"}, "poison.mapping='some_to_one': must be one of ['all_to_one', 'all_to_all']"),
+])
+def test_the_schema_checks_count_fraction_target_and_mapping(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_node(Poison, {**POISON, **change}, "poison")
+    assert str(info.value).startswith(message), info.value
 
 
-@pytest.mark.parametrize("count", [0, -3, 101])
-def test_plan_bad_count(count: int) -> None:
-    with pytest.raises(ConfigError, match="poison.count"):
-        _plan(count=count)
+def test_the_plan_checks_what_needs_the_data() -> None:
+    with pytest.raises(ConfigError, match=r"^poison.count=101: larger than the training set \(100 samples\)$"):
+        _plan(count=101)
+    with pytest.raises(ConfigError, match=r"^poison.target=10: must be a class index in \[0, 9\]$"):
+        _plan(count=5, target=10)
 
 
 def test_plan_count_equal_to_n_is_allowed() -> None:
@@ -84,7 +95,7 @@ def test_plan_exclude_target() -> None:
     assert 3 in _plan(labels, count=100, target=3).true_labels
 
 
-@pytest.mark.parametrize("target", [-1, 10, 11])
+@pytest.mark.parametrize("target", [10, 11])
 def test_plan_target_outside_classes(target: int) -> None:
     with pytest.raises(ConfigError, match="poison.target"):
         _plan(count=5, target=target)

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from potion.config import check_node
+from potion.config_schema import PTN
 from potion.errors import ConfigError
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share, snapshot
 from potion.unlearning.ptn import (
@@ -21,32 +23,44 @@ from potion.unlearning.ptn import (
     ptn_search,
 )
 
+PTN_BLOCK = {"rho": 0.1, "s_start": None, "s_step": 1.1, "max_steps": 500, "criterion": "all", "fixed_step": None}
+
 
 @pytest.mark.parametrize(
-    ("kwargs", "key"),
+    ("change", "message"),
     [
-        ({"s_start": 0.0}, "ptn.s_start"),
-        ({"s_start": -1e-3}, "ptn.s_start"),
-        ({"s_start": 1e-3, "s_step": 1.0}, "ptn.s_step"),
-        ({"s_start": 1e-3, "s_step": 0.9}, "ptn.s_step"),
-        ({"s_start": 1e-3, "rho": -0.01}, "ptn.rho"),
-        ({"s_start": 1e-3, "rho": 1.01}, "ptn.rho"),
-        ({"s_start": 1e-3, "max_steps": 0}, "ptn.max_steps"),
-        ({"s_start": 1e-3, "max_steps": 2.5}, "ptn.max_steps"),
+        ({"s_start": 0.0}, "method.ptn.s_start=0.0: must be a finite number > 0 or null"),
+        ({"s_start": -1e-3}, "method.ptn.s_start=-0.001: must be a finite number > 0 or null"),
+        ({"s_step": 1.0}, "method.ptn.s_step=1.0: must be a finite number > 1"),
+        ({"s_step": 0.9}, "method.ptn.s_step=0.9: must be a finite number > 1"),
+        ({"rho": -0.01}, "method.ptn.rho=-0.01: must be a finite number >= 0 and <= 1"),
+        ({"rho": 1.01}, "method.ptn.rho=1.01: must be a finite number >= 0 and <= 1"),
+        ({"max_steps": 0}, "method.ptn.max_steps=0: must be an integer >= 1"),
+        ({"max_steps": 2.5}, "method.ptn.max_steps=2.5: must be an integer >= 1"),
+        ({"fixed_step": [3, 500]}, "method.ptn.fixed_step=500: must be below method.ptn.max_steps=500"),
+        ({"fixed_step": -1}, "method.ptn.fixed_step=-1: must be an integer >= 0 or a list of integers >= 0 or null"),
     ],
 )
-def test_schedule_validation(kwargs: dict, key: str) -> None:
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        PTNSchedule(**kwargs)
+def test_the_schema_checks_the_schedule(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        check_node(PTN, {**PTN_BLOCK, **change}, "method.ptn")
+    assert str(info.value) == message
 
 
 def test_schedule_bounds_are_allowed() -> None:
-    PTNSchedule(s_start=1e-9, s_step=1.0001, max_steps=1, rho=0.0)
-    PTNSchedule(s_start=1e-9, rho=1.0)
+    for change in ({"s_start": 1e-9, "s_step": 1.0001, "max_steps": 1, "rho": 0.0}, {"rho": 1.0},
+                   {"fixed_step": [0, 499]}):
+        check_node(PTN, {**PTN_BLOCK, **change}, "method.ptn")
+
+
+def test_schedule_from_the_config_block() -> None:
+    sch = PTNSchedule.from_config(PTN_BLOCK, 100, 50_000)
+    assert (sch.s_start, sch.s_step, sch.max_steps, sch.rho) == (pytest.approx(8e-5), 1.1, 500, 0.1)
+    assert PTNSchedule.from_config({**PTN_BLOCK, "s_start": 0.01}, 100, 50_000).s_start == 0.01
 
 
 def test_schedule_share_and_percentile() -> None:
-    sch = PTNSchedule(s_start=0.002, s_step=1.1)
+    sch = PTNSchedule(s_start=0.002, s_step=1.1, max_steps=500, rho=0.1)
     assert sch.share(0) == pytest.approx(0.002)
     assert sch.share(1) == pytest.approx(0.0022)
     assert sch.share(3) == pytest.approx(0.002 * 1.331)

@@ -16,9 +16,8 @@ from typing import Any
 
 import torch
 
-from potion.config import number
+from potion.config import method_arguments
 from potion.discovery import Discovery
-from potion.errors import ConfigError
 from potion.suspects import find_suspects
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
@@ -43,7 +42,7 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 
 
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
-                  importance: Mapping[str, Any] | None, ptn: Mapping[str, Any] | None, suspects: Mapping[str, Any],
+                  importance: Mapping[str, Any], ptn: Mapping[str, Any], suspects: Mapping[str, Any],
                   synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None,
                   estimate: Any = None) -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
@@ -55,18 +54,15 @@ def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Te
 
 def _suspect_args(cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool
                   ) -> dict[str, Any]:
-    number({"q": cutoff_quantile}, "q", "method.cutoff_quantile", lo=0, hi=1)
-    number({"f": cutoff_fraction}, "f", "method.cutoff_fraction", lo=0, lo_open=True)
-    return {"cutoff_quantile": float(cutoff_quantile), "cutoff_fraction": float(cutoff_fraction),
-            "signature": bool(signature), "target_only": bool(target_only)}
+    """The method's suspect settings as ``find_suspects`` takes them."""
+    return {"cutoff_quantile": cutoff_quantile, "cutoff_fraction": cutoff_fraction, "signature": signature,
+            "target_only": target_only}
 
 
-@register("potion_iterative")
-def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str, Any] | None = None,
-                     ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
-                     cutoff_fraction: float = 0.5, signature: bool = True, target_only: bool = True,
-                     stop_on: str = "forget", synthesis: Mapping[str, Any] | None = None,
-                     repair: Mapping[str, Any] | None = None) -> MethodOutput:
+@register("potion_iterative", iterative=True, trains=True)
+def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str, Any], ptn: Mapping[str, Any],
+                     cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool,
+                     stop_on: str, synthesis: Mapping[str, Any], repair: Mapping[str, Any] | None) -> MethodOutput:
     """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set.
 
     Suspects are found as in every unlearning run (``potion.suspects.find_suspects``): a recovered patch
@@ -74,12 +70,8 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     ``stop_on``: what PTN's stopping test watches in later rounds, the whole grown forget set
     (``forget``) or only the discovered samples (``discovered``; importances still use every sample).
     ``repair``: ``{iterations, lr}``: after the last round, fine-tune the healed model on the training set
-    without the discovered and flagged samples (see ``repair_model``); iterations 0 = no repair.
+    without the discovered and flagged samples (see ``repair_model``); null or iterations 0 = no repair.
     """
-    number({"r": rounds}, "r", "method.rounds", lo=1, integer=True)
-    repair_args = _repair_args(repair)
-    if stop_on not in ("forget", "discovered"):
-        raise ConfigError(f"method.stop_on={stop_on}: choose forget or discovered")
     cutoff = _suspect_args(cutoff_quantile, cutoff_fraction, signature, target_only)
     original = copy.deepcopy(task.model).eval()
     forget = task.forget_idx
@@ -109,24 +101,11 @@ def potion_iterative(task: UnlearnTask, rounds: int = 3, importance: Mapping[str
     diagnostics.update({k: v for k, v in out.diagnostics.items() if k.startswith("ptn_")})
     diagnostics["final_forget_size"] = int(forget.numel())
     model = out.model
-    if repair_args["iterations"] > 0:
-        model, info = repair_model(task, forget, original, model, **repair_args)
+    if repair is not None and repair["iterations"] > 0:
+        model, info = repair_model(task, forget, original, model, iterations=repair["iterations"], lr=repair["lr"])
         diagnostics.update(info)
         timings["repair_seconds"] = info["repair_seconds"]
     return MethodOutput(model, diagnostics, timings, out.trajectory)
-
-
-def _repair_args(repair: Mapping[str, Any] | None) -> dict[str, Any]:
-    if repair is not None and not isinstance(repair, Mapping):
-        raise ConfigError(f"method.repair={repair!r}: must be a mapping {{iterations, lr}} or null")
-    d = dict(repair or {})
-    unknown = sorted(set(d) - {"iterations", "lr"})
-    if unknown:
-        raise ConfigError(f"method.repair.{unknown[0]}: unknown key; valid keys: iterations, lr")
-    d.setdefault("iterations", 0)
-    d.setdefault("lr", 0.001)
-    return {"iterations": int(number(d, "iterations", "method.repair.iterations", lo=0, integer=True)),
-            "lr": float(number(d, "lr", "method.repair.lr", lo=0, lo_open=True))}
 
 
 def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Module, healed: torch.nn.Module, *,
@@ -153,7 +132,7 @@ def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Mod
                          if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
             params = tb.freeze_all_but(model, trainable)
             tb.train_mode_partial(model, trainable)
-            sgd = tb.sgd_settings(sub, lr=lr)
+            sgd = tb.sgd_settings(sub, lr=lr, schedule="linear")
             batches = tb.stream(sub, sub.retain_idx, tb.batch_size_for(sub, None), iterations,
                                 augment=True, seed=tb.stream_seed(sub, 0), what="retain")
             tb.train_steps(model, params, tb.cross_entropy_losses(model, batches, 0.0), iterations, sgd, sub.device)
@@ -165,11 +144,10 @@ def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Mod
     return model.eval(), info
 
 
-@register("discover_retrain")
-def discover_retrain(task: UnlearnTask, importance: Mapping[str, Any] | None = None,
-                     ptn: Mapping[str, Any] | None = None, cutoff_quantile: float = 0.1,
-                     cutoff_fraction: float = 0.5, signature: bool = True, target_only: bool = True,
-                     iterations: int | None = None, synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+@register("discover_retrain", iterative=True, trains=True)
+def discover_retrain(task: UnlearnTask, *, importance: Mapping[str, Any], ptn: Mapping[str, Any],
+                     cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool,
+                     iterations: int | None, synthesis: Mapping[str, Any]) -> MethodOutput:
     """One Potion round ranks suspects; then retrain from scratch without discovered + suspected samples."""
     t0 = time.perf_counter()
     original = copy.deepcopy(task.model).eval()
@@ -177,7 +155,8 @@ def discover_retrain(task: UnlearnTask, importance: Mapping[str, Any] | None = N
     out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff, synthesis)
     flagged = ranking.flagged()
     search = time.perf_counter() - t0
-    result = retrain(replace(task, model=original), iterations=iterations, extra_forget=flagged.tolist())
+    args = method_arguments({"name": "retrain", "iterations": iterations, "extra_forget": flagged.tolist()})
+    result = retrain(replace(task, model=original), **args)
     result.diagnostics.update({"suspects_removed": int(flagged.numel()), "potion_ptn_steps":
                                out.diagnostics.get("ptn_steps")})
     result.timings["suspect_search_seconds"] = search

@@ -8,12 +8,12 @@ independently (see ``hydra_plugins/potion_ptn``); the answer is always the first
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch.nn as nn
 
-from potion.errors import ConfigError
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
@@ -25,22 +25,19 @@ log = logging.getLogger("potion.ptn")
 
 @dataclass(frozen=True)
 class PTNSchedule:
-    """The candidate grid and stopping threshold."""
+    """The candidate grid and stopping threshold (ranges: ``potion.config_schema.PTN``)."""
 
     s_start: float
-    s_step: float = 1.1
-    max_steps: int = 500
-    rho: float = 0.1
+    s_step: float
+    max_steps: int
+    rho: float
 
-    def __post_init__(self) -> None:
-        if not self.s_start > 0:
-            raise ConfigError(f"ptn.s_start={self.s_start}: must be > 0")
-        if not self.s_step > 1:
-            raise ConfigError(f"ptn.s_step={self.s_step}: must be > 1")
-        if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
-            raise ConfigError(f"ptn.max_steps={self.max_steps}: must be a positive integer")
-        if not 0 <= self.rho <= 1:
-            raise ConfigError(f"ptn.rho={self.rho}: must be in [0, 1]")
+    @classmethod
+    def from_config(cls, ptn: Mapping[str, Any], n_f: int, num_train: int) -> PTNSchedule:
+        """The grid of a ``method.ptn`` block; ``s_start: null`` = :func:`default_s_start`."""
+        s_start = ptn["s_start"]
+        return cls(s_start=float(s_start) if s_start is not None else default_s_start(n_f, num_train),
+                   s_step=float(ptn["s_step"]), max_steps=int(ptn["max_steps"]), rho=float(ptn["rho"]))
 
     def share(self, k: int) -> float:
         """s_k."""

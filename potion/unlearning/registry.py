@@ -1,14 +1,22 @@
-"""Methods register by name: ``@register("potion")`` on a function ``(task, **args) -> MethodOutput``."""
+"""Methods register by name with what they can do: ``@register("potion", ptn=True, heal_ok=True, dampens=True)``.
+
+A method is a function ``(task, **args) -> MethodOutput`` whose keyword arguments are its schema class's fields
+(:mod:`potion.config_schema`; a test checks that they agree). Callers ask the registry what a method can do
+instead of keeping lists of names. This module is the bottom of the method layer (no method module, no torch):
+import :mod:`potion.unlearning.methods` to have every built-in method registered.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch.nn as nn
+from typing import TYPE_CHECKING, Any
 
 from potion.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch.nn as nn
 
 
 @dataclass
@@ -21,33 +29,54 @@ class MethodOutput:
     trajectory: list[dict[str, Any]] = field(default_factory=list)
 
 
-METHODS: dict[str, Callable[..., MethodOutput]] = {}
+@dataclass(frozen=True)
+class MethodInfo:
+    """A registered method and its capabilities."""
+
+    name: str
+    fn: Callable[..., MethodOutput]
+    ptn: bool = False  # one PTN search over one importance pair: the PTN sweeper may split it into jobs
+    heal_ok: bool = False  # needs only the model and the data, no training recipe: potion.heal can run it
+    changes_model: bool = True  # False: the poisoned model comes back as it is (the reference row)
+    dampens: bool = False  # only dampens weights (SSD family): never enlarges one; uses the importance cache
+    iterative: bool = False  # ranks suspects and grows the forget set with them
+    trains: bool = False  # SGD on the training data with the training run's settings as fallbacks
 
 
-def register(name: str) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
-    """Add a method to the registry under ``name``."""
+METHODS: dict[str, MethodInfo] = {}
+
+
+def register(name: str, **capabilities: bool) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
+    """Add a method to the registry under ``name`` with its capabilities (the fields of :class:`MethodInfo`)."""
 
     def deco(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
         if name in METHODS:
             raise ValueError(f"method {name!r} registered twice")
-        METHODS[name] = fn
+        METHODS[name] = MethodInfo(name, fn, **capabilities)
         return fn
 
     return deco
 
 
-def get_method(name: str) -> Callable[..., MethodOutput]:
-    """The registered method, or a ConfigError listing the valid names."""
-    load_builtin_methods()
+def method_info(name: str) -> MethodInfo:
+    """The registered method called ``name``, or a ConfigError listing the valid names."""
     if name not in METHODS:
         raise ConfigError(f"method.name={name}: unknown method; choose one of {sorted(METHODS)}")
     return METHODS[name]
 
 
+def get_method(name: str) -> Callable[..., MethodOutput]:
+    """The registered method's function."""
+    return method_info(name).fn
+
+
+def method_names(**capabilities: bool) -> list[str]:
+    """The registered names whose capabilities have the given values: ``method_names(ptn=True)``."""
+    return sorted(n for n, info in METHODS.items() if all(getattr(info, k) == v for k, v in capabilities.items()))
+
+
 def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str, Any]) -> tuple[MethodOutput, float]:
     """Run a method and measure its wall-clock seconds (GPU work synchronised before and after)."""
-    import time
-
     import torch
 
     cuda = getattr(task, "device", None) is not None and task.device.type == "cuda"
@@ -61,5 +90,5 @@ def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str,
 
 
 def load_builtin_methods() -> None:
-    """Import the modules whose decorators fill the registry."""
-    from potion.unlearning import iterative, rem, ssd_family, training_based  # noqa: F401
+    """Register every built-in method (kept for potion.ptn_jobs; new code imports potion.unlearning.methods)."""
+    from potion.unlearning import methods  # noqa: F401

@@ -19,22 +19,17 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from potion.config import check, number
-from potion.errors import ConfigError
 from potion.evaluation import autocast_for
 from potion.io import sha256_tensors
 from potion.unlearning.cache import cached_importance, importance_key, indices_digest
 from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
-from potion.unlearning.ptn import PTNResult, PTNSchedule, default_s_start, evaluate_candidate, ptn_search
+from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.synthesis import SynthesisResult, paste, synthesize_additive, synthesize_forget
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
-
-CRITERIA = ("all", "exclude_true_target", "exclude_natural_target")
-ORDERS = ("shuffled", "by_label")
 
 
 def sync(device: torch.device) -> None:
@@ -43,19 +38,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int = 256,
-                    retain_samples: int | None = None, cache: bool = True, order: str = "by_label"
+def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int, retain_samples: int | None = None,
+                    cache: bool = True, order: str = "by_label"
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
-    """Omega_r and Omega_f (each from the content-addressed cache when possible) plus timing info."""
-    if order not in ORDERS:
-        raise ConfigError(f"method.importance.order={order}: choose one of {list(ORDERS)}")
-    number({"b": batch_size}, "b", "method.importance.batch_size", lo=1, integer=True)
+    """Omega_r and Omega_f (each from the content-addressed cache when possible) plus timing info.
+
+    The keyword arguments are the ``method.importance`` block (checked by the config schema).
+    """
     retain = task.retain_idx
-    if retain_samples is not None:
-        number({"r": retain_samples}, "r", "method.importance.retain_samples", lo=1, integer=True)
-        if retain_samples < retain.numel():
-            gen = torch.Generator().manual_seed(task.seed)
-            retain = retain[torch.randperm(retain.numel(), generator=gen)[:retain_samples]].sort().values
+    if retain_samples is not None and retain_samples < retain.numel():
+        gen = torch.Generator().manual_seed(task.seed)
+        retain = retain[torch.randperm(retain.numel(), generator=gen)[:retain_samples]].sort().values
     weights = sha256_tensors(task.model.state_dict())
     common = {"weights": weights, "data": task.data.bundle.fingerprint, "trigger": task.data.plan.trigger.to_dict(),
               "plan": indices_digest(torch.tensor(task.data.plan.indices)), "target": task.data.plan.target,
@@ -103,8 +96,6 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisRes
     the target once it is subtracted are target-class by nature (clean-label poison) and are left out, as
     ``exclude_natural_target`` does for a located patch.
     """
-    if criterion not in CRITERIA:
-        raise ConfigError(f"method.ptn.criterion={criterion}: choose one of {list(CRITERIA)}")
     idx = task.forget_idx
     info: dict[str, Any] = {}
     true_target = task.forget_true_labels() == task.data.plan.target
@@ -201,12 +192,6 @@ def natural_target_mask(task: UnlearnTask, estimate: SynthesisResult | None = No
     return (_predict_batches(task.model, found.remove_from(x)) == target).cpu()
 
 
-def _importance_args(importance: Mapping[str, Any] | None) -> dict[str, Any]:
-    d = dict(importance or {})
-    return {"batch_size": int(d.get("batch_size", 256)), "retain_samples": d.get("retain_samples"),
-            "cache": bool(d.get("cache", True)), "order": str(d.get("order", "by_label"))}
-
-
 def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
                    ) -> tuple[UnlearnTask, dict[str, Any], SynthesisResult | None]:
     """The task with synthetic forget samples from the recovered trigger, when ``synthesis.enabled``.
@@ -216,14 +201,13 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     additive trigger is estimated instead. Steps aside (logged) for all-to-all attacks, which have no
     single target class to synthesise for.
     """
-    s = dict(synthesis or {})
-    if not s.get("enabled", False):
+    s = synthesis  # the method.synthesis block; None: synthesise nothing (later iterative rounds)
+    if s is None or not s["enabled"]:
         return task, {}, None
     if task.data.plan.all_to_all:
         log.info("trigger synthesis: steps aside for an all-to-all attack (no single target class)")
         return task, {"synth_samples": 0}, None
-    n = int(s.get("samples", 500))
-    number({"n": n}, "n", "method.synthesis.samples", lo=1, integer=True)
+    n = int(s["samples"])
     target = task.data.plan.target
     labels = task.data.train_labels[task.retain_idx]
     pool = task.retain_idx[labels != target]
@@ -232,12 +216,12 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
     forget_x, _ = task.forget_tensors()
     n_f = task.discovery.n_f
-    min_flip = float(s.get("min_flip_rate", 0.5))
-    small = n_f <= int(s.get("max_discovered", 10))
-    additive_ok = bool(s.get("additive", True)) and n_f >= int(s.get("additive_min_discovered", 5))
+    min_flip = float(s["min_flip_rate"])
+    small = n_f <= int(s["max_discovered"])
+    additive_ok = bool(s["additive"]) and n_f >= int(s["additive_min_discovered"])
     result = None
     if small or additive_ok:
-        result = synthesize_forget(task.model, forget_x[:64], probes, target, sizes=tuple(s.get("sizes", (2, 3, 4, 5))),
+        result = synthesize_forget(task.model, forget_x[:64], probes, target, sizes=tuple(s["sizes"]),
                                    min_flip_rate=min_flip)
         if result is not None and not small:
             return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
@@ -263,9 +247,8 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     return replace(task, extra_forget=(result.images, result.labels)), result.summary(), result
 
 
-def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any] | None = None,
-            ptn: Mapping[str, Any] | None = None, lam: float = 1.0,
-            synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None,
+def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any], ptn: Mapping[str, Any],
+            synthesis: Mapping[str, Any] | None, lam: float = 1.0, criterion_task: UnlearnTask | None = None,
             estimate: SynthesisResult | None = None) -> MethodOutput:
     """Importances once, then the PTN search over percentile-rule dampenings of the model (in place).
 
@@ -274,18 +257,13 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     ``ptn.fixed_step``: evaluate only this step k instead of searching; a list of steps (how the PTN
     sweeper's candidate jobs call it) evaluates each from the undampened model and leaves the last.
     """
-    p = dict(ptn or {})
     task, synth_info, found = with_synthesis(task, synthesis)
     estimate = found or estimate  # ``estimate``: a trigger recovered earlier (iterative rounds synthesise once)
-    imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **_importance_args(importance))
-    criterion = str(p.get("criterion", "all"))
+    imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **importance)
+    criterion = str(ptn["criterion"])
     crit_task = task if criterion_task is None else replace(criterion_task, extra_forget=task.extra_forget)
     forget_acc, crit_info = forget_accuracy_fn(crit_task, criterion, estimate)
-    s_start = p.get("s_start")
-    schedule = PTNSchedule(
-        s_start=float(s_start) if s_start is not None else default_s_start(task.discovery.n_f, task.num_train),
-        s_step=float(p.get("s_step", 1.1)), max_steps=int(p.get("max_steps", 500)), rho=float(p.get("rho", 0.1)),
-    )
+    schedule = PTNSchedule.from_config(ptn, task.discovery.n_f, task.num_train)
     if schedule.rho == 0 and crit_info["forget_true_target"] and criterion == "all":
         log.warning("ptn.rho=0 with %d discovered samples whose true class is the target: rho cannot be met "
                     "without destroying the target class; consider ptn.rho>0 or ptn.criterion=exclude_true_target",
@@ -296,12 +274,9 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     a0 = forget_acc(model)
     names = [n for n, _ in importance_parameters(model)]
     originals = snapshot(model, names)
-    fixed = p.get("fixed_step")
+    fixed = ptn["fixed_step"]
     if fixed is not None:  # given candidates (the PTN sweeper's jobs: a list; its final run: one step)
         steps = fixed if isinstance(fixed, (list, tuple)) else [fixed]
-        check(len(steps) > 0, "method.ptn.fixed_step: an empty list of steps")
-        for k in steps:
-            number({"k": k}, "k", "method.ptn.fixed_step", lo=0, hi=schedule.max_steps - 1, integer=True)
         pool = RatioPool.build(imp_r, imp_f)  # each candidate is dampened from the originals, independently
         cands = [evaluate_candidate(int(k), schedule, pool, model, originals, imp_r, imp_f, forget_acc, lam)
                  for k in steps]
@@ -320,13 +295,10 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
                                              "search_seconds": search_seconds}, result.trajectory_rows())
 
 
-@register("ssd")
-def ssd(task: UnlearnTask, alpha: float = 10.0, lam: float = 1.0, importance: Mapping[str, Any] | None = None
-        ) -> MethodOutput:
+@register("ssd", heal_ok=True, dampens=True)
+def ssd(task: UnlearnTask, *, alpha: float, lam: float, importance: Mapping[str, Any]) -> MethodOutput:
     """Selective Synaptic Dampening with a fixed alpha and lambda (cross-entropy, grad^2)."""
-    number({"a": alpha}, "a", "method.alpha", lo=0, lo_open=True)
-    number({"l": lam}, "l", "method.lam", lo=0, lo_open=True)
-    imp_r, imp_f, info = importance_pair(task, loss="ce", power=2, **_importance_args(importance))
+    imp_r, imp_f, info = importance_pair(task, loss="ce", power=2, **importance)
     t0 = time.perf_counter()
     names = [n for n, _ in importance_parameters(task.model)]
     res = dampen_(task.model, snapshot(task.model, names), imp_r, imp_f, float(alpha), float(lam))
@@ -335,28 +307,28 @@ def ssd(task: UnlearnTask, alpha: float = 10.0, lam: float = 1.0, importance: Ma
                          "search_seconds": time.perf_counter() - t0})
 
 
-@register("assd")
-def assd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None,
-        synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+@register("assd", ptn=True, heal_ok=True, dampens=True)
+def assd(task: UnlearnTask, *, importance: Mapping[str, Any], ptn: Mapping[str, Any], synthesis: Mapping[str, Any]
+          ) -> MethodOutput:
     """Adaptive SSD: cross-entropy grad^2 importances, percentile rule, PTN."""
     return run_ptn(task, loss="ce", power=2, importance=importance, ptn=ptn, synthesis=synthesis)
 
 
-@register("lfssd")
-def lfssd(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None,
-        synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+@register("lfssd", ptn=True, heal_ok=True, dampens=True)
+def lfssd(task: UnlearnTask, *, importance: Mapping[str, Any], ptn: Mapping[str, Any], synthesis: Mapping[str, Any]
+          ) -> MethodOutput:
     """Label-free SSD: squared logit norm, |grad|, percentile rule, PTN."""
     return run_ptn(task, loss="logit_sqnorm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
 
 
-@register("potion")
-def potion(task: UnlearnTask, importance: Mapping[str, Any] | None = None, ptn: Mapping[str, Any] | None = None,
-        synthesis: Mapping[str, Any] | None = None) -> MethodOutput:
+@register("potion", ptn=True, heal_ok=True, dampens=True)
+def potion(task: UnlearnTask, *, importance: Mapping[str, Any], ptn: Mapping[str, Any], synthesis: Mapping[str, Any]
+          ) -> MethodOutput:
     """Potion: outlier-resistant logit-norm |grad| importances, percentile rule, PTN."""
     return run_ptn(task, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis)
 
 
-@register("none")
+@register("none", changes_model=False)
 def none(task: UnlearnTask) -> MethodOutput:
     """The poisoned model, unchanged (the reference row of every table)."""
     return MethodOutput(task.model, {}, {})

@@ -25,8 +25,6 @@ Common to all methods:
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import math
 import time
 from collections import defaultdict, deque
@@ -40,72 +38,36 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potion.config import number
+from potion.config import check_field
+from potion.config_schema import Train
 from potion.errors import ConfigError
 from potion.evaluation import autocast_for
 from potion.schedule import total_steps_for, warmup_linear_decay
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
 
-SCHEDULES = ("linear", "constant")
 # Fallbacks when the training run's ``train`` section lacks a key (method.md §2 values).
 _TRAIN_DEFAULTS = {"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False, "batch_size": 512,
                    "warmup": 0.01, "label_smoothing": 0.0}
 _LOSS_WINDOW = 20  # final losses are averaged over the last this many steps of each kind
 
 
-# --------------------------------------------------------------------------------------- registration
-
-
-def _method(name: str) -> Callable[[Callable[..., MethodOutput]], Callable[..., MethodOutput]]:
-    """``register(name)`` plus a ConfigError (listing the valid arguments) for unknown arguments."""
-
-    def deco(fn: Callable[..., MethodOutput]) -> Callable[..., MethodOutput]:
-        allowed = [p for p in inspect.signature(fn).parameters if p != "task"]
-
-        @functools.wraps(fn)
-        def wrapper(task: UnlearnTask, **args: Any) -> MethodOutput:
-            unknown = sorted(set(args) - set(allowed))
-            if unknown:
-                raise ConfigError(f"method.{unknown[0]}: unknown argument of method {name!r}; "
-                                  f"valid arguments: {', '.join(allowed)}")
-            return fn(task, **args)
-
-        return register(name)(wrapper)
-
-    return deco
-
-
-# --------------------------------------------------------------------------------------- validation
-
-
-def _flag(value: Any, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{path}={value!r}: must be true or false")
-    return value
-
-
-def _int(value: Any, path: str, lo: int) -> int:
-    return int(number({"v": value}, "v", path, lo=lo, integer=True))
-
-
-def _float(value: Any, path: str, *, lo: float | None = None, lo_open: bool = False, hi: float | None = None,
-           hi_open: bool = False) -> float:
-    return float(number({"v": value}, "v", path, lo=lo, lo_open=lo_open, hi=hi, hi_open=hi_open))
-
-
-def _layer_count(k: Any, allow_all: bool) -> int:
-    if allow_all and k == -1:
-        return -1
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        extra = " or -1 (all layers)" if allow_all else ""
-        raise ConfigError(f"method.k={k!r}: must be a positive integer{extra}")
-    return k
+# --------------------------------------------------------------------------------------- settings
 
 
 def _train_value(task: UnlearnTask, key: str) -> Any:
+    """The training run's ``train.<key>`` (what a method argument left null falls back to), checked by the schema.
+
+    A run folder's config.yaml comes from disk, so its value is checked here, where it is used.
+    """
     value = task.train_cfg.get(key)
-    return _TRAIN_DEFAULTS[key] if value is None else value
+    if value is None and key in _TRAIN_DEFAULTS:
+        return _TRAIN_DEFAULTS[key]
+    try:
+        check_field(Train, key, value, f"train.{key}")
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the training run's value, used where method.{key} is null)") from None
+    return value
 
 
 @dataclass(frozen=True)
@@ -124,31 +86,28 @@ class SGDSettings:
                 "nesterov": float(self.nesterov), "warmup": self.warmup, "schedule": self.schedule}
 
 
-def sgd_settings(task: UnlearnTask, *, lr: Any = None, momentum: Any = None, weight_decay: Any = None,
-                 nesterov: Any = None, warmup: Any = None, schedule: Any = "linear") -> SGDSettings:
-    """Validated SGD settings: the given values, else the training run's (``task.train_cfg``)."""
-    lr = _float(_train_value(task, "lr") if lr is None else lr, "method.lr", lo=0, lo_open=True)
-    momentum = _float(_train_value(task, "momentum") if momentum is None else momentum, "method.momentum",
-                      lo=0, hi=1, hi_open=True)
-    weight_decay = _float(_train_value(task, "weight_decay") if weight_decay is None else weight_decay,
-                          "method.weight_decay", lo=0)
-    nesterov = _flag(_train_value(task, "nesterov") if nesterov is None else nesterov, "method.nesterov")
-    if nesterov and momentum == 0:
-        raise ConfigError("method.nesterov=true needs method.momentum > 0")
-    warmup = _float(_train_value(task, "warmup") if warmup is None else warmup, "method.warmup",
-                    lo=0, hi=1, hi_open=True)
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"method.schedule={schedule!r}: choose one of {list(SCHEDULES)}")
-    return SGDSettings(lr, momentum, weight_decay, nesterov, warmup, str(schedule))
+def _given_or_run(task: UnlearnTask, key: str, value: Any) -> Any:
+    """A method argument (checked by the schema), or the training run's value when it is null."""
+    return _train_value(task, key) if value is None else value
 
 
-def batch_size_for(task: UnlearnTask, batch_size: Any, path: str = "method.batch_size") -> int:
-    return _int(_train_value(task, "batch_size") if batch_size is None else batch_size, path, 1)
+def sgd_settings(task: UnlearnTask, *, schedule: str, lr: float | None = None, momentum: float | None = None,
+                 weight_decay: float | None = None, nesterov: bool | None = None, warmup: float | None = None
+                 ) -> SGDSettings:
+    """SGD settings: the given values, else (None) the training run's (``task.train_cfg``)."""
+    momentum = float(_given_or_run(task, "momentum", momentum))
+    nesterov = bool(_given_or_run(task, "nesterov", nesterov))
+    if nesterov and momentum == 0:  # one of the two came from the training run: the schema could not see both
+        raise ConfigError("method.nesterov=true needs method.momentum > 0 (one of them is the training run's; "
+                          "set both)")
+    return SGDSettings(float(_given_or_run(task, "lr", lr)), momentum,
+                       float(_given_or_run(task, "weight_decay", weight_decay)), nesterov,
+                       float(_given_or_run(task, "warmup", warmup)), schedule)
 
 
-def _label_smoothing(task: UnlearnTask, value: Any) -> float:
-    value = _train_value(task, "label_smoothing") if value is None else value
-    return _float(value, "method.label_smoothing", lo=0, hi=1, hi_open=True)
+def batch_size_for(task: UnlearnTask, batch_size: int | None) -> int:
+    """The method's batch size, or the training run's when it is null."""
+    return int(_given_or_run(task, "batch_size", batch_size))
 
 
 def _factory(task: UnlearnTask, method: str) -> Callable[[], nn.Module]:
@@ -330,15 +289,11 @@ def _train_last_layers(task: UnlearnTask, model: nn.Module, layers: list[tuple[s
 # --------------------------------------------------------------------------------------- methods
 
 
-def retain_without(task: UnlearnTask, extra_forget: Any) -> torch.Tensor:
+def retain_without(task: UnlearnTask, extra_forget: list[int] | None) -> torch.Tensor:
     """The retain set minus ``extra_forget`` (training indices also to exclude, e.g. newly discovered poison)."""
     if extra_forget is None:
         return task.retain_idx
-    if isinstance(extra_forget, torch.Tensor):
-        extra_forget = extra_forget.view(-1).tolist()
-    if isinstance(extra_forget, (str, bytes)) or not isinstance(extra_forget, Sequence):
-        raise ConfigError(f"method.extra_forget={extra_forget!r}: must be a list of training indices or null")
-    bad = [i for i in extra_forget if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < task.num_train]
+    bad = [i for i in extra_forget if not i < task.num_train]  # >= 0: the schema; the size: only the data knows
     if bad:
         raise ConfigError(f"method.extra_forget: {bad[:5]} are not training indices in [0, {task.num_train - 1}]")
     drop = torch.zeros(task.num_train, dtype=torch.bool)
@@ -347,11 +302,11 @@ def retain_without(task: UnlearnTask, extra_forget: Any) -> torch.Tensor:
     return retain[~drop[retain]]
 
 
-@_method("retrain")
-def retrain(task: UnlearnTask, iterations: int | None = None, lr: float | None = None, momentum: float | None = None,
-            weight_decay: float | None = None, nesterov: bool | None = None, warmup: float | None = None,
-            batch_size: int | None = None, label_smoothing: float | None = None, schedule: str = "linear",
-            augment: bool = True, extra_forget: list[int] | None = None) -> MethodOutput:
+@register("retrain", trains=True)
+def retrain(task: UnlearnTask, *, iterations: int | None, lr: float | None, momentum: float | None,
+            weight_decay: float | None, nesterov: bool | None, warmup: float | None, batch_size: int | None,
+            label_smoothing: float | None, schedule: str, augment: bool, extra_forget: list[int] | None
+            ) -> MethodOutput:
     """Exact unlearning (EU): a fresh model trained from scratch on the retain set with the run's own schedule.
 
     ``iterations=None`` uses as many optimizer steps as the training run: ``train.iterations`` if set,
@@ -361,21 +316,14 @@ def retrain(task: UnlearnTask, iterations: int | None = None, lr: float | None =
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
     bs = batch_size_for(task, batch_size)
-    smoothing = _label_smoothing(task, label_smoothing)
-    augment = _flag(augment, "method.augment")
+    smoothing = float(_given_or_run(task, "label_smoothing", label_smoothing))
     retain = retain_without(task, extra_forget)
     if iterations is None:
-        run_iters = task.train_cfg.get("iterations")
-        epochs = task.train_cfg.get("epochs")
+        run_iters, epochs = _train_value(task, "iterations"), _train_value(task, "epochs")
         if run_iters is None and epochs is None:
             raise ConfigError("method.iterations: the training run's train section has neither iterations nor "
                               "epochs; set method.iterations")
-        if run_iters is not None:
-            run_iters = _int(run_iters, "train.iterations", 1)
-        else:
-            _float(epochs, "train.epochs", lo=0, lo_open=True)
         iterations = total_steps_for(int(retain.numel()), bs, run_iters, epochs)
-    iterations = _int(iterations, "method.iterations", 1)
     factory = _factory(task, "retrain")
     _sync(task.device)
     t_start = time.perf_counter()
@@ -389,27 +337,25 @@ def retrain(task: UnlearnTask, iterations: int | None = None, lr: float | None =
                    extra_forget=len(extra_forget) if extra_forget is not None else 0)
 
 
-def _last_layer_settings(task: UnlearnTask, iterations: Any, batch_size: int | None, label_smoothing: float | None,
-                         augment: Any, **sgd: Any) -> tuple[int, SGDSettings, int, float, bool]:
-    """The validated settings eu_k and finetune share: (iterations, SGD, batch size, smoothing, augment)."""
-    return (_int(iterations, "method.iterations", 1), sgd_settings(task, **sgd), batch_size_for(task, batch_size),
-            _label_smoothing(task, label_smoothing), _flag(augment, "method.augment"))
+def _last_layer_settings(task: UnlearnTask, batch_size: int | None, label_smoothing: float | None, **sgd: Any
+                         ) -> tuple[SGDSettings, int, float]:
+    """The settings eu_k and finetune share, null ones from the training run: (SGD, batch size, smoothing)."""
+    return (sgd_settings(task, **sgd), batch_size_for(task, batch_size),
+            float(_given_or_run(task, "label_smoothing", label_smoothing)))
 
 
-@_method("eu_k")
-def eu_k(task: UnlearnTask, k: int = 2, iterations: int = 1000, lr: float | None = None,
-         momentum: float | None = None, weight_decay: float | None = None, nesterov: bool | None = None,
-         warmup: float | None = None, batch_size: int | None = None, label_smoothing: float | None = None,
-         schedule: str = "linear", augment: bool = True) -> MethodOutput:
+@register("eu_k", trains=True)
+def eu_k(task: UnlearnTask, *, k: int, iterations: int, lr: float | None, momentum: float | None,
+         weight_decay: float | None, nesterov: bool | None, warmup: float | None, batch_size: int | None,
+         label_smoothing: float | None, schedule: str, augment: bool) -> MethodOutput:
     """EU-k: re-initialise the last k parameterised layers (from a fresh model), train only them on the retain set.
 
     The rest of the poisoned model is frozen (its batch-norm layers in eval mode). SGD settings
     default to the training run's (lr included).
     """
-    k = _layer_count(k, allow_all=False)
-    iterations, sgd, bs, smoothing, augment = _last_layer_settings(
-        task, iterations, batch_size, label_smoothing, augment, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, nesterov=nesterov, warmup=warmup, schedule=schedule)
+    sgd, bs, smoothing = _last_layer_settings(task, batch_size, label_smoothing, lr=lr, momentum=momentum,
+                                              weight_decay=weight_decay, nesterov=nesterov, warmup=warmup,
+                                              schedule=schedule)
     factory = _factory(task, "eu_k")
     _sync(task.device)
     t_start = time.perf_counter()
@@ -425,20 +371,18 @@ def eu_k(task: UnlearnTask, k: int = 2, iterations: int = 1000, lr: float | None
         return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, k=k)
 
 
-@_method("finetune")
-def finetune(task: UnlearnTask, k: int = -1, iterations: int = 1000, lr: float = 0.025,
-             momentum: float | None = None, weight_decay: float | None = None, nesterov: bool | None = None,
-             warmup: float | None = None, batch_size: int | None = None, label_smoothing: float | None = None,
-             schedule: str = "linear", augment: bool = True) -> MethodOutput:
+@register("finetune", trains=True)
+def finetune(task: UnlearnTask, *, k: int, iterations: int, lr: float | None, momentum: float | None,
+             weight_decay: float | None, nesterov: bool | None, warmup: float | None, batch_size: int | None,
+             label_smoothing: float | None, schedule: str, augment: bool) -> MethodOutput:
     """Catastrophic forgetting (CF-k): fine-tune the last k parameterised layers (k=-1: all) on the retain set.
 
-    Frozen layers' batch-norm statistics stay put (eval mode). lr defaults to 0.025 (method.md §4),
-    the other SGD settings to the training run's.
+    Frozen layers' batch-norm statistics stay put (eval mode). conf/method/finetune.yaml sets lr 0.025
+    (method.md §4); null SGD settings are the training run's.
     """
-    k = _layer_count(k, allow_all=True)
-    iterations, sgd, bs, smoothing, augment = _last_layer_settings(
-        task, iterations, batch_size, label_smoothing, augment, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, nesterov=nesterov, warmup=warmup, schedule=schedule)
+    sgd, bs, smoothing = _last_layer_settings(task, batch_size, label_smoothing, lr=lr, momentum=momentum,
+                                              weight_decay=weight_decay, nesterov=nesterov, warmup=warmup,
+                                              schedule=schedule)
     _sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
@@ -447,12 +391,10 @@ def finetune(task: UnlearnTask, k: int = -1, iterations: int = 1000, lr: float =
         return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, k=k)
 
 
-@_method("scrub")
-def scrub(task: UnlearnTask, alpha: float = 1.0, gamma: float = 1.0, temperature: float = 4.0,
-          max_steps: int = 100, iterations: int = 300, lr: float = 0.0025, momentum: float = 0.9,
-          weight_decay: float = 5e-4, nesterov: bool = False, warmup: float | None = None,
-          schedule: str = "constant", batch_size: int | None = None, forget_batch_size: int | None = None,
-          augment: bool = True) -> MethodOutput:
+@register("scrub", trains=True)
+def scrub(task: UnlearnTask, *, alpha: float, gamma: float, temperature: float, max_steps: int, iterations: int,
+          lr: float, momentum: float, weight_decay: float, nesterov: bool, warmup: float | None, schedule: str,
+          batch_size: int | None, forget_batch_size: int | None, augment: bool) -> MethodOutput:
     """SCRUB (Kurmanji et al.): a student (copy of the poisoned model) and the frozen poisoned model as teacher.
 
     ``iterations`` min steps on the retain set minimise alpha * KL(teacher || student) + gamma * CE
@@ -462,19 +404,10 @@ def scrub(task: UnlearnTask, alpha: float = 1.0, gamma: float = 1.0, temperature
     fall in the first part of the run and the rest is min steps only. One optimizer for both (SGD,
     constant lr by default). The last model is returned.
     """
-    alpha = _float(alpha, "method.alpha", lo=0)
-    gamma = _float(gamma, "method.gamma", lo=0)
-    temperature = _float(temperature, "method.temperature", lo=0, lo_open=True)
-    iterations = _int(iterations, "method.iterations", 1)
-    max_steps = _int(max_steps, "method.max_steps", 0)
-    if max_steps > iterations:
-        raise ConfigError(f"method.max_steps={max_steps}: at most one max step per min step "
-                          f"(method.iterations={iterations}); lower max_steps or raise iterations")
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
     bs = batch_size_for(task, batch_size)
-    fbs = bs if forget_batch_size is None else _int(forget_batch_size, "method.forget_batch_size", 1)
-    augment = _flag(augment, "method.augment")
+    fbs = bs if forget_batch_size is None else forget_batch_size
     every = max(1, iterations // max_steps) if max_steps else 0
     _sync(task.device)
     t_start = time.perf_counter()
@@ -502,11 +435,10 @@ def scrub(task: UnlearnTask, alpha: float = 1.0, gamma: float = 1.0, temperature
                    max_every=every)
 
 
-@_method("bad_teacher")
-def bad_teacher(task: UnlearnTask, iterations: int = 1000, lr: float = 0.025, temperature: float = 1.0,
-                forget_share: float | None = None, batch_size: int | None = None, momentum: float | None = None,
-                weight_decay: float | None = None, nesterov: bool | None = None, warmup: float | None = None,
-                schedule: str = "linear", augment: bool = True) -> MethodOutput:
+@register("bad_teacher", trains=True)
+def bad_teacher(task: UnlearnTask, *, iterations: int, lr: float, temperature: float, forget_share: float | None,
+                batch_size: int | None, momentum: float | None, weight_decay: float | None, nesterov: bool | None,
+                warmup: float | None, schedule: str, augment: bool) -> MethodOutput:
     """Bad Teacher (Chundawat et al.): distil from the poisoned model on retain samples, from a random model on forget.
 
     Each step forwards one mixed batch: ``batch_size - f`` retain samples and ``f`` forget samples,
@@ -517,18 +449,15 @@ def bad_teacher(task: UnlearnTask, iterations: int = 1000, lr: float = 0.025, te
     retain samples, incompetent teacher = a randomly initialised model for forget samples), averaged
     over the whole batch, i.e. the two parts weighted by their sample counts (times T^2).
     """
-    iterations = _int(iterations, "method.iterations", 1)
-    temperature = _float(temperature, "method.temperature", lo=0, lo_open=True)
     bs = batch_size_for(task, batch_size)
-    if bs < 2:
-        raise ConfigError(f"method.batch_size={bs}: bad_teacher needs at least 2 (retain and forget samples)")
+    if bs < 2:  # method.batch_size >= 2 is the schema's; this is the training run's batch size
+        raise ConfigError(f"train.batch_size={bs} (of the training run): bad_teacher needs batches of at least 2 "
+                          "(retain and forget samples); set method.batch_size")
     n_f, n_r = int(task.forget_idx.numel()), int(task.retain_idx.numel())
-    share = n_f / max(1, n_f + n_r) if forget_share is None else _float(
-        forget_share, "method.forget_share", lo=0, lo_open=True, hi=1, hi_open=True)
+    share = n_f / max(1, n_f + n_r) if forget_share is None else forget_share
     f_bs = min(bs - 1, max(1, int(round(bs * share))))
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
-    augment = _flag(augment, "method.augment")
     factory = _factory(task, "bad_teacher")
     _sync(task.device)
     t_start = time.perf_counter()
