@@ -38,8 +38,12 @@ spine modules with the same output shape form a stage, a stage counts when it ho
 module is the stage's output, the classifier (the last spine module) never counts, and ``taps`` stages
 are picked evenly from first to last. On ResNet-9 that is exactly the paper's four places (after the
 first conv block, the first residual stage, the second residual stage and the last conv block);
-``tap_modules`` names modules explicitly instead. Batch-norm layers of the model stay in train mode
-during unlearning, as in the authors' code. Synthetic forget samples (``task.extra_forget``) are not used:
+``tap_modules`` names modules explicitly instead. Batch-norm layers train normally in the redirection
+passes; in the removal passes, whose batches hold only discovered samples, they use and keep their running
+statistics (a choice of this implementation: the authors' code leaves them in train mode, where a batch of
+a few confidently classified samples normalised by itself gives NPO vanishing gradients and drags the
+running statistics towards the poison -- on a model trained to convergence the removal then never reaches
+the threshold). Synthetic forget samples (``task.extra_forget``) are not used:
 REM works on the discovered training samples.
 """
 
@@ -323,6 +327,19 @@ def npo(ce: torch.Tensor, ce_ref: torch.Tensor, beta: float) -> torch.Tensor:
     return -2.0 / beta * F.logsigmoid(beta * (ce - ce_ref))
 
 
+def train_with_frozen_norm_statistics(model: nn.Module) -> None:
+    """Train mode, batch-norm layers in eval mode: they normalise with (and keep) the running statistics.
+
+    For the removal passes, whose batches hold only discovered samples: their batch statistics would
+    rewrite the running statistics and, normalising the batch by itself, leave a confident model with
+    vanishing gradients (the authors' code keeps batch norm in train mode there).
+    """
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
 def ce_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy (float32)."""
     with autocast_for(x.device):
@@ -359,7 +376,7 @@ def _sync(device: torch.device) -> None:
 
 
 @dataclass
-class _Run:
+class REMRun:
     """The objects one REM run trains: the model, its added units, the frozen reference and the masks."""
 
     task: UnlearnTask
@@ -390,7 +407,7 @@ class _Run:
         passes, steps = 0, 0
         fbs = min(self.s.batch_size, int(self.task.forget_idx.numel()))
         while passes < self.s.max_flush and self.task.forget_accuracy(self.model) > self.s.threshold:
-            self.model.train()
+            train_with_frozen_norm_statistics(self.model)
             for ids, x, y in id_batches(self.task, self.task.forget_idx, fbs, augment=self.s.augment,
                                         seed=seed + passes):
                 ce_ref = self.ref_ce(x, y, self.bank.masks(ids))
@@ -424,7 +441,7 @@ class _Run:
         return keep * (1.0 - max(forget_acc, self.s.threshold)), forget_acc, keep
 
 
-def _build(task: UnlearnTask, s: REMSettings) -> tuple[_Run, list[Tap], int]:
+def build_run(task: UnlearnTask, s: REMSettings) -> tuple[REMRun, list[Tap], int]:
     """Copy the model, choose the taps, add the units, freeze a reference copy and draw the masks."""
     model = copy.deepcopy(task.model).to(task.device)
     everything = torch.cat([task.forget_idx, task.retain_idx])
@@ -439,7 +456,7 @@ def _build(task: UnlearnTask, s: REMSettings) -> tuple[_Run, list[Tap], int]:
     params = [*model.parameters(), *added.parameters()]
     opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     bank = MaskBank(units, task.num_train, task.forget_idx, s.mask_share, tb.stream_seed(task, 9), task.device)
-    run = _Run(task, s, model, Redirection(model, taps, added), ref, Redirection(ref, taps, ref_added), bank, opt)
+    run = REMRun(task, s, model, Redirection(model, taps, added), ref, Redirection(ref, taps, ref_added), bank, opt)
     return run, taps, sum(p.numel() for p in added.parameters())
 
 
@@ -462,7 +479,7 @@ def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float 
     t_start = time.perf_counter()
     everything = torch.cat([task.forget_idx, task.retain_idx])
     with tb.seeded(task):
-        run, tap_list, added_params = _build(task, s)
+        run, tap_list, added_params = build_run(task, s)
         try:
             best, flush_passes, flush_steps, steps, last_loss = None, [], 0, 0, float("nan")
             for epoch in range(s.epochs):
