@@ -7,6 +7,7 @@ strategies and checkpoint/resume mechanics are Lightning's.
 from __future__ import annotations
 
 import pickle
+import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -157,8 +158,12 @@ class StopOnSignal(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         signum = interrupt.pending()
-        if signum is None:
+        stop = signum is not None
+        if trainer.world_size > 1:  # every rank stops at the same step (save_checkpoint is collective)
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if not stop:
             return
+        signum = signum if signum is not None else int(signal.SIGTERM)
         trainer.save_checkpoint(self.path)
         raise interrupt.Interrupted(signum, f"stopped after step {trainer.global_step}, checkpoint {self.path}")
 
