@@ -129,6 +129,7 @@ def test_the_hydra_block_is_written_once() -> None:
         assert cfg.hydra.job.chdir is False
 
 
+@pytest.mark.slow  # imports the unlearning pipeline (torch, Lightning, MLflow)
 def test_unlearn_requires_train_run() -> None:
     from potion.errors import ConfigError
     from potion.unlearn_pipeline import run_unlearning
@@ -143,8 +144,7 @@ def test_unlearn_requires_train_run() -> None:
 
 
 @pytest.fixture()
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
+def _isolated(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -161,6 +161,7 @@ BAD_TRAIN = [
 ]
 
 
+@pytest.mark.slow  # imports the training pipeline (torch, Lightning, MLflow)
 @pytest.mark.parametrize(("overrides", "needles"), BAD_TRAIN)
 def test_bad_train_values_end_in_one_error_line(overrides: list[str], needles: list[str], _isolated: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,6 +183,7 @@ def test_bad_train_values_end_in_one_error_line(overrides: list[str], needles: l
     assert not out_dir.exists()  # nothing is written for a rejected config
 
 
+@pytest.mark.slow  # imports the unlearning pipeline
 def test_unlearn_without_train_run_ends_in_one_error_line(_isolated: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from potion.cli import run_guarded
@@ -205,11 +207,12 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.slow  # a subprocess that imports Lightning
 @pytest.mark.parametrize(("overrides", "key"), CLI_CASES)
-def test_train_cli_rejects_bad_values(overrides: list[str], key: str | None, tmp_path: Path) -> None:
+def test_train_cli_rejects_bad_values(overrides: list[str], key: str | None, tmp_path: Path, cache: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = {**os.environ, "POTION_CACHE_DIR": str(tmp_path / "cache")}
+    env = dict(os.environ)  # with the test's own POTION_CACHE_DIR (the cache fixture)
     env.pop("HYDRA_FULL_ERROR", None)
     args = [o.format(empty=empty) for o in overrides]
     cmd = [sys.executable, "train.py", "logger=none", f"out_dir={tmp_path / 'run'}",

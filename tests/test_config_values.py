@@ -217,6 +217,11 @@ def test_method_arguments_fill_what_the_yaml_leaves_out() -> None:
     assert "name" not in args and "temperature" not in args  # a required key is the YAML's to give
     assert method_arguments({"name": "retrain", "lr": 0.1})["lr"] == 0.1
     assert method_arguments({"name": "retrain"})["augment"] is True
+    # nested blocks too: a run folder's config written before synthesis.additive existed
+    older = {"enabled": True, "max_discovered": 10, "samples": 500, "min_flip_rate": 0.5, "sizes": [3]}
+    synthesis = method_arguments({"name": "potion", "synthesis": older})["synthesis"]
+    assert synthesis == {**older, "additive": True, "additive_min_discovered": 5}
+    assert method_arguments({"name": "potion_iterative", "repair": None})["repair"] is None
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -250,10 +255,11 @@ CLI = [
 
 
 @pytest.mark.parametrize(("args", "line"), CLI, ids=[" ".join(c[0]) for c in CLI])
-def test_the_command_fails_in_one_line_without_importing_torch(args: list[str], line: str, tmp_path: Path) -> None:
+def test_the_command_fails_in_one_line_without_importing_torch(args: list[str], line: str, tmp_path: Path,
+                                                              cache: Path) -> None:
     script = [str(ROOT / args[0])] if args[0].endswith(".py") else args[:2]
     rest = args[1:] if args[0].endswith(".py") else args[2:]
-    env = {**os.environ, "POTION_CACHE_DIR": str(tmp_path / "cache")}
+    env = dict(os.environ)  # with the test's own POTION_CACHE_DIR (the cache fixture)
     env.pop("HYDRA_FULL_ERROR", None)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-X", "importtime", *script, *rest], cwd=tmp_path, env=env,

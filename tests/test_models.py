@@ -89,6 +89,7 @@ def test_unknown_model_lists_choices() -> None:
         assert choice in msg
 
 
+@pytest.mark.slow  # builds torchvision models
 def test_torchvision_model() -> None:
     model = build_model("torchvision:resnet18", num_classes=7, in_channels=3)
     assert model.fc.out_features == 7

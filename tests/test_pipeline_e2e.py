@@ -19,6 +19,8 @@ from potion.unlearn_pipeline import run_unlearning
 from potion.unlearning.methods import METHODS, method_info
 from potion.unlearning.training_based import parameterised_layers
 
+pytestmark = pytest.mark.slow  # a trained model, pipeline runs
+
 FAST = {"retrain": ["method.iterations=60"], "finetune": ["method.iterations=30", "method.k=1"],
         "eu_k": ["method.iterations=30"], "scrub": ["method.iterations=20", "method.max_steps=5"],
         "bad_teacher": ["method.iterations=30"], "discover_retrain": ["method.iterations=60"],

@@ -24,10 +24,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_world import CLASSES, pattern
 
+from potion.config import compose_config
 from potion.errors import CheckpointError, ConfigError, DataError
 from potion.models.small_cnn import SmallCNN
 from potion.practitioner import heal
-from potion.quickstart import compose_config
+
+pytestmark = pytest.mark.slow  # a trained model, pipeline runs
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0

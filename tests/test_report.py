@@ -14,6 +14,8 @@ import pytest
 
 from potion.report import CSV_COLUMNS, aggregate, main, markdown_tables
 
+pytestmark = pytest.mark.slow  # real sqlite MLflow stores (creating one takes seconds)
+
 METHODS = ("potion", "ssd")
 SIZES = (100, 500)
 DISCOVERY = ((None, 1), (0.1, None), (0.5, None))  # (share, count): a single sample, 10 %, 50 %

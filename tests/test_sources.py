@@ -18,12 +18,7 @@ from potion.data import sources
 from potion.data.sources import DatasetBundle, load_dataset
 from potion.errors import ConfigError, DataError
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
-    return cache
+pytestmark = pytest.mark.usefixtures("cache")  # every test decodes into its own cache folder (tests/conftest.py)
 
 
 def _write_folder(
@@ -334,6 +329,7 @@ def test_cifar_download_uses_torchvision(tmp_path: Path, monkeypatch: pytest.Mon
 # ------------------------------------------------------------------------------ digits
 
 
+@pytest.mark.slow  # imports scikit-learn and decodes the digits
 def test_digits() -> None:
     bundle = load_dataset("digits")
     assert bundle.train.images.shape[1:] == (1, 8, 8) and bundle.classes == tuple("0123456789")
@@ -352,11 +348,11 @@ def test_digits() -> None:
 
 
 def test_cache_hit_corrupt_and_content(
-    tmp_path: Path, _cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     _write_folder(tmp_path / "d", {"a": (2, 1), "b": (1, 1)})
     first = load_dataset("imagefolder", tmp_path / "d")
-    cache_file = _cache / "datasets" / f"{first.fingerprint}.npz"
+    cache_file = cache / "datasets" / f"{first.fingerprint}.npz"
     assert cache_file.is_file()
 
     real_decode = sources._decode
@@ -378,10 +374,10 @@ def test_cache_hit_corrupt_and_content(
     assert load_dataset("imagefolder", tmp_path / "d").fingerprint != first.fingerprint
 
 
-def test_use_cache_false_writes_nothing(tmp_path: Path, _cache: Path) -> None:
+def test_use_cache_false_writes_nothing(tmp_path: Path, cache: Path) -> None:
     _write_folder(tmp_path / "d", {"a": (1, 1)})
     load_dataset("imagefolder", tmp_path / "d", use_cache=False)
-    assert not (_cache / "datasets").exists()
+    assert not (cache / "datasets").exists()
 
 
 # ------------------------------------------------------------------------------ normalisation and config

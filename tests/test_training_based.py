@@ -127,6 +127,7 @@ def test_eu_k_changes_only_the_last_k_layers(task: UnlearnTask, k: int) -> None:
     assert len(parameterised_layers(task.model)) == 7  # 3 x (conv, bn) + linear
 
 
+@pytest.mark.slow  # nine method runs
 @pytest.mark.parametrize("name", ["scrub", "bad_teacher", "eu_k"])
 def test_deterministic_given_the_seed(task: UnlearnTask, name: str) -> None:
     a = run(task, name).model.state_dict()
