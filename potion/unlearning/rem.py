@@ -1,8 +1,9 @@
 """REM, Redirection for Erasing Memory (Schoepf, Mozer, Mitchell, Brintrup, Kaissis, Kairouz, Triantafillou;
 arXiv 2505.17730, ICLR 2026): a removal step plus added neurons that absorb the corruption and are then discarded.
 
-The algorithm (paper §3, Algorithm 1), with ``D_f`` the discovered samples, ``D_tr`` the whole training set
-(discovered and undiscovered poison included) and CE the per-sample cross-entropy against the training label:
+The algorithm (the paper's steps: expand, remove, redirect, discard), with ``D_f`` the discovered samples,
+``D_tr`` the whole training set (discovered and undiscovered poison included) and CE the per-sample
+cross-entropy against the training label:
 
 1. Expand: give the network extra units ``theta_o2`` next to its own weights ``theta_o1``. In *redirect
    mode* every sample switches on its own fixed random subset of the added units (a binary mask,
@@ -25,26 +26,25 @@ Defaults follow the authors' CIFAR-10 / ResNet-9 setting (their release): SGD, c
 beta 1, threshold 0.2, at most 100 removal passes per epoch, 20 % of the added units per mask, as many
 added units as the layer has channels, masks after the 4 stages of ResNet-9.
 
-How the added units are built, for any model (the paper widens ResNet-9's conv layers at the four stage
-outputs; a general channel-widening rewrite of arbitrary networks is not practical, so the same capacity is
-attached as a residual side path): at each *tap* -- the output ``h`` of a chosen module -- the added units
-are ``a = relu(down(h))`` (a 3x3 conv for [B, C, H, W] maps, a linear layer over the last dimension for
-[B, D] or [B, N, D] tokens) with ``round(width * C)`` units, masked per sample, and written back as
-``h + up(mask * a)`` (1x1 conv / linear, no bias), so they feed every later layer as the widened
-channels do in the paper. With the masks off the side paths contribute nothing, and dropping them (the
-forward hooks are removed) leaves the original module tree untouched. Taps are chosen automatically:
-the model's *spine* (its children, with ``nn.Sequential`` containers flattened) is run once; consecutive
-spine modules with the same output shape form a stage, a stage counts when it holds parameters, its last
-module is the stage's output, the classifier (the last spine module) never counts, and ``taps`` stages
-are picked evenly from first to last. On ResNet-9 that is exactly the paper's four places (after the
-first conv block, the first residual stage, the second residual stage and the last conv block);
-``tap_modules`` names modules explicitly instead. Batch-norm layers train normally in the redirection
-passes; in the removal passes, whose batches hold only discovered samples, they use and keep their running
-statistics (a choice of this implementation: the authors' code leaves them in train mode, where a batch of
-a few confidently classified samples normalised by itself gives NPO vanishing gradients and drags the
-running statistics towards the poison -- on a model trained to convergence the removal then never reaches
-the threshold). Synthetic forget samples (``task.extra_forget``) are not used:
-REM works on the discovered training samples.
+How the added units are built, for any model (the paper adds channels to the conv layers; the authors' ResNet-9
+has them at its four stage outputs; a general channel-widening rewrite of arbitrary networks is not practical,
+so the same capacity is attached as a residual side path): at each *tap* -- the output ``h`` of a chosen module
+-- the added units are ``a = relu(down(h))`` (a 3x3 conv for [B, C, H, W] maps, a linear layer over the last
+dimension for [B, D] or [B, N, D] tokens) with ``round(width * C)`` units, masked per sample, and written back
+as ``h + up(mask * a)`` (1x1 conv / linear, no bias), so they feed every later layer as the widened channels do
+in the paper. With the masks off the side paths contribute nothing, and dropping them (the forward hooks are
+removed) leaves the original module tree untouched. Taps are chosen automatically: the model's *spine* (its
+children, with ``nn.Sequential`` containers flattened) is run once; consecutive spine modules with the same
+output shape form a stage, a stage counts when it holds parameters, its last module is the stage's output, the
+classifier (the last spine module) never counts, and ``taps`` stages are picked evenly from first to last. On
+ResNet-9 that is exactly the authors' four places (after the first conv block, the first residual stage, the
+second residual stage and the last conv block); ``tap_modules`` names modules explicitly instead. Batch-norm
+layers train normally in the redirection passes; in the removal passes, whose batches hold only discovered
+samples, they use and keep their running statistics (a choice of this implementation: the authors' code leaves
+them in train mode, where a batch of a few confidently classified samples normalised by itself gives NPO
+vanishing gradients and drags the running statistics towards the poison -- on a model trained to convergence the
+removal then never reaches the threshold). Synthetic forget samples (``task.extra_forget``) are not used: REM
+works on the discovered training samples.
 """
 
 from __future__ import annotations
