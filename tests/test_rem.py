@@ -44,11 +44,8 @@ def _split(n: int, rng: np.random.Generator) -> ImageSplit:
 
 
 @pytest.fixture(scope="module")
-def poisoned() -> UnlearnTask:
-    """A SmallCNN that learned a 3x3 patch backdoor (16 of 320 samples), half of the poison discovered.
-
-    Trained to near-certainty on the poison (small batches, learning rate decayed to 0, as the pipeline trains).
-    """
+def untrained() -> UnlearnTask:
+    """Patterns of 4 classes, a 3x3 patch on 16 of the 320 training images (target 0), half of them discovered."""
     rng = np.random.default_rng(0)
     train = _split(320, rng)
     pixels = train.images.float() / 255
@@ -57,9 +54,21 @@ def poisoned() -> UnlearnTask:
     plan = make_poison_plan(bundle.train.labels, target=TARGET, num_classes=4, trigger=TriggerSpec(size=3), seed=0,
                             count=16)
     torch.manual_seed(0)
-    model = SmallCNN(num_classes=4, in_channels=3, width=8)
-    task = UnlearnTask(model=model, data=poison(bundle, plan), discovery=discover(plan, share=0.5, seed=0),
-                       device=torch.device("cpu"), seed=0, train_cfg=dict(TRAIN_CFG))
+    return UnlearnTask(model=SmallCNN(num_classes=4, in_channels=3, width=8).eval(), data=poison(bundle, plan),
+                       discovery=discover(plan, share=0.5, seed=0), device=torch.device("cpu"), seed=0,
+                       train_cfg=dict(TRAIN_CFG))
+
+
+@pytest.fixture(scope="module")
+def poisoned(untrained: UnlearnTask) -> UnlearnTask:
+    """The SmallCNN trained on the poisoned patterns: it learned the backdoor.
+
+    Trained to near-certainty on the poison (small batches, learning rate decayed to 0, as the pipeline trains).
+    """
+    model = copy.deepcopy(untrained.model)
+    task = UnlearnTask(model=model, data=untrained.data, discovery=untrained.discovery, device=untrained.device,
+                       seed=0, train_cfg=dict(TRAIN_CFG))
+    torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=8 * 20)
     model.train()
@@ -88,6 +97,7 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.mark.slow  # trains the tiny model, then runs REM
 def test_rem_removes_the_backdoor_keeps_clean_accuracy_and_drops_the_added_units(task: UnlearnTask) -> None:
     before, original = _backdoor(task, task.model), _state(task.model)
     assert before["asr"] >= 0.9 and before["clean_acc"] >= 0.95 and task.forget_accuracy(task.model) == 1.0
@@ -100,7 +110,7 @@ def test_rem_removes_the_backdoor_keeps_clean_accuracy_and_drops_the_added_units
     assert not out.model.training and all(p.requires_grad for p in out.model.parameters())
     assert all(torch.equal(v, original[k]) for k, v in task.model.state_dict().items()), "poisoned model changed"
     # healed: the trigger mostly fails, the discovered samples lost their poisoned label, clean accuracy kept
-    # (measured: asr 1.00 -> 0.15, triggered accuracy 0.25 -> 0.89, clean 1.00 -> 1.00, forget accuracy 1 -> 0)
+    # (measured: asr 1.00 -> 0.01, triggered accuracy 0.25 -> 0.99, clean 1.00 -> 1.00, forget accuracy 1 -> 0)
     assert after["asr"] <= 0.25 and after["poison_acc"] >= 0.75, (before, after)
     assert task.forget_accuracy(out.model) <= 0.2
     assert after["clean_acc"] >= before["clean_acc"] - 0.05, (before, after)
@@ -109,11 +119,12 @@ def test_rem_removes_the_backdoor_keeps_clean_accuracy_and_drops_the_added_units
     assert d["redirect_steps"] == 3 * 20 and 1 <= d["selected_epoch"] <= 3 and d["selected_forget_acc"] <= 0.2
 
 
+@pytest.mark.slow  # trains the tiny model, then runs REM
 def test_removal_passes_keep_the_batch_norm_statistics(task: UnlearnTask) -> None:
     """Batches of discovered samples only must not rewrite the running statistics (nor normalise by themselves).
 
-    With batch norm in train mode there, NPO on this confidently poisoned model never gets the discovered
-    samples' accuracy down (100 passes, asr stays 1.0).
+    With batch norm in train mode there, 100 NPO passes do not get this confidently poisoned model's accuracy on
+    the discovered samples down to the threshold (on a model trained by train.py, REM then healed nothing).
     """
     s = rem_settings(task, epochs=1, lr=0.005, momentum=0.9, weight_decay=5e-4, batch_size=None, beta=1.0,
                      threshold=0.2, max_flush=100, width=1.0, mask_share=0.2, taps=4, tap_modules=None,
@@ -126,6 +137,7 @@ def test_removal_passes_keep_the_batch_norm_statistics(task: UnlearnTask) -> Non
     assert all(torch.equal(v, run.model.state_dict()[k]) for k, v in stats.items())
 
 
+@pytest.mark.slow  # trains the tiny model, then runs REM
 def test_rem_is_deterministic_on_cpu(task: UnlearnTask) -> None:
     a = get_method("rem")(task, epochs=1, select="last").model
     b = get_method("rem")(task, epochs=1, select="last").model
@@ -180,7 +192,7 @@ def test_taps_on_resnet9_are_the_papers_four_stage_outputs() -> None:
     ({"tap_modules": ["features.99"]}, r"^method\.tap_modules: 'features\.99' is not a module of the model"),
     ({"tap_modules": ["features.2", "features.2"]}, r"^method\.tap_modules: a module is named twice"),
 ])
-def test_bad_arguments_are_one_line_config_errors(task: UnlearnTask, args: dict, message: str) -> None:
+def test_bad_arguments_are_one_line_config_errors(untrained: UnlearnTask, args: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message) as err:
-        get_method("rem")(task, **{"epochs": 1, **args})
+        get_method("rem")(untrained, **{"epochs": 1, **args})
     assert "\n" not in str(err.value)
