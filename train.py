@@ -8,12 +8,12 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from potion.interrupt import exit_when_interrupted, raise_on_termination
+    from potion.interrupt import exit_when_interrupted
     from potion.train_pipeline import run_training
 
     quiet_third_party()
     fast_exit()
-    raise_on_termination()  # SIGTERM: checkpoint, one line, exit 143 (never a silent exit 0)
+    # SIGTERM: a checkpoint at the step, one line, exit 143 (never a silent exit 0)
     s = exit_when_interrupted(lambda: run_guarded(lambda: run_training(cfg)),
                               "rerun the same command to resume from the last checkpoint")
     if s.get("global_rank"):  # a DDP process besides rank 0: rank 0 reports the run

@@ -13,14 +13,14 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="unlearn")
 def main(cfg: DictConfig) -> Any:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
-    from potion.interrupt import exit_when_interrupted, raise_on_termination
+    from potion.interrupt import exit_when_interrupted
     from potion.ptn_sweep import CANDIDATE, PREPARE, dispatch, job_role
 
     quiet_third_party()
     fast_exit()
     role = job_role(cfg)
     if role is None:
-        raise_on_termination()  # SIGTERM: one line, exit 143, the MLflow run marked KILLED
+        # SIGTERM: one line, exit 143, the MLflow run marked KILLED
         s = exit_when_interrupted(lambda: run_guarded(lambda: dispatch(cfg)),
                                   "rerun the same command to run it again")
     else:  # a job of the ptn sweeper: an error travels back to the sweeper in Hydra's JobReturn

@@ -1,9 +1,9 @@
 """Termination by the user or a scheduler: SIGTERM/SIGINT become an :class:`Interrupted` exception.
 
 A scheduler (SLURM, Kubernetes, a CI runner) ends a job with SIGTERM and reads the exit status: a run it
-stopped must not look like a success. The entry scripts install :func:`raise_on_termination`, so the
-signal raises :class:`Interrupted` wherever the process is (outputs are written atomically, so nothing is
-half-written), and :func:`exit_when_interrupted` turns it into one ``interrupted:`` line and the shell's
+stopped must not look like a success. The entry scripts run their work in :func:`exit_when_interrupted`:
+there the signal raises :class:`Interrupted` wherever the process is (outputs are written atomically, so
+nothing is half-written), which ends the process with one ``interrupted:`` line and the shell's
 convention for a signal, 128 + its number (143 for SIGTERM, 130 for Ctrl+C).
 
 Inside a Lightning fit the signal is only recorded (:func:`deferred`); the training loop stops at the
@@ -56,12 +56,6 @@ def _on_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def raise_on_termination() -> None:
-    """Make SIGTERM raise :class:`Interrupted` (entry scripts; SIGINT keeps Python's KeyboardInterrupt)."""
-    if _on_main_thread():
-        signal.signal(signal.SIGTERM, _handler)
-
-
 def pending() -> int | None:
     """The signal that asked a deferred section to stop, or None."""
     return _pending
@@ -92,10 +86,29 @@ def deferred() -> Iterator[None]:
         raise Interrupted(signum)
 
 
-def exit_when_interrupted(fn: Callable[[], Any], what_next: str) -> Any:
-    """Run ``fn``; an :class:`Interrupted` ends the process with one ``interrupted:`` line and 128 + signal."""
+@contextmanager
+def raise_on_termination() -> Iterator[None]:
+    """Inside: SIGTERM raises :class:`Interrupted` (SIGINT keeps Python's KeyboardInterrupt); restored after.
+
+    Restoring matters where one process runs several jobs (a joblib worker of a multirun): an idle worker
+    that its pool stops with SIGTERM must end as the pool expects, not with an Interrupted traceback.
+    """
+    if not _on_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _handler)
     try:
-        return fn()
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def exit_when_interrupted(fn: Callable[[], Any], what_next: str) -> Any:
+    """Run ``fn`` with SIGTERM raising :class:`Interrupted`; that ends the process with one ``interrupted:``
+    line and exit status 128 + the signal's number (143 for SIGTERM)."""
+    try:
+        with raise_on_termination():
+            return fn()
     except Interrupted as exc:
         print(f"interrupted ({exc}); {what_next}", file=sys.stderr, flush=True)
         sys.exit(exc.exit_code)

@@ -25,6 +25,7 @@ from potion.io import load_tensors, read_json, sha256_file
 from potion.quickstart import compose_config
 from potion.runs import identify_run, load_trained_run, read_summary
 
+pytestmark = pytest.mark.slow  # trains tiny models, starts subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["experiment=quickstart", "model=small_cnn", "model.width=8", "logger=none", "train.iterations=4",
         "train.epoch_eval=false", "train.checkpoint_every_n_steps=2"]

@@ -21,6 +21,7 @@ from potion import interrupt
 from potion.io import read_json
 from potion.quickstart import compose_config
 
+pytestmark = pytest.mark.slow  # trains tiny models, starts subprocesses
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = ["experiment=quickstart", "model=small_cnn", "model.width=8", "logger=none", "train.epochs=2",
               "train.lr=0.01", "train.checkpoint_every_n_steps=5", "train.epoch_eval=false"]
