@@ -5,11 +5,12 @@
 #                                      key and a slurm.conf for this host, start munged, slurmctld and slurmd
 #   scripts/slurm_cluster.sh status   does the controller answer, and in what state is the node
 #   scripts/slurm_cluster.sh down     stop the three daemons this script started
-#   scripts/slurm_cluster.sh env      the line to source so that sbatch/sinfo/submitit find this cluster
+#   scripts/slurm_cluster.sh env      the lines to eval so that sbatch/sinfo/submitit find this cluster
 #
 # Everything (key, config, state, logs, pid files) lives in POTION_SLURM_DIR (default /tmp/potion-slurm); the
-# system's own munge and slurm set-up is not touched. Clients find the cluster through SLURM_CONF:
-#   eval "$(scripts/slurm_cluster.sh env)"   # export SLURM_CONF=/tmp/potion-slurm/slurm.conf
+# system's own munge and slurm set-up is not touched. Clients find the cluster through SLURM_CONF, and its
+# sacct (bin/sacct: see write_sacct) through PATH:
+#   eval "$(scripts/slurm_cluster.sh env)"   # export SLURM_CONF=/tmp/potion-slurm/slurm.conf PATH=...
 # Settings (environment): POTION_SLURM_DIR, POTION_SLURM_CPUS (2), POTION_SLURM_MEM_MB (90 % of RAM),
 # POTION_SLURM_PORT (6817; slurmd uses the next port), POTION_SLURM_PARTITION (debug).
 set -euo pipefail
@@ -101,11 +102,55 @@ ReturnToService=2
 SlurmdTimeout=60
 InactiveLimit=0
 KillWait=5
-MinJobAge=300
+MinJobAge=3600
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$mem State=UNKNOWN
 PartitionName=$PARTITION Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
     mv "$CONF.tmp" "$CONF"
+}
+
+write_sacct() {
+    # This cluster keeps no accounting database (slurmdbd), so the real sacct only says so. submitit asks
+    # `sacct -o JobID,State,NodeList --parsable2 -j <id>...` to learn that a job died without writing its result
+    # (an error exit, a time-out); with no answer it waits forever. This sacct answers those three columns
+    # from slurmctld's memory of recent jobs (scontrol; finished jobs are kept MinJobAge seconds).
+    mkdir -p "$DIR/bin"
+    {
+        echo '#!/usr/bin/env bash'
+        echo '# Written by scripts/slurm_cluster.sh: JobID|State|NodeList of the jobs given with -j, from scontrol.'
+        echo "export SLURM_CONF='$CONF'"
+        cat <<'SACCT'
+ids=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -j|--jobs) ids+=("${2//,/ }"); shift 2 ;;
+        -j*) ids+=("${1#-j}"); shift ;;
+        --jobs=*) ids+=("${1#--jobs=}"); shift ;;
+        *) shift ;;
+    esac
+done
+echo "JobID|State|NodeList"
+for id in ${ids[@]+${ids[@]}}; do
+    scontrol -o show job "$id" 2>/dev/null | awk '{
+        split("", f)
+        for (i = 1; i <= NF; i++) { k = index($i, "="); if (k) f[substr($i, 1, k - 1)] = substr($i, k + 1) }
+        id = f["JobId"]
+        if (f["ArrayTaskId"] != "" && f["ArrayTaskId"] != "N/A") {
+            t = f["ArrayTaskId"]
+            id = f["ArrayJobId"] "_" (t ~ /^[0-9]+$/ ? t : "[" t "]")
+        }
+        print id "|" f["JobState"] "|" f["NodeList"]
+    }'
+done
+SACCT
+    } >"$DIR/bin/sacct.tmp"
+    chmod +x "$DIR/bin/sacct.tmp"
+    mv "$DIR/bin/sacct.tmp" "$DIR/bin/sacct"
+}
+
+env_lines() {
+    echo "export SLURM_CONF=$CONF"
+    echo "export PATH=$DIR/bin:\$PATH"
 }
 
 pid_alive() {  # pid_alive <pid file>: the daemon whose id the file holds is running
@@ -157,10 +202,11 @@ cmd_up() {
     install_if_missing
     write_munge_key
     write_slurm_conf
+    write_sacct
     start_munge
     start_slurm
     wait_for_node
-    echo "export SLURM_CONF=$CONF"
+    env_lines
 }
 
 cmd_down() {
@@ -178,13 +224,12 @@ cmd_status() {
     [ -f "$CONF" ] || { echo "down: no $CONF (run: $0 up)"; return 1; }
     SLURM_CONF="$CONF" scontrol ping 2>&1 | grep -q "UP" || { echo "down: the controller does not answer"; return 1; }
     echo "up: $(SLURM_CONF="$CONF" sinfo -h -N -o '%N %T %c CPUs %m MB, partition %P')"
-    echo "export SLURM_CONF=$CONF"
 }
 
 case "${1:-}" in
     up) cmd_up ;;
     down) cmd_down ;;
     status) cmd_status ;;
-    env) echo "export SLURM_CONF=$CONF" ;;
+    env) env_lines ;;
     *) die "usage: $0 up|down|status|env" ;;
 esac
