@@ -165,6 +165,7 @@ def test_a_reused_run_checks_its_logger_config(tmp_path: Path, store: str) -> No
 # --------------------------------------------------------------------------- a sweep's pending final run
 
 
+@pytest.mark.slow  # two subprocesses that import MLflow
 def test_relog_logs_a_pending_run_under_its_parent(tmp_path: Path, store: str, client: Any) -> None:
     parent = start_tracker(_cfg(store, "pending"), experiment="x", run_name="ptn-sweep")
     run_dir = _folder(tmp_path, None)

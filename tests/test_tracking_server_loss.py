@@ -21,6 +21,8 @@ from tiny_world import train_overrides, write_pattern_folder
 from potion.io import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # a real server started twice and a sweep in a subprocess (~2 min on 2 cores)
+
 PTN = ["method=potion", "discovery.share=0.5", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
        "method.ptn.max_steps=40"]
 

@@ -52,6 +52,7 @@ def ready_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
+@pytest.mark.slow  # eight processes open one store (~10-30 s on 2 cores)
 def test_eight_processes_starting_at_once_on_a_new_store_all_succeed(tmp_path: Path) -> None:
     import mlflow  # noqa: F401 - imported once here, so the forked processes reach the store together
 
