@@ -46,6 +46,7 @@ from potion.runs import (
 from potion.schedule import cpu_threads
 from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri, start_tracker
+from potion.tracking_runs import ensure_logged, log_folder, unlearn_folder_run
 from potion.train_pipeline import run_training, train_run_dir
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.methods import get_method, method_info
@@ -123,14 +124,19 @@ def _unlearn_locked(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn:
                     parent_run_id: str | None, tracker: Tracker | None) -> dict[str, Any]:
     fresh = check_out_dir(run_dir, "unlearn", key, bool(cfg.get("force", False)))
     done = read_summary(run_dir)
+    tags = {"potion.task": "unlearn", "potion.method": str(cfg.method.name), "potion.config_hash": key,
+            "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
+            "potion.train_config_hash": str(run.summary.get("config_hash"))}
     if done is not None and not fresh and done.get("config_hash") == key:
+        spec = unlearn_folder_run(cfg, run, discovery, tags)
+        if tracker is None:  # a finished run that its store lacks (killed before tracking it) is logged now
+            done = ensure_logged(cfg.logger, run_dir, done, spec, parent_run_id)
+        else:  # a sweep's final job: the sweeper replays this into the store if the store lacks the run
+            log_folder(tracker, run_dir, done, spec)
         done["reused"] = True
         return done
     bundle = load_data(run.cfg.dataset)  # before the MLflow run: a plan that does not fit leaves no FAILED run
     check_plan_fits(run.plan, bundle, run.path / PLAN)
-    tags = {"potion.task": "unlearn", "potion.method": str(cfg.method.name), "potion.config_hash": key,
-            "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
-            "potion.train_config_hash": str(run.summary.get("config_hash"))}
     if tracker is None:
         tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
                                 run_name=f"unlearn-{cfg.method.name}", tags=tags, parent_run_id=parent_run_id)
