@@ -62,9 +62,10 @@ def cluster() -> dict[str, str]:
         ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         pytest.skip(f"no SLURM controller answers (scontrol ping timed out after 30 s): {how}")
-    answer = " ".join((ping.stdout + ping.stderr).split())
+    answer = (ping.stdout + ping.stderr).strip()
     if ping.returncode != 0 or " is UP" not in answer:
-        pytest.skip(f"no SLURM controller answers (scontrol ping: {answer[:200]}): {how}")
+        last = answer.splitlines()[-1] if answer else f"exit code {ping.returncode}"
+        pytest.skip(f"no SLURM controller answers (scontrol ping: {last}): {how}")
     deadline = time.monotonic() + 60
     while not any(s.startswith(USABLE) for s in _node_states(env)):
         if time.monotonic() > deadline:
