@@ -1,0 +1,221 @@
+"""MLflow runs -> one flat row per measurement: the store is read in one paged query, repeats left out.
+
+A measurement is one (training run, method, settings, seed). The same measurement can reach a store
+more than once: a config rerun with ``force=true``, or a standalone ``unlearn.py`` run and the final run
+of a ``sweep.py`` PTN search with the same settings (its config hash differs: the sweeper pins
+``method.ptn.fixed_step``). Counting both would report one seed as two, so only the newest counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from potion.errors import PotionError, TrackingError
+
+PAGE_SIZE = 5000
+UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISHED'"
+METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
+# The params that name a measurement's settings (a key or a dotted prefix), and those the PTN sweeper sets per
+# job, never the user (potion.ptn_sweep.SWEEPER_KEYS; a test keeps the two equal).
+SETTING_PARAMS = ("method", "discovery", "poison", "dataset", "model", "seed", "n_f", "n_p")
+SWEEPER_PARAMS = ("method.ptn.fixed_step", "ptn_job")
+NO_VALUE = ("", "None", "null")
+
+
+class NoRunsError(PotionError):
+    """The store holds no finished unlearning run that matches the filters."""
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def open_store(tracking_uri: str | None) -> tuple[Any, str]:
+    """An MlflowClient for an existing store (never creating one) and its resolved URI."""
+    from potion.tracking import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
+
+    uri = resolve_tracking_uri(tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise NoRunsError(f"no MLflow store at {db}; run unlearn.py first or pass --tracking-uri")
+    check_reachable(uri)
+    mlflow = _import_mlflow()
+    try:
+        return mlflow.MlflowClient(tracking_uri=uri), uri
+    except Exception as exc:  # a corrupt database, an unsupported scheme
+        raise TrackingError(f"cannot open the MLflow store {uri} ({one_line(exc)})") from exc
+
+
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``; NoRunsError naming the experiments there when it does not exist."""
+    try:
+        experiment = client.get_experiment_by_name(name)
+    except Exception as exc:
+        raise TrackingError(f"cannot read the MLflow store {uri} ({one_line(exc)})") from exc
+    if experiment is None or experiment.lifecycle_stage == "deleted":
+        try:
+            known = sorted(e.name for e in client.search_experiments())
+        except Exception:  # noqa: BLE001 - only used to make the message helpful
+            known = []
+        hint = f" (experiments there: {', '.join(known)})" if known else ""
+        raise NoRunsError(f"no MLflow experiment {name!r} in {uri}{hint}; run unlearn.py first or pick --experiment")
+    return experiment.experiment_id
+
+
+def one_line(exc: object) -> str:
+    """An exception as one short line (for ``error:`` messages)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- runs -> rows
+
+
+def collect_runs(client: Any, experiment_ids: Sequence[str], filters: Mapping[str, Any] | None = None) -> list[dict]:
+    """The measurements of the store: finished unlearning runs as rows (``run_row``), repeats left out.
+
+    ``filters``: optional ``methods`` and ``datasets`` (sequences of names).
+    """
+    return measurements(select(search_rows(client, experiment_ids), filters))[0]
+
+
+def select(rows: Iterable[Mapping[str, Any]], filters: Mapping[str, Any] | None) -> list[dict]:
+    """The rows of the ``methods`` and ``datasets`` in ``filters`` (all when a filter is empty or missing).
+
+    Safe before ``measurements``: repeats of one measurement share its method and data set.
+    """
+    filters = filters or {}
+    methods = set(filters.get("methods") or ())
+    datasets = set(filters.get("datasets") or ())
+    return [dict(r) for r in rows
+            if (not methods or r["method"] in methods) and (not datasets or r["dataset"] in datasets)]
+
+
+def search_rows(client: Any, experiment_ids: Sequence[str]) -> list[dict]:
+    """Every finished unlearning run as a row, newest first: one paged ``search_runs``, no per-run calls."""
+    rows: list[dict] = []
+    token: str | None = None
+    while True:
+        page = client.search_runs(list(experiment_ids), filter_string=UNLEARN_FILTER, max_results=PAGE_SIZE,
+                                  order_by=["attributes.start_time DESC"], page_token=token)
+        rows.extend(row for row in map(run_row, page) if row is not None)
+        token = page.token
+        if not token:
+            return rows
+
+
+def measurements(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict], int]:
+    """Keep the first (newest) row of each measurement; (kept rows, how many were left out).
+
+    Two rows are one measurement when they share a config hash (the same config run again) or a
+    training run and settings (``settings_key``: a sweep's final run and a standalone run of the same
+    settings and seed). A left-out row's keys count as seen too, so a chain of repeats keeps one row.
+    """
+    kept: list[dict] = []
+    seen: set[tuple] = set()
+    left_out = 0
+    for row in rows:
+        keys = {("settings", row["train_run"], row["settings_key"])}
+        if row["config_hash"]:
+            keys.add(("config", row["config_hash"]))
+        if keys & seen:
+            left_out += 1
+        else:
+            kept.append(dict(row))
+        seen |= keys
+    return kept, left_out
+
+
+def run_row(run: Any) -> dict | None:
+    """One MLflow run as a flat row, None when it lacks a method, a poison size or a discovery setting.
+
+    Keys: run_id, start_time, config_hash, train_run (the training run's identity), method,
+    method_params ((key, value) pairs of its method.* params), dataset, model, attack (trigger kind),
+    mapping, n_p, n_f, share (discovered share of the poison), seed, settings_key and ``METRICS``
+    (NaN when not logged). Older and newer param names are both read.
+    """
+    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+    method = _text(tags.get("potion.method")) or _first(params, "method.name", "method")
+    n_p = _int(_first(params, "n_p", "poison.n_p", "poison.count"))
+    if not method or not n_p:
+        return None
+    n_f = _int(_first(params, "n_f", "discovery.n_f"))
+    share = _number(params.get("discovery.share"))
+    if _int(params.get("discovery.count")) is not None or share is None or n_f == 1:
+        share = n_f / n_p if n_f else None  # an explicit count overrides the share (potion.discovery)
+    if share is None:
+        return None
+    return {
+        "run_id": run.info.run_id,
+        "start_time": run.info.start_time or 0,
+        "config_hash": _text(tags.get("potion.config_hash")),
+        "train_run": train_run_identity(tags, params),
+        "method": method,
+        "method_params": method_params(params),
+        "dataset": _first(params, "dataset", "dataset.name") or "unknown",
+        "model": _first(params, "model.name", "model") or "unknown",
+        "attack": _first(params, "poison.trigger.kind", "attack") or "unknown",
+        "mapping": _first(params, "poison.mapping") or "all_to_one",  # runs from before all_to_all existed
+        "n_p": n_p,
+        "n_f": n_f,
+        "share": float(share),
+        "seed": _text(params.get("seed")),
+        "settings_key": settings_key(params),
+        **{name: _float(metrics.get(name)) for name in METRICS},
+    }
+
+
+def train_run_identity(tags: Mapping[str, str], params: Mapping[str, str]) -> str:
+    """The training run an unlearning run healed: its config hash, else its MLflow run id, else its folder."""
+    return (_text(tags.get("potion.train_config_hash")) or _text(tags.get("potion.train_run_id"))
+            or _text(params.get("train_run")))
+
+
+def settings_key(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The params that name a measurement's settings (``SETTING_PARAMS``), without the sweeper's own."""
+    return tuple(sorted((k, v) for k, v in params.items() if _is_setting(k) and not _under(k, SWEEPER_PARAMS)))
+
+
+def method_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The method's own params (``method.`` stripped, its name and the sweeper's keys left out)."""
+    return tuple(sorted((k[len("method."):], v) for k, v in params.items()
+                        if k.startswith("method.") and k != "method.name" and not _under(k, SWEEPER_PARAMS)))
+
+
+def _is_setting(key: str) -> bool:
+    return _under(key, SETTING_PARAMS)
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _first(params: Mapping[str, str], *keys: str) -> str:
+    for key in keys:
+        text = _text(params.get(key))
+        if text:
+            return text
+    return ""
+
+
+def _text(value: Any) -> str:
+    text = "" if value is None else str(value)
+    return "" if text in NO_VALUE else text
+
+
+def _number(text: Any) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):  # missing, "None", "null"
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _int(text: Any) -> int | None:
+    value = _number(text)
+    return int(value) if value is not None else None
+
+
+def _float(value: Any) -> float:
+    return float(value) if value is not None else math.nan

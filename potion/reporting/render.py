@@ -1,0 +1,128 @@
+"""Cells -> ``table.md`` (one table per study) and ``table.csv``; measurement rows -> ``runs.csv``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from potion.reporting.aggregate import (
+    ALL,
+    MEAN,
+    columns,
+    discovery_label,
+    has_metric,
+    study_of,
+    study_title,
+    summary_rows,
+    with_columns,
+)
+
+CSV_COLUMNS = ("dataset", "model", "attack", "mapping", "n_p", "discovery", "method", "n_runs", "healed_mean",
+               "healed_std", "healed_attainable_mean", "healed_attainable_std", "acc_drop_mean", "acc_drop_std",
+               "clean_acc_mean", "asr_mean", "unlearn_seconds_mean")
+RUN_COLUMNS = ("run_id", "train_run", "method", "config_hash", "seed", "dataset", "model", "attack", "mapping", "n_p",
+               "n_f", "discovery", "healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
+NOTE = (
+    "healed (%): the share of the accuracy that the trigger took away on triggered test images and that unlearning "
+    "gave back (100: as accurate as on clean images). healed_attainable (%): the same, measured against a clean model "
+    "of the same recipe trained without poison, which image-wide triggers also fool (README, *Clean reference and "
+    "healed_attainable*); n/a where a run had no clean reference model. acc_drop: clean test accuracy lost, in "
+    "percentage points. Cells hold the mean ± sample standard deviation over seeds; a run repeating the settings and "
+    "seed of a newer one (a rerun, or a standalone run and a sweep's final run) is left out. Mean rows: the mean "
+    "over the cells of each method; the last row (all) is the headline aggregate of the study."
+)
+
+
+def markdown_tables(cells: Sequence[Mapping[str, Any]], methods: Sequence[str] | None = None) -> str:
+    """One markdown table per study: rows (n_p, discovery), method columns, cells "healed / acc_drop".
+
+    A study whose runs report healed_attainable shows it between the two. Each n_p block ends with a
+    mean row and the table with the overall mean row. When cells hold different numbers of runs each
+    cell shows its n; a mean taken over fewer cells than the grid has shows "(k/N cells)".
+    """
+    means = summary_rows(cells)
+    parts = ["# Unlearning results", "", NOTE, ""]
+    for study in sorted({study_of(c) for c in cells}):
+        own = [c for c in cells if study_of(c) == study]
+        parts += _study_table(study, own, [m for m in means if study_of(m) == study], methods)
+    return "\n".join(parts)
+
+
+def _study_table(study: tuple[str, ...], cells: Sequence[Mapping[str, Any]], means: Sequence[Mapping[str, Any]],
+                 methods: Sequence[str] | None) -> list[str]:
+    cols = columns(cells, methods)
+    metrics = ("healed", "healed_attainable", "acc_drop") if has_metric(cells, "healed_attainable") else (
+        "healed", "acc_drop")
+    show_n = len({c["n_runs"] for c in cells}) > 1
+    by_key = {(c["n_p"], c["share"], c["method"]): c for c in cells}
+    grid = sorted({(c["n_p"], c["share"], c["discovery"]) for c in cells})
+    lines = [f"## {study_title(study)}", "", f"Cells: {' / '.join(metrics)}.", "",
+             "| poisoned images | discovered | " + " | ".join(cols) + " |", "|---:|---|" + "---|" * len(cols)]
+    for n_p in sorted({g[0] for g in grid}):
+        block = [g for g in grid if g[0] == n_p]
+        for _, share, label in block:
+            texts = [_cell_text(by_key.get((n_p, share, m)), metrics, show_n) for m in cols]
+            lines.append(f"| {n_p} | {label} | " + " | ".join(texts) + " |")
+        lines.append(_mean_line(str(n_p), means, n_p, cols, metrics, len(block)))
+    lines += [_mean_line(ALL, means, ALL, cols, metrics, len(grid)), ""]
+    return lines
+
+
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def _cell_text(cell: Mapping[str, Any] | None, metrics: Sequence[str], show_n: bool) -> str:
+    if cell is None:
+        return "–"
+    text = " / ".join(_fmt(cell[f"{m}_mean"], cell[f"{m}_std"]) for m in metrics)
+    return f"{text} (n={cell['n_runs']})" if show_n else text
+
+
+def _mean_line(first: str, means: Sequence[Mapping[str, Any]], n_p: Any, cols: Sequence[str],
+               metrics: Sequence[str], n_grid: int) -> str:
+    rows = {r["method"]: r for r in means if r["n_p"] == n_p}
+    texts = []
+    for method in cols:
+        row = rows.get(method)
+        if row is None:
+            texts.append("–")
+            continue
+        text = " / ".join(_fmt(row[f"{m}_mean"], None) for m in metrics)
+        texts.append(text if row["n_cells"] == n_grid else f"{text} ({row['n_cells']}/{n_grid} cells)")
+    return f"| {first} | {MEAN} | " + " | ".join(texts) + " |"
+
+
+def csv_text(cells: Sequence[Mapping[str, Any]]) -> str:
+    """The cells and mean rows in long format (``CSV_COLUMNS``); empty fields for missing values."""
+    return _csv([*cells, *summary_rows(cells)], CSV_COLUMNS)
+
+
+def runs_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The measurements the tables count, one line per MLflow run (``RUN_COLUMNS``), to trace a number back."""
+    out = []
+    for row in with_columns(rows):
+        share = 1 / row["n_p"] if row.get("n_f") == 1 else row["share"]
+        out.append({**row, "method": row["column"], "discovery": discovery_label(row.get("n_f"), share)})
+    out.sort(key=lambda r: (study_of(r), r["n_p"], r["share"], r["method"], r["seed"], r["run_id"]))
+    return _csv(out, RUN_COLUMNS)
+
+
+def _csv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(row.get(k)) for k in fields})
+    return buf.getvalue()
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return round(value, 6) if isinstance(value, float) else value
