@@ -19,7 +19,6 @@ success rate and poison accuracy on the test split; without it they are omitted.
 from __future__ import annotations
 
 import csv
-import io
 import logging
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -38,13 +37,12 @@ from potion.data.sources import DatasetBundle, folder_data_root
 from potion.discovery import Discovery
 from potion.errors import CheckpointError, ConfigError, DataError
 from potion.evaluation import evaluate_backdoor, predict
-from potion.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors, sha256_file
+from potion.io import atomic_write_text, load_tensors, save_tensors, sha256_file
+from potion.lifecycle import RunOutputs, run_lifecycle
 from potion.models import build_model
-from potion.plots import plot_ptn_trajectory
 from potion.schedule import cpu_threads
 from potion.suspects import SuspectRanking, find_suspects, write_suspects_csv
-from potion.tracking import start_tracker
-from potion.unlearn_pipeline import resolve_device
+from potion.unlearn_pipeline import make_task, resolve_device
 from potion.unlearning.methods import get_method
 from potion.unlearning.registry import run_timed
 from potion.unlearning.task import UnlearnTask
@@ -281,26 +279,20 @@ def heal(cfg: Any) -> dict[str, Any]:
     prefix = load_weights(model, state, str(checkpoint), str(model_cfg["name"]))
     poisoned = factory()
     poisoned.load_state_dict(model.state_dict())
-    model.to(device).eval()
     poisoned.to(device).eval()
+    task = make_task(model, data, discovery, device, seed, model_cfg)
 
     out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries)
     method = str(d["method"]["name"])
-    tracker = start_tracker(d.get("logger"), experiment=str((d.get("logger") or {}).get("experiment") or "potion"),
-                            run_name=f"heal-{method}", tags={"potion.task": "heal", "potion.method": method})
-    try:
-        summary = _heal(d, data, discovery, model, poisoned, factory, method_fn, device, checkpoint, prefix, state,
-                        out_dir, tracker)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish("FINISHED")
-    return summary
+    with run_lifecycle(d.get("logger"), out_dir, run_name=f"heal-{method}",
+                       tags={"potion.task": "heal", "potion.method": method}) as outputs:
+        return _heal(d, task, poisoned, method_fn, checkpoint, prefix, state, outputs)
 
 
-def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn.Module, poisoned: nn.Module,
-          factory: Any, method_fn: Any, device: torch.device, checkpoint: Path, prefix: str,
-          state: Mapping[str, torch.Tensor], out_dir: Path, tracker: Any) -> dict[str, Any]:
+def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: Any, checkpoint: Path, prefix: str,
+          state: Mapping[str, torch.Tensor], outputs: RunOutputs) -> dict[str, Any]:
+    model, data, discovery, device = task.model, task.data, task.discovery, task.device
+    out_dir, tracker = outputs.folder, outputs.tracker
     bs = int(d.get("eval_batch_size", 1024))
     method = str(d["method"]["name"])
     bundle, target = data.bundle, data.plan.target
@@ -316,8 +308,6 @@ def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn
 
     before = test_metrics(model)
     preds_before = predict(model, forget_images, data.normalizer, batch_size=bs)
-    task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(d.get("seed", 0)),
-                       model_factory=factory, train_cfg={})
     method_args = method_arguments(d["method"])
     tracker.log_params({"method": d["method"], "model": d["model"], "checkpoint": str(checkpoint),
                         "dataset": str(d["dataset"].get("path")), "n_f": discovery.n_f, "target": target})
@@ -349,17 +339,12 @@ def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn
                                    batch_size=bs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = _save_healed(out_dir, checkpoint, healed, prefix, state)
-    artifacts = [weights]
+    weights = outputs.add(_save_healed(out_dir, checkpoint, healed, prefix, state))
     suspects = _suspect_rows(ranking, bundle, target) if ranking is not None else None
     if ranking is not None:
-        artifacts.append(write_suspects_csv(out_dir / "suspects.csv", ranking, bundle.train.paths))
-    plot = None
-    if out.trajectory:
-        artifacts.append(_write_trajectory_csv(out_dir / "ptn_trajectory.csv", out.trajectory))
-        plot = plot_ptn_trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
-                                   out_dir / "ptn_trajectory.png", title=f"PTN: {method}, n_f={discovery.n_f}")
-        artifacts.append(plot)
+        outputs.add(write_suspects_csv(out_dir / "suspects.csv", ranking, bundle.train.paths))
+    plot = outputs.trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
+                              title=f"PTN: {method}, n_f={discovery.n_f}")
     numeric = {k: float(v) for k, v in out.diagnostics.items()
                if isinstance(v, (int, float, bool)) and k != "forget_true_target"}  # folder labels: always n_f
     notes = {k: v for k, v in out.diagnostics.items() if not isinstance(v, (int, float, bool))}
@@ -374,16 +359,8 @@ def _heal(d: dict[str, Any], data: PoisonedData, discovery: Discovery, model: nn
         "device": device.type, "mlflow_run_id": tracker.run_id,
         **(suspects or {}),
     }
-    artifacts.append(atomic_write_text(out_dir / "report.md", format_report(summary, plot is not None)))
-    atomic_write_json(out_dir / "summary.json", summary)
-    artifacts.append(out_dir / "summary.json")
-    try:  # the results are on disk: a tracking failure from here on must not turn them into an error
-        tracker.log_metrics({k: v for k, v in {**result, **numeric}.items() if isinstance(v, (int, float))})
-        for path in artifacts:
-            tracker.log_artifact(path)
-    except Exception as exc:  # noqa: BLE001 - any tracker failure means the same: results are on disk only
-        log.warning("tracking failed (%s: %s); the results are in %s", type(exc).__name__, exc, out_dir)
-    return summary
+    outputs.add(atomic_write_text(out_dir / "report.md", format_report(summary, plot is not None)))
+    return outputs.complete(summary, {k: v for k, v in {**result, **numeric}.items() if isinstance(v, (int, float))})
 
 
 def _save_healed(out_dir: Path, checkpoint: Path, healed: nn.Module, prefix: str,
@@ -418,14 +395,6 @@ def _suspect_rows(ranking: SuspectRanking, bundle: DatasetBundle, target: int) -
     in_target = int((bundle.train.labels[flagged] == target).sum()) if flagged.numel() else 0
     return {"suspect_cutoff": ranking.cutoff, "suspects_flagged": int(flagged.numel()),
             "suspects_flagged_in_target_folder": in_target, "top_suspects": top}
-
-
-def _write_trajectory_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------------------------- report

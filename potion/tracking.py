@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from potion.errors import ConfigError, TrackingError
+from potion.interrupt import Interrupted
 from potion.tracking_store import inspect_store, is_unfinished_and_empty, repair_store, set_aside, store_lock
 
 log = logging.getLogger(__name__)
@@ -277,7 +278,8 @@ def sanitize_key(key: str) -> str:
 class Tracker(ABC):
     """What the pipeline logs to: params, metrics, artifacts and tags of one run.
 
-    Use as a context manager to finish the run with FINISHED, FAILED or KILLED automatically.
+    Use as a context manager to finish the run with FINISHED, FAILED or KILLED (SIGTERM, Ctrl+C) automatically
+    (:func:`potion.lifecycle.run_lifecycle` does).
     """
 
     run_id: str | None = None
@@ -318,8 +320,8 @@ class Tracker(ABC):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if exc_type is None:
             self.finish("FINISHED")
-        else:
-            self.finish("KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
+        else:  # SIGTERM (Interrupted) or Ctrl+C stopped the run: KILLED, as MLflow marks runs a user stopped
+            self.finish("KILLED" if issubclass(exc_type, (Interrupted, KeyboardInterrupt)) else "FAILED")
 
 
 class NullTracker(Tracker):

@@ -26,15 +26,16 @@ from potion.data.poisoned import PoisonedData, kind_needs_images, load_data, pla
 from potion.data.triggers import kind_of
 from potion.evaluation import evaluate_backdoor
 from potion.interrupt import Interrupted
-from potion.io import atomic_write_json, load_tensors, save_tensors
+from potion.io import load_tensors, save_tensors
+from potion.lifecycle import RunOutputs, reuse_finished, run_lifecycle
 from potion.models import build_model
 from potion.precision import resolve_auto
 from potion.reference import reference_config
 from potion.runs import (
     CHECKPOINTS,
+    CONFIG,
     PLAN,
     POISON_IMAGES,
-    SUMMARY,
     check_out_dir,
     check_plan_fits,
     claim_run_dir,
@@ -48,8 +49,8 @@ from potion.runs import (
     write_weights,
 )
 from potion.schedule import cpu_threads, total_steps_for
-from potion.tracking import NullTracker, start_tracker
-from potion.tracking_runs import ensure_logged, train_folder_run
+from potion.tracking import NullTracker
+from potion.tracking_runs import train_folder_run
 from potion.training import (
     AtomicCheckpointIO,
     EpochMetricsCallback,
@@ -96,21 +97,14 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         done = read_summary(run_dir)
         if done is not None and not fresh and done.get("config_hash") == config_hash:
             log.info("already finished: %s (force=true to retrain)", run_dir)
-            if not secondary:  # a finished run that its store lacks (killed before tracking it) is logged now
-                done = ensure_logged(cfg.logger, run_dir, done, train_folder_run(cfg, run_dir, done))
-            done["reused"] = True
-            return done
+            if secondary:
+                return {**done, "reused": True}
+            return reuse_finished(cfg.logger, run_dir, done, train_folder_run(cfg, run_dir, done))
         resume = _resume_checkpoint(cfg, run_dir, fresh)
-        tracker = NullTracker() if is_secondary_rank() else start_tracker(
-            cfg.logger, experiment=cfg.logger.get("experiment", "potion"), run_name=f"train-{cfg.name}",
-            tags={"potion.task": "train", "potion.config_hash": config_hash})
-        try:
-            summary = _train(cfg, run_dir, config_hash, tracker, fresh, resume)
-        except BaseException as exc:
-            tracker.finish("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
-            raise
-        tracker.finish("FINISHED")
-        return summary
+        with run_lifecycle(cfg.logger, run_dir, run_name=f"train-{cfg.name}",
+                           tags={"potion.task": "train", "potion.config_hash": config_hash},
+                           tracker=NullTracker() if secondary else None) as outputs:
+            return _train(cfg, config_hash, outputs, fresh, resume)
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path, fresh: bool) -> tuple[Path, dict[str, Any]] | None:
@@ -121,8 +115,9 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path, fresh: bool) -> tuple[Pat
     return ckpt, read_resume_checkpoint(ckpt)
 
 
-def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any, fresh: bool,
+def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
            resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
+    run_dir, tracker = outputs.folder, outputs.tracker
     torch.set_num_threads(cpu_threads())
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     bundle = load_data(cfg.dataset)
@@ -171,7 +166,9 @@ def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any, fresh
         return {"run_dir": str(run_dir), "global_rank": trainer.global_rank}
 
     model = module.model.eval()
-    write_weights(run_dir, model)
+    outputs.add(write_weights(run_dir, model))
+    for name in (PLAN, CONFIG):
+        outputs.add(run_dir / name)
     final = evaluate_backdoor(model, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,
                               data.wanted_test_labels(), int(t.eval_batch_size))
     summary = {
@@ -180,15 +177,7 @@ def _train(cfg: DictConfig, run_dir: Path, config_hash: str, tracker: Any, fresh
         "mlflow_run_id": tracker.run_id, "resumed": bool(resume_from), "dataset_fingerprint": bundle.fingerprint,
         "num_classes": data.num_classes, "channels": data.channels,
     }
-    atomic_write_json(run_dir / SUMMARY, summary)
-    try:  # the run is on disk: a tracking failure from here on must not turn it into an error
-        tracker.log_metrics({**final, "train_seconds": train_seconds})
-        for name in ("model.safetensors", "poison_plan.json", "config.yaml", "summary.json"):
-            tracker.log_artifact(run_dir / name)
-    except Exception as exc:  # noqa: BLE001 - any tracker failure means the same: results are on disk only
-        log.warning("tracking the finished run failed (%s: %s); its results are in %s", type(exc).__name__, exc,
-                    run_dir)
-    return summary
+    return outputs.complete(summary, {**final, "train_seconds": train_seconds})
 
 
 def _poison_images(cfg: DictConfig, bundle: Any, plan: Any, run_dir: Path) -> torch.Tensor | None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import time
 from pathlib import Path
@@ -23,17 +21,15 @@ from potion.config import (
     validate_unlearn_config,
 )
 from potion.data.poisoned import PoisonedData, load_data, poison
-from potion.discovery import discover
+from potion.discovery import Discovery, discover
 from potion.errors import ConfigError
 from potion.evaluation import evaluate_backdoor, logits_of, model_device, predict
-from potion.interrupt import Interrupted
-from potion.io import atomic_write_json, atomic_write_text, save_tensors, sha256_tensors
+from potion.io import save_tensors, sha256_tensors
+from potion.lifecycle import RunOutputs, reuse_finished, run_lifecycle
 from potion.models import build_model
-from potion.plots import plot_ptn_trajectory
 from potion.reference import is_reference, reference_config
 from potion.runs import (
     PLAN,
-    SUMMARY,
     TrainedRun,
     check_out_dir,
     check_plan_fits,
@@ -45,8 +41,8 @@ from potion.runs import (
 )
 from potion.schedule import cpu_threads
 from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
-from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri, start_tracker
-from potion.tracking_runs import ensure_logged, log_folder, unlearn_folder_run
+from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri
+from potion.tracking_runs import unlearn_folder_run
 from potion.train_pipeline import run_training, train_run_dir
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.methods import get_method, method_info
@@ -64,6 +60,24 @@ def resolve_device(trainer_cfg: Any) -> torch.device:
     if acc in ("gpu", "cuda"):
         log.warning("trainer.accelerator=%s but no GPU is visible; running on CPU", acc)
     return torch.device("cpu")
+
+
+def trained_inputs(cfg: DictConfig) -> tuple[TrainedRun, Discovery]:
+    """The training run an unlearning config names (trained first if only its overrides are given) and the
+    discovered share of its poison."""
+    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger"), cfg.get("train")))
+    d = cfg.discovery
+    return run, discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
+
+
+def make_task(model: torch.nn.Module, data: PoisonedData, discovery: Discovery, device: torch.device, seed: int,
+              model_cfg: Any, train_cfg: Any = None) -> UnlearnTask:
+    """What a method receives (the one place it is built): the model on ``device``, eval mode, and a factory of
+    fresh models of its architecture (``model_cfg``) for the methods that train one."""
+    return UnlearnTask(model=model.to(device).eval(), data=data, discovery=discovery, device=device, seed=seed,
+                       model_factory=lambda: build_model(str(model_cfg["name"]), data.num_classes, data.channels,
+                                                         **model_kwargs(model_cfg)),
+                       train_cfg=to_dict(train_cfg) if train_cfg is not None else {})
 
 
 def resolve_train_run(spec: str | None, logger_cfg: Any, train: Any = None) -> Path:
@@ -112,9 +126,7 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None, tracker: T
     """
     method_fn = get_method(str(cfg.method.name))
     validate_unlearn_config(cfg)  # static values fail here, before the training run is read
-    run = load_trained_run(resolve_train_run(cfg.get("train_run"), cfg.get("logger"), cfg.get("train")))
-    d = cfg.discovery
-    discovery = discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
+    run, discovery = trained_inputs(cfg)
     run_dir, key = unlearn_run_dir(cfg, run)
     with run_lock(run_dir):  # a second identical command waits, then reuses the result
         return _unlearn_locked(cfg, run, discovery, method_fn, run_dir, key, parent_run_id, tracker)
@@ -128,32 +140,20 @@ def _unlearn_locked(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn:
             "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
             "potion.train_config_hash": str(run.summary.get("config_hash"))}
     if done is not None and not fresh and done.get("config_hash") == key:
-        spec = unlearn_folder_run(cfg, run, discovery, tags)
-        if tracker is None:  # a finished run that its store lacks (killed before tracking it) is logged now
-            done = ensure_logged(cfg.logger, run_dir, done, spec, parent_run_id)
-        else:  # a sweep's final job: the sweeper replays this into the store if the store lacks the run
-            log_folder(tracker, run_dir, done, spec)
-        done["reused"] = True
-        return done
+        # a sweep's final job (tracker given): the sweeper logs the folder if its store lacks the run
+        return reuse_finished(cfg.logger, run_dir, done, unlearn_folder_run(cfg, run, discovery, tags),
+                              parent_run_id=parent_run_id, tracker=tracker)
     bundle = load_data(run.cfg.dataset)  # before the MLflow run: a plan that does not fit leaves no FAILED run
     check_plan_fits(run.plan, bundle, run.path / PLAN)
-    if tracker is None:
-        tracker = start_tracker(cfg.logger, experiment=cfg.logger.get("experiment", "potion"),
-                                run_name=f"unlearn-{cfg.method.name}", tags=tags, parent_run_id=parent_run_id)
-    else:
-        tracker.set_tags(tags)
-    try:
-        summary = _unlearn(cfg, run, bundle, discovery, method_fn, run_dir, (key, fresh), tracker)
-    except BaseException as exc:
-        tracker.finish("KILLED" if isinstance(exc, (Interrupted, KeyboardInterrupt)) else "FAILED")
-        raise
-    tracker.finish("FINISHED")
-    return summary
+    with run_lifecycle(cfg.logger, run_dir, run_name=f"unlearn-{cfg.method.name}", tags=tags,
+                       parent_run_id=parent_run_id, tracker=tracker) as outputs:
+        return _unlearn(cfg, run, bundle, discovery, method_fn, (key, fresh), outputs)
 
 
-def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, method_fn: Any, run_dir: Path,
-             identity: tuple[str, bool], tracker: Any) -> dict[str, Any]:
+def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, method_fn: Any,
+             identity: tuple[str, bool], outputs: RunOutputs) -> dict[str, Any]:
     key, fresh = identity
+    run_dir, tracker = outputs.folder, outputs.tracker
     torch.set_num_threads(cpu_threads())
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("trainer"))
@@ -162,10 +162,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     bs = int(cfg.eval_batch_size)
     before_logits = poisoned_logits(model, data, bs)
     before = _before_metrics(before_logits, data, data.wanted_test_labels())
-    task = UnlearnTask(model=model, data=data, discovery=discovery, device=device, seed=int(cfg.seed),
-                       model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
-                                                         **model_kwargs(run.cfg.model)),
-                       train_cfg=to_dict(run.cfg.train))
+    task = make_task(model, data, discovery, device, int(cfg.seed), run.cfg.model, run.cfg.train)
     forget_acc_before = task.forget_accuracy(model)
     method_args = method_arguments(cfg.method)
     tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),
@@ -208,37 +205,19 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
 
     claim_run_dir(run_dir, "unlearn", key, fresh)
     remove_stale_temp_files(run_dir)  # what a killed writer left (we hold the run lock)
-    artifacts = []
     if cfg.get("save_weights", True):
-        artifacts.append(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
+        outputs.add(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
     if ranking is not None:
-        artifacts.append(write_suspects_csv(run_dir / "suspects.csv", ranking, data.bundle.train.paths))
-    if out.trajectory:
-        artifacts.append(_write_trajectory(run_dir, out.trajectory))
-        artifacts.append(plot_ptn_trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
-                                             run_dir / "ptn_trajectory.png",
-                                             title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}"))
+        outputs.add(write_suspects_csv(run_dir / "suspects.csv", ranking, data.bundle.train.paths))
+    outputs.trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
+                       title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}")
     summary = {
         **{k: metrics.finite_or_none(v) for k, v in result.items()}, **numeric, **notes,
         "method": str(cfg.method.name), "n_f": discovery.n_f, "n_p": run.plan.count, "target": run.plan.target,
         "config_hash": key, "run_dir": str(run_dir), "train_run": str(run.path), "device": device.type,
         "mlflow_run_id": tracker.run_id, "train_mlflow_run_id": run.summary.get("mlflow_run_id"),
     }
-    atomic_write_json(run_dir / SUMMARY, summary)
-    artifacts.append(run_dir / SUMMARY)
-
-    try:  # the run is on disk: a tracking failure from here on must not turn it into an error
-        tracker.log_metrics({**result, **numeric})
-        for row in out.trajectory:
-            tracker.log_metrics({f"ptn_traj_{k}": v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-        if notes:
-            tracker.set_tags({f"potion.{k}": str(v) for k, v in notes.items()})
-        for path in artifacts:
-            tracker.log_artifact(path)
-    except Exception as exc:  # noqa: BLE001 - any tracker failure means the same: results are on disk only
-        log.warning("tracking the finished run failed (%s: %s); its results are in %s", type(exc).__name__, exc,
-                    run_dir)
-    return summary
+    return outputs.complete(summary, {**result, **numeric}, {f"potion.{k}": str(v) for k, v in notes.items()})
 
 
 def attainable(run: TrainedRun, data: PoisonedData, poison_acc_after: float, poison_acc_before: float,
@@ -303,10 +282,3 @@ def poisoned_train_accuracy(model: torch.nn.Module, data: PoisonedData, bs: int)
     preds = predict(model, data.bundle.train.images[idx], data.normalizer, data.trigger, batch_size=bs)
     return metrics.accuracy(preds, torch.tensor(data.plan.true_labels))
 
-
-def _write_trajectory(run_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return atomic_write_text(run_dir / "ptn_trajectory.csv", buf.getvalue())

@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
 @pytest.fixture
 def no_tracker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Fail the test if an MLflow run would be started (errors must come before it); returns the call log."""
-    from potion import train_pipeline, unlearn_pipeline
+    from potion import lifecycle
 
     calls: list[str] = []
 
@@ -80,8 +80,7 @@ def no_tracker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         calls.append("start_tracker")
         raise AssertionError("an MLflow run was started before the error")
 
-    monkeypatch.setattr(train_pipeline, "start_tracker", refuse)
-    monkeypatch.setattr(unlearn_pipeline, "start_tracker", refuse)
+    monkeypatch.setattr(lifecycle, "start_tracker", refuse)  # where train, unlearn and heal start their runs
     return calls
 
 
