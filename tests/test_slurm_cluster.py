@@ -25,6 +25,7 @@ from test_mlflow_server import server as mlflow_server  # noqa: F401 - a module 
 
 from potion.quickstart import compose_config
 
+pytestmark = pytest.mark.slow  # processes that import the heavy stack: make test only
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ["experiment=quickstart", "model=small_cnn", "model.width=32", "logger=none", "train.epochs=8"]
 PTN = ["method=potion", "discovery.share=0.2", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
