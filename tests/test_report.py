@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from potion.report import CSV_COLUMNS, aggregate, main, markdown_tables
+from potion.reporting.aggregate import study_of, study_suffixes
 from potion.reporting.query import SWEEPER_PARAMS, measurements, run_row
 
 METHODS = ("potion", "ssd")
@@ -379,6 +380,8 @@ def test_two_attacks_never_share_a_row() -> None:
     assert "## cifar10 · resnet9 · blended trigger" in md
     assert f"## {TITLE}, all-to-all labels" in md and f"## {TITLE}\n" in md
     assert md.count("| all | mean |") == 3
+    suffixes = study_suffixes(study_of(c) for c in cells)  # the figures of each attack get their own files
+    assert sorted(suffixes.values()) == ["_blend_all_to_one", "_patch_all_to_all", "_patch_all_to_one"]
 
 
 def test_healed_attainable_sits_next_to_healed_and_missing_values_read_n_a() -> None:
