@@ -31,6 +31,7 @@ from typing import Any
 
 from potion.cli import EXIT_USER_ERROR, fast_exit, quiet_third_party
 from potion.errors import PotionError, TrackingError
+from potion.io import atomic_write_text
 from potion.reporting.aggregate import (
     ALL,
     aggregate,
@@ -41,6 +42,7 @@ from potion.reporting.aggregate import (
     study_title,
     summary_rows,
 )
+from potion.reporting.figures import plot_metric
 from potion.reporting.query import (
     NoRunsError,
     collect_runs,
@@ -52,6 +54,7 @@ from potion.reporting.query import (
     select,
 )
 from potion.reporting.render import CSV_COLUMNS, csv_text, markdown_tables, runs_csv_text
+from potion.tracking import MlflowTracker
 
 __all__ = ["CSV_COLUMNS", "NoRunsError", "aggregate", "build_report", "collect_runs", "main", "markdown_tables",
            "write_report"]
@@ -63,9 +66,6 @@ FIGURE_FORMATS = ("png", "pdf")
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
                  methods: Sequence[str] | None = None) -> list[Path]:
     """Write table.md, table.csv, runs.csv and the figures of every study atomically; return the paths."""
-    from potion.io import atomic_write_text
-    from potion.reporting.figures import plot_metric
-
     out = Path(out_dir)
     cells = aggregate(rows)
     paths = [atomic_write_text(out / "table.md", markdown_tables(cells, methods)),
@@ -134,8 +134,6 @@ def _log_report_run(uri: str, args: argparse.Namespace, filters: Mapping[str, li
 
     Its metrics are the headline aggregates, ``<data set>.<model>.<attack>.<method>.<metric>``.
     """
-    from potion.tracking import MlflowTracker
-
     cells = aggregate(rows)
     tracker = MlflowTracker.start(uri, args.experiment, run_name="report", tags={"potion.task": "report"})
     with tracker:

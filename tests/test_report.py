@@ -418,11 +418,11 @@ def test_uneven_cells_show_n_and_cell_counts() -> None:
 
 
 def test_figures_use_plain_words_and_readable_upright_ticks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import potion.plots
+    import potion.reporting.figures as module
     from potion.reporting.figures import plot_metric
 
     figures = []
-    save = potion.plots.save_figure_formats
+    save = module.save_figure_formats
 
     def keep(fig: Any, stem: Any, formats: Any = ("png", "pdf"), dpi: int = 300, tight: bool = True) -> list[Path]:
         from matplotlib.text import Text
@@ -433,7 +433,7 @@ def test_figures_use_plain_words_and_readable_upright_ticks(tmp_path: Path, monk
                         for t in texts])
         return save(fig, stem, formats, dpi, tight)
 
-    monkeypatch.setattr(potion.plots, "save_figure_formats", keep)
+    monkeypatch.setattr(module, "save_figure_formats", keep)
     shares = (None, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # the paper's 11 discovery settings
     rows = rows_of(*(logged_run(config_hash=f"{n_p}-{s}", n_p=n_p, share=s, count=None if s else 1,
                                 healed=50 + 40 * (s or 0)) for n_p in (72, 500) for s in shares))

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from potion.plots import print_style, save_figure_formats
 from potion.reporting.aggregate import columns
 
 # metric -> (y-axis label, a reference value drawn as a dotted line or None)
@@ -32,8 +33,6 @@ def plot_metric(cells: Sequence[Mapping[str, Any]], metric: str, stem: str | Pat
 
     Written as ``<stem>.<format>`` for each format (PNG at 300 dpi); returns the paths.
     """
-    from potion.plots import print_style, save_figure_formats
-
     sizes = sorted({c["n_p"] for c in cells})
     cols = columns(cells, methods)
     n_settings = max(len({c["share"] for c in cells if c["n_p"] == n_p}) for n_p in sizes)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from potion.errors import PotionError, TrackingError
+from potion.tracking import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
 
 PAGE_SIZE = 5000
 UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISHED'"
@@ -33,8 +34,6 @@ class NoRunsError(PotionError):
 
 def open_store(tracking_uri: str | None) -> tuple[Any, str]:
     """An MlflowClient for an existing store (never creating one) and its resolved URI."""
-    from potion.tracking import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
-
     uri = resolve_tracking_uri(tracking_uri)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
