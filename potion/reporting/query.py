@@ -173,17 +173,14 @@ def train_run_identity(tags: Mapping[str, str], params: Mapping[str, str]) -> st
 
 def settings_key(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The params that name a measurement's settings (``SETTING_PARAMS``), without the sweeper's own."""
-    return tuple(sorted((k, v) for k, v in params.items() if _is_setting(k) and not _under(k, SWEEPER_PARAMS)))
+    return tuple(sorted((k, v) for k, v in params.items()
+                        if _under(k, SETTING_PARAMS) and not _under(k, SWEEPER_PARAMS)))
 
 
 def method_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The method's own params (``method.`` stripped, its name and the sweeper's keys left out)."""
     return tuple(sorted((k[len("method."):], v) for k, v in params.items()
                         if k.startswith("method.") and k != "method.name" and not _under(k, SWEEPER_PARAMS)))
-
-
-def _is_setting(key: str) -> bool:
-    return _under(key, SETTING_PARAMS)
 
 
 def _under(key: str, prefixes: Sequence[str]) -> bool:
