@@ -327,7 +327,8 @@ def check_command_line(name: str, argv: Sequence[str]) -> None:
     """
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return
-    args = [a for a in argv if not a.startswith("-")]
+    # ``${hydra:...}`` exists only inside a job (``out_dir=/x/${hydra:job.num}``): such overrides are checked there
+    args = [a for a in argv if not a.startswith("-") and "${hydra:" not in a]
     for overrides in _sweep_samples(args) if any(a in ("-m", "--multirun") for a in argv) else [args]:
         d = check_config(name, compose_config(name, overrides))
         if name == "unlearn" and d.get("train"):  # +train.*: the training run it names (trained if missing)

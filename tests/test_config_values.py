@@ -274,3 +274,10 @@ def test_the_command_fails_in_one_line_without_importing_torch(args: list[str], 
     assert heavy == [], heavy[:5]
     assert list(tmp_path.iterdir()) == [], "a rejected command wrote something"
     assert seconds < 30, seconds  # ~0.5 s on an idle machine: Hydra and the schema, nothing heavy
+
+
+def test_an_override_naming_a_hydra_job_value_is_left_to_the_job() -> None:
+    """``out_dir=/x/${hydra:job.num}`` resolves only inside a job: the pre-Hydra check must not refuse it."""
+    from potion.config import check_command_line
+
+    check_command_line("unlearn", ["-m", "train_run=/nowhere", "method=potion,ssd", "out_dir=/tmp/x/${hydra:job.num}"])
