@@ -7,7 +7,7 @@
 This is unlearn.py's task run with ``--multirun hydra/sweeper=ptn`` (hydra_plugins/potion_ptn): the
 sweeper creates an MLflow parent run, launches one job that computes the importances once into the
 content-addressed cache, then rounds of ``hydra.sweeper.batch_size`` candidate steps k (default 8), in
-jobs of ``hydra.sweeper.steps_per_job`` steps each (default: by the launcher), through the configured
+jobs of ``hydra.sweeper.steps_per_job`` steps each (default: the whole round in one job), through the configured
 launcher (``hydra/launcher=basic`` by default, ``joblib``, ``submitit_slurm``, ...); it stops at the
 first round with a qualifying step and launches one final job that heals the model at the smallest
 qualifying k (the in-process search's answer) with unlearn.py's full evaluation. Candidate and final

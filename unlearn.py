@@ -14,7 +14,8 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 def main(cfg: DictConfig) -> Any:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
     from potion.interrupt import exit_when_interrupted
-    from potion.ptn_sweep import CANDIDATE, PREPARE, dispatch, job_role
+    from potion.ptn_jobs import dispatch
+    from potion.ptn_sweep import CANDIDATE, PREPARE, job_role
 
     quiet_third_party()
     fast_exit()

@@ -25,7 +25,7 @@ from potion.ptn_sweep import (
     FINAL,
     PREPARE,
     check_ptn_config,
-    dispatch,
+    check_sizes,
     job_chunks,
     job_overrides,
     num_rounds,
@@ -165,6 +165,8 @@ def test_the_sweeper_is_registered_with_hydra() -> None:
 
 
 def test_an_unknown_job_role_is_a_config_error() -> None:
+    from potion.ptn_jobs import dispatch
+
     cfg = compose_config("unlearn", ["train_run=x", "++ptn_job.role=bogus", "logger=none"])
     with pytest.raises(ConfigError, match="ptn_job.role=bogus"):
         dispatch(cfg)
