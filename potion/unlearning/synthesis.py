@@ -78,6 +78,14 @@ def flip_rate(model: nn.Module, probes: torch.Tensor, target: int) -> float:
     return float((model(probes).argmax(1) == target).float().mean())
 
 
+@torch.no_grad()
+def strength(model: nn.Module, probes: torch.Tensor, target: int) -> tuple[float, float]:
+    """(flip rate, mean target probability): the second tells a whole trigger from a part of it when a model
+    already flips on the part (both flip every probe; the whole one more confidently)."""
+    probs = model(probes).float().softmax(1)
+    return float((probs.argmax(1) == target).float().mean()), float(probs[:, target].mean())
+
+
 def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
                       sizes: Sequence[int] = (2, 3, 4, 5), candidates: int = 4, min_flip_rate: float = 0.5,
                       ) -> SynthesisResult | None:
@@ -113,24 +121,29 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
 
 def _refine(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,
             best: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
-    """The best window among the chosen one shifted by up to a pixel and grown or shrunk by one (at a tie:
-    the smaller, then the original), so a trigger touching the image border is covered whole."""
-    rate, r, c, k = best
+    """The best window among the chosen one shifted by up to a pixel and grown or shrunk by one, so a trigger
+    touching the image border is covered whole: highest flip rate, then highest target probability, then
+    the smaller window."""
+    _, r, c, k = best
     _, h, w = source.shape
-    found = best
+
+    def key(rr: int, cc: int, kk: int) -> tuple[float, float, int]:
+        rate, prob = strength(model, paste(probe_x, source[:, rr:rr + kk, cc:cc + kk], rr, cc), target)
+        return round(rate, 6), round(prob, 4), -kk
+
+    found, found_key = (r, c, k), key(r, c, k)
     for kk in (k - 1, k, k + 1):
         if kk < 1 or kk > min(h, w):
             continue
         for dr in (-1, 0, 1):
             for dc in (-1, 0, 1):
                 rr, cc = min(max(r + dr, 0), h - kk), min(max(c + dc, 0), w - kk)
-                if (rr, cc, kk) == (r, c, k):
+                if (rr, cc, kk) == found:
                     continue
-                patch = source[:, rr:rr + kk, cc:cc + kk]
-                cand = flip_rate(model, paste(probe_x, patch, rr, cc), target)
-                if cand > found[0] + 1e-9 or (abs(cand - found[0]) <= 1e-9 and kk < found[3]):
-                    found = (cand, rr, cc, kk)
-    return found
+                cand = key(rr, cc, kk)
+                if cand > found_key:
+                    found, found_key = (rr, cc, kk), cand
+    return found_key[0], *found
 
 
 def synthesize_additive(model: nn.Module, forget_x: torch.Tensor, reference_x: torch.Tensor, probe_x: torch.Tensor,
@@ -158,10 +171,10 @@ def _shrink(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, targe
     rate, r, c, k = best
     final = rate
     while k > 1:
-        options = [(flip_rate(model, paste(probe_x, source[:, r + dr:r + dr + k - 1, c + dc:c + dc + k - 1],
+        options = [(*strength(model, paste(probe_x, source[:, r + dr:r + dr + k - 1, c + dc:c + dc + k - 1],
                                           r + dr, c + dc), target), r + dr, c + dc)
                    for dr in (0, 1) for dc in (0, 1)]
-        sub_rate, sub_r, sub_c = max(options, key=lambda o: o[0])
+        sub_rate, _, sub_r, sub_c = max(options, key=lambda o: (round(o[0], 6), o[1]))
         if sub_rate < rate - slack:
             break
         r, c, k, final = sub_r, sub_c, k - 1, sub_rate
