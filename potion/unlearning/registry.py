@@ -87,8 +87,3 @@ def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str,
     if cuda:
         torch.cuda.synchronize()
     return out, time.perf_counter() - t0
-
-
-def load_builtin_methods() -> None:
-    """Register every built-in method (kept for potion.ptn_jobs; new code imports potion.unlearning.methods)."""
-    from potion.unlearning import methods  # noqa: F401
