@@ -152,29 +152,15 @@ def test_sigterm_stops_unlearning_with_143_and_one_line(tmp_path: Path, cache: P
     assert not (out / "summary.json").exists()
 
 
-class _Recorder:
-    """A tracker that remembers how its run ended."""
-
-    run_id = "recorded"
-
-    def __init__(self) -> None:
-        self.status: str | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *a, **k: None
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.status = status
-
-
 def test_sigterm_in_process_marks_the_run_killed_and_restores_the_handlers(tmp_path: Path, cache: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from potion import train_pipeline, training
+    from potion import lifecycle, train_pipeline, training
+    from potion.tracking import RecordingTracker
 
     monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
     monkeypatch.setenv("POTION_THREADS", "1")
-    recorder = _Recorder()
-    monkeypatch.setattr(train_pipeline, "start_tracker", lambda *a, **k: recorder)
+    recorder = RecordingTracker("recorded")  # remembers how its run ended
+    monkeypatch.setattr(lifecycle, "start_tracker", lambda *a, **k: recorder)
     step = training.PoisonTrainingModule.training_step
 
     def signal_at_step_3(self: Any, batch: Any, batch_idx: int) -> Any:
