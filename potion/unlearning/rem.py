@@ -460,7 +460,7 @@ def build_run(task: UnlearnTask, s: REMSettings) -> tuple[REMRun, list[Tap], int
     return run, taps, sum(p.numel() for p in added.parameters())
 
 
-@register("rem")
+@register("rem", trains=True)
 def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4,
         batch_size: int | None = None, beta: float = 1.0, threshold: float = 0.2, max_flush: int = 100,
         width: float = 1.0, mask_share: float = 0.2, taps: int = 4, tap_modules: Sequence[str] | None = None,
