@@ -25,7 +25,6 @@ from potion.ptn_sweep import (
     FINAL,
     PREPARE,
     check_ptn_config,
-    check_sizes,
     job_chunks,
     job_overrides,
     num_rounds,
