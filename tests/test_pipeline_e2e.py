@@ -250,6 +250,7 @@ def test_iterative_stopping_test_watches_the_chosen_set(tiny: TinyRun, tmp_path:
 
 def test_one_discovered_sample_reveals_the_trigger_pixels(tiny: TinyRun) -> None:
     """From one discovered file, the pixels that recur among target-labelled samples flag all the other poison."""
+    from potion.data.poison import patch_origin
     from potion.data.poisoned import load_data, poison
     from potion.runs import load_trained_run
     from potion.suspects import find_signature, signature_matches, single_sample_mask
@@ -262,7 +263,13 @@ def test_one_discovered_sample_reveals_the_trigger_pixels(tiny: TinyRun) -> None
     keep[plan[:1]] = False
     retain = torch.nonzero(keep).view(-1)
     sig = find_signature(model, data, plan[:1], retain, run.plan.target)
-    assert sig is not None and sig.mask is not None and 0 < int(sig.mask.sum()) < sig.mask.numel()
+    assert sig is not None and sig.mask is not None
+    # the mask's pixels, in image coordinates, are exactly the trigger's: no host pixel, none missing
+    r0, c0 = patch_origin(run.plan.trigger, *data.bundle.train.images.shape[2:])
+    k = run.plan.trigger.size
+    trigger = {(r, c) for r in range(r0, r0 + k) for c in range(c0, c0 + k)}
+    found = {(sig.row + i, sig.col + j) for i, j in torch.nonzero(sig.mask).tolist()}
+    assert found == trigger
     hits = retain[signature_matches(data, retain, sig)]
     assert set(hits.tolist()) == set(plan[1:].tolist())  # every other poisoned sample, nothing else
     noise = torch.rand_like(sig.patch) * 4 - 2  # a window no training sample carries: no signature
