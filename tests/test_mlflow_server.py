@@ -4,7 +4,6 @@ unlearning run and a PTN sweep log to it over HTTP, and everything is read back 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -13,23 +12,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tiny_world import train_overrides, write_pattern_folder
+from tiny_world import QUICK_PTN, free_port, train_overrides, write_pattern_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-PTN = ["method=potion", "discovery.share=0.5", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
-       "method.ptn.max_steps=40"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PTN = QUICK_PTN
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,21 +15,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tiny_world import train_overrides, write_pattern_folder
+from tiny_world import QUICK_PTN, free_port, train_overrides, write_pattern_folder
 
 from potion.io import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # a real server started twice and a sweep in a subprocess (~2 min on 2 cores)
 
-PTN = ["method=potion", "discovery.share=0.5", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
-       "method.ptn.max_steps=40"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+PTN = QUICK_PTN
 
 
 def _start_server(root: Path, port: int) -> subprocess.Popen:
@@ -85,7 +77,7 @@ def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         mp.setenv("POTION_THREADS", "1")
         run_training(compose_config("train", train_overrides(write_pattern_folder(root / "data"), root / "run",
                                                              "logger=none")))
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(root, port)
     cmd = [sys.executable, "sweep.py", f"train_run={root / 'run'}", *PTN, f"logger.tracking_uri={uri}",

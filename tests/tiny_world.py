@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +47,14 @@ def train_overrides(data: Path, out_dir: Path, *extra: str) -> list[str]:
     return ["dataset=imagefolder", f"dataset.path={data}", "model=small_cnn", "model.width=8", "poison.count=16",
             "poison.fraction=null", "train.epochs=8", "train.batch_size=32", "train.lr=0.05", "train.crop_padding=1",
             "train.flip=false", "train.epoch_eval_samples=80", f"out_dir={out_dir}", *extra]
+
+# a short PTN search for tests that sweep over a server or a cluster
+QUICK_PTN = ["method=potion", "discovery.share=0.5", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
+             "method.ptn.max_steps=40"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
