@@ -26,7 +26,7 @@ from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
 from potion.unlearning.registry import MethodOutput, register
-from potion.unlearning.synthesis import SynthesisResult, paste, synthesize_additive, synthesize_forget
+from potion.unlearning.synthesis import SynthesisResult, synthesize_additive, synthesize_forget
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
@@ -225,11 +225,6 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
                                    min_flip_rate=min_flip)
         if result is not None and not small:
             return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
-        if result is not None:
-            result = SynthesisResult(result.row, result.col, result.size, result.flip_rate,
-                                     paste(probes, forget_x[0, :, result.row:result.row + result.size,
-                                                             result.col:result.col + result.size],
-                                           result.row, result.col), result.labels)
     if result is None and additive_ok:
         ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
         reference = task.data.normalizer(task.data.bundle.train.images[ref_idx].to(task.device))
