@@ -40,7 +40,7 @@ from potion.train_pipeline import run_training
 ATTACKS: dict[str, list[str]] = {
     "badnets": ["poison=badnets"],
     "blend": ["poison=blend"],
-    "sig": ["poison=sig", "poison.count=2500"],
+    "sig": ["poison=sig", "poison.count=5000"],
     "wanet": ["poison=wanet", "poison.count=2500"],
     "ftrojan": ["poison=ftrojan"],
     "label_consistent": ["poison=label_consistent", "poison.count=2500"],
