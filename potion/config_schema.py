@@ -177,7 +177,7 @@ class Logger:
     name: Literal["mlflow", "none"]
     tracking_uri: str | None
     fallback: Literal["none", "local"]
-    experiment: str
+    experiment: str | None  # null: the study (potion.run_naming.study_name)
     timeout_s: float | None = num(60.0, gt=0)  # one call to a server gives up after ~this long (potion.tracking)
 
 

@@ -1,0 +1,336 @@
+"""The one naming scheme of potion's MLflow runs: experiments, run names, tags, parameter keys, metric names.
+
+Every run type (train, unlearn, PTN sweep parent, candidate and final run, heal) takes its names from here, so
+the same setting has the same key everywhere and runs of one study compare column by column in the MLflow UI:
+
+- **experiment**: one per study, the training config's ``name`` (``${dataset.name}-${model.name}`` unless an
+  ``experiment=`` overlay names it: ``quickstart``, ``cpu_bench``, ...); ``logger.experiment`` overrides it.
+- **run name**: what tells the runs of a grid apart, ``potion d=10% p=16 s=0 resnet9 badnets`` (method,
+  discovered share or count, poison size, seed, model, attack, then the method settings a grid varies).
+- **params**: settings only, under their config path (``dataset.name``, ``poison.n_p``, ``method.ptn.rho``,
+  ``discovery.share``, ``discovery.n_f``, ``trainer.*``, ``suspects.*``); settings a method resolved at run time
+  (its SGD settings, PTN's threshold, the suspects' cut-off) are params too. No bookkeeping keys (where the
+  run logs to, whether it may resume or overwrite).
+- **metrics**: measurements only, in one unit convention (:data:`UNITS`); the PTN trajectory is the series
+  ``ptn_traj_<column>`` (step = k) on every run that has one.
+- **tags**: ``potion.task``, ``potion.study``, ``potion.grid`` (a Hydra multirun), ``potion.sweep_id`` (a PTN
+  sweep), ``potion.train_run_id`` (the training run's MLflow id, on every run derived from it).
+
+Torch-free, so the sweeper (which never imports torch) uses it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+# --------------------------------------------------------------------------- tags
+
+TASK = "potion.task"
+STUDY = "potion.study"
+GRID = "potion.grid"
+SWEEP_ID = "potion.sweep_id"
+TRAIN_RUN_ID = "potion.train_run_id"
+TRAIN_CONFIG_HASH = "potion.train_config_hash"
+METHOD = "potion.method"
+CONFIG_HASH = "potion.config_hash"
+TRAIN, UNLEARN, SWEEP, CANDIDATE, HEAL = "train", "unlearn", "ptn_sweep", "ptn_candidate", "heal"
+
+TRAJECTORY_PREFIX = "ptn_traj_"  # the PTN trajectory series, in process and on a sweep's parent run
+
+# Top-level config keys that say how a command runs, not what it computes: never params.
+NOISE_KEYS = ("logger", "force", "resume", "out_dir", "hydra", "print_table", "name", "train_run", "train",
+              "ptn_job", "save_weights", "run_dir")
+
+# Numeric method diagnostics that are settings (resolved at run time), as the param key they are logged under.
+SETTING_DIAGNOSTICS = {"ptn_threshold": "method.ptn.threshold", "suspect_cutoff": "suspects.cutoff",
+                       "retain_importance_samples": "method.importance.retain_samples_used"}
+SGD_PREFIX = "sgd_"  # the SGD settings a training-based method ran with -> method.sgd.<name>
+
+# The unit convention of every metric (README table). Accuracies and rates are fractions, healed a percentage,
+# acc_drop percentage points; *_before / *_reference variants share their metric's unit.
+UNITS = {
+    "clean_acc": "fraction 0-1", "poison_acc": "fraction 0-1", "asr": "fraction 0-1", "forget_acc": "fraction 0-1",
+    "poisoned_train_acc": "fraction 0-1", "suspect_precision": "fraction 0-1", "suspect_recall": "fraction 0-1",
+    "suspect_ap": "fraction 0-1", "healed": "percent 0-100", "healed_attainable": "percent 0-100",
+    "acc_drop": "percentage points", "*_seconds": "seconds",
+}
+
+# Heal's summary names what it measured after healing with an _after suffix; as metrics they read as unlearn's.
+HEAL_METRIC_NAMES = {"clean_acc_after": "clean_acc", "asr_after": "asr", "poison_acc_after": "poison_acc",
+                     "discovered_given_label_after": "forget_acc",
+                     "discovered_given_label_before": "forget_acc_before"}
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def study_name(train_cfg: Mapping[str, Any]) -> str:
+    """A training config's study: its ``name`` (``${dataset.name}-${model.name}`` by default)."""
+    name = train_cfg.get("name")
+    if name not in (None, ""):
+        return str(name)
+    return f"{_get(train_cfg, 'dataset.name') or 'data'}-{_get(train_cfg, 'model.name') or 'model'}"
+
+
+def heal_study(heal_cfg: Mapping[str, Any]) -> str:
+    """A practitioner's study: ``heal-<data folder name>`` (one experiment per data set healed)."""
+    path = str(_get(heal_cfg, "dataset.path") or "").rstrip("/")
+    folder = path.rsplit("/", 1)[-1] if path else "data"
+    for ext in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+        if folder.endswith(ext):
+            folder = folder[: -len(ext)]
+    return f"heal-{folder or 'data'}"
+
+
+def experiment_name(logger_cfg: Mapping[str, Any] | None, study: str) -> str:
+    """The experiment a run logs to: ``logger.experiment`` when set, else its study."""
+    given = (logger_cfg or {}).get("experiment")
+    return str(given) if given not in (None, "") else study
+
+
+def logger_for(logger_cfg: Mapping[str, Any] | None, study: str) -> dict[str, Any] | None:
+    """The ``logger`` config with its experiment filled in (the study's unless set); None stays None."""
+    if logger_cfg is None:
+        return None
+    return {**_plain(logger_cfg), "experiment": experiment_name(logger_cfg, study)}
+
+
+# --------------------------------------------------------------------------- run names
+
+
+def attack_label(poison_cfg: Mapping[str, Any] | None) -> str:
+    """The attack as its ``poison=`` option reads (a patch trigger is ``badnets``)."""
+    kind = str(_get(poison_cfg or {}, "trigger.kind") or "none")
+    return "badnets" if kind == "patch" else kind
+
+
+def discovery_label(discovery_cfg: Mapping[str, Any] | None, n_f: int | None = None) -> str:
+    """``d=10%`` for a discovered share, ``d=3`` for a discovered count (which overrides a share)."""
+    d = discovery_cfg or {}
+    if d.get("count") not in (None, ""):
+        return f"d={int(d['count'])}"
+    share = d.get("share")
+    if share not in (None, ""):
+        return f"d={_percent(float(share))}"
+    return f"d={n_f}" if n_f is not None else "d=?"
+
+
+def poison_label(poison_cfg: Mapping[str, Any] | None, n_p: int | None = None) -> str:
+    """``p=16`` (poisoned training samples), or ``p=5%`` while only the configured fraction is known."""
+    p = poison_cfg or {}
+    if n_p is not None:
+        return f"p={int(n_p)}"
+    if p.get("count") not in (None, ""):
+        return f"p={int(p['count'])}"
+    if p.get("fraction") not in (None, ""):
+        return f"p={_percent(float(p['fraction']))}"
+    return "p=?"
+
+
+def train_run_name(cfg: Mapping[str, Any], extra: Sequence[str] = ()) -> str:
+    """``train resnet9 badnets p=1% s=0``: a training run, told apart by model, attack, poison size and seed."""
+    parts = ["train", str(_get(cfg, "model.name")), attack_label(cfg.get("poison")), poison_label(cfg.get("poison")),
+             f"s={cfg.get('seed')}"]
+    return " ".join([*parts, *extra])
+
+
+def unlearn_run_name(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: int | None, n_p: int | None,
+                     extra: Sequence[str] = ()) -> str:
+    """``potion d=10% p=16 s=0 resnet9 badnets``: method, discovery, poison size, seed, model, attack, then
+    ``extra`` (the settings a grid varies, ``rho=0.2``) and, for a fixed PTN step (a sweep's final run), ``k=7``."""
+    method = cfg.get("method") or {}
+    parts = [str(method.get("name")), discovery_label(cfg.get("discovery"), n_f), poison_label(None, n_p),
+             f"s={cfg.get('seed')}", str(_get(train_cfg, "model.name")), attack_label(train_cfg.get("poison")),
+             *extra]
+    fixed = _get(method, "ptn.fixed_step")
+    if isinstance(fixed, int) and not isinstance(fixed, bool):
+        parts.append(f"k={fixed}")
+    return " ".join(p for p in parts if p)
+
+
+def sweep_run_name(unlearn_name: str) -> str:
+    """The PTN sweep's parent run: ``ptn-sweep`` and what its final run is."""
+    return f"ptn-sweep {unlearn_name}"
+
+
+def candidate_run_name(step: int, unlearn_name: str) -> str:
+    """A candidate: its step k first, so a name cut off in the UI still tells candidates apart."""
+    return f"k={int(step)} {unlearn_name}"
+
+
+def heal_run_name(method: str, n_f: int, model: str) -> str:
+    """``heal potion d=3 resnet9``: a practitioner's run (d = the number of discovered files)."""
+    return f"heal {method} d={int(n_f)} {model}"
+
+
+def grid_extras(overrides: Sequence[str]) -> list[str]:
+    """The method settings a Hydra job's overrides set, as short name parts (``method.ptn.rho=0.2`` -> ``rho=0.2``).
+
+    The method's name, the sweeper's fixed step and every other group are already in the run name.
+    """
+    out = []
+    for text in overrides:
+        key, sep, value = text.lstrip("+~").partition("=")
+        if not sep or not key.startswith("method.") or key in ("method.name", "method.ptn.fixed_step"):
+            continue
+        if "${" in value:
+            continue
+        out.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return out
+
+
+# --------------------------------------------------------------------------- params
+
+
+def train_params(cfg: Mapping[str, Any], n_p: int | None) -> dict[str, Any]:
+    """A training run's params: its config without the bookkeeping keys, plus ``poison.n_p``."""
+    params = {k: v for k, v in _plain(cfg).items() if k not in NOISE_KEYS}
+    params["poison"] = {**(params.get("poison") or {}), "n_p": n_p}
+    return params
+
+
+def unlearn_params(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: int | None, n_p: int | None
+                   ) -> dict[str, Any]:
+    """An unlearning run's params (also a sweep's parent, candidates and final run): the training run's data,
+    model and poison, and this run's method, discovery, seed, trainer and suspects settings."""
+    c, t = _plain(cfg), _plain(train_cfg)
+    params: dict[str, Any] = {
+        "dataset": t.get("dataset") or {}, "model": t.get("model") or {},
+        "poison": {**(t.get("poison") or {}), "n_p": n_p},
+        "method": c.get("method") or {}, "discovery": {**(c.get("discovery") or {}), "n_f": n_f},
+        "seed": c.get("seed"),
+    }
+    for key in ("trainer", "suspects", "reference", "eval_batch_size"):
+        if c.get(key) is not None:
+            params[key] = c[key]
+    return params
+
+
+def heal_params(cfg: Mapping[str, Any], n_f: int, target: int) -> dict[str, Any]:
+    """A practitioner's heal run: data set, model, method, discovered count, target class, seed, trainer, suspects."""
+    c = _plain(cfg)
+    params: dict[str, Any] = {"dataset": c.get("dataset") or {}, "model": c.get("model") or {},
+                              "method": c.get("method") or {}, "discovery": {"n_f": n_f}, "poison": {"target": target},
+                              "checkpoint": c.get("checkpoint"), "seed": c.get("seed")}
+    for key in ("trainer", "suspects"):
+        if c.get(key) is not None:
+            params[key] = c[key]
+    return params
+
+
+def resolved_settings(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings among a run's numbers (see :data:`SETTING_DIAGNOSTICS`), as flat params."""
+    out: dict[str, Any] = {}
+    for key, value in diagnostics.items():
+        if key in SETTING_DIAGNOSTICS and _is_number(value):
+            out[SETTING_DIAGNOSTICS[key]] = value
+        elif key.startswith(SGD_PREFIX):
+            out[f"method.sgd.{key[len(SGD_PREFIX):]}"] = value
+    return out
+
+
+def measurements(values: Mapping[str, Any], method_cfg: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The measurements among a run's numbers: settings (resolved ones, or a method key such as SSD's alpha,
+    already a param) and non-numbers left out; booleans as 0/1."""
+    method_keys = set(method_cfg or ())
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if key in SETTING_DIAGNOSTICS or key.startswith(SGD_PREFIX) or key in method_keys or not _is_number(value):
+            continue
+        out[key] = float(value)
+    return out
+
+
+def heal_measurements(values: Mapping[str, Any], method_cfg: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """A heal run's measurements under unlearn's names (``clean_acc_after`` -> ``clean_acc``)."""
+    return {HEAL_METRIC_NAMES.get(k, k): v for k, v in measurements(values, method_cfg).items()}
+
+
+def trajectory_metrics(row: Mapping[str, Any]) -> dict[str, float]:
+    """One PTN trajectory row (step, s, percentile, alpha, dampened_share, forget_acc) as ``ptn_traj_*`` values."""
+    return {f"{TRAJECTORY_PREFIX}{k}": float(v) for k, v in row.items() if k != "step" and _is_number(v)}
+
+
+# --------------------------------------------------------------------------- tags
+
+
+def study_tags(task: str, study: str) -> dict[str, str]:
+    """The tags every run carries: its task and study."""
+    return {TASK: task, STUDY: study}
+
+
+def train_link_tags(train_summary: Mapping[str, Any]) -> dict[str, str]:
+    """The link to the training run a run derives from: its MLflow id (where it has one) and config hash."""
+    tags = {}
+    if train_summary.get("mlflow_run_id"):
+        tags[TRAIN_RUN_ID] = str(train_summary["mlflow_run_id"])
+    if train_summary.get("config_hash"):
+        tags[TRAIN_CONFIG_HASH] = str(train_summary["config_hash"])
+    return tags
+
+
+def hydra_job() -> tuple[str | None, list[str]]:
+    """This process's Hydra multirun: (its sweep folder, this job's overrides); (None, []) outside a multirun.
+
+    Jobs of the PTN sweeper return (None, []) too: their runs are grouped by ``potion.sweep_id`` instead.
+    """
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:
+        return None, []
+    if not HydraConfig.initialized():
+        return None, []
+    hc = HydraConfig.get()
+    overrides = [str(o) for o in (hc.overrides.task or ())]
+    if hc.mode != RunMode.MULTIRUN or any(o.lstrip("+~").startswith("ptn_job.") for o in overrides):
+        return None, []
+    return str(hc.sweep.dir), overrides
+
+
+def grid_tags(sweep_dir: str | None) -> dict[str, str]:
+    """``potion.grid``: the Hydra multirun folder every job of one ``-m`` command shares."""
+    return {GRID: sweep_dir} if sweep_dir else {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """A resolved plain dict of a DictConfig or mapping."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf ships with hydra
+        return dict(cfg)
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return {k: _plain(v) if _is_config(v) else v for k, v in dict(cfg).items()}
+
+
+def _is_config(value: Any) -> bool:
+    try:
+        from omegaconf import DictConfig
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, DictConfig)
+
+
+def _get(cfg: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) and not hasattr(node, "get"):
+            return None
+        node = node.get(part)
+        if node is None:
+            return None
+    return node
+
+
+def _percent(fraction: float) -> str:
+    return f"{round(100 * fraction, 4):g}%"
+
+
+def _is_number(value: Any) -> bool:
+    """Ints, floats and booleans (0/1); NaN counts (MLflow stores it, and it flags an undefined value)."""
+    return isinstance(value, int | float)
