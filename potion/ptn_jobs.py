@@ -9,15 +9,25 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, open_dict
 
-from potion.config import method_arguments
+from potion.config import method_arguments, to_dict
 from potion.data.poisoned import load_data, poison
 from potion.errors import ConfigError
-from potion.ptn_sweep import CANDIDATE, JOB_KEY, PREPARE, ROLES, TRACKING_KEY, check_ptn_config, job_role
+from potion.ptn_sweep import (
+    CANDIDATE,
+    JOB_KEY,
+    PREPARE,
+    ROLES,
+    TRACKING_KEY,
+    TRAIN_INFO,
+    check_ptn_config,
+    job_role,
+)
 from potion.schedule import cpu_threads
 from potion.tracking import RecordingTracker, tracking_enabled
 from potion.unlearn_pipeline import make_task, resolve_device, run_unlearning, trained_inputs
@@ -53,10 +63,14 @@ def dispatch(cfg: DictConfig) -> Any:
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """The sweep's first job: the method at k=0 (its own importance code, so the cache entry it writes is the
-    one every later job looks up), which also measures a0; plus n_f and n_p for the sweep's record."""
+    one every later job looks up), which also measures a0; plus what the sweep's runs are named and linked by:
+    n_f, n_p and the training run (its config, MLflow run id, config hash and folder)."""
     started = time.perf_counter()
     row, run, discovery = _evaluate(cfg, [0])
-    return {**row[0], "n_f": discovery.n_f, "n_p": run.plan.count, "prepare_seconds": time.perf_counter() - started}
+    return {**row[0], "n_f": discovery.n_f, "n_p": run.plan.count, "prepare_seconds": time.perf_counter() - started,
+            TRAIN_INFO: {"cfg": to_dict(run.cfg), "run_dir": str(Path(run.path).resolve()),
+                         "mlflow_run_id": run.summary.get("mlflow_run_id"),
+                         "config_hash": run.summary.get("config_hash")}}
 
 
 def evaluate_steps(cfg: DictConfig, steps: Sequence[int]) -> list[dict[str, Any]]:

@@ -30,14 +30,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from potion.config import to_dict
+from potion import run_naming as naming
+from potion.config import identity_hash, to_dict
 from potion.errors import ConfigError
-from potion.io import atomic_write_json
+from potion.io import atomic_write_json, read_json
 from potion.lifecycle import write_rows_csv
-from potion.tracking import RecordingTracker, Tracker, start_tracker
-from potion.tracking_runs import MISSING, PENDING, logged_state, record_run_id, replay_command, write_pending
+from potion.tracking import RecordingTracker, Tracker, logger_settings, open_client, start_tracker, usable_uri
+from potion.tracking_runs import (
+    MISSING,
+    PENDING,
+    logged_state,
+    record_run_id,
+    replay_command,
+    trajectory_rows,
+    write_pending,
+)
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
 log = logging.getLogger(__name__)
@@ -48,9 +57,13 @@ ROLES = (PREPARE, CANDIDATE, FINAL)
 PTN_METHODS = ("potion", "assd", "lfssd")  # one PTN search over one importance pair: what the sweeper splits
 SWEEPER_KEYS = ("method.ptn.fixed_step", JOB_KEY)  # set by the sweeper per job, never by the user
 TRACKING_KEY = "ptn_tracking"  # in a final job's return value: its recorded tracking calls and final status
+TRAIN_INFO = "train_run"  # in the prepare job's return value: the training run's config, MLflow id, hash, folder
+SWEEP_KEY = "potion.sweep_key"  # tag: the identity of a sweep (config, training run, out_dir), to find a rerun's
+RECORD = "ptn_sweep.json"
+TRAJECTORY = "ptn_trajectory.csv"
 # Metrics of the final (healed) run repeated on the parent, so a sweep reads as one row in the MLflow UI.
-FINAL_METRICS = ("clean_acc", "asr", "poison_acc", "healed", "acc_drop", "forget_acc", "clean_acc_before",
-                 "asr_before")
+FINAL_METRICS = ("clean_acc", "asr", "poison_acc", "healed", "healed_attainable", "acc_drop", "forget_acc",
+                 "clean_acc_before", "asr_before", "poison_acc_before")
 
 Launch = Callable[[list[list[str]]], Sequence[Any]]  # job overrides -> Hydra JobReturns, in order
 
@@ -152,12 +165,54 @@ def candidate_of(ret: dict[str, Any]) -> Candidate:
                      float(ret["dampened_share"]), float(ret["forget_acc"]))
 
 
+# --------------------------------------------------------------------------- how the sweep's runs read in MLflow
+
+
+@dataclass(frozen=True)
+class SweepRuns:
+    """The names, params and tags of a sweep's runs (:mod:`potion.run_naming`), known once the prepare job has
+    read the training run, and the key that finds an earlier finished sweep of the same config."""
+
+    study: str
+    experiment: str
+    logger: dict[str, Any] | None  # the logger config with the experiment filled in
+    unlearn_name: str  # the final run's name without its step k
+    params: dict[str, Any]  # the unlearning params every run of the sweep shares
+    link: dict[str, str]  # the training-run link tags
+    key: str  # potion.sweep_key: the config (sweeper keys aside), the training run and the out_dir
+
+
+def sweep_runs(cfg: DictConfig, arguments: Sequence[str], prep: dict[str, Any]) -> SweepRuns:
+    """How this sweep's runs read in MLflow, from its config, its command line and the prepare job's values."""
+    train = prep.get(TRAIN_INFO) or {}
+    train_cfg = train.get("cfg") or {}
+    plain = _without_hydra(cfg)
+    study = naming.study_name(train_cfg)
+    logger = naming.logger_for(plain.get("logger"), study)
+    name = naming.unlearn_run_name(plain, train_cfg, prep.get("n_f"), prep.get("n_p"), naming.grid_extras(arguments))
+    trained = train.get("config_hash") or train.get("run_dir") or plain.get("train_run")
+    key = identity_hash({**plain, "train_run": trained, "final_out_dir": plain.get("out_dir")})
+    return SweepRuns(study, naming.experiment_name(plain.get("logger"), study), logger, name,
+                     naming.unlearn_params(plain, train_cfg, prep.get("n_f"), prep.get("n_p")),
+                     naming.train_link_tags(train), key)
+
+
+def _without_hydra(cfg: DictConfig) -> dict[str, Any]:
+    """The sweep's config as a plain dict, without Hydra's own node (its resolvers need a running job)."""
+    return to_dict(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+
+
 # --------------------------------------------------------------------------- the search
 
 
 def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: SweepSettings, sweep_dir: Path
               ) -> list[Sequence[Any]]:
-    """The PTN search as launches of jobs; every launch's JobReturns, the final job's last."""
+    """The PTN search as launches of jobs; every launch's JobReturns, the final job's last.
+
+    A finished sweep of the same config that the store holds (its record and final run folder still on disk)
+    is not run again: after the prepare job, nothing is launched or logged, and the sweep folder's
+    ``ptn_sweep.json`` points at the earlier parent run (``force=true`` runs it again).
+    """
     started = time.perf_counter()
     method = str(cfg.method.name)
     returns: list[Sequence[Any]] = []
@@ -166,20 +221,30 @@ def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: S
         returns.append(launch([[*arguments, *job] for job in jobs]))
         return [r.return_value for r in returns[-1]]  # re-raises a failed job's error
 
-    with start_tracker(cfg.get("logger"), experiment="potion", run_name=f"ptn-sweep-{method}",
-                       tags={"potion.task": "ptn_sweep", "potion.method": method, "potion.launcher": settings.launcher,
-                             "potion.sweep_dir": str(sweep_dir)}) as parent:
-        parent.log_params({"override": settings.overrides, "sweeper": {
+    _check_tracking(cfg.get("logger"))  # a bad logger config or a dead server: one line before any job
+    prep = run([job_overrides(None, PREPARE, None)])[0]
+    names = sweep_runs(cfg, arguments, prep)
+    earlier = None if cfg.get("force") else finished_sweep(names)
+    if earlier is not None:
+        _point_to(earlier, sweep_dir, names)
+        return returns
+    with start_tracker(names.logger, experiment=names.experiment, run_name=naming.sweep_run_name(names.unlearn_name),
+                       tags={**naming.study_tags(naming.SWEEP, names.study), naming.METHOD: method, **names.link,
+                             "potion.launcher": settings.launcher, "potion.sweep_dir": str(sweep_dir),
+                             SWEEP_KEY: names.key}) as parent:
+        if parent.run_id:
+            parent.set_tags({naming.SWEEP_ID: parent.run_id})
+        parent.log_params({**names.params, "method.ptn.threshold": prep["threshold"], "sweeper": {
             "batch_size": settings.batch_size, "launcher": settings.launcher, "steps_per_job": settings.steps_per_job}})
-        prep = run([job_overrides(None, PREPARE, parent.run_id)])[0]
         _log_prepare(cfg, parent, prep)
-        evaluated, chosen = _rounds(cfg, run, parent, settings, prep)
+        evaluated, chosen = _rounds(cfg, run, parent, settings, prep, names)
         reached = chosen is not None
         if chosen is None:  # as the in-process search: keep the last step
             chosen = max(evaluated, key=lambda c: c.step)
             log.warning("PTN sweep: rho=%s never met in %d steps; the final run uses the last step k=%d",
                         cfg.method.ptn.rho, len(evaluated), chosen.step)
-        summary, pending = _final(cfg, run, parent, chosen.step)
+        trajectory = _write_trajectory(sweep_dir, evaluated, prep["threshold"], f"PTN sweep: {names.unlearn_name}")
+        summary, pending = _final(cfg, run, parent, chosen.step, names, trajectory)
         result = {
             "ptn_chosen_step": chosen.step, "ptn_steps": chosen.step + 1, "ptn_s": chosen.s, "ptn_alpha": chosen.alpha,
             "ptn_percentile": chosen.percentile, "ptn_dampened_share": chosen.dampened_share,
@@ -188,11 +253,13 @@ def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: S
             "ptn_jobs_recomputed_importance": sum(not c["importance_cache_hit"] for c in _values(returns[1:-1])),
             "ptn_a0": prep["a0"], "ptn_threshold": prep["threshold"],
         }
-        parent.log_metrics({**result, **{k: summary.get(k) for k in FINAL_METRICS}})
+        parent.log_metrics(naming.measurements({**result, **{k: summary.get(k) for k in FINAL_METRICS}}))
         parent.set_tags({"potion.final_run_id": summary.get("mlflow_run_id"),
                          "potion.final_run_dir": summary.get("run_dir"),
                          "potion.final_reused": bool(summary.get("reused", False))})
-        for path in _write_outputs(cfg, sweep_dir, result, evaluated, summary, prep):
+        record = _write_record(cfg, sweep_dir, {**result, "parent_run_id": parent.run_id, SWEEP_KEY: names.key},
+                               evaluated, summary, prep)
+        for path in (*trajectory, record):
             parent.log_artifact(path)
         _warn_tracking_lost(parent, sweep_dir, pending)
     print(f"PTN sweep ({settings.launcher}, rounds of {settings.batch_size}): k={chosen.step} s={chosen.s:.4g} "
@@ -202,16 +269,21 @@ def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: S
     return returns
 
 
+def _check_tracking(logger_cfg: Any) -> None:
+    """Check the logger config and reach its store now, as starting the parent run later would."""
+    settings = logger_settings(logger_cfg)
+    if settings is not None:
+        usable_uri(settings)
+
+
 def _values(launches: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
     """Every candidate value the candidate jobs of these launches returned."""
     return [v for results in launches for r in results for v in r.return_value]
 
 
 def _log_prepare(cfg: DictConfig, parent: Tracker, prep: dict[str, Any]) -> None:
-    parent.log_params({"method": str(cfg.method.name), "n_f": prep["n_f"], "n_p": prep["n_p"],
-                       "ptn": {**_schedule(cfg, prep), "threshold": prep["threshold"]}})
-    parent.log_metrics({"ptn_a0": prep["a0"], "ptn_threshold": prep["threshold"],
-                        "importance_seconds": prep["importance_seconds"], "prepare_seconds": prep["prepare_seconds"],
+    parent.log_metrics({"ptn_a0": prep["a0"], "importance_seconds": prep["importance_seconds"],
+                        "prepare_seconds": prep["prepare_seconds"],
                         "prepare_importance_cache_hit": prep["importance_cache_hit"]})
     log.info("PTN sweep: a0=%.4f, threshold=%.4f, up to %d steps", prep["a0"], prep["threshold"],
              int(cfg.method.ptn.max_steps))
@@ -224,8 +296,10 @@ def _schedule(cfg: DictConfig, prep: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rounds(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent: Tracker, settings: SweepSettings,
-            prep: dict[str, Any]) -> tuple[list[Candidate], Candidate | None]:
-    """Launch rounds of candidate jobs until one holds a qualifying step; (evaluated, the chosen one or None)."""
+            prep: dict[str, Any], names: SweepRuns) -> tuple[list[Candidate], Candidate | None]:
+    """Launch rounds of candidate jobs until one holds a qualifying step; (evaluated, the chosen one or None).
+
+    Every candidate becomes a child run, and its values a step of the parent's ``ptn_traj_*`` series."""
     evaluated: list[Candidate] = []
     max_steps = int(cfg.method.ptn.max_steps)
     for r in range(num_rounds(settings.batch_size, max_steps)):
@@ -239,8 +313,8 @@ def _rounds(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent
                         "jobs?)", r + 1)
         cands = [candidate_of(v) for v in values]
         for v, c in zip(values, cands, strict=True):
-            log_candidate(parent, cfg, v)
-            parent.log_metrics({f"traj_{k}": x for k, x in asdict(c).items() if k != "step"}, step=c.step)
+            log_candidate(parent, names, v)
+            parent.log_metrics(naming.trajectory_metrics(asdict(c)), step=c.step)
         evaluated.extend(cands)
         chosen = first_qualifying(cands, prep["threshold"])
         if chosen is not None:
@@ -248,62 +322,139 @@ def _rounds(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent
     return evaluated, None
 
 
-def _write_outputs(cfg: DictConfig, sweep_dir: Path, result: dict[str, Any], evaluated: list[Candidate],
-                   summary: dict[str, Any], prep: dict[str, Any]) -> list[Path]:
-    """The sweep folder's ptn_trajectory.csv and ptn_sweep.json (the whole record)."""
+def _write_trajectory(sweep_dir: Path, evaluated: list[Candidate], threshold: float, title: str
+                      ) -> tuple[Path, Path]:
+    """The sweep folder's ptn_trajectory.csv and its plot (the whole search, as an in-process run draws it)."""
+    from potion.plots import plot_ptn_trajectory  # matplotlib: loaded only when a sweep gets this far
+
+    rows = [asdict(c) for c in sorted(evaluated, key=lambda c: c.step)]
+    return (write_rows_csv(sweep_dir / TRAJECTORY, rows),
+            plot_ptn_trajectory(rows, threshold, sweep_dir / "ptn_trajectory.png", title=title))
+
+
+def _write_record(cfg: DictConfig, sweep_dir: Path, result: dict[str, Any], evaluated: list[Candidate],
+                  summary: dict[str, Any], prep: dict[str, Any]) -> Path:
+    """The sweep folder's ptn_sweep.json (the whole record)."""
     rows = [asdict(c) for c in sorted(evaluated, key=lambda c: c.step)]
     record = {**result, "schedule": _schedule(cfg, prep), "n_f": prep["n_f"], "n_p": prep["n_p"],
               "method": str(cfg.method.name), "final_run_dir": summary.get("run_dir"),
               "final_mlflow_run_id": summary.get("mlflow_run_id"),
               "final": {k: summary.get(k) for k in FINAL_METRICS}, "trajectory": rows}
-    return [write_rows_csv(sweep_dir / "ptn_trajectory.csv", rows), atomic_write_json(sweep_dir / "ptn_sweep.json",
-                                                                                      record)]
+    return atomic_write_json(sweep_dir / RECORD, record)
+
+
+# --------------------------------------------------------------------------- a sweep run before
+
+
+def finished_sweep(names: SweepRuns) -> dict[str, Any] | None:
+    """The record of the newest finished sweep of the same config (``potion.sweep_key``) that the store holds,
+    whose sweep record, final run folder and final run are all still there; None when there is none (or the
+    store cannot say: then the sweep runs again, a duplicate, never a loss)."""
+    settings = logger_settings(names.logger)
+    if settings is None:
+        return None
+    query = (f"tags.`{naming.TASK}` = '{naming.SWEEP}' and tags.`{SWEEP_KEY}` = '{names.key}' "
+             "and attributes.status = 'FINISHED'")
+    try:
+        client, _ = open_client(usable_uri(settings))
+        experiment = client.get_experiment_by_name(names.experiment)
+        if experiment is None:
+            return None
+        runs = client.search_runs([experiment.experiment_id], filter_string=query, max_results=10,
+                                  order_by=["attributes.start_time DESC"])
+        return next((r for r in map(lambda run: _reusable(client, run), runs) if r is not None), None)
+    except Exception as exc:  # noqa: BLE001 - the store could not be asked: run the sweep
+        log.debug("looking for an earlier sweep failed: %s", exc)
+        return None
+
+
+def _reusable(client: Any, run: Any) -> dict[str, Any] | None:
+    """An earlier sweep's record (with its parent run id), when its files and final run are all still there."""
+    tags = run.data.tags
+    try:
+        record = read_json(Path(tags.get("potion.sweep_dir", "")) / RECORD)
+        final = read_json(Path(tags.get("potion.final_run_dir", "")) / "summary.json")
+    except Exception:  # noqa: BLE001 - missing or unreadable files: not reusable
+        return None
+    final_id = tags.get("potion.final_run_id")
+    if not isinstance(record, dict) or not isinstance(final, dict) or final.get("mlflow_run_id") != final_id:
+        return None
+    if client.get_run(final_id).info.status != "FINISHED":
+        return None
+    return {**record, "reused_parent_run_id": run.info.run_id, "reused_sweep_dir": tags.get("potion.sweep_dir")}
+
+
+def _point_to(earlier: dict[str, Any], sweep_dir: Path, names: SweepRuns) -> Path:
+    """A rerun of a finished sweep: its record in this sweep folder names the earlier parent run; nothing logged."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = atomic_write_json(sweep_dir / RECORD, earlier)
+    print(f"PTN sweep already finished: k={earlier.get('ptn_chosen_step')} (MLflow run "
+          f"{earlier['reused_parent_run_id']} in experiment {names.experiment}, sweep folder "
+          f"{earlier.get('reused_sweep_dir')}); nothing logged again (force=true runs it again)", flush=True)
+    return path
 
 
 # --------------------------------------------------------------------------- the jobs' runs, written here
 
 
-def log_candidate(parent: Tracker, cfg: DictConfig, result: dict[str, Any]) -> str | None:
+def log_candidate(parent: Tracker, names: SweepRuns, result: dict[str, Any]) -> str | None:
     """A candidate's child run under the sweep's parent run, from the values its job returned; its run id."""
-    name, step = str(cfg.method.name), int(result["step"])
-    child = parent.child(run_name=f"ptn-candidate-{name}-k{step}",
-                         tags={"potion.task": "ptn_candidate", "potion.method": name, "potion.ptn_step": step})
-    method = to_dict(cfg.method)
-    method["ptn"] = {**method.get("ptn", {}), "fixed_step": step}
-    child.log_params({"method": method, "discovery": to_dict(cfg.discovery),
-                      "train_run": str(cfg.get("train_run")), "seed": cfg.seed, "step": step})
-    child.log_metrics({k: v for k, v in result.items() if isinstance(v, (int, float, bool))})
+    step = int(result["step"])
+    method = str(names.params["method"].get("name"))
+    child = parent.child(run_name=naming.candidate_run_name(step, names.unlearn_name),
+                         tags={**naming.study_tags(naming.CANDIDATE, names.study), naming.METHOD: method,
+                               "potion.ptn_step": step, **names.link, **_sweep_id(parent)})
+    params = dict(names.params)
+    params["method"] = {**params["method"], "ptn": {**params["method"].get("ptn", {}), "fixed_step": step}}
+    child.log_params({**params, "method.ptn.threshold": result.get("threshold")})
+    child.log_metrics(naming.candidate_measurements(result))
     child.finish("FINISHED")
     return child.run_id
 
 
-def _final(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent: Any, step: int
-           ) -> tuple[dict[str, Any], Path | None]:
+def _sweep_id(parent: Any) -> dict[str, str]:
+    return {naming.SWEEP_ID: str(parent.run_id)} if parent.run_id else {}
+
+
+def _trajectory_calls(trajectory: tuple[Path, Path] | None) -> list[tuple[str, Any]]:
+    """The whole search's trajectory as recorded tracking calls: its ``ptn_traj_*`` series and plot."""
+    if trajectory is None:
+        return []
+    csv_path, png = trajectory
+    calls: list[tuple[str, Any]] = [("metrics", (values, step)) for step, values in trajectory_rows(csv_path)]
+    return [*calls, ("artifact", (str(png), None))]
+
+
+def _final(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent: Any, step: int, names: SweepRuns,
+           trajectory: tuple[Path, Path] | None = None) -> tuple[dict[str, Any], Path | None]:
     """The final job at ``step``, its recorded tracking calls replayed into a child run created for it here;
     (its summary, its run folder when those calls wait there for ``potion.relog``).
 
-    A reused final run that the store holds gets no new child run (the placeholder is deleted and the summary
-    names the earlier run); one the store lacks is logged into it.
+    The child also gets the whole search's trajectory (the job evaluated one step). A reused final run that the
+    store holds gets no new child run (the placeholder is deleted and the summary names the earlier run); one
+    the store lacks is logged into it.
     """
     method = str(cfg.method.name)
-    with parent.child(f"unlearn-{method}", tags={"potion.task": "unlearn", "potion.method": method}) as child:
+    run_name = f"{names.unlearn_name} k={int(step)}"
+    with parent.child(run_name, tags={**naming.study_tags(naming.UNLEARN, names.study), naming.METHOD: method,
+                                      **names.link, **_sweep_id(parent)}) as child:
         summary = run([job_overrides(step, FINAL, parent.run_id, run_id=child.run_id)])[0]
         record = summary.pop(TRACKING_KEY, None)
         if record is None or (summary.get("reused") and _already_logged(parent, summary)):
             child.discard()
             return summary, None
+        calls = [*record["calls"], *_trajectory_calls(trajectory)]
         run_dir = Path(str(summary["run_dir"]))
         if child.run_id is not None:
-            RecordingTracker.replay(record["calls"], child)
+            RecordingTracker.replay(calls, child)
             child.finish(record["status"] or "FINISHED")
         if child.run_id is not None and not getattr(child, "failed", False):
             (run_dir / PENDING).unlink(missing_ok=True)
             if summary.get("mlflow_run_id") != child.run_id:
                 summary = {**record_run_id(run_dir, summary, child.run_id), "reused": summary.get("reused", False)}
             return summary, None
-    write_pending(run_dir, tracking_uri=str(parent.tracking_uri), experiment=str((cfg.get("logger") or {}).get(
-        "experiment") or "potion"), run_name=f"unlearn-{method}", parent_run_id=parent.run_id,
-        calls=record["calls"], status=record["status"])
+    write_pending(run_dir, tracking_uri=str(parent.tracking_uri), experiment=names.experiment, run_name=run_name,
+                  parent_run_id=parent.run_id, calls=calls, status=record["status"])
     return summary, run_dir
 
 

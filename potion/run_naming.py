@@ -47,6 +47,10 @@ SETTING_DIAGNOSTICS = {"ptn_threshold": "method.ptn.threshold", "suspect_cutoff"
                        "retain_importance_samples": "method.importance.retain_samples_used"}
 SGD_PREFIX = "sgd_"  # the SGD settings a training-based method ran with -> method.sgd.<name>
 
+# Summary entries that are bookkeeping or counts logged as params, never metrics (a folder logged from its summary).
+SUMMARY_ONLY = ("n_f", "n_p", "target", "num_classes", "channels", "steps", "epochs", "resumed", "reused",
+                "mlflow_run_id", "train_mlflow_run_id", "config_hash")
+
 # The unit convention of every metric (README table). Accuracies and rates are fractions, healed a percentage,
 # acc_drop percentage points; *_before / *_reference variants share their metric's unit.
 UNITS = {
@@ -70,7 +74,8 @@ def study_name(train_cfg: Mapping[str, Any]) -> str:
     name = train_cfg.get("name")
     if name not in (None, ""):
         return str(name)
-    return f"{_get(train_cfg, 'dataset.name') or 'data'}-{_get(train_cfg, 'model.name') or 'model'}"
+    dataset, model = _get(train_cfg, "dataset.name"), _get(train_cfg, "model.name")
+    return f"{dataset}-{model}" if dataset and model else "potion"
 
 
 def heal_study(heal_cfg: Mapping[str, Any]) -> str:
@@ -164,17 +169,23 @@ def heal_run_name(method: str, n_f: int, model: str) -> str:
     return f"heal {method} d={int(n_f)} {model}"
 
 
-def grid_extras(overrides: Sequence[str]) -> list[str]:
-    """The method settings a Hydra job's overrides set, as short name parts (``method.ptn.rho=0.2`` -> ``rho=0.2``).
+# Override keys a run name shows already, or that say how a command runs: left out of the name's extras.
+SHOWN_KEYS = ("seed", "method", "method.name", "method.ptn.fixed_step", "discovery", "discovery.share",
+              "discovery.count", "poison", "poison.count", "poison.fraction", "model", "model.name", "experiment",
+              "dataset", "dataset.path")
+UNNAMED_PREFIXES = ("logger", "hydra", "out_dir", "force", "resume", "train_run", "train", "ptn_job", "trainer",
+                    "save_weights", "eval_batch_size")
 
-    The method's name, the sweeper's fixed step and every other group are already in the run name.
-    """
+
+def grid_extras(overrides: Sequence[str]) -> list[str]:
+    """The settings a Hydra job's overrides set beyond what the run name shows, as short parts
+    (``method.ptn.rho=0.2`` -> ``rho=0.2``), so the runs of a grid over them get distinct names."""
     out = []
     for text in overrides:
         key, sep, value = text.lstrip("+~").partition("=")
-        if not sep or not key.startswith("method.") or key in ("method.name", "method.ptn.fixed_step"):
+        if not sep or "${" in value or "/" in value or key in SHOWN_KEYS:
             continue
-        if "${" in value:
+        if any(key == p or key.startswith(p + ".") for p in UNNAMED_PREFIXES):
             continue
         out.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return out
@@ -247,6 +258,18 @@ def heal_measurements(values: Mapping[str, Any], method_cfg: Mapping[str, Any] |
     return {HEAL_METRIC_NAMES.get(k, k): v for k, v in measurements(values, method_cfg).items()}
 
 
+CANDIDATE_METRICS = {"s": "ptn_s", "percentile": "ptn_percentile", "alpha": "ptn_alpha",
+                     "dampened_share": "ptn_dampened_share", "forget_acc": "ptn_forget_acc", "a0": "ptn_a0",
+                     "qualifies": "ptn_qualifies"}
+
+
+def candidate_measurements(values: Mapping[str, Any]) -> dict[str, float]:
+    """A PTN candidate job's values as metrics, named as an unlearning run names its chosen step's
+    (``ptn_forget_acc``, ``ptn_alpha``, ...); its step and threshold are params."""
+    return measurements({CANDIDATE_METRICS.get(k, k): v for k, v in values.items()
+                         if k not in ("step", "threshold")})
+
+
 def trajectory_metrics(row: Mapping[str, Any]) -> dict[str, float]:
     """One PTN trajectory row (step, s, percentile, alpha, dampened_share, forget_acc) as ``ptn_traj_*`` values."""
     return {f"{TRAJECTORY_PREFIX}{k}": float(v) for k, v in row.items() if k != "step" and _is_number(v)}
@@ -271,9 +294,10 @@ def train_link_tags(train_summary: Mapping[str, Any]) -> dict[str, str]:
 
 
 def hydra_job() -> tuple[str | None, list[str]]:
-    """This process's Hydra multirun: (its sweep folder, this job's overrides); (None, []) outside a multirun.
+    """This process's Hydra job: (its multirun folder or None, the job's command-line overrides).
 
-    Jobs of the PTN sweeper return (None, []) too: their runs are grouped by ``potion.sweep_id`` instead.
+    Outside Hydra: (None, []). The PTN sweeper's jobs get no multirun folder (their runs are grouped by
+    ``potion.sweep_id``) and lose the sweeper's own overrides, so their names read as the sweep's.
     """
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -283,10 +307,10 @@ def hydra_job() -> tuple[str | None, list[str]]:
     if not HydraConfig.initialized():
         return None, []
     hc = HydraConfig.get()
-    overrides = [str(o) for o in (hc.overrides.task or ())]
-    if hc.mode != RunMode.MULTIRUN or any(o.lstrip("+~").startswith("ptn_job.") for o in overrides):
-        return None, []
-    return str(hc.sweep.dir), overrides
+    given = [str(o) for o in (hc.overrides.task or ())]
+    overrides = [o for o in given if not o.lstrip("+~").startswith("ptn_job")]
+    multirun = getattr(hc, "mode", None) == RunMode.MULTIRUN and len(overrides) == len(given)
+    return (str(hc.sweep.dir) if multirun else None), overrides
 
 
 def grid_tags(sweep_dir: str | None) -> dict[str, str]:

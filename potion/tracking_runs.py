@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potion.config import to_dict
+from potion import run_naming as naming
 from potion.errors import TrackingError
 from potion.io import atomic_write_json, read_json
 from potion.tracking import (
@@ -59,26 +59,18 @@ class FolderRun:
 
 
 def train_folder_run(cfg: Any, run_dir: Path, summary: Mapping[str, Any]) -> FolderRun:
-    """A finished training folder as train.py logs it (params: the config; tags: task, hash, folder)."""
-    config_hash = str(summary.get("config_hash"))
-    return FolderRun(
-        "train", _experiment(cfg), f"train-{cfg.name}",
-        {"potion.task": "train", "potion.config_hash": config_hash, "potion.run_dir": str(Path(run_dir).resolve())},
-        to_dict(cfg) | {"run_dir": str(run_dir), "poison.n_p": summary.get("n_p")}, TRAIN_ARTIFACTS)
+    """A finished training folder as train.py logs it (params: the config; tags: task, study, hash, folder)."""
+    study = naming.study_name(cfg)
+    tags = {**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: str(summary.get("config_hash")),
+            "potion.run_dir": str(Path(run_dir).resolve()), **naming.grid_tags(naming.hydra_job()[0])}
+    return FolderRun("train", naming.experiment_name(cfg.get("logger"), study), naming.train_run_name(cfg), tags,
+                     naming.train_params(cfg, summary.get("n_p")), TRAIN_ARTIFACTS)
 
 
-def unlearn_folder_run(cfg: Any, run: Any, discovery: Any, tags: Mapping[str, Any]) -> FolderRun:
-    """A finished unlearning folder as unlearn.py logs it (``run``: the TrainedRun it healed)."""
-    params = {"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery), "poison": to_dict(run.cfg.poison),
-              "train_run": str(run.path), "seed": cfg.seed, "n_f": discovery.n_f, "n_p": run.plan.count,
-              "dataset": run.cfg.dataset.name, "model": to_dict(run.cfg.model)}
-    return FolderRun("unlearn", _experiment(cfg), f"unlearn-{cfg.method.name}", dict(tags), params,
-                     UNLEARN_ARTIFACTS)
-
-
-def _experiment(cfg: Any) -> str:
-    logger = cfg.get("logger") or {}
-    return str(logger.get("experiment") or "potion")
+def unlearn_folder_run(experiment: str, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any]
+                       ) -> FolderRun:
+    """A finished unlearning folder as unlearn.py logs it (its experiment, name, tags and params)."""
+    return FolderRun("unlearn", experiment, run_name, dict(tags), dict(params), UNLEARN_ARTIFACTS)
 
 
 # --------------------------------------------------------------------------- logging a folder
@@ -89,7 +81,8 @@ def log_folder(tracker: Tracker, run_dir: Path, summary: Mapping[str, Any], spec
     run_dir = Path(run_dir)
     tracker.set_tags({**spec.tags, "potion.logged_from_folder": "true"})
     tracker.log_params(spec.params)
-    tracker.log_metrics(summary_metrics(summary))
+    method = spec.params.get("method")
+    tracker.log_metrics(summary_metrics(summary, method if isinstance(method, Mapping) else None))
     for step, row in trajectory_rows(run_dir / TRAJECTORY):
         tracker.log_metrics(row, step=step)
     for name in spec.artifacts:
@@ -97,10 +90,9 @@ def log_folder(tracker: Tracker, run_dir: Path, summary: Mapping[str, Any], spec
             tracker.log_artifact(run_dir / name)
 
 
-def summary_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a summary (what the pipeline logged as metrics, plus a few counts)."""
-    return {k: float(v) for k, v in summary.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "reused"}
+def summary_metrics(summary: Mapping[str, Any], method_cfg: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The measurements of a summary, as the pipeline logged them (counts and resolved settings are params)."""
+    return naming.measurements({k: v for k, v in summary.items() if k not in naming.SUMMARY_ONLY}, method_cfg)
 
 
 def trajectory_rows(path: Path) -> Iterator[tuple[int, dict[str, float]]]:
@@ -111,7 +103,7 @@ def trajectory_rows(path: Path) -> Iterator[tuple[int, dict[str, float]]]:
         for row in csv.DictReader(fh):
             try:
                 step = int(float(row["step"]))
-                values = {f"ptn_traj_{k}": float(v) for k, v in row.items() if k != "step" and v not in (None, "")}
+                values = naming.trajectory_metrics({k: float(v) for k, v in row.items() if v not in (None, "")})
             except (KeyError, TypeError, ValueError):
                 continue  # a row that is not numbers is left out, as a malformed metric would be
             yield step, values

@@ -18,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from potion import interrupt
-from potion.config import identity_hash, model_kwargs, to_dict, validate_train_config
+from potion import run_naming as naming
+from potion.config import identity_hash, model_kwargs, validate_train_config
 from potion.data.adversarial import pgd_away
 from potion.data.augment import Normalizer
 from potion.data.batches import TensorBatches
@@ -101,8 +102,12 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
                 return {**done, "reused": True}
             return reuse_finished(cfg.logger, run_dir, done, train_folder_run(cfg, run_dir, done))
         resume = _resume_checkpoint(cfg, run_dir, fresh)
-        with run_lifecycle(cfg.logger, run_dir, run_name=f"train-{cfg.name}",
-                           tags={"potion.task": "train", "potion.config_hash": config_hash},
+        grid, overrides = naming.hydra_job()
+        study = naming.study_name(cfg)
+        with run_lifecycle(naming.logger_for(cfg.logger, study), run_dir,
+                           run_name=naming.train_run_name(cfg, naming.grid_extras(overrides)),
+                           tags={**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: config_hash,
+                                 **naming.grid_tags(grid)},
                            tracker=NullTracker() if secondary else None) as outputs:
             return _train(cfg, config_hash, outputs, fresh, resume)
 
@@ -139,7 +144,7 @@ def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
             remove_stale_temp_files(folder)
     write_config(run_dir, cfg)
     write_plan(run_dir, plan)
-    tracker.log_params(to_dict(cfg) | {"run_dir": str(run_dir), "poison.n_p": plan.count})
+    tracker.log_params(naming.train_params(cfg, plan.count))
     tracker.set_tags({"potion.run_dir": str(run_dir.resolve())})
 
     t = cfg.train

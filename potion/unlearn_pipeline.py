@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from potion import metrics
+from potion import run_naming as naming
 from potion.config import (
     compose_config,
     identity_hash,
@@ -42,7 +43,7 @@ from potion.runs import (
 from potion.schedule import cpu_threads
 from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri
-from potion.tracking_runs import unlearn_folder_run
+from potion.tracking_runs import FolderRun, unlearn_folder_run
 from potion.train_pipeline import run_training, train_run_dir
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.methods import get_method, method_info
@@ -136,22 +137,35 @@ def _unlearn_locked(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn:
                     parent_run_id: str | None, tracker: Tracker | None) -> dict[str, Any]:
     fresh = check_out_dir(run_dir, "unlearn", key, bool(cfg.get("force", False)))
     done = read_summary(run_dir)
-    tags = {"potion.task": "unlearn", "potion.method": str(cfg.method.name), "potion.config_hash": key,
-            "potion.train_run_id": str(run.summary.get("mlflow_run_id")),
-            "potion.train_config_hash": str(run.summary.get("config_hash"))}
+    spec = unlearn_spec(cfg, run, discovery, key)
     if done is not None and not fresh and done.get("config_hash") == key:
         # a sweep's final job (tracker given): the sweeper logs the folder if its store lacks the run
-        return reuse_finished(cfg.logger, run_dir, done, unlearn_folder_run(cfg, run, discovery, tags),
+        spec.params.update(naming.resolved_settings(done))
+        return reuse_finished(naming.logger_for(cfg.logger, spec.experiment), run_dir, done, spec,
                               parent_run_id=parent_run_id, tracker=tracker)
     bundle = load_data(run.cfg.dataset)  # before the MLflow run: a plan that does not fit leaves no FAILED run
     check_plan_fits(run.plan, bundle, run.path / PLAN)
-    with run_lifecycle(cfg.logger, run_dir, run_name=f"unlearn-{cfg.method.name}", tags=tags,
-                       parent_run_id=parent_run_id, tracker=tracker) as outputs:
-        return _unlearn(cfg, run, bundle, discovery, method_fn, (key, fresh), outputs)
+    with run_lifecycle(naming.logger_for(cfg.logger, spec.experiment), run_dir, run_name=spec.run_name,
+                       tags=spec.tags, parent_run_id=parent_run_id, tracker=tracker) as outputs:
+        return _unlearn(cfg, run, bundle, discovery, method_fn, (key, fresh), outputs, spec.params)
+
+
+def unlearn_spec(cfg: DictConfig, run: TrainedRun, discovery: Discovery, key: str) -> FolderRun:
+    """How this unlearning run reads in MLflow (potion.run_naming): experiment, name, tags, params."""
+    study = naming.study_name(run.cfg)
+    grid, overrides = naming.hydra_job()
+    method = str(cfg.method.name)
+    tags = {**naming.study_tags(naming.UNLEARN, study), naming.METHOD: method, naming.CONFIG_HASH: key,
+            **naming.train_link_tags(run.summary), "potion.train_run_dir": str(Path(run.path).resolve()),
+            **naming.grid_tags(grid)}
+    name = naming.unlearn_run_name(to_dict(cfg), run.cfg, discovery.n_f, run.plan.count,
+                                   naming.grid_extras(overrides))
+    params = naming.unlearn_params(cfg, run.cfg, discovery.n_f, run.plan.count)
+    return unlearn_folder_run(naming.experiment_name(cfg.get("logger"), study), name, tags, params)
 
 
 def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, method_fn: Any,
-             identity: tuple[str, bool], outputs: RunOutputs) -> dict[str, Any]:
+             identity: tuple[str, bool], outputs: RunOutputs, params: dict[str, Any]) -> dict[str, Any]:
     key, fresh = identity
     run_dir, tracker = outputs.folder, outputs.tracker
     torch.set_num_threads(cpu_threads())
@@ -165,10 +179,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     task = make_task(model, data, discovery, device, int(cfg.seed), run.cfg.model, run.cfg.train)
     forget_acc_before = task.forget_accuracy(model)
     method_args = method_arguments(cfg.method)
-    tracker.log_params({"method": to_dict(cfg.method), "discovery": to_dict(cfg.discovery),
-                        "poison": to_dict(run.cfg.poison), "train_run": str(run.path), "seed": cfg.seed,
-                        "n_f": discovery.n_f, "n_p": run.plan.count, "dataset": run.cfg.dataset.name,
-                        "model": to_dict(run.cfg.model)})
+    tracker.log_params(params)
 
     out, unlearn_seconds = run_timed(method_fn, task, method_args)
 
@@ -209,15 +220,25 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
         outputs.add(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
     if ranking is not None:
         outputs.add(write_suspects_csv(run_dir / "suspects.csv", ranking, data.bundle.train.paths))
-    outputs.trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
-                       title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}")
+    if not _fixed_step(cfg):  # one given step is no search: a one-point plot would say nothing
+        outputs.trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
+                           title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}")
     summary = {
         **{k: metrics.finite_or_none(v) for k, v in result.items()}, **numeric, **notes,
         "method": str(cfg.method.name), "n_f": discovery.n_f, "n_p": run.plan.count, "target": run.plan.target,
         "config_hash": key, "run_dir": str(run_dir), "train_run": str(run.path), "device": device.type,
         "mlflow_run_id": tracker.run_id, "train_mlflow_run_id": run.summary.get("mlflow_run_id"),
     }
-    return outputs.complete(summary, {**result, **numeric}, {f"potion.{k}": str(v) for k, v in notes.items()})
+    tracker.log_params(naming.resolved_settings({**result, **numeric}))
+    return outputs.complete(summary, naming.measurements({**result, **numeric}, to_dict(cfg.method)),
+                            {f"potion.{k}": str(v) for k, v in notes.items()})
+
+
+def _fixed_step(cfg: DictConfig) -> bool:
+    """Whether the run evaluated one given PTN step (``method.ptn.fixed_step=k``: a PTN sweep's final run)."""
+    ptn = cfg.method.get("ptn")
+    fixed = ptn.get("fixed_step") if ptn is not None else None
+    return isinstance(fixed, int) and not isinstance(fixed, bool)
 
 
 def attainable(run: TrainedRun, data: PoisonedData, poison_acc_after: float, poison_acc_before: float,
