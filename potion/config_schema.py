@@ -266,6 +266,7 @@ class PTN:
     s_step: float = num(gt=1)
     max_steps: int = num(ge=1)
     criterion: Criterion
+    measure: Literal["decisive", "full"] = "decisive"  # how far a scanned step is measured (ptn_search's decide)
     fixed_step: int | list[int] | None = num(ge=0)
 
     @staticmethod

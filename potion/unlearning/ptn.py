@@ -3,13 +3,19 @@ neutralises the forget set (method.md §4).
 
 Candidates s_k = s_start * s_step^k are fixed in advance, so any block of them can be evaluated
 independently (see ``hydra_plugins/potion_ptn``); the answer is always the first qualifying k.
+
+The in-process scan visits every step in order, but need not measure each one in full: a ``decide``
+measurement (``ptn_search``) stops as soon as the part of the forget set it has seen proves a step
+above the threshold. That is exact, not a heuristic: a step that qualifies is always measured in full,
+so the scan stops at the same step with the same weights whether or not the criterion is monotone
+in k (a galloping or bisecting search would need that assumption and could skip a qualifying step).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
@@ -87,21 +93,29 @@ def evaluate_candidate(k: int, schedule: PTNSchedule, pool: RatioPool, model: nn
 
 def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, schedule: PTNSchedule,
                forget_acc: Callable[[nn.Module], float], a0: float, lam: float = 1.0,
-               on_step: Callable[[Candidate], None] | None = None) -> PTNResult:
+               on_step: Callable[[Candidate], None] | None = None,
+               decide: Callable[[nn.Module, float], float] | None = None) -> PTNResult:
     """Sequential PTN: stop at the first k with forget_acc <= rho * a0; the model is left dampened at it.
 
     If no step qualifies, the last step's model is kept (as the paper does) and ``reached`` is False.
+    ``decide(model, threshold)``: a cheaper measurement for the scan that returns forget_acc exactly when it
+    is <= threshold and NaN once what it measured proves it above (never NaN for a qualifying step), so
+    the chosen step and weights are those of the full scan; trajectory rows it cut short hold NaN, and an
+    unreached search measures its last step in full.
     """
     pool = RatioPool.build(imp_r, imp_f)
     threshold = schedule.rho * a0
+    measure = forget_acc if decide is None else (lambda m: decide(m, threshold))
     trajectory: list[Candidate] = []
     for k in range(schedule.max_steps):
-        cand = evaluate_candidate(k, schedule, pool, model, originals, imp_r, imp_f, forget_acc, lam)
+        cand = evaluate_candidate(k, schedule, pool, model, originals, imp_r, imp_f, measure, lam)
         trajectory.append(cand)
         if on_step is not None:
             on_step(cand)
         if cand.qualifies(threshold):
             return PTNResult(a0, threshold, True, cand, trajectory)
+    if decide is not None:  # the model is at the last step: its value in full, for the summary and the warning
+        trajectory[-1] = replace(trajectory[-1], forget_acc=forget_acc(model))
     log.warning("PTN: rho=%s never met in %d steps (forget_acc %.3f > %.3f); keeping the last step's model",
                 schedule.rho, schedule.max_steps, trajectory[-1].forget_acc, threshold)
     return PTNResult(a0, threshold, False, trajectory[-1], trajectory)

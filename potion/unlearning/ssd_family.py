@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -84,8 +85,8 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
 
 
 def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisResult | None = None
-                       ) -> tuple[Callable[[nn.Module], float], dict[str, Any]]:
-    """forget_acc as PTN watches it: the forget set prepared once on the device, one forward per call.
+                       ) -> tuple[ForgetCriterion, dict[str, Any]]:
+    """forget_acc as PTN watches it (a :class:`ForgetCriterion`): the forget set prepared once on the device.
 
     Discovered and synthetic samples are two groups, and a step qualifies only when EVERY group has
     fallen to rho of its own start: hundreds of synthetic samples must never outvote the real discovered
@@ -128,23 +129,66 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisRes
         groups.append((task.extra_forget[0].to(task.device), task.extra_forget[1].to(task.device)))
     info["criterion_samples"] = int(sum(g[1].numel() for g in groups))
     info["criterion_groups"] = len(groups)
+    return ForgetCriterion.measure_start(task.model, groups), info
 
-    @torch.no_grad()
-    def correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+
+CRITERION_CHUNK = 128  # samples per forward while measuring; a step is decided after each chunk
+
+
+@torch.no_grad()
+def chunk_hits(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """How many of ``x`` (one chunk) ``model`` (in eval mode) predicts as ``y``."""
+    with autocast_for(x.device):
+        return int((model(x).argmax(1) == y).sum())
+
+
+@dataclass
+class ForgetCriterion:
+    """PTN's watched value (:func:`grouped_forget_acc`) over groups of prepared forget samples.
+
+    Calling it measures every sample; :meth:`within` measures only as far as a PTN step's decision needs.
+    Both walk the same chunks, so they count the same hits.
+    """
+
+    groups: list[tuple[torch.Tensor, torch.Tensor]]
+    start: list[int]
+    total: int
+    chunk: int = CRITERION_CHUNK
+
+    @classmethod
+    def measure_start(cls, model: nn.Module, groups: list[tuple[torch.Tensor, torch.Tensor]],
+                      chunk: int = CRITERION_CHUNK) -> ForgetCriterion:
+        """The criterion with each group's hits on the undampened ``model`` as its start."""
+        crit = cls(groups, [0] * len(groups), max(1, sum(int(y.numel()) for _, y in groups)), chunk)
+        crit.start = [crit.group_hits(model, g) for g in range(len(groups))]
+        return crit
+
+    def group_hits(self, model: nn.Module, g: int) -> int:
         model.eval()
-        hits = 0
-        for i in range(0, x.shape[0], 1024):
-            with autocast_for(x.device):
-                hits += int((model(x[i:i + 1024]).argmax(1) == y[i:i + 1024]).sum())
-        return hits
+        x, y = self.groups[g]
+        step = self.chunk
+        return sum(chunk_hits(model, x[i:i + step], y[i:i + step]) for i in range(0, x.shape[0], step))
 
-    total = max(1, sum(int(g[1].numel()) for g in groups))
-    start = [correct(task.model, x, y) for x, y in groups]
+    def __call__(self, model: nn.Module) -> float:
+        return grouped_forget_acc([self.group_hits(model, g) for g in range(len(self.groups))], self.start,
+                                  self.total)
 
-    def forget_acc(model: nn.Module) -> float:
-        return grouped_forget_acc([correct(model, x, y) for x, y in groups], start, total)
+    def within(self, model: nn.Module, threshold: float) -> float:
+        """The value when it is <= ``threshold``; NaN as soon as the chunks measured prove it above.
 
-    return forget_acc, info
+        The value never falls as hits are added (every hit count only raises its group's ratio), so hits
+        counted so far, with the rest taken as zero, give a lower bound: once that exceeds the threshold the
+        step cannot qualify. Smallest group first (with one discovered sample: one forward decides most steps).
+        """
+        model.eval()
+        hits = [0] * len(self.groups)
+        for g in sorted(range(len(self.groups)), key=lambda i: self.groups[i][1].numel()):
+            x, y = self.groups[g]
+            for i in range(0, x.shape[0], self.chunk):
+                hits[g] += chunk_hits(model, x[i:i + self.chunk], y[i:i + self.chunk])
+                if not grouped_forget_acc(hits, self.start, self.total) <= threshold:
+                    return math.nan
+        return grouped_forget_acc(hits, self.start, self.total)
 
 
 def grouped_forget_acc(hits: list[int], start: list[int], total: int | None = None) -> float:
@@ -278,7 +322,8 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
         threshold = schedule.rho * a0
         result = PTNResult(a0, threshold, cands[-1].qualifies(threshold), cands[-1], cands)
     else:
-        result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam)
+        decide = forget_acc.within if ptn.get("measure", "decisive") == "decisive" else None
+        result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam, decide=decide)
     sync(task.device)
     search_seconds = time.perf_counter() - t0
     diagnostics = {**result.summary(), **crit_info, **synth_info, "importance_cache_hit": info["importance_cache_hit"],
