@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from potion.errors import ConfigError
 from potion.evaluation import autocast_for
+from potion.progress import Progress
 
 LOSSES = ("ce", "logit_sqnorm", "logit_norm")
 
@@ -39,8 +40,12 @@ def importance_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def compute_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *, loss: str,
-                       power: int) -> dict[str, torch.Tensor]:
-    """Mean over batches of |grad|^power of ``loss`` for every trainable parameter (float32, model's device)."""
+                       power: int, what: str = "importance pass", total: int | None = None) -> dict[str, torch.Tensor]:
+    """Mean over batches of |grad|^power of ``loss`` for every trainable parameter (float32, model's device).
+
+    The pass is the cost of the SSD family on a large retain set, so it reports progress
+    (:mod:`potion.progress`): ``what`` names it, ``total`` (the number of batches, when known) gives the time left.
+    """
     if loss not in LOSSES:
         raise ConfigError(f"importance loss {loss!r}: choose one of {list(LOSSES)}")
     if power not in (1, 2):
@@ -50,6 +55,7 @@ def compute_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     was_training = model.training
     model.eval()
     n_batches = 0
+    bar = Progress(what, total, "batches")
     try:
         for x, y in batches:
             model.zero_grad(set_to_none=True)
@@ -61,6 +67,8 @@ def compute_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
                     g = p.grad.detach().float()
                     acc[n].add_(g.abs() if power == 1 else g.pow(2))
             n_batches += 1
+            bar.advance()
+        bar.finish()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)

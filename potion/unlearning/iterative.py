@@ -135,7 +135,8 @@ def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Mod
             sgd = tb.sgd_settings(sub, lr=lr, schedule="linear")
             batches = tb.stream(sub, sub.retain_idx, tb.batch_size_for(sub, None), iterations,
                                 augment=True, seed=tb.stream_seed(sub, 0), what="retain")
-            tb.train_steps(model, params, tb.cross_entropy_losses(model, batches, 0.0), iterations, sgd, sub.device)
+            tb.train_steps(model, params, tb.cross_entropy_losses(model, batches, 0.0), iterations, sgd, sub.device,
+                           "repair")
     finally:
         for h in hooks:
             h.remove()

@@ -50,6 +50,7 @@ works on the discovered training samples.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -63,6 +64,7 @@ import torch.nn.functional as F
 from potion.config import number
 from potion.errors import ConfigError
 from potion.evaluation import autocast_for, predict
+from potion.progress import Progress
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
@@ -416,8 +418,12 @@ class REMRun:
             passes += 1
         return passes, steps
 
-    def redirect(self, everything: torch.Tensor, seed: int) -> tuple[int, float]:
-        """Redirection: one pass over the training set (redirect mode) with NPO on its discovered samples."""
+    def redirect(self, everything: torch.Tensor, seed: int, bar: Progress | None = None, note: str = ""
+                 ) -> tuple[int, float]:
+        """Redirection: one pass over the training set (redirect mode) with NPO on its discovered samples.
+
+        ``bar`` counts its steps on the progress line (``note``: which epoch).
+        """
         self.model.train()
         steps, total = 0, 0.0
         for ids, x, y in id_batches(self.task, everything, self.s.batch_size, augment=self.s.augment, seed=seed):
@@ -432,6 +438,8 @@ class REMRun:
             self.step(loss)
             steps += 1
             total += float(loss.detach())
+            if bar is not None:
+                bar.advance(note=note)
         return steps, total / max(1, steps)
 
     def proxy(self) -> tuple[float, float, float]:
@@ -482,16 +490,19 @@ def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float 
         run, tap_list, added_params = build_run(task, s)
         try:
             best, flush_passes, flush_steps, steps, last_loss = None, [], 0, 0, float("nan")
+            bar = Progress("rem redirection", s.epochs * math.ceil(int(everything.numel()) / s.batch_size))
             for epoch in range(s.epochs):
                 passes, n = run.flush(tb.stream_seed(task, 1) + 1009 * epoch)
                 flush_passes.append(passes)
                 flush_steps += n
-                n, last_loss = run.redirect(everything, tb.stream_seed(task, 2) + epoch)
+                n, last_loss = run.redirect(everything, tb.stream_seed(task, 2) + epoch, bar,
+                                            f"epoch {epoch + 1} of {s.epochs}, {flush_steps} removal steps so far")
                 steps += n
                 proxy, forget_acc, keep = run.proxy()
                 if best is None or s.select == "last" or proxy > best[0]:
                     state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
                     best = (proxy, epoch, forget_acc, keep, state)
+            bar.finish()
         finally:
             run.channel.remove()
             run.ref_channel.remove()

@@ -42,6 +42,7 @@ from potion.config import check_field
 from potion.config_schema import Train
 from potion.errors import ConfigError
 from potion.evaluation import autocast_for
+from potion.progress import Progress
 from potion.schedule import total_steps_for, warmup_linear_decay
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
@@ -162,11 +163,12 @@ class LoopResult:
 
 
 def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterator[tuple[str, torch.Tensor]],
-                total_steps: int, sgd: SGDSettings, device: torch.device) -> LoopResult:
+                total_steps: int, sgd: SGDSettings, device: torch.device, what: str = "training") -> LoopResult:
     """THE training loop: one SGD step (with the schedule) per ``(kind, loss)`` drawn from ``losses``.
 
     ``losses`` computes its forward passes lazily; ``total_steps`` sizes the schedule (and caps the
-    loop). The caller sets the model's train/eval modes beforehand.
+    loop). The caller sets the model's train/eval modes beforehand. ``what`` names the loop on the
+    progress line (:mod:`potion.progress`), which also shows the last loss.
     """
     opt = torch.optim.SGD(list(params), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
                           nesterov=sgd.nesterov)
@@ -174,6 +176,7 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     recent: dict[str, deque[torch.Tensor]] = defaultdict(lambda: deque(maxlen=_LOSS_WINDOW))
     counts: dict[str, int] = defaultdict(int)
+    bar = Progress(what, total_steps)
     _sync(device)
     t0 = time.perf_counter()
     for kind, loss in islice(losses, total_steps):
@@ -183,7 +186,9 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
         sched.step()
         recent[kind].append(loss.detach())
         counts[kind] += 1
+        bar.advance(note=lambda kind=kind: f"{kind} loss {float(recent[kind][-1]):.4f}")
     _sync(device)
+    bar.finish()
     seconds = time.perf_counter() - t0
     final = {k: float(torch.stack(list(v)).float().mean()) for k, v in recent.items()}
     return LoopResult(dict(counts), final, seconds)
@@ -272,7 +277,7 @@ def train_mode_partial(model: nn.Module, trainable: Sequence[nn.Module]) -> None
 
 def _train_last_layers(task: UnlearnTask, model: nn.Module, layers: list[tuple[str, nn.Module]], iterations: int,
                        sgd: SGDSettings, batch_size: int, augment: bool, label_smoothing: float, t_start: float,
-                       **extra: Any) -> MethodOutput:
+                       what: str, **extra: Any) -> MethodOutput:
     """EU-k and CF-k: cross-entropy on the retain set, only ``layers`` trainable."""
     modules = [m for _, m in layers]
     params = freeze_all_but(model, modules)
@@ -280,7 +285,7 @@ def _train_last_layers(task: UnlearnTask, model: nn.Module, layers: list[tuple[s
     batches = stream(task, task.retain_idx, batch_size, iterations, augment=augment, seed=stream_seed(task, 0),
                      what="retain")
     result = train_steps(model, params, cross_entropy_losses(model, batches, label_smoothing), iterations, sgd,
-                         task.device)
+                         task.device, what)
     return _output(model, result, sgd, t_start, task.device, trainable_layers=len(layers),
                    trainable_params=sum(p.numel() for p in params), retain_samples=int(task.retain_idx.numel()),
                    **extra)
@@ -332,7 +337,7 @@ def retrain(task: UnlearnTask, *, iterations: int | None, lr: float | None, mome
         model.train()
         batches = stream(task, retain, bs, iterations, augment=augment, seed=stream_seed(task, 0), what="retain")
         result = train_steps(model, list(model.parameters()), cross_entropy_losses(model, batches, smoothing),
-                             iterations, sgd, task.device)
+                             iterations, sgd, task.device, "retrain")
     return _output(model, result, sgd, t_start, task.device, retain_samples=int(retain.numel()),
                    extra_forget=len(extra_forget) if extra_forget is not None else 0)
 
@@ -368,7 +373,7 @@ def eu_k(task: UnlearnTask, *, k: int, iterations: int, lr: float | None, moment
                 raise ConfigError(f"eu_k: the model factory's model has no layer {name!r} like the poisoned model's")
             module.load_state_dict(fresh[name].state_dict())  # parameters and buffers (batch-norm statistics)
         del fresh
-        return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, k=k)
+        return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, "eu_k", k=k)
 
 
 @register("finetune", trains=True)
@@ -388,7 +393,8 @@ def finetune(task: UnlearnTask, *, k: int, iterations: int, lr: float | None, mo
     with seeded(task):
         model = copy.deepcopy(task.model)
         layers = last_layers(model, k)
-        return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, k=k)
+        return _train_last_layers(task, model, layers, iterations, sgd, bs, augment, smoothing, t_start, "finetune",
+                                  k=k)
 
 
 @register("scrub", trains=True)
@@ -430,7 +436,8 @@ def scrub(task: UnlearnTask, *, alpha: float, gamma: float, temperature: float, 
                 yield "min", (alpha * kl_to_teacher(s, _teacher_logits(teacher, x), temperature)
                               + gamma * F.cross_entropy(s, y))
 
-        result = train_steps(student, list(student.parameters()), losses(), iterations + max_steps, sgd, task.device)
+        result = train_steps(student, list(student.parameters()), losses(), iterations + max_steps, sgd, task.device,
+                             "scrub")
     return _output(student, result, sgd, t_start, task.device, alpha=alpha, gamma=gamma, temperature=temperature,
                    max_every=every)
 
@@ -475,6 +482,7 @@ def bad_teacher(task: UnlearnTask, *, iterations: int, lr: float, temperature: f
                 targets = torch.cat([_teacher_logits(competent, xr), _teacher_logits(incompetent, xf)])
                 yield "distill", kl_to_teacher(_logits(student, torch.cat([xr, xf])), targets, temperature)
 
-        result = train_steps(student, list(student.parameters()), losses(), iterations, sgd, task.device)
+        result = train_steps(student, list(student.parameters()), losses(), iterations, sgd, task.device,
+                             "bad_teacher")
     return _output(student, result, sgd, t_start, task.device, temperature=temperature, forget_share=share,
                    forget_per_batch=f_bs)
