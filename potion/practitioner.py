@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from potion import metrics
+from potion import run_naming as naming
 from potion.config import identity_hash, method_arguments, model_kwargs, to_dict, validate_heal_config
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
@@ -284,8 +285,10 @@ def heal(cfg: Any) -> dict[str, Any]:
 
     out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries)
     method = str(d["method"]["name"])
-    with run_lifecycle(d.get("logger"), out_dir, run_name=f"heal-{method}",
-                       tags={"potion.task": "heal", "potion.method": method}) as outputs:
+    study = naming.heal_study(d)
+    with run_lifecycle(naming.logger_for(d.get("logger"), study), out_dir,
+                       run_name=naming.heal_run_name(method, discovery.n_f, str(model_cfg["name"])),
+                       tags={**naming.study_tags(naming.HEAL, study), naming.METHOD: method}) as outputs:
         return _heal(d, task, poisoned, method_fn, checkpoint, prefix, state, outputs)
 
 
@@ -309,8 +312,7 @@ def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: 
     before = test_metrics(model)
     preds_before = predict(model, forget_images, data.normalizer, batch_size=bs)
     method_args = method_arguments(d["method"])
-    tracker.log_params({"method": d["method"], "model": d["model"], "checkpoint": str(checkpoint),
-                        "dataset": str(d["dataset"].get("path")), "n_f": discovery.n_f, "target": target})
+    tracker.log_params(naming.heal_params({**d, "checkpoint": str(checkpoint)}, discovery.n_f, target))
 
     out, unlearn_seconds = run_timed(method_fn, task, method_args)
     healed = out.model.eval()
@@ -360,7 +362,8 @@ def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: 
         **(suspects or {}),
     }
     outputs.add(atomic_write_text(out_dir / "report.md", format_report(summary, plot is not None)))
-    return outputs.complete(summary, {k: v for k, v in {**result, **numeric}.items() if isinstance(v, (int, float))})
+    tracker.log_params(naming.resolved_settings({**numeric, **(suspects or {})}))
+    return outputs.complete(summary, naming.heal_measurements({**result, **numeric}, d["method"]))
 
 
 def _save_healed(out_dir: Path, checkpoint: Path, healed: nn.Module, prefix: str,
