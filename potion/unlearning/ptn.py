@@ -14,12 +14,14 @@ in k (a galloping or bisecting search would need that assumption and could skip 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch.nn as nn
 
+from potion.progress import Progress
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
@@ -91,6 +93,12 @@ def evaluate_candidate(k: int, schedule: PTNSchedule, pool: RatioPool, model: nn
     return Candidate(k, schedule.share(k), p, alpha, res.share, forget_acc(model))
 
 
+def _search_note(cand: Candidate, threshold: float) -> str:
+    """The progress line's end: where the search is and how far from stopping."""
+    acc = f"> {threshold:.4f}" if math.isnan(cand.forget_acc) else f"{cand.forget_acc:.4f}"  # cut short: above
+    return f"step k={cand.step} (s={cand.s:.3g}), forget_acc {acc} (stops at <= {threshold:.4f})"
+
+
 def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, schedule: PTNSchedule,
                forget_acc: Callable[[nn.Module], float], a0: float, lam: float = 1.0,
                on_step: Callable[[Candidate], None] | None = None,
@@ -107,13 +115,17 @@ def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, sche
     threshold = schedule.rho * a0
     measure = forget_acc if decide is None else (lambda m: decide(m, threshold))
     trajectory: list[Candidate] = []
+    bar = Progress("PTN search", schedule.max_steps, bound=True)
     for k in range(schedule.max_steps):
         cand = evaluate_candidate(k, schedule, pool, model, originals, imp_r, imp_f, measure, lam)
         trajectory.append(cand)
         if on_step is not None:
             on_step(cand)
+        bar.advance(note=lambda c=cand: _search_note(c, threshold))
         if cand.qualifies(threshold):
+            bar.finish(f"stopped at step k={k}, forget_acc {cand.forget_acc:.4f}")
             return PTNResult(a0, threshold, True, cand, trajectory)
+    bar.finish("the threshold was never met")
     if decide is not None:  # the model is at the last step: its value in full, for the summary and the warning
         trajectory[-1] = replace(trajectory[-1], forget_acc=forget_acc(model))
     log.warning("PTN: rho=%s never met in %d steps (forget_acc %.3f > %.3f); keeping the last step's model",
