@@ -73,11 +73,24 @@ class PixelTrigger:
 
     def apply(self, x: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
         out = x
-        rows = rows_with(which, TRIGGER, x.shape[0], x.device)
-        if rows is None or bool(rows.any()):
+        if which is None or may_hold(which, TRIGGER):
+            rows = rows_with(which, TRIGGER, x.shape[0], x.device)
             out = select(out, self.space.from_pixels(self.pixels(self.space.to_pixels(x))), rows)
         if self.has_noise_mode and which is not None and which.dtype != torch.bool:
+            # the noise draws from the global random stream, so it is drawn only where a row needs it (reading
+            # the codes, a device sync when they live on a GPU) to keep every later random number as it was
             noisy = rows_with(which, NOISE, x.shape[0], x.device)
             if bool(noisy.any()):
                 out = select(out, self.space.from_pixels(self.noise(self.space.to_pixels(x))), noisy)
         return out
+
+
+def may_hold(which: torch.Tensor, code: int) -> bool:
+    """Whether rows coded ``code`` may be in ``which``: read on the CPU (free), assumed on a GPU (reading
+    there waits for the device; the caller then computes the change for every row and selects, which gives
+    the same values)."""
+    if which.device.type != "cpu":
+        return True
+    if which.dtype == torch.bool:
+        return code == TRIGGER and bool(which.any())
+    return bool((which == code).any())
