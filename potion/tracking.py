@@ -39,6 +39,18 @@ from typing import Any, Self
 
 from potion.errors import ConfigError, TrackingError
 from potion.interrupt import Interrupted
+from potion.run_log import LOG_FILE, LogCapture
+from potion.tracking_extras import (
+    DatasetRef,
+    dataset_input,
+    git_source_tags,
+    inputs_of,
+    model_inputs_of,
+    start_system_metrics,
+    stop_system_metrics,
+    ui_lines,
+    upload_logged_model,
+)
 from potion.tracking_store import inspect_store, is_unfinished_and_empty, repair_store, set_aside, store_lock
 
 log = logging.getLogger(__name__)
@@ -51,6 +63,7 @@ METRICS_PER_BATCH = 1000  # MLflow's log_batch limit for metrics
 PARENT_TAG = "mlflow.parentRunId"
 STALL_SECONDS = 30.0  # a failing call this slow means retries against a dead server: stop tracking
 DEFAULT_TIMEOUT_S = 60.0  # logger.timeout_s when a config has none: how long one call to a server may try
+DEFAULT_SYSTEM_METRICS_INTERVAL_S = 10.0  # logger.system_metrics_interval_s when a config has none
 HEALTH_TIMEOUT_S = 3.0  # the reachability check's own limit
 HOST_TAG, PID_TAG, PID_START_TAG = "potion.host", "potion.pid", "potion.pid_start"  # who created a run
 _SQLITE = "sqlite:///"
@@ -162,14 +175,16 @@ class LoggerSettings:
     fallback: str
     experiment: str | None
     timeout_s: float | None  # None: MLflow's own HTTP retry settings (minutes against a dead server)
+    system_metrics: bool = False  # MLflow's system metrics monitor (CPU, memory, GPU, ...) on every run
+    system_metrics_interval_s: float = DEFAULT_SYSTEM_METRICS_INTERVAL_S
 
 
 def logger_settings(logger_cfg: Mapping[str, Any] | None) -> LoggerSettings | None:
     """The checked ``logger`` config, None for ``logger=none`` (or no config); a bad value raises one line.
 
     Keys: ``name`` (mlflow or none), ``tracking_uri``, ``fallback`` (none or local), ``experiment``,
-    ``timeout_s``. Used before a run starts and also when a finished run is reused, so that a wrong URI or
-    fallback never passes silently.
+    ``timeout_s``, ``system_metrics`` and ``system_metrics_interval_s``. Used before a run starts and also when a
+    finished run is reused, so that a wrong URI or fallback never passes silently.
     """
     cfg = dict(logger_cfg or {"name": "none"})
     name = str(cfg.get("name") or "none").lower()
@@ -182,8 +197,14 @@ def logger_settings(logger_cfg: Mapping[str, Any] | None) -> LoggerSettings | No
         raise ConfigError(f"unknown logger.fallback {fallback!r}; use none or local")
     timeout = _timeout(cfg.get("timeout_s", DEFAULT_TIMEOUT_S))
     experiment = cfg.get("experiment")
+    system = cfg.get("system_metrics", False)
+    if not isinstance(system, bool):
+        raise ConfigError(f"logger.system_metrics={system!r}: must be true or false")
+    interval = _timeout(cfg.get("system_metrics_interval_s", DEFAULT_SYSTEM_METRICS_INTERVAL_S),
+                        "logger.system_metrics_interval_s", "how often system metrics are sampled")
     return LoggerSettings(resolve_tracking_uri(cfg.get("tracking_uri")), fallback,
-                          str(experiment) if experiment not in (None, "") else None, timeout)
+                          str(experiment) if experiment not in (None, "") else None, timeout, system,
+                          interval or DEFAULT_SYSTEM_METRICS_INTERVAL_S)
 
 
 def tracking_enabled(logger_cfg: Mapping[str, Any] | None) -> bool:
@@ -192,7 +213,8 @@ def tracking_enabled(logger_cfg: Mapping[str, Any] | None) -> bool:
     return name not in ("none", "null", "off")
 
 
-def _timeout(value: Any) -> float | None:
+def _timeout(value: Any, key: str = "logger.timeout_s",
+             meaning: str = "how long one call to a tracking server may try") -> float | None:
     if value is None:
         return None
     try:
@@ -200,8 +222,8 @@ def _timeout(value: Any) -> float | None:
     except (TypeError, ValueError):
         seconds = float("nan")
     if not (seconds > 0 and seconds != float("inf")):
-        raise ConfigError(f"logger.timeout_s={value!r}: must be a positive number of seconds (how long one call to "
-                          "a tracking server may try), or null for MLflow's own retries")
+        null = ", or null for MLflow's own retries" if key == "logger.timeout_s" else ""
+        raise ConfigError(f"{key}={value!r}: must be a positive number of seconds ({meaning}){null}")
     return seconds
 
 
@@ -256,6 +278,12 @@ def _param_text(value: Any) -> str:
     return str(value)
 
 
+def print_run_links(tracking_uri: str | None, experiment_id: str | None, run_id: str | None, what: str = "run") -> None:
+    """Print where a run is in the MLflow UI (its page and the runs table), for stores that have a UI."""
+    for line in ui_lines(str(tracking_uri or ""), experiment_id, run_id, what):
+        print(line, flush=True)
+
+
 def _plain(value: Any) -> Any:
     """Nested mappings/sequences (including OmegaConf containers) as dicts and lists for JSON."""
     if isinstance(value, Mapping):
@@ -303,6 +331,22 @@ class Tracker(ABC):
         """Set string tags on the run."""
 
     @abstractmethod
+    def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
+                   source_run_id: str | None = None) -> None:
+        """Log a data set (a :class:`~potion.tracking_extras.DatasetRef` as a dict) as the run's dataset input,
+        and the logged model of run ``source_run_id`` (the training run an unlearning run healed) as a model input.
+        """
+
+    @abstractmethod
+    def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
+        """Register ``files`` (artifact name -> local path: ``model.safetensors``, ``config.yaml``) and ``spec``
+        (written as ``model.json``) as an MLflow logged model this run produced."""
+
+    @abstractmethod
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` as the run's artifact ``artifact_file``."""
+
+    @abstractmethod
     def finish(self, status: str = "FINISHED") -> None:
         """End the run; never raises."""
 
@@ -337,6 +381,16 @@ class NullTracker(Tracker):
         """Do nothing."""
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
+        """Do nothing."""
+
+    def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
+                   source_run_id: str | None = None) -> None:
+        """Do nothing."""
+
+    def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
+        """Do nothing."""
+
+    def log_text(self, text: str, artifact_file: str) -> None:
         """Do nothing."""
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -382,6 +436,21 @@ class RecordingTracker(Tracker):
         """Record the tags as text."""
         self.calls.append(("tags", {str(k): _tag_text(v) for k, v in tags.items()}))
 
+    def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
+                   source_run_id: str | None = None) -> None:
+        """Record the inputs (the training run's model is looked up when the calls are replayed)."""
+        self.calls.append(("inputs", {"dataset": _plain(dict(dataset)) if dataset else None, "context": context,
+                                      "source_run_id": source_run_id}))
+
+    def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
+        """Record the model's files as absolute paths and its spec."""
+        self.calls.append(("model", {"name": name, "spec": _plain(dict(spec)),
+                                     "files": {str(k): os.path.abspath(os.fspath(v)) for k, v in files.items()}}))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Record the text."""
+        self.calls.append(("text", {"text": text, "artifact_file": artifact_file}))
+
     def finish(self, status: str = "FINISHED") -> None:
         """Record the final status (the first one given)."""
         if self.status is None:
@@ -407,6 +476,12 @@ class RecordingTracker(Tracker):
                 into.log_artifact(args[0], args[1])
             elif kind == "tags":
                 into.set_tags(args)
+            elif kind == "inputs":
+                into.log_inputs(args["dataset"], args.get("context"), args.get("source_run_id"))
+            elif kind == "model":
+                into.log_model(args["name"], args["files"], args["spec"])
+            elif kind == "text":
+                into.log_text(args["text"], args["artifact_file"])
             else:
                 raise ValueError(f"unknown recorded tracking call {kind!r}")
 
@@ -430,6 +505,9 @@ class MlflowTracker(Tracker):
         self._finished = False
         self.failed = False  # some call did not reach the store
         self.offline = False  # the server stopped answering; tracking is off
+        self.announce = False  # print the run's UI address when it finishes (a command's own run)
+        self._monitor: Any = None  # MLflow's system metrics monitor, when logger.system_metrics=true
+        self._log: LogCapture | None = None  # the process's log while the run lasts, uploaded as run.log
 
     @property
     def client(self) -> Any:
@@ -496,12 +574,64 @@ class MlflowTracker(Tracker):
         for batch in _chunks(items, PARAMS_PER_BATCH):
             self._guard("set_tags", lambda b=batch: self._client.log_batch(self.run_id, tags=b))
 
+    def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
+                   source_run_id: str | None = None) -> None:
+        """Log the data set as a dataset input and the training run's logged model (if any) as a model input."""
+        def call() -> None:
+            datasets = [dataset_input(DatasetRef.from_dict(dataset), context)] if dataset else []
+            models = model_inputs_of(self._client, source_run_id)
+            if datasets or models:
+                self._client.log_inputs(self.run_id, datasets=datasets, models=models)
+
+        self._guard("log_inputs", call)
+
+    def copy_inputs_from(self, run_id: str | None) -> None:
+        """Repeat another run's dataset and model inputs on this run (a sweep's parent takes its final run's)."""
+        def call() -> None:
+            datasets, models = inputs_of(self._client, run_id)
+            if datasets or models:
+                self._client.log_inputs(self.run_id, datasets=datasets, models=models)
+
+        self._guard("log_inputs", call)
+
+    def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
+        """Register the files as an MLflow logged model of this run (see :func:`upload_logged_model`)."""
+        self._guard("log_model", lambda: upload_logged_model(self._client, str(self.experiment_id), str(self.run_id),
+                                                             name, files, spec))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        """Write ``text`` as the artifact ``artifact_file``."""
+        self._guard("log_text", lambda: self._client.log_text(self.run_id, text, artifact_file))
+
+    def start_system_metrics(self, interval_s: float) -> None:
+        """Sample CPU, memory, disk, network (and GPU) into ``system/*`` metrics until the run finishes."""
+        if self._monitor is None and not self._disabled:
+            self._monitor = start_system_metrics(str(self.run_id), self.tracking_uri, interval_s)
+
+    def capture_log(self) -> None:
+        """Keep the process's log records from now until the run finishes, then upload them as ``run.log``."""
+        if self._log is None:
+            self._log = LogCapture()
+            logging.getLogger().addHandler(self._log)
+
     def finish(self, status: str = "FINISHED") -> None:
-        """Mark the run terminated with ``status``; a second call does nothing; never raises."""
+        """Mark the run terminated with ``status``; a second call does nothing; never raises.
+
+        First the system metrics monitor stops and the captured log is uploaded; a command's own run then prints
+        where it is in the UI.
+        """
         if self._finished:
             return
         self._finished = True
+        stop_system_metrics(self._monitor)
+        self._monitor = None
+        if self._log is not None:
+            logging.getLogger().removeHandler(self._log)
+            text, self._log = self._log.text(), None
+            self.log_text(text, LOG_FILE)
         self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))
+        if self.announce:
+            print_run_links(self.tracking_uri, self.experiment_id, self.run_id)
 
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
         """A nested run through this run's client (no new connection, no experiment lookup).
@@ -586,9 +716,12 @@ def _tag_text(value: Any) -> str:
 
 
 def _default_tags() -> dict[str, str]:
-    """The source and user tags the fluent API would add, so runs read the same in the UI, and the process's."""
+    """The source, git and user tags the fluent API would add, so runs read the same in the UI, and the process's.
+
+    The git commit is that of the checkout holding the ``potion`` package (none when installed elsewhere).
+    """
     tags = {"mlflow.source.name": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
-            **process_tags()}
+            **git_source_tags(), **process_tags()}
     try:
         tags["mlflow.user"] = getpass.getuser()
     except (OSError, KeyError):  # no user entry in some containers: leave the tag out
@@ -763,20 +896,30 @@ def start_tracker(
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
+    capture_log: bool = True,
 ) -> Tracker:
-    """Start tracking one run as the ``logger`` config says, failing in one line before work begins.
+    """Start tracking one run of a command as the ``logger`` config says, failing in one line before work begins.
 
     ``logger_cfg`` keys: ``name`` (``mlflow`` or ``none``; a missing config means none),
     ``tracking_uri``, ``fallback`` (``none`` or ``local``: on an unreachable server, log to the local
-    sqlite store instead), ``experiment`` (overrides the experiment name) and ``timeout_s`` (how long
-    one call to a server may try; see :func:`http_settings`).
+    sqlite store instead), ``experiment`` (overrides the experiment name), ``timeout_s`` (how long
+    one call to a server may try; see :func:`http_settings`), ``system_metrics`` (MLflow's system metrics
+    monitor) and ``system_metrics_interval_s``. ``capture_log``: upload the process's log records as ``run.log``
+    when the run finishes (:mod:`potion.lifecycle` writes that file into the run folder itself). The run prints
+    its UI address when it finishes.
     """
     settings = logger_settings(logger_cfg)
     if settings is None:
         return NullTracker()
     uri = usable_uri(settings)
-    return MlflowTracker.start(uri, settings.experiment or experiment, run_name=run_name, tags=tags,
-                               parent_run_id=parent_run_id)
+    tracker = MlflowTracker.start(uri, settings.experiment or experiment, run_name=run_name, tags=tags,
+                                  parent_run_id=parent_run_id)
+    tracker.announce = True
+    if capture_log:
+        tracker.capture_log()
+    if settings.system_metrics:
+        tracker.start_system_metrics(settings.system_metrics_interval_s)
+    return tracker
 
 
 def usable_uri(settings: LoggerSettings) -> str:

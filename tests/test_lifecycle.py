@@ -55,7 +55,7 @@ def test_summary_is_written_last_then_tracked_with_the_trajectory(tmp_path: Path
     assert metrics[1:] == [({"ptn_traj_s": 0.1, "ptn_traj_forget_acc": 0.9, "ptn_traj_dampened_share": 0.0}, 0),
                            ({"ptn_traj_s": 0.2, "ptn_traj_forget_acc": 0.1, "ptn_traj_dampened_share": 0.1}, 1)]
     artifacts = [Path(args[0]).name for kind, args in tracker.calls if kind == "artifact"]
-    assert artifacts == ["ptn_trajectory.csv", "ptn_trajectory.png", "summary.json"]
+    assert artifacts == ["ptn_trajectory.csv", "ptn_trajectory.png", "run.log", "summary.json"]  # run.log: its log
 
 
 def test_a_tracking_failure_after_the_summary_is_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -384,7 +384,7 @@ def test_recorded_calls_replay_into_a_run_after_a_trip_through_pickle(store_uri:
     assert got.data.tags["potion.task"] == "unlearn" and got.data.params["method.ptn.rho"] == "0.1"
     assert got.data.metrics["healed"] == 93.5 and "skipped" not in got.data.metrics
     assert [m.step for m in client.get_metric_history(run.run_id, "ptn_traj_forget_acc")] == [3]
-    assert [a.path for a in client.list_artifacts(run.run_id)] == ["summary.json"]
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["run.log", "summary.json"]  # run.log: its log
     assert got.info.status == "FINISHED"
 
 
