@@ -1,8 +1,8 @@
 """Result tables and figures of the unlearning grid, read from MLflow.
 
 ``python -m potion.report`` (console script ``potion-report``) reads every finished unlearning run
-(tag ``potion.task=unlearn``) of an experiment in one paged ``search_runs`` query and counts each
-measurement once: one row per (training run, method, settings, seed), so a config run again, or a
+(tag ``potion.task=unlearn``) of the store's experiments (or of one, ``--experiment``) in one paged
+``search_runs`` query and counts each measurement once: one row per (training run, method, settings, seed), so a config run again, or a
 standalone run and a PTN sweep's final run of the same settings and seed, count as one seed (the
 newest). Runs are grouped into studies (data set, model, attack, label mapping), cells (poison size
 n_p, discovery share) and method columns, and written into ``--out``:
@@ -47,6 +47,7 @@ from potion.reporting.query import (
     NoRunsError,
     collect_runs,
     experiment_id,
+    experiment_ids,
     measurements,
     one_line,
     open_store,
@@ -61,6 +62,7 @@ __all__ = ["CSV_COLUMNS", "NoRunsError", "aggregate", "build_report", "collect_r
 
 PLOTS = ("healed", "healed_attainable", "acc_drop")
 FIGURE_FORMATS = ("png", "pdf")
+REPORT_EXPERIMENT = "potion-reports"  # where --log-run puts a report of every experiment
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
@@ -88,8 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="potion-report", description=__doc__.splitlines()[0])
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store: sqlite:///mlflow.db (default: ./mlflow.db) or http://host:port")
-    p.add_argument("--experiment", default="potion", help="MLflow experiment name (default: potion)")
-    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>)")
+    p.add_argument("--experiment", default=None,
+                   help="MLflow experiment name (default: every experiment of the store; runs log to one per study)")
+    p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>, or reports/all)")
     p.add_argument("--methods", default=None, help="comma-separated methods, in column order (default: all)")
     p.add_argument("--dataset", default=None, help="comma-separated data sets (default: all)")
     p.add_argument("--log-run", action="store_true", help="log the outputs as artifacts of a potion.task=report run")
@@ -100,11 +103,11 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def read_measurements(client: Any, experiment: str, uri: str, filters: Mapping[str, list[str]]
+def read_measurements(client: Any, experiments: Sequence[str], uri: str, filters: Mapping[str, list[str]]
                       ) -> tuple[list[dict], int]:
-    """The filtered measurements of an experiment and how many repeated runs among them were left out."""
+    """The filtered measurements of the experiments (ids) and how many repeated runs among them were left out."""
     try:
-        found = search_rows(client, [experiment])
+        found = search_rows(client, list(experiments))
     except Exception as exc:
         raise TrackingError(f"cannot search runs in {uri} ({one_line(exc)})") from exc
     return measurements(select(found, filters))
@@ -113,19 +116,22 @@ def read_measurements(client: Any, experiment: str, uri: str, filters: Mapping[s
 def build_report(args: argparse.Namespace) -> tuple[list[Path], str, int, int]:
     """Read, aggregate and write; (paths written, store URI, runs counted, repeated runs left out)."""
     client, uri = open_store(args.tracking_uri)
-    exp_id = experiment_id(client, args.experiment, uri)
+    exp_ids = [experiment_id(client, args.experiment, uri)] if args.experiment else experiment_ids(client, uri)
     filters = {"methods": _split(args.methods), "datasets": _split(args.dataset)}
-    rows, left_out = read_measurements(client, exp_id, uri, filters)
+    rows, left_out = read_measurements(client, exp_ids, uri, filters) if exp_ids else ([], 0)
     if not rows:
         chosen = ", ".join(f"{k}={','.join(v)}" for k, v in filters.items() if v)
         which = f" matching {chosen}" if chosen else ""
-        raise NoRunsError(f"no finished unlearning runs{which} in {uri} (experiment {args.experiment}); "
-                          "run unlearn.py first")
-    out = Path(args.out) if args.out else Path("reports") / safe_name(args.experiment)
+        raise NoRunsError(f"no finished unlearning runs{which} in {uri} ({_which(args)}); run unlearn.py first")
+    out = Path(args.out) if args.out else Path("reports") / safe_name(args.experiment or "all")
     paths = write_report(rows, out, filters["methods"] or None)
     if args.log_run:
         _log_report_run(uri, args, filters, len(rows), rows, paths)
     return paths, uri, len(rows), left_out
+
+
+def _which(args: argparse.Namespace) -> str:
+    return f"experiment {args.experiment}" if args.experiment else "all experiments"
 
 
 def _log_report_run(uri: str, args: argparse.Namespace, filters: Mapping[str, list[str]], n_runs: int,
@@ -135,11 +141,12 @@ def _log_report_run(uri: str, args: argparse.Namespace, filters: Mapping[str, li
     Its metrics are the headline aggregates, ``<data set>.<model>.<attack>.<method>.<metric>``.
     """
     cells = aggregate(rows)
-    tracker = MlflowTracker.start(uri, args.experiment, run_name="report", tags={"potion.task": "report"})
+    tracker = MlflowTracker.start(uri, args.experiment or REPORT_EXPERIMENT, run_name="report",
+                                  tags={"potion.task": "report"})
     with tracker:
         tracker.log_params({"filters": {"methods": ",".join(filters["methods"]) or "all",
                                         "datasets": ",".join(filters["datasets"]) or "all"},
-                            "experiment": args.experiment, "n_runs": n_runs, "n_cells": len(cells)})
+                            "experiment": args.experiment or "all", "n_runs": n_runs, "n_cells": len(cells)})
         headline = {_headline_key(r, name): r[f"{name}_mean"] for r in summary_rows(cells) if r["n_p"] == ALL
                     for name in ("healed", "healed_attainable", "acc_drop")}
         tracker.log_metrics(headline)
@@ -165,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     repeats = f"; {left_out} repeated runs of the same settings and seed left out" if left_out else ""
-    print(f"report of {n_runs} unlearning runs from {uri} (experiment {args.experiment}{repeats}):")
+    print(f"report of {n_runs} unlearning runs from {uri} ({_which(args)}{repeats}):")
     for path in paths:
         print(f"  {path}")
     return 0

@@ -286,7 +286,7 @@ def test_empty_and_unknown_stores(template: Path, tmp_path: Path, capsys: pytest
     out = tmp_path / "out"
     assert main(["--tracking-uri", uri, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"error: no finished unlearning runs in {uri} (experiment potion); run unlearn.py first"
+    assert err == f"error: no finished unlearning runs in {uri} (all experiments); run unlearn.py first"
     assert main(["--tracking-uri", uri, "--experiment", "nope", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no MLflow experiment 'nope' in ") and len(err.splitlines()) == 1

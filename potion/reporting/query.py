@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from potion.errors import PotionError, TrackingError
+from potion.run_naming import SETTING_DIAGNOSTICS, SGD_PARAMS, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
 from potion.tracking import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
 
 PAGE_SIZE = 5000
@@ -20,8 +21,13 @@ UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISH
 METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
 # The params that name a measurement's settings (a key or a dotted prefix), and those the PTN sweeper sets per
 # job, never the user (potion.ptn_sweep.SWEEPER_KEYS; a test keeps the two equal).
-SETTING_PARAMS = ("method", "discovery", "poison", "dataset", "model", "seed", "n_f", "n_p")
+SETTING_PARAMS = ("method", "discovery", "poison", "dataset", "model", "seed")
 SWEEPER_PARAMS = ("method.ptn.fixed_step", "ptn_job")
+# Settings a run resolved itself (PTN's threshold, the SGD settings a method fell back to): not the user's, so they
+# neither tell measurements apart nor name columns.
+RESOLVED_PARAMS = (*SETTING_DIAGNOSTICS.values(), SGD_PARAMS)
+# Older runs' param names -> the names of potion.run_naming, so old and new runs of one measurement match.
+PARAM_ALIASES = {"dataset": "dataset.name", "n_f": "discovery.n_f", "n_p": "poison.n_p"}
 NO_VALUE = ("", "None", "null")
 
 
@@ -60,6 +66,14 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
         hint = f" (experiments there: {', '.join(known)})" if known else ""
         raise NoRunsError(f"no MLflow experiment {name!r} in {uri}{hint}; run unlearn.py first or pick --experiment")
     return experiment.experiment_id
+
+
+def experiment_ids(client: Any, uri: str) -> list[str]:
+    """The ids of every active experiment of the store (runs log to one experiment per study)."""
+    try:
+        return [e.experiment_id for e in client.search_experiments()]
+    except Exception as exc:
+        raise TrackingError(f"cannot read the MLflow store {uri} ({one_line(exc)})") from exc
 
 
 def one_line(exc: object) -> str:
@@ -136,10 +150,10 @@ def run_row(run: Any) -> dict | None:
     """
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     method = _text(tags.get("potion.method")) or _first(params, "method.name", "method")
-    n_p = _int(_first(params, "n_p", "poison.n_p", "poison.count"))
+    n_p = _int(_first(params, "poison.n_p", "n_p", "poison.count"))
     if not method or not n_p:
         return None
-    n_f = _int(_first(params, "n_f", "discovery.n_f"))
+    n_f = _int(_first(params, "discovery.n_f", "n_f"))
     share = _number(params.get("discovery.share"))
     if _int(params.get("discovery.count")) is not None or share is None or n_f == 1:
         share = n_f / n_p if n_f else None  # an explicit count overrides the share (potion.discovery)
@@ -152,7 +166,7 @@ def run_row(run: Any) -> dict | None:
         "train_run": train_run_identity(tags, params),
         "method": method,
         "method_params": method_params(params),
-        "dataset": _first(params, "dataset", "dataset.name") or "unknown",
+        "dataset": _first(params, "dataset.name", "dataset") or "unknown",
         "model": _first(params, "model.name", "model") or "unknown",
         "attack": _first(params, "poison.trigger.kind", "attack") or "unknown",
         "mapping": _first(params, "poison.mapping") or "all_to_one",  # runs from before all_to_all existed
@@ -167,20 +181,33 @@ def run_row(run: Any) -> dict | None:
 
 def train_run_identity(tags: Mapping[str, str], params: Mapping[str, str]) -> str:
     """The training run an unlearning run healed: its config hash, else its MLflow run id, else its folder."""
-    return (_text(tags.get("potion.train_config_hash")) or _text(tags.get("potion.train_run_id"))
-            or _text(params.get("train_run")))
+    return (_text(tags.get(TRAIN_CONFIG_HASH)) or _text(tags.get(TRAIN_RUN_ID))
+            or _text(tags.get("potion.train_run_dir")) or _text(params.get("train_run")))
+
+
+def user_settings(params: Mapping[str, str]) -> dict[str, str]:
+    """The params under their current names (``PARAM_ALIASES``), without resolved settings or the sweeper's keys;
+    of the data set only its name (older runs logged nothing else, and the training run pins the rest)."""
+    out = {}
+    for key, value in params.items():
+        key = PARAM_ALIASES.get(key, key)
+        if _under(key, RESOLVED_PARAMS) or _under(key, SWEEPER_PARAMS):
+            continue
+        if _under(key, ("dataset",)) and key != "dataset.name":
+            continue
+        out[key] = value
+    return out
 
 
 def settings_key(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The params that name a measurement's settings (``SETTING_PARAMS``), without the sweeper's own."""
-    return tuple(sorted((k, v) for k, v in params.items()
-                        if _under(k, SETTING_PARAMS) and not _under(k, SWEEPER_PARAMS)))
+    return tuple(sorted((k, v) for k, v in user_settings(params).items() if _under(k, SETTING_PARAMS)))
 
 
 def method_params(params: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
     """The method's own params (``method.`` stripped, its name and the sweeper's keys left out)."""
-    return tuple(sorted((k[len("method."):], v) for k, v in params.items()
-                        if k.startswith("method.") and k != "method.name" and not _under(k, SWEEPER_PARAMS)))
+    return tuple(sorted((k[len("method."):], v) for k, v in user_settings(params).items()
+                        if k.startswith("method.") and k != "method.name"))
 
 
 def _under(key: str, prefixes: Sequence[str]) -> bool:
