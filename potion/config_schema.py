@@ -179,6 +179,8 @@ class Logger:
     fallback: Literal["none", "local"]
     experiment: str | None  # null: the study (potion.run_naming.study_name)
     timeout_s: float | None = num(60.0, gt=0)  # one call to a server gives up after ~this long (potion.tracking)
+    system_metrics: bool = False  # MLflow's system metrics monitor (CPU, memory, disk, network, GPU) on every run
+    system_metrics_interval_s: float = num(10.0, gt=0)  # how often it samples
 
 
 @dataclass(kw_only=True)
