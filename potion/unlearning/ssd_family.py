@@ -27,7 +27,7 @@ from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
 from potion.unlearning.registry import MethodOutput, register
-from potion.unlearning.synthesis import SynthesisResult, synthesize_additive, synthesize_forget
+from potion.unlearning.synthesis import SynthesisResult, patch_present, synthesize_additive, synthesize_forget
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
@@ -64,9 +64,11 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
             gen = torch.Generator().manual_seed(task.seed)
             idx = idx[torch.randperm(idx.numel(), generator=gen)]
             idx = idx[torch.sort(task.data.train_labels[idx], stable=True).indices]
-            return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power)
+            return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power,
+                                              what="retain importance", total=math.ceil(idx.numel() / batch_size))
         return lambda: compute_importance(task.model, task.batches(idx, batch_size, shuffle=True, seed=task.seed),
-                                          loss=loss, power=power)
+                                          loss=loss, power=power, what="retain importance",
+                                          total=math.ceil(idx.numel() / batch_size))
 
     sync(task.device)
     t0 = time.perf_counter()
@@ -76,7 +78,8 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
         forget_key["extra"] = sha256_tensors({"x": task.extra_forget[0], "y": task.extra_forget[1]})
     imp_f, hit_f = cached_importance(
         importance_key(**common, **forget_key),
-        lambda: compute_importance(task.model, task.forget_batches(batch_size), loss=loss, power=power), cache)
+        lambda: compute_importance(task.model, task.forget_batches(batch_size), loss=loss, power=power,
+                                   what="forget importance"), cache)
     sync(task.device)
     info = {"importance_seconds": time.perf_counter() - t0, "importance_cache_hit": float(hit_r and hit_f),
             "retain_importance_samples": int(retain.numel())}
@@ -264,11 +267,12 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     small = n_f <= int(s["max_discovered"])
     additive_ok = bool(s["additive"]) and n_f >= int(s["additive_min_discovered"])
     result = None
-    if small or additive_ok:
+    if small:
         result = synthesize_forget(task.model, forget_x[:64], probes, target, sizes=tuple(s["sizes"]),
                                    min_flip_rate=min_flip)
-        if result is not None and not small:
-            return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
+    elif additive_ok and patch_present(task.model, forget_x[:64], probes, target, sizes=tuple(s["sizes"]),
+                                       min_flip_rate=min_flip):
+        return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
     if result is None and additive_ok:
         ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
         reference = task.data.normalizer(task.data.bundle.train.images[ref_idx].to(task.device))

@@ -93,6 +93,26 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
 
     Returns None when no candidate window flips at least ``min_flip_rate`` of the probes to the target.
     """
+    best = best_window(model, forget_x, probe_x, target, sizes=sizes, candidates=candidates,
+                       min_flip_rate=min_flip_rate)
+    if best is None:
+        return None
+    best = _refine(model, forget_x[0], probe_x, target, best)
+    rate, r, c, k = _shrink(model, forget_x[0], probe_x, target, best)
+    images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
+    labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+    return SynthesisResult(r, c, k, rate, images, labels)
+
+
+def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
+                sizes: Sequence[int] = (2, 3, 4, 5), candidates: int = 4, min_flip_rate: float = 0.5,
+                ) -> tuple[float, int, int, int] | None:
+    """(flip rate, row, col, size) of the most salient window that flips the most probes, before refinement;
+    None when none flips at least ``min_flip_rate`` (and 0.25 more than the probes alone).
+
+    Whether a patch trigger is there at all is decided here: callers that only need that answer
+    (``patch_present``) skip the refinement, which costs about twice as many probe passes.
+    """
     model.eval()
     sal = saliency_map(model, forget_x, target)
     h, w = sal.shape
@@ -112,11 +132,13 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
                 best = (rate, r, c, k)
     if best is None or best[0] < max(min_flip_rate, base_rate + 0.25):
         return None
-    best = _refine(model, forget_x[0], probe_x, target, best)
-    rate, r, c, k = _shrink(model, forget_x[0], probe_x, target, best)
-    images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
-    labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
-    return SynthesisResult(r, c, k, rate, images, labels)
+    return best
+
+
+def patch_present(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
+                  sizes: Sequence[int] = (2, 3, 4, 5), min_flip_rate: float = 0.5) -> bool:
+    """Whether :func:`synthesize_forget` would find a patch trigger (the same test, without locating it exactly)."""
+    return best_window(model, forget_x, probe_x, target, sizes=sizes, min_flip_rate=min_flip_rate) is not None
 
 
 def _refine(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,

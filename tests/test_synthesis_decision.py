@@ -1,0 +1,82 @@
+"""With enough discovered samples, synthesis only asks whether a patch trigger is there (then synthesises
+nothing): that answer needs the candidate windows, not the refined location (``_refine``, ``_shrink``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import full_method_args
+
+from potion.data.poison import TriggerSpec, make_poison_plan, patch_origin
+from potion.data.poisoned import poison
+from potion.data.sources import DatasetBundle, ImageSplit
+from potion.discovery import discover
+from potion.unlearning import synthesis
+from potion.unlearning.ssd_family import with_synthesis
+from potion.unlearning.task import UnlearnTask
+
+SPEC = TriggerSpec(size=2)
+TARGET = 0
+
+
+class WindowDetector(nn.Module):
+    """Calls the target when a 2x2 window at (row, col) is bright (a backdoored model), class 1 otherwise."""
+
+    def __init__(self, row: int, col: int) -> None:
+        super().__init__()
+        self.row, self.col = row, col
+        self.scale = nn.Parameter(torch.tensor(4.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = x[:, :, self.row:self.row + 2, self.col:self.col + 2].mean((1, 2, 3))
+        out = torch.zeros(x.shape[0], 4, dtype=x.dtype, device=x.device)
+        out[:, 1] = 0.5
+        return out + torch.nn.functional.one_hot(torch.tensor(TARGET), 4) * (self.scale * bright - 4).view(-1, 1)
+
+
+def _task(model: nn.Module, share: float) -> UnlearnTask:
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n: int) -> ImageSplit:
+        return ImageSplit(torch.randint(0, 200, (n, 1, 8, 8), dtype=torch.uint8, generator=gen),
+                          torch.randint(0, 4, (n,), generator=gen))
+
+    bundle = DatasetBundle("tiny", split(240), split(40), ("a", "b", "c", "d"), (0.5,), (0.25,), "tiny-fp")
+    plan = make_poison_plan(bundle.train.labels, target=TARGET, num_classes=4, trigger=SPEC, seed=0, count=20)
+    return UnlearnTask(model=model.eval(), data=poison(bundle, plan), discovery=discover(plan, share=share, seed=0),
+                       device=torch.device("cpu"), seed=0, model_factory=lambda: model, train_cfg={})
+
+
+def _fail(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("the window was located exactly although nothing is synthesised")
+
+
+def test_enough_discovered_samples_skip_locating_the_patch(monkeypatch: pytest.MonkeyPatch) -> None:
+    row, col = patch_origin(SPEC, 8, 8)
+    task = _task(WindowDetector(row, col), share=0.6)  # 12 discovered: more than max_discovered (10)
+    block = full_method_args("potion")["synthesis"]
+    assert task.discovery.n_f > block["max_discovered"] and block["additive"]
+    monkeypatch.setattr(synthesis, "_refine", _fail)
+    monkeypatch.setattr(synthesis, "_shrink", _fail)
+    same, info, found = with_synthesis(task, block)
+    assert info == {"synth_samples": 0, "synth_patch_found": 1.0} and found is None and same is task
+
+
+def test_few_discovered_samples_still_get_the_refined_window() -> None:
+    row, col = patch_origin(SPEC, 8, 8)
+    task = _task(WindowDetector(row, col), share=0.25)  # 5 discovered
+    _, info, found = with_synthesis(task, full_method_args("potion")["synthesis"])
+    assert found is not None and (found.row, found.col, found.size) == (row, col, 2) and info["synth_samples"] == found.labels.numel() > 100
+
+
+@pytest.mark.parametrize("where", ["trigger", "elsewhere"])
+def test_patch_present_answers_as_synthesize_forget(where: str) -> None:
+    row, col = patch_origin(SPEC, 8, 8)
+    model = WindowDetector(row, col) if where == "trigger" else WindowDetector(0, 0)  # elsewhere: no backdoor
+    task = _task(model, share=0.6)
+    forget_x, _ = task.forget_tensors()
+    probes = task.data.normalizer(task.data.bundle.train.images[task.retain_idx[:200]])
+    present = synthesis.patch_present(model, forget_x, probes, TARGET)
+    assert present == (synthesis.synthesize_forget(model, forget_x, probes, TARGET) is not None)
+    assert present == (where == "trigger")
