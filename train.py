@@ -8,11 +8,13 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from potion import progress
     from potion.interrupt import exit_when_interrupted
     from potion.train_pipeline import run_training
 
     quiet_third_party()
     fast_exit()
+    progress.configure(cfg.trainer.progress_bar)
     # SIGTERM: a checkpoint at the step, one line, exit 143 (never a silent exit 0)
     s = exit_when_interrupted(lambda: run_guarded(lambda: run_training(cfg)),
                               "rerun the same command to resume from the last checkpoint")

@@ -13,28 +13,24 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="unlearn")
 def main(cfg: DictConfig) -> Any:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
+    from potion import progress
     from potion.interrupt import exit_when_interrupted
     from potion.ptn_jobs import dispatch
     from potion.ptn_sweep import CANDIDATE, PREPARE, job_role
 
     quiet_third_party()
     fast_exit()
+    progress.configure(cfg.trainer.progress_bar)
     role = job_role(cfg)
     if role is None:
         # SIGTERM: one line, exit 143, the MLflow run marked KILLED
         s = exit_when_interrupted(lambda: run_guarded(lambda: dispatch(cfg)),
                                   "rerun the same command to run it again")
-    else:  # a job of the ptn sweeper: an error travels back to the sweeper in Hydra's JobReturn
-        s = dispatch(cfg)
-    if role == PREPARE:
-        print(f"ptn prepare: n_f={s['n_f']}/{s['n_p']} a0={s['a0']:.4f} threshold={s['threshold']:.4f} importances "
-              f"{'from the cache' if s['importance_cache_hit'] else 'computed'} in {s['importance_seconds']:.2f} s",
-              flush=True)
-        return s
-    if role == CANDIDATE:  # one entry per step k the job evaluated
-        for c in s:
-            print(f"ptn candidate k={c['step']}: s={c['s']:.4g} alpha={c['alpha']:.4g} forget_acc={c['forget_acc']:.4f}"
-                  f" (threshold {c['threshold']:.4f})", flush=True)
+    else:  # a job of the ptn sweeper: an error travels back to the sweeper in Hydra's JobReturn, and the
+        # sweeper reports the search (a line per round), so the job keeps to warnings
+        with progress.quiet_loggers("potion"):
+            s = dispatch(cfg)
+    if role in (PREPARE, CANDIDATE):
         return s
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
     print(f"{s['method']}: n_f={s['n_f']}/{s['n_p']}  clean_acc {s['clean_acc_before']:.4f} -> {s['clean_acc']:.4f}  "

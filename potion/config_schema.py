@@ -159,7 +159,7 @@ class Trainer:
     precision: Literal["64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16",
                        "bf16", 64, 32, 16, "auto"]  # auto: by what the machine can do (potion/precision.py)
     channels_last: bool | Literal["auto"]
-    progress_bar: bool
+    progress_bar: bool | Literal["auto"]  # auto: a terminal and not a multirun job (potion/progress.py)
     deterministic: bool
     benchmark: bool
 

@@ -6,6 +6,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+from potion import progress
 from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_guarded
 from potion.config import CONF_DIR, check_config
 
@@ -16,6 +17,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     quiet_third_party()
     fast_exit()
     run_guarded(lambda: check_config("heal", cfg))  # every value, before torch is imported
+    progress.configure(cfg.trainer.progress_bar)
     from potion.practitioner import format_result, heal
 
     summary = run_guarded(lambda: heal(cfg))

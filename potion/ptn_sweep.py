@@ -285,8 +285,10 @@ def _log_prepare(cfg: DictConfig, parent: Tracker, prep: dict[str, Any]) -> None
     parent.log_metrics({"ptn_a0": prep["a0"], "importance_seconds": prep["importance_seconds"],
                         "prepare_seconds": prep["prepare_seconds"],
                         "prepare_importance_cache_hit": prep["importance_cache_hit"]})
-    log.info("PTN sweep: a0=%.4f, threshold=%.4f, up to %d steps", prep["a0"], prep["threshold"],
-             int(cfg.method.ptn.max_steps))
+    print(f"PTN sweep: importances {'from the cache' if prep['importance_cache_hit'] else 'computed'} in "
+          f"{prep['importance_seconds']:.2f} s (n_f={prep['n_f']} of {prep['n_p']} poisoned); forget_acc "
+          f"{prep['a0']:.4f} before, the search stops at <= {prep['threshold']:.4f} (up to "
+          f"{int(cfg.method.ptn.max_steps)} steps)", flush=True)
 
 
 def _schedule(cfg: DictConfig, prep: dict[str, Any]) -> dict[str, Any]:
@@ -302,9 +304,10 @@ def _rounds(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent
     Every candidate becomes a child run, and its values a step of the parent's ``ptn_traj_*`` series."""
     evaluated: list[Candidate] = []
     max_steps = int(cfg.method.ptn.max_steps)
-    for r in range(num_rounds(settings.batch_size, max_steps)):
+    rounds = num_rounds(settings.batch_size, max_steps)
+    for r in range(rounds):
         steps = round_steps(r, settings.batch_size, max_steps)
-        log.info("PTN round %d: steps %d..%d", r + 1, steps[0], steps[-1])
+        t0 = time.perf_counter()
         values = [v for job in run([job_overrides(c, CANDIDATE, parent.run_id)
                                     for c in job_chunks(steps, settings.steps_per_job)]) for v in job]
         if not all(v["importance_cache_hit"] for v in values):
@@ -317,9 +320,23 @@ def _rounds(cfg: DictConfig, run: Callable[[list[list[str]]], list[Any]], parent
             parent.log_metrics(naming.trajectory_metrics(asdict(c)), step=c.step)
         evaluated.extend(cands)
         chosen = first_qualifying(cands, prep["threshold"])
+        print(_round_line(r + 1, rounds, cands, chosen, prep["threshold"], time.perf_counter() - t0), flush=True)
         if chosen is not None:
             return evaluated, chosen
     return evaluated, None
+
+
+def _round_line(number: int, rounds: int, cands: list[Candidate], chosen: Candidate | None, threshold: float,
+                seconds: float) -> str:
+    """The sweep's console line for one round of candidate jobs (the launcher's own lines are silenced)."""
+    by_step = sorted(cands, key=lambda c: c.step)
+    if chosen is not None:
+        found = f"k={chosen.step} qualifies (forget_acc {chosen.forget_acc:.4f} <= {threshold:.4f})"
+    else:
+        found = (f"forget_acc {by_step[0].forget_acc:.4f} .. {by_step[-1].forget_acc:.4f}, none at or below "
+                 f"{threshold:.4f}")
+    return (f"PTN round {number} of at most {rounds} (steps {by_step[0].step}..{by_step[-1].step}): {found}; "
+            f"{seconds:.1f} s")
 
 
 def _write_trajectory(sweep_dir: Path, evaluated: list[Candidate], threshold: float, title: str

@@ -92,7 +92,7 @@ def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     try:
         for line in sweep.stdout:
             out.append(line)
-            if line.startswith("ptn prepare:") and server.poll() is None:
+            if line.startswith("PTN sweep: importances") and server.poll() is None:
                 _kill(server)  # the parent run exists, the rounds and the final job are still to come
         sweep.wait(timeout=600)
         reader.join(timeout=30)
@@ -106,7 +106,7 @@ def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 def test_the_sweep_writes_its_final_run_folder_without_the_server(lost: dict) -> None:
     text = lost["stdout"] + lost["stderr"]
-    assert "ptn prepare:" in lost["stdout"], text[-3000:]
+    assert "PTN sweep: importances" in lost["stdout"], text[-3000:]
     assert lost["rc"] == 0, text[-3000:]
     summary = read_json(lost["final"] / "summary.json")
     assert summary["method"] == "potion" and summary["healed"] is not None

@@ -56,12 +56,23 @@ class PTNSweeper(Sweeper):
             hydra_context=hydra_context, task_function=task_function, config=config)
 
     def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        """Run the search; return every launch's job returns, the final job's last."""
+        """Run the search; return every launch's job returns, the final job's last.
+
+        The launcher's own log lines (each job's full override list, internal ``++ptn_job.*`` keys included, and
+        reprs such as joblib's settings, every round) are silenced: the search prints one line per round.
+        """
         from potion.cli import fast_exit, quiet_third_party, run_guarded
+        from potion.progress import quiet_loggers
 
         quiet_third_party()
         fast_exit()
-        return run_guarded(lambda: self._sweep(list(arguments)))
+        with quiet_loggers(self._launcher_package()):
+            return run_guarded(lambda: self._sweep(list(arguments)))
+
+    def _launcher_package(self) -> str:
+        """The logger of the launcher's package (``hydra_plugins.hydra_joblib_launcher``, ...), any launcher."""
+        module = type(self.launcher).__module__
+        return module.rpartition(".")[0] or module
 
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
         from potion import ptn_sweep
