@@ -507,7 +507,7 @@ class UnlearnConfig:
 # The registry's heal_ok methods (``@register(..., heal_ok=True)``: nothing but the model and the data needed),
 # named here too because heal's values are checked before torch (and so the method modules) is imported; a test
 # keeps the two equal.
-HEAL_METHODS = ("potion", "assd", "lfssd", "ssd")
+HEAL_METHODS = ("potion", "assd", "lfssd", "ssd", "potion_iterative")
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,7 @@ import torch
 
 from potion.config import method_arguments
 from potion.discovery import Discovery
+from potion.progress import Progress
 from potion.suspects import find_suspects
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
@@ -59,7 +60,7 @@ def _suspect_args(cutoff_quantile: float, cutoff_fraction: float, signature: boo
             "target_only": target_only}
 
 
-@register("potion_iterative", iterative=True, trains=True)
+@register("potion_iterative", iterative=True, trains=True, heal_ok=True)
 def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str, Any], ptn: Mapping[str, Any],
                      cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool,
                      stop_on: str, synthesis: Mapping[str, Any], repair: Mapping[str, Any] | None) -> MethodOutput:
@@ -82,6 +83,7 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
     out = None
     first = with_forget(task, forget, original)  # the discovered (+ synthetic) samples
+    bar = Progress("potion_iterative", int(rounds), "rounds", bound=True)
     for r in range(int(rounds)):
         watch = first if r > 0 and stop_on == "discovered" else None
         out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate)
@@ -93,11 +95,13 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
         diagnostics[f"round{r + 1}_criterion_samples"] = out.diagnostics.get("criterion_samples")
         diagnostics[f"round{r + 1}_flagged"] = int(flagged.numel())
         diagnostics["rounds_run"] = r + 1
+        bar.advance(note=f"forget set {forget.numel()}, {flagged.numel()} suspects flagged")
         bigger = grow(forget, flagged)
         if bigger.numel() == forget.numel() or r == int(rounds) - 1:
             break
         forget = bigger
     assert out is not None
+    bar.finish()
     diagnostics.update({k: v for k, v in out.diagnostics.items() if k.startswith("ptn_")})
     diagnostics["final_forget_size"] = int(forget.numel())
     model = out.model
@@ -105,7 +109,7 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
         model, info = repair_model(task, forget, original, model, iterations=repair["iterations"], lr=repair["lr"])
         diagnostics.update(info)
         timings["repair_seconds"] = info["repair_seconds"]
-    return MethodOutput(model, diagnostics, timings, out.trajectory)
+    return MethodOutput(model, diagnostics, timings, out.trajectory, forget_idx=forget)
 
 
 def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Module, healed: torch.nn.Module, *,

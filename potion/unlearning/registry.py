@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from potion.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
     import torch.nn as nn
 
 
@@ -27,6 +28,7 @@ class MethodOutput:
     diagnostics: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     trajectory: list[dict[str, Any]] = field(default_factory=list)
+    forget_idx: torch.Tensor | None = None  # the forget set the method ended with, when it grew it (iterative)
 
 
 @dataclass(frozen=True)
