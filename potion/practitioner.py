@@ -288,7 +288,7 @@ def heal(cfg: Any) -> dict[str, Any]:
     study = naming.heal_study(d)
     with run_lifecycle(naming.logger_for(d.get("logger"), study), out_dir,
                        run_name=naming.heal_run_name(method, discovery.n_f, str(model_cfg["name"])),
-                       tags={**naming.study_tags(naming.HEAL, study), naming.METHOD: method}) as outputs:
+                       tags={**naming.study_tags(naming.HEAL, study), naming.METHOD: method}, config=d) as outputs:
         return _heal(d, task, poisoned, method_fn, checkpoint, prefix, state, outputs)
 
 
@@ -299,6 +299,7 @@ def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: 
     bs = int(d.get("eval_batch_size", 1024))
     method = str(d["method"]["name"])
     bundle, target = data.bundle, data.plan.target
+    outputs.uses_data(bundle, d["dataset"], context="unlearning")
     known = bool(data.plan.meta.get("trigger_known"))
     forget_images = bundle.train.images[discovery.forget_idx]
 
@@ -341,7 +342,8 @@ def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: 
                                    batch_size=bs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = outputs.add(_save_healed(out_dir, checkpoint, healed, prefix, state))
+    weights = outputs.add_model(_save_healed(out_dir, checkpoint, healed, prefix, state), d["model"], data.num_classes,
+                                data.channels, key_prefix=prefix)
     suspects = _suspect_rows(ranking, bundle, target) if ranking is not None else None
     if ranking is not None:
         outputs.add(write_suspects_csv(out_dir / "suspects.csv", ranking, bundle.train.paths))

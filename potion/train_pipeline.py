@@ -126,6 +126,7 @@ def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
     torch.set_num_threads(cpu_threads())
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
     bundle = load_data(cfg.dataset)
+    outputs.uses_data(bundle, cfg.dataset)  # the MLflow dataset input (digest: the data cache's fingerprint)
     plan = plan_from_config(bundle, cfg.poison)
     plan_path = run_dir / PLAN
     if plan_path.is_file() and not fresh:  # a resumed run must keep the plan it started with
@@ -171,7 +172,7 @@ def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
         return {"run_dir": str(run_dir), "global_rank": trainer.global_rank}
 
     model = module.model.eval()
-    outputs.add(write_weights(run_dir, model))
+    outputs.add_model(write_weights(run_dir, model), cfg.model, data.num_classes, data.channels)  # + logged model
     for name in (PLAN, CONFIG):
         outputs.add(run_dir / name)
     final = evaluate_backdoor(model, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,

@@ -146,7 +146,7 @@ def _unlearn_locked(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn:
     bundle = load_data(run.cfg.dataset)  # before the MLflow run: a plan that does not fit leaves no FAILED run
     check_plan_fits(run.plan, bundle, run.path / PLAN)
     with run_lifecycle(naming.logger_for(cfg.logger, spec.experiment), run_dir, run_name=spec.run_name,
-                       tags=spec.tags, parent_run_id=parent_run_id, tracker=tracker) as outputs:
+                       tags=spec.tags, parent_run_id=parent_run_id, tracker=tracker, config=cfg) as outputs:
         return _unlearn(cfg, run, bundle, discovery, method_fn, (key, fresh), outputs, spec.params)
 
 
@@ -180,6 +180,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     forget_acc_before = task.forget_accuracy(model)
     method_args = method_arguments(cfg.method)
     tracker.log_params(params)
+    outputs.uses_data(bundle, run.cfg.dataset, context="unlearning", train_run_id=run.summary.get("mlflow_run_id"))
 
     out, unlearn_seconds = run_timed(method_fn, task, method_args)
 
@@ -217,7 +218,8 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     claim_run_dir(run_dir, "unlearn", key, fresh)
     remove_stale_temp_files(run_dir)  # what a killed writer left (we hold the run lock)
     if cfg.get("save_weights", True):
-        outputs.add(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()))
+        outputs.add_model(save_tensors(run_dir / "model.safetensors", healed_model.state_dict()), run.cfg.model,
+                          data.num_classes, data.channels)
     if ranking is not None:
         outputs.add(write_suspects_csv(run_dir / "suspects.csv", ranking, data.bundle.train.paths))
     if not _fixed_step(cfg):  # one given step is no search: a one-point plot would say nothing

@@ -1,0 +1,277 @@
+"""What an MLflow user expects of every run (potion.tracking_extras): the git commit, the data set as a dataset
+input, the weights as a logged model of safetensors files that loads back, config.yaml and run.log artifacts,
+optional system metrics, and the run's address in the UI printed by the command."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from test_mlflow_server import server  # noqa: F401 - the module-scoped `mlflow server` fixture, reused
+from tiny_world import QUICK_PTN, free_port
+
+from potion.config import compose_config
+from potion.errors import ConfigError
+from potion.run_log import LogCapture
+from potion.tracking import MlflowTracker, RecordingTracker, logger_settings, start_tracker
+from potion.tracking_extras import (
+    DIGEST_CHARS,
+    GIT_BRANCH_TAG,
+    GIT_COMMIT_TAG,
+    code_root,
+    git_source_tags,
+    ui_lines,
+)
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+# --------------------------------------------------------------------------- git, without the git binary
+
+
+def _repo(root: Path, head: str) -> Path:
+    git = root / ".git"
+    (git / "refs" / "heads").mkdir(parents=True)
+    (git / "HEAD").write_text(head + "\n")
+    return git
+
+
+def test_git_commit_from_a_loose_ref_a_packed_ref_and_a_detached_head(tmp_path: Path) -> None:
+    git = _repo(tmp_path / "loose", "ref: refs/heads/main")
+    (git / "refs" / "heads" / "main").write_text(SHA + "\n")
+    (tmp_path / "loose" / "pkg").mkdir()
+    assert git_source_tags(tmp_path / "loose" / "pkg") == {GIT_COMMIT_TAG: SHA, GIT_BRANCH_TAG: "main"}
+
+    git = _repo(tmp_path / "packed", "ref: refs/heads/dev")
+    (git / "packed-refs").write_text(f"# pack-refs with: peeled\n{OTHER} refs/heads/main\n{SHA} refs/heads/dev\n")
+    assert git_source_tags(tmp_path / "packed") == {GIT_COMMIT_TAG: SHA, GIT_BRANCH_TAG: "dev"}
+
+    _repo(tmp_path / "detached", SHA)
+    assert git_source_tags(tmp_path / "detached") == {GIT_COMMIT_TAG: SHA}
+
+
+def test_git_commit_of_a_worktree_reads_the_common_refs(tmp_path: Path) -> None:
+    main = _repo(tmp_path / "main", "ref: refs/heads/main")
+    (main / "packed-refs").write_text(f"{SHA} refs/heads/feature\n")
+    wt = main / "worktrees" / "wt"
+    wt.mkdir(parents=True)
+    (wt / "HEAD").write_text("ref: refs/heads/feature\n")
+    (wt / "commondir").write_text("../..\n")
+    (tmp_path / "wt").mkdir()
+    (tmp_path / "wt" / ".git").write_text(f"gitdir: {wt}\n")
+    assert git_source_tags(tmp_path / "wt") == {GIT_COMMIT_TAG: SHA, GIT_BRANCH_TAG: "feature"}
+
+
+def test_no_checkout_or_an_unreadable_head_gives_no_tag(tmp_path: Path) -> None:
+    assert git_source_tags(tmp_path) == {} or (tmp_path / ".git").exists()
+    _repo(tmp_path / "broken", "ref: refs/heads/missing")
+    assert git_source_tags(tmp_path / "broken") == {}
+    _repo(tmp_path / "garbage", "not a commit")
+    assert git_source_tags(tmp_path / "garbage") == {}
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (code_root() / ".git").exists(), reason="not a git checkout")
+def test_the_code_commit_is_what_git_says() -> None:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code_root(), capture_output=True, text=True, check=True)
+    assert git_source_tags()[GIT_COMMIT_TAG] == head.stdout.strip()
+
+
+# --------------------------------------------------------------------------- settings, records, the log, the UI
+
+
+def test_system_metrics_settings() -> None:
+    base = {"name": "mlflow", "tracking_uri": "sqlite:///x.db"}
+    off = logger_settings(base)
+    assert off is not None and off.system_metrics is False and off.system_metrics_interval_s == 10.0
+    on = logger_settings({**base, "system_metrics": True, "system_metrics_interval_s": 0.5})
+    assert on is not None and on.system_metrics is True and on.system_metrics_interval_s == 0.5
+    with pytest.raises(ConfigError, match="logger.system_metrics="):
+        logger_settings({**base, "system_metrics": "yes"})
+    with pytest.raises(ConfigError, match="logger.system_metrics_interval_s=0"):
+        logger_settings({**base, "system_metrics_interval_s": 0})
+    assert compose_config("train", ["logger.system_metrics=true"]).logger.system_metrics is True
+
+
+def test_recorded_inputs_models_and_texts_survive_json(tmp_path: Path) -> None:
+    rec = RecordingTracker("r")
+    rec.log_inputs({"name": "d", "digest": "ab", "source_type": "code", "source": "{}", "profile": {"n": 1}},
+                   "unlearning", "train-run")
+    rec.log_model("m", {"model.safetensors": "w.safetensors"}, {"architecture": "small_cnn", "kwargs": {"width": 8}})
+    rec.log_text("hello", "run.log")
+    calls = json.loads(json.dumps(rec.calls))  # what mlflow_pending.json keeps
+    into = RecordingTracker("s")
+    RecordingTracker.replay(calls, into)
+    assert [c[0] for c in into.calls] == ["inputs", "model", "text"]
+    assert into.calls[0][1]["source_run_id"] == "train-run" and into.calls[0][1]["dataset"]["profile"] == {"n": 1}
+    assert into.calls[1][1]["files"]["model.safetensors"] == str(Path("w.safetensors").absolute())
+
+
+def test_the_log_capture_keeps_the_end_of_a_long_log() -> None:
+    cap = LogCapture(limit_chars=300)
+    logger = logging.getLogger("potion.test_capture")
+    logger.addHandler(cap)
+    logger.setLevel(logging.INFO)
+    try:
+        for i in range(50):
+            logger.info("line %d", i)
+    finally:
+        logger.removeHandler(cap)
+    text = cap.text()
+    assert "line 49" in text and "line 0\n" not in text and text.startswith("[") and len(text) < 400
+
+
+def test_ui_lines_for_a_server_a_sqlite_store_and_others() -> None:
+    http = ui_lines("http://h:5000/", "3", "abc")
+    assert http == ["MLflow run: http://h:5000/#/experiments/3/runs/abc",
+                    "MLflow runs table: http://h:5000/#/experiments/3/runs?workflowType=machine_learning"]
+    local = ui_lines("sqlite:////w/mlflow.db", "3", "abc")
+    assert local[0] == "MLflow run: http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert "mlflow ui --backend-store-uri sqlite:////w/mlflow.db" in local[2]
+    assert ui_lines("databricks", "3", "abc") == [] and ui_lines("http://h", None, "abc") == []
+
+
+# --------------------------------------------------------------------------- runs in a store (slow)
+
+
+def _artifacts(client, run_id: str) -> set[str]:
+    return {a.path for a in client.list_artifacts(run_id)}
+
+
+def _model_output(client, run_id: str) -> str:
+    outputs = client.get_run(run_id).outputs.model_outputs
+    assert len(outputs) == 1
+    return outputs[0].model_id
+
+
+def _same_weights(folder: Path, weights: Path) -> None:
+    import torch
+
+    from potion.io import load_tensors
+    from potion.logged_model import load_logged_model
+
+    with open(folder / "model.safetensors", "rb") as fh:  # a safetensors header (a JSON length, then JSON)
+        size = int.from_bytes(fh.read(8), "little")
+        assert json.loads(fh.read(size))
+    model, spec = load_logged_model(folder)
+    want = load_tensors(weights)
+    got = model.state_dict()
+    prefix = spec["key_prefix"]
+    assert set(got) == {k[len(prefix):] for k in want}
+    assert all(torch.equal(got[k[len(prefix):]], v) for k, v in want.items())
+
+
+@pytest.mark.slow
+def test_the_training_run_has_its_dataset_git_commit_config_log_and_logged_model(tiny, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    from potion.data.poisoned import load_data
+    from potion.logged_model import download_logged_model, logged_model_id
+    from potion.runs import load_trained_run
+
+    client = MlflowClient(tracking_uri=tiny.uri)
+    run_id = tiny.summary["mlflow_run_id"]
+    run = client.get_run(run_id)
+    cfg = load_trained_run(tiny.run).cfg
+    fingerprint = load_data(cfg.dataset).fingerprint  # the data cache's key: reused, not hashed again
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == fingerprint[:DIGEST_CHARS] and inp.dataset.name == "imagefolder"
+    assert json.loads(inp.dataset.source)["uri"] == str(tiny.data.absolute())
+    assert json.loads(inp.dataset.profile)["fingerprint"] == fingerprint
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
+    if git_source_tags():
+        assert run.data.tags[GIT_COMMIT_TAG] == git_source_tags()[GIT_COMMIT_TAG]
+    assert {"config.yaml", "run.log", "model.safetensors"} <= _artifacts(client, run_id)
+
+    model_id = logged_model_id(tiny.uri, run_id)
+    assert model_id == _model_output(client, run_id)
+    model = client.get_logged_model(model_id)
+    assert model.status.to_int() == 1 or str(model.status).endswith("READY")
+    folder = download_logged_model(tiny.uri, model_id, tmp_path / "model")
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "config.yaml", "model.json", "model.safetensors"]
+    _same_weights(folder, tiny.run / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_an_unlearning_run_links_the_training_model_logs_its_log_config_and_system_metrics(
+        tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow import MlflowClient
+
+    from potion.logged_model import download_logged_model
+    from potion.unlearn_pipeline import run_unlearning
+
+    caplog.set_level(logging.INFO)  # the console level a command runs with (Hydra's job logging)
+    out = tmp_path / "u"
+    summary = run_unlearning(compose_config("unlearn", [
+        f"train_run={tiny.run}", *QUICK_PTN, f"logger.tracking_uri={tiny.uri}", f"out_dir={out}",
+        "logger.system_metrics=true", "logger.system_metrics_interval_s=0.2", "reference=off"]))
+    client = MlflowClient(tracking_uri=tiny.uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    train = client.get_run(tiny.summary["mlflow_run_id"])
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.digest == train.inputs.dataset_inputs[0].dataset.digest
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "unlearning"
+    assert [m.model_id for m in run.inputs.model_inputs] == [_model_output(client, train.info.run_id)]
+    assert {"config.yaml", "run.log", "model.safetensors"} <= _artifacts(client, run.info.run_id)
+    assert "train_run" in (out / "config.yaml").read_text() and (out / "run.log").read_text().strip()
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+    folder = download_logged_model(tiny.uri, _model_output(client, run.info.run_id), tmp_path / "m")
+    _same_weights(folder, out / "model.safetensors")
+    printed = capsys.readouterr().out
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in printed
+    assert f"mlflow ui --backend-store-uri {tiny.uri}" in printed
+
+
+@pytest.mark.slow
+def test_a_server_run_prints_its_address_and_serves_its_logged_model(server: dict, tmp_path: Path,  # noqa: F811
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from potion.io import save_tensors
+    from potion.logged_model import download_logged_model, load_logged_model, logged_model_id
+    from potion.models import build_model
+
+    net = build_model("small_cnn", 4, 3, width=4)
+    weights = save_tensors(tmp_path / "model.safetensors", net.state_dict())
+    cfg = {"name": "mlflow", "tracking_uri": server["uri"], "experiment": "extras", "timeout_s": 10}
+    with start_tracker(cfg, experiment="x", run_name="r") as tracker:
+        tracker.log_model("r", {"model.safetensors": str(weights)},
+                          {"format": "potion-model/1", "architecture": "small_cnn", "kwargs": {"width": 4},
+                           "num_classes": 4, "channels": 3, "key_prefix": "", "weights": "model.safetensors"})
+    printed = capsys.readouterr().out
+    assert f"MLflow run: {server['uri']}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}" in printed
+    assert f"{server['uri']}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning" in printed
+    folder = download_logged_model(server["uri"], logged_model_id(server["uri"], str(tracker.run_id)), tmp_path / "d")
+    model, _ = load_logged_model(folder)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
+
+
+@pytest.mark.slow
+def test_a_dead_server_fails_the_new_calls_quickly_and_quietly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    from mlflow import MlflowClient
+
+    from potion.tracking import apply_timeout
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
+        monkeypatch.delenv(key, raising=False)
+    apply_timeout(2)
+    uri = f"http://127.0.0.1:{free_port()}"
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    tracker = MlflowTracker(MlflowClient(tracking_uri=uri), "0" * 32, uri, "1")
+    started = time.monotonic()
+    tracker.log_inputs({"name": "d", "digest": "ab", "source_type": "code", "source": "{}"}, "training", "x")
+    tracker.log_model("m", {"model.safetensors": str(weights)}, {"architecture": "a", "kwargs": {}, "num_classes": 2,
+                                                                "channels": 1, "format": "potion-model/1"})
+    tracker.start_system_metrics(0.1)
+    tracker.finish("FINISHED")
+    assert time.monotonic() - started < 30
+    assert tracker.offline and "stopped answering" in caplog.text
