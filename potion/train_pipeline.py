@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from potion import interrupt
+from potion import interrupt, progress
 from potion import run_naming as naming
 from potion.config import identity_hash, model_kwargs, validate_train_config
 from potion.data.adversarial import pgd_away
@@ -246,7 +246,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
     return pl.Trainer(
         accelerator=tr.accelerator, devices=tr.devices, strategy=tr.strategy, precision=tr.precision,
         max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO(resume)],
-        enable_progress_bar=bool(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
+        enable_progress_bar=progress.enabled(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, deterministic=bool(tr.deterministic), benchmark=bool(tr.get("benchmark", False)),
         default_root_dir=str(run_dir),
         log_every_n_steps=50,
