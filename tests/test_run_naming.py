@@ -1,0 +1,279 @@
+"""The MLflow naming scheme (potion.run_naming): one experiment per study, run names that tell a grid apart, the same
+param keys on every run type, settings as params and measurements as metrics, the link to the training run, and a
+PTN sweep's runs (its parent's trajectory series and plot; a rerun of a finished sweep logs nothing new).
+
+The sweep is checked over a plain launch function with made-up job values (no torch), written to a real sqlite
+store; the pipelines' own runs in ``test_pipeline_runs_share_the_scheme`` (the shared tiny model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from potion import run_naming as naming
+from potion.config import compose_config
+from potion.reporting.query import measurements as report_measurements
+from potion.reporting.query import run_row
+
+# Settings the issue found logged as metrics, and bookkeeping it found logged as params.
+SETTING_METRICS = ("sgd_lr", "sgd_nesterov", "ptn_threshold", "suspect_cutoff", "alpha", "lam")
+NOISE_PARAMS = ("logger.tracking_uri", "logger.experiment", "force", "resume", "out_dir", "run_dir")
+SHARED_KEYS = ("dataset.name", "model.name", "poison.n_p", "poison.trigger.kind", "seed")
+UNLEARN_KEYS = (*SHARED_KEYS, "method.name", "discovery.share", "discovery.n_f")
+PTN_KEYS = (*UNLEARN_KEYS, "method.ptn.rho")
+
+
+def _train_cfg(*extra: str) -> Any:
+    return compose_config("train", ["logger=none", *extra])
+
+
+def _unlearn_cfg(*extra: str) -> Any:
+    return compose_config("unlearn", ["train_run=x", "logger=none", *extra])
+
+
+# --------------------------------------------------------------------------- experiments
+
+
+def test_one_experiment_per_study_unless_logger_experiment_says_otherwise() -> None:
+    assert naming.study_name(_train_cfg()) == "digits-small_cnn"  # ${dataset.name}-${model.name}
+    assert naming.study_name(_train_cfg("experiment=quickstart")) == "quickstart"
+    logger = compose_config("unlearn", ["train_run=x"]).logger
+    assert logger.experiment is None  # the default: the study
+    assert naming.experiment_name(logger, "quickstart") == "quickstart"
+    assert naming.experiment_name({**logger, "experiment": "mine"}, "quickstart") == "mine"
+    assert naming.logger_for(logger, "quickstart")["experiment"] == "quickstart"
+    assert naming.logger_for(None, "quickstart") is None
+    assert naming.heal_study({"dataset": {"path": "/data/my_set.tar.gz"}}) == "heal-my_set"
+
+
+# --------------------------------------------------------------------------- run names
+
+
+def test_run_names_tell_a_grid_apart() -> None:
+    train = _train_cfg("experiment=quickstart")
+    names = [naming.unlearn_run_name(_unlearn_cfg(f"method={m}", *d, f"seed={s}"), train, 3, 16)
+             for m in ("potion", "ssd", "retrain") for d in (["discovery.share=0.1"], ["discovery=single"])
+             for s in (0, 1)]
+    assert len(set(names)) == len(names) == 12
+    assert names[0] == "potion d=10% p=16 s=0 resnet9 badnets"
+    assert "ssd d=1 p=16 s=1 resnet9 badnets" in names
+    rho = [naming.unlearn_run_name(_unlearn_cfg(f"method.ptn.rho={r}"), train, 3, 16,
+                                   naming.grid_extras([f"method.ptn.rho={r}", "discovery.share=0.1", "logger=none"]))
+           for r in (0.1, 0.2)]
+    assert rho == ["potion d=10% p=16 s=0 resnet9 badnets rho=0.1", "potion d=10% p=16 s=0 resnet9 badnets rho=0.2"]
+    final = naming.unlearn_run_name(_unlearn_cfg("method.ptn.fixed_step=7"), train, 3, 16)
+    assert final.endswith(" k=7")
+    assert naming.candidate_run_name(12, names[0]).startswith("k=12 ")  # the step first: never cut off
+    trains = {naming.train_run_name(_train_cfg(f"poison.count={n}", f"seed={s}")) for n in (100, 500) for s in (0, 1)}
+    assert len(trains) == 4 and "train small_cnn badnets p=100 s=1" in trains
+
+
+# --------------------------------------------------------------------------- params and metrics
+
+
+def test_settings_are_params_and_measurements_metrics() -> None:
+    values = {"clean_acc": 0.9, "healed": 91.0, "acc_drop": 1.2, "ptn_reached": True, "sgd_lr": 0.01,
+              "sgd_nesterov": 1.0, "ptn_threshold": 0.05, "suspect_cutoff": 0.3, "alpha": 10.0, "lam": 1.0,
+              "ptn_note": "text"}
+    metrics = naming.measurements(values, {"name": "ssd", "alpha": 10.0, "lam": 1.0})
+    assert metrics == {"clean_acc": 0.9, "healed": 91.0, "acc_drop": 1.2, "ptn_reached": 1.0}
+    assert naming.resolved_settings(values) == {"method.sgd.lr": 0.01, "method.sgd.nesterov": 1.0,
+                                                "method.ptn.threshold": 0.05, "suspects.cutoff": 0.3}
+    heal = naming.heal_measurements({"clean_acc_after": 0.8, "clean_acc_before": 0.9,
+                                     "discovered_given_label_after": 0.1})
+    assert heal == {"clean_acc": 0.8, "clean_acc_before": 0.9, "forget_acc": 0.1}  # unlearn's names
+
+
+def test_train_and_unlearn_params_share_keys_and_carry_no_bookkeeping() -> None:
+    from potion.tracking import flatten_params
+
+    train = _train_cfg("experiment=quickstart")
+    train_keys = set(flatten_params(naming.train_params(train, 16)))
+    unlearn = flatten_params(naming.unlearn_params(_unlearn_cfg(), train, 3, 16))
+    assert set(SHARED_KEYS) <= train_keys and set(PTN_KEYS) <= set(unlearn)
+    assert not [k for k in (*train_keys, *unlearn) if k.startswith(NOISE_PARAMS) or k == "name"]
+    assert {"trainer.accelerator", "suspects.enabled", "suspects.target_only"} <= set(unlearn)
+    assert unlearn["poison.n_p"] == "16" and unlearn["discovery.n_f"] == "3"
+
+
+def test_the_report_counts_an_old_and_a_new_run_of_one_measurement_once() -> None:
+    """A standalone run logged under the old names and a sweep's final run under the new ones: n=1."""
+    common = {"method.name": "potion", "method.ptn.rho": "0.1", "discovery.share": "0.1", "discovery.count": "None",
+              "poison.count": "100", "poison.trigger.kind": "patch", "model.name": "resnet9", "seed": "0"}
+    tags = {"potion.task": "unlearn", "potion.method": "potion", "potion.train_config_hash": "t"}
+    old = {"tags": {**tags, "potion.config_hash": "a"}, "metrics": {"healed": 90.0, "acc_drop": 1.0},
+           "params": {**common, "n_f": "10", "n_p": "100", "dataset": "cifar10", "train_run": "/runs/t"}}
+    new = {"tags": {**tags, "potion.config_hash": "b"}, "metrics": {"healed": 91.0, "acc_drop": 1.0},
+           "params": {**common, "discovery.n_f": "10", "poison.n_p": "100", "dataset.name": "cifar10",
+                      "dataset.path": "/data", "method.ptn.fixed_step": "7", "method.ptn.threshold": "0.09",
+                      "trainer.accelerator": "cpu"}}
+    runs = [SimpleNamespace(info=SimpleNamespace(run_id=f"r{i}", start_time=i), data=SimpleNamespace(**x))
+            for i, x in enumerate((old, new))]
+    rows = [run_row(r) for r in reversed(runs)]
+    assert rows[0]["method_params"] == rows[1]["method_params"]  # no column per resolved threshold
+    kept, left_out = report_measurements(rows)
+    assert [r["run_id"] for r in kept] == ["r1"] and left_out == 1
+
+
+# --------------------------------------------------------------------------- a PTN sweep's runs
+
+
+A0, THRESHOLD = 0.9, 0.09
+TRAIN_RUN_ID = "0123456789abcdef"
+
+
+class FakeJobs:
+    """A launcher over made-up job values: forget_acc falls by 0.1 a step, so k=9 is the first qualifying step;
+    the prepare job names a training run, the final job returns recorded tracking calls as unlearn.py's would."""
+
+    def __init__(self, final_dir: Path) -> None:
+        self.final_dir = final_dir
+        self.launches: list[list[list[str]]] = []
+
+    def __call__(self, jobs: list[list[str]]) -> list[Any]:
+        self.launches.append(jobs)
+        return [SimpleNamespace(return_value=self.value(job)) for job in jobs]
+
+    def value(self, job: list[str]) -> Any:
+        from potion.ptn_sweep import TRACKING_KEY, TRAIN_INFO
+
+        opts = dict(o.lstrip("+").split("=", 1) for o in job)
+        role = opts["ptn_job.role"]
+        if role == "final":
+            self.final_dir.mkdir(parents=True, exist_ok=True)
+            summary = {"run_dir": str(self.final_dir), "mlflow_run_id": None, "clean_acc": 0.8, "healed": 95.0,
+                       "config_hash": "f"}
+            (self.final_dir / "summary.json").write_text(json.dumps(summary))
+            calls = [("params", {"method.name": "potion"}), ("metrics", ({"healed": 95.0, "clean_acc": 0.8}, None))]
+            return {**summary, TRACKING_KEY: {"calls": calls, "status": "FINISHED"}}
+        steps = [0] if role == "prepare" else [int(k) for k in re.findall(r"\d+", opts["ptn_job.steps"])]
+        rows = [{"step": k, "s": 0.01 * 1.5 ** k, "percentile": 50.0, "alpha": 1.0, "dampened_share": 0.01 * k,
+                 "forget_acc": max(0.0, round(A0 - 0.1 * k, 10)), "a0": A0, "threshold": THRESHOLD,
+                 "importance_cache_hit": float(role != "prepare"), "importance_seconds": 0.0} for k in steps]
+        if role == "prepare":
+            train_cfg = {"name": "quickstart", "dataset": {"name": "digits"}, "model": {"name": "resnet9"},
+                         "poison": {"count": 20, "trigger": {"kind": "patch"}}}
+            return {**rows[0], "n_f": 5, "n_p": 20, "prepare_seconds": 0.1,
+                    TRAIN_INFO: {"cfg": train_cfg, "run_dir": "/runs/train/q", "mlflow_run_id": TRAIN_RUN_ID,
+                                 "config_hash": "trainhash"}}
+        return rows
+
+
+def _sweep(tmp_path: Path, uri: str, sweep: str) -> tuple[dict[str, Any], FakeJobs]:
+    from potion.ptn_sweep import SweepSettings, check_sizes, run_sweep
+
+    cfg = compose_config("unlearn", ["train_run=x", "method=potion", f"logger.tracking_uri={uri}",
+                                     "method.ptn.max_steps=30", f"out_dir={tmp_path / 'final'}"])
+    jobs = FakeJobs(tmp_path / "final")
+    run_sweep(cfg, ["method=potion"], jobs, SweepSettings(4, check_sizes(4, None), "FakeJobs", {}), tmp_path / sweep)
+    return json.loads((tmp_path / sweep / "ptn_sweep.json").read_text()), jobs
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    tmp = tmp_path_factory.mktemp("named_sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    record, _ = _sweep(tmp, uri, "sweep")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("quickstart")  # the training run's study
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return {"tmp": tmp, "uri": uri, "record": record, "client": client, "exp": exp, "runs": runs}
+
+
+def _by_task(runs: list[Any], task: str) -> list[Any]:
+    return [r for r in runs if r.data.tags.get("potion.task") == task]
+
+
+@pytest.mark.slow  # a sqlite store of 14 runs: ~20 s on busy cores
+def test_a_sweeps_runs_carry_the_scheme_and_the_training_run(swept: dict[str, Any]) -> None:
+    runs = swept["runs"]
+    parent, = _by_task(runs, "ptn_sweep")
+    candidates, finals = _by_task(runs, "ptn_candidate"), _by_task(runs, "unlearn")
+    assert len(candidates) == 12 and len(finals) == 1 and len(runs) == 14
+    for run in runs:  # every run: linked to the training run, grouped by study and sweep
+        tags = run.data.tags
+        assert tags["potion.train_run_id"] == TRAIN_RUN_ID and tags["potion.study"] == "quickstart"
+        assert tags["potion.sweep_id"] == parent.info.run_id
+        assert not set(SETTING_METRICS) & set(run.data.metrics), run.info.run_name
+    for run in (parent, *candidates):
+        assert set(PTN_KEYS) <= set(run.data.params), run.info.run_name
+        assert run.data.params["method.ptn.threshold"] == str(THRESHOLD)
+    names = [r.info.run_name for r in runs]
+    assert len(set(names)) == len(names)
+    assert parent.info.run_name == "ptn-sweep potion d=10% p=20 s=0 resnet9 badnets"
+    assert finals[0].info.run_name == "potion d=10% p=20 s=0 resnet9 badnets k=9"
+    assert sorted(r.info.run_name.split()[0] for r in candidates) == sorted(f"k={k}" for k in range(12))
+    assert {"healed", "clean_acc", "ptn_chosen_step", "ptn_a0"} <= set(parent.data.metrics)
+    k3 = next(r for r in candidates if r.info.run_name.startswith("k=3 "))
+    assert k3.data.params["method.ptn.fixed_step"] == "3" and k3.data.metrics["ptn_forget_acc"] == pytest.approx(0.6)
+
+
+@pytest.mark.slow  # a sqlite store of 14 runs: ~20 s on busy cores
+def test_the_parent_and_the_final_run_get_the_whole_trajectory(swept: dict[str, Any]) -> None:
+    client, runs = swept["client"], swept["runs"]
+    parent, = _by_task(runs, "ptn_sweep")
+    final, = _by_task(runs, "unlearn")
+    for run in (parent, final):
+        history = client.get_metric_history(run.info.run_id, "ptn_traj_forget_acc")
+        assert sorted(m.step for m in history) == list(range(12)), run.info.run_name
+        assert "ptn_trajectory.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert not [k for r in runs for k in r.data.metrics if k.startswith("traj_")]  # one trajectory name
+
+
+@pytest.mark.slow  # a sqlite store of 14 runs: ~20 s on busy cores
+def test_a_rerun_of_a_finished_sweep_logs_nothing_new(swept: dict[str, Any]) -> None:
+    before = {r.info.run_id for r in swept["runs"]}
+    again, jobs = _sweep(swept["tmp"], swept["uri"], "sweep_again")
+    after = {r.info.run_id for r in swept["client"].search_runs([swept["exp"].experiment_id], max_results=1000)}
+    assert after == before  # no parent, candidate or final run added
+    assert len(jobs.launches) == 1  # only the prepare job, which names the training run
+    parent, = _by_task(swept["runs"], "ptn_sweep")
+    assert again["reused_parent_run_id"] == parent.info.run_id
+    assert again["ptn_chosen_step"] == swept["record"]["ptn_chosen_step"] == 9
+
+
+# --------------------------------------------------------------------------- the pipelines' own runs
+
+
+@pytest.mark.slow  # pipeline runs on the shared tiny model
+def test_pipeline_runs_share_the_scheme(tiny: Any, tmp_path: Path) -> None:
+    """train.py's run (the session's tiny model) and unlearn.py's runs in its study's experiment: the same keys,
+    no settings as metrics, no bookkeeping params, the trainer and suspects settings, the training run's id."""
+    from mlflow import MlflowClient
+
+    from potion.unlearn_pipeline import run_unlearning
+
+    common = [f"train_run={tiny.run}", f"logger.tracking_uri={tiny.uri}", "save_weights=false"]
+    ids = [run_unlearning(compose_config("unlearn", [*common, *extra, f"out_dir={tmp_path / name}"]))["mlflow_run_id"]
+           for name, extra in (("potion", ["method=potion", "discovery.share=0.5"]),
+                               ("finetune", ["method=finetune", "method.iterations=5", "method.k=1",
+                                             "discovery=single"]))]
+    client = MlflowClient(tiny.uri)
+    train = client.get_run(tiny.summary["mlflow_run_id"])
+    runs = [client.get_run(i) for i in ids]
+    assert client.get_experiment(train.info.experiment_id).name == "imagefolder-small_cnn"  # the study
+    assert {r.info.experiment_id for r in runs} == {train.info.experiment_id}
+    assert set(SHARED_KEYS) <= set(train.data.params)
+    assert not [k for k in train.data.params if k.startswith(NOISE_PARAMS) or k == "name"]
+    assert train.data.tags["potion.study"] == "imagefolder-small_cnn"
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        assert set(UNLEARN_KEYS) <= set(params) and {"trainer.accelerator", "suspects.signature"} <= set(params)
+        assert params["poison.n_p"] == train.data.params["poison.n_p"] == "16"
+        assert not set(SETTING_METRICS) & set(metrics) and "suspects.cutoff" in params
+        assert {"healed", "acc_drop", "clean_acc", "asr"} <= set(metrics)
+        assert not [k for k in params if k.startswith(NOISE_PARAMS)]
+        assert run.data.tags["potion.train_run_id"] == train.info.run_id
+    potion_run, finetune_run = runs
+    assert potion_run.info.run_name == "potion d=50% p=16 s=0 small_cnn badnets"
+    assert finetune_run.info.run_name == "finetune d=1 p=16 s=0 small_cnn badnets"
+    assert set(PTN_KEYS) <= set(potion_run.data.params) and "method.ptn.threshold" in potion_run.data.params
+    assert float(finetune_run.data.params["method.sgd.lr"]) > 0 and "method.sgd.nesterov" in finetune_run.data.params
