@@ -45,7 +45,8 @@ NOISE_KEYS = ("logger", "force", "resume", "out_dir", "hydra", "print_table", "n
 # Numeric method diagnostics that are settings (resolved at run time), as the param key they are logged under.
 SETTING_DIAGNOSTICS = {"ptn_threshold": "method.ptn.threshold", "suspect_cutoff": "suspects.cutoff",
                        "retain_importance_samples": "method.importance.retain_samples_used"}
-SGD_PREFIX = "sgd_"  # the SGD settings a training-based method ran with -> method.sgd.<name>
+SGD_PREFIX, SGD_PARAMS = "sgd_", "method.sgd"  # the SGD settings a training-based method ran with (sgd_lr)
+# -> method.sgd.lr
 
 # Summary entries that are bookkeeping or counts logged as params, never metrics (a folder logged from its summary).
 SUMMARY_ONLY = ("n_f", "n_p", "target", "num_classes", "channels", "steps", "epochs", "resumed", "reused",
@@ -237,7 +238,7 @@ def resolved_settings(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
         if key in SETTING_DIAGNOSTICS and _is_number(value):
             out[SETTING_DIAGNOSTICS[key]] = value
         elif key.startswith(SGD_PREFIX):
-            out[f"method.sgd.{key[len(SGD_PREFIX):]}"] = value
+            out[f"{SGD_PARAMS}.{key[len(SGD_PREFIX):]}"] = value
     return out
 
 
