@@ -67,7 +67,8 @@ def test_few_discovered_samples_still_get_the_refined_window() -> None:
     row, col = patch_origin(SPEC, 8, 8)
     task = _task(WindowDetector(row, col), share=0.25)  # 5 discovered
     _, info, found = with_synthesis(task, full_method_args("potion")["synthesis"])
-    assert found is not None and (found.row, found.col, found.size) == (row, col, 2) and info["synth_samples"] == found.labels.numel() > 100
+    assert found is not None and (found.row, found.col, found.size) == (row, col, 2)
+    assert info["synth_samples"] == found.labels.numel() > 100
 
 
 @pytest.mark.parametrize("where", ["trigger", "elsewhere"])
@@ -80,3 +81,32 @@ def test_patch_present_answers_as_synthesize_forget(where: str) -> None:
     present = synthesis.patch_present(model, forget_x, probes, TARGET)
     assert present == (synthesis.synthesize_forget(model, forget_x, probes, TARGET) is not None)
     assert present == (where == "trigger")
+
+
+def test_each_refinement_window_is_measured_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shifts clamped at the border and sub-windows tried again are not recomputed; the result is the same."""
+    row, col = patch_origin(SPEC, 8, 8)  # the bottom-right corner: many shifts clamp to one window
+    model = WindowDetector(row, col)
+    task = _task(model, share=0.25)
+    forget_x, _ = task.forget_tensors()
+    probes = task.data.normalizer(task.data.bundle.train.images[task.retain_idx[:200]])
+    calls = {"n": 0}
+    measured = synthesis.strength
+
+    def counted(*args: object) -> tuple[float, float]:
+        calls["n"] += 1
+        return measured(*args)
+
+    monkeypatch.setattr(synthesis, "strength", counted)
+    once = synthesis.synthesize_forget(model, forget_x, probes, TARGET)
+    n_once, calls["n"] = calls["n"], 0
+
+    def uncached(self: synthesis.WindowStrength, r: int, c: int, k: int) -> tuple[float, float]:
+        return counted(self.model, synthesis.paste(self.probe_x, self.source[:, r:r + k, c:c + k], r, c), self.target)
+
+    monkeypatch.setattr(synthesis.WindowStrength, "__call__", uncached)
+    every = synthesis.synthesize_forget(model, forget_x, probes, TARGET)
+    assert once is not None and every is not None
+    assert (once.row, once.col, once.size, once.flip_rate) == (every.row, every.col, every.size, every.flip_rate)
+    assert torch.equal(once.images, every.images)
+    assert n_once < calls["n"] * 0.7, (n_once, calls["n"])

@@ -97,8 +97,8 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
                        min_flip_rate=min_flip_rate)
     if best is None:
         return None
-    best = _refine(model, forget_x[0], probe_x, target, best)
-    rate, r, c, k = _shrink(model, forget_x[0], probe_x, target, best)
+    measure = WindowStrength(model, forget_x[0], probe_x, target)
+    rate, r, c, k = _shrink(measure, _refine(measure, best))
     images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
     labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     return SynthesisResult(r, c, k, rate, images, labels)
@@ -141,16 +141,34 @@ def patch_present(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tenso
     return best_window(model, forget_x, probe_x, target, sizes=sizes, min_flip_rate=min_flip_rate) is not None
 
 
-def _refine(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,
-            best: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
+class WindowStrength:
+    """:func:`strength` of a window of ``source`` pasted onto the probes, each window measured once.
+
+    Refining and shrinking revisit windows (shifts clamped at the image border coincide; a sub-window
+    tried while shrinking was often a refinement candidate already): the same window gives the same
+    numbers, so each is computed once.
+    """
+
+    def __init__(self, model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int) -> None:
+        self.model, self.source, self.probe_x, self.target = model, source, probe_x, target
+        self.seen: dict[tuple[int, int, int], tuple[float, float]] = {}
+
+    def __call__(self, r: int, c: int, k: int) -> tuple[float, float]:
+        if (r, c, k) not in self.seen:
+            window = self.source[:, r:r + k, c:c + k]
+            self.seen[(r, c, k)] = strength(self.model, paste(self.probe_x, window, r, c), self.target)
+        return self.seen[(r, c, k)]
+
+
+def _refine(measure: WindowStrength, best: tuple[float, int, int, int]) -> tuple[float, int, int, int]:
     """The best window among the chosen one shifted by up to a pixel and grown or shrunk by one, so a trigger
     touching the image border is covered whole: highest flip rate, then highest target probability, then
     the smaller window."""
     _, r, c, k = best
-    _, h, w = source.shape
+    _, h, w = measure.source.shape
 
     def key(rr: int, cc: int, kk: int) -> tuple[float, float, int]:
-        rate, prob = strength(model, paste(probe_x, source[:, rr:rr + kk, cc:cc + kk], rr, cc), target)
+        rate, prob = measure(rr, cc, kk)
         return round(rate, 6), round(prob, 4), -kk
 
     found, found_key = (r, c, k), key(r, c, k)
@@ -183,8 +201,8 @@ def synthesize_additive(model: nn.Module, forget_x: torch.Tensor, reference_x: t
     return SynthesisResult(-1, -1, 0, rate, images, labels, delta)
 
 
-def _shrink(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int,
-            best: tuple[float, int, int, int], slack: float = 0.02) -> tuple[float, int, int, int]:
+def _shrink(measure: WindowStrength, best: tuple[float, int, int, int], slack: float = 0.02
+            ) -> tuple[float, int, int, int]:
     """The smallest window inside the chosen one that still flips (almost) as many probes.
 
     A window larger than the trigger copies host pixels of the discovered image too; those make the
@@ -193,9 +211,7 @@ def _shrink(model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, targe
     rate, r, c, k = best
     final = rate
     while k > 1:
-        options = [(*strength(model, paste(probe_x, source[:, r + dr:r + dr + k - 1, c + dc:c + dc + k - 1],
-                                          r + dr, c + dc), target), r + dr, c + dc)
-                   for dr in (0, 1) for dc in (0, 1)]
+        options = [(*measure(r + dr, c + dc, k - 1), r + dr, c + dc) for dr in (0, 1) for dc in (0, 1)]
         sub_rate, _, sub_r, sub_c = max(options, key=lambda o: (round(o[0], 6), o[1]))
         if sub_rate < rate - slack:
             break
