@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from potion.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
 from potion.plots import plot_ptn_trajectory
-from potion.run_log import LOG_FILE, LogCapture, captured_log
+from potion.run_log import LOG_FILE, RunLog, captured_log
 from potion.tracking import (
     MlflowTracker,
     Tracker,
@@ -92,7 +92,7 @@ class RunOutputs:
     artifacts: list[Path] = field(default_factory=list)
     run_name: str = "model"
     config: Any = None  # written as config.yaml at the end unless the pipeline wrote one
-    log: LogCapture | None = None  # written as run.log at the end
+    log: RunLog | None = None  # the console while the run lasts: written as run.log at the end
     data: DatasetRef | None = None
     models: list[ModelWeights] = field(default_factory=list)
 

@@ -36,7 +36,7 @@ from potion import run_naming as naming
 from potion.config import identity_hash, to_dict
 from potion.errors import ConfigError
 from potion.io import atomic_write_json, read_json
-from potion.lifecycle import write_rows_csv
+from potion.lifecycle import complete_sweep_parent, write_rows_csv
 from potion.tracking import RecordingTracker, Tracker, logger_settings, open_client, start_tracker, usable_uri
 from potion.tracking_runs import (
     MISSING,
@@ -245,6 +245,7 @@ def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: S
                         cfg.method.ptn.rho, len(evaluated), chosen.step)
         trajectory = _write_trajectory(sweep_dir, evaluated, prep["threshold"], f"PTN sweep: {names.unlearn_name}")
         summary, pending = _final(cfg, run, parent, chosen.step, names, trajectory)
+        complete_sweep_parent(parent, cfg, sweep_dir, summary)  # config.yaml, the final run's inputs and address
         result = {
             "ptn_chosen_step": chosen.step, "ptn_steps": chosen.step + 1, "ptn_s": chosen.s, "ptn_alpha": chosen.alpha,
             "ptn_percentile": chosen.percentile, "ptn_dampened_share": chosen.dampened_share,

@@ -39,7 +39,7 @@ from typing import Any, Self
 
 from potion.errors import ConfigError, TrackingError
 from potion.interrupt import Interrupted
-from potion.run_log import LOG_FILE, LogCapture
+from potion.run_log import LOG_FILE, RunLog
 from potion.tracking_extras import (
     DatasetRef,
     dataset_input,
@@ -507,7 +507,7 @@ class MlflowTracker(Tracker):
         self.offline = False  # the server stopped answering; tracking is off
         self.announce = False  # print the run's UI address when it finishes (a command's own run)
         self._monitor: Any = None  # MLflow's system metrics monitor, when logger.system_metrics=true
-        self._log: LogCapture | None = None  # the process's log while the run lasts, uploaded as run.log
+        self._log: RunLog | None = None  # the process's console while the run lasts, uploaded as run.log
 
     @property
     def client(self) -> Any:
@@ -609,10 +609,11 @@ class MlflowTracker(Tracker):
             self._monitor = start_system_metrics(str(self.run_id), self.tracking_uri, interval_s)
 
     def capture_log(self) -> None:
-        """Keep the process's log records from now until the run finishes, then upload them as ``run.log``."""
+        """Keep the process's console (log records, standard streams) from now until the run finishes, then upload
+        it as ``run.log``."""
         if self._log is None:
-            self._log = LogCapture()
-            logging.getLogger().addHandler(self._log)
+            self._log = RunLog()
+            self._log.attach()
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run terminated with ``status``; a second call does nothing; never raises.
@@ -626,7 +627,7 @@ class MlflowTracker(Tracker):
         stop_system_metrics(self._monitor)
         self._monitor = None
         if self._log is not None:
-            logging.getLogger().removeHandler(self._log)
+            self._log.detach()
             text, self._log = self._log.text(), None
             self.log_text(text, LOG_FILE)
         self._guard("finish", lambda: self._client.set_terminated(self.run_id, status))

@@ -17,7 +17,7 @@ from tiny_world import QUICK_PTN, free_port
 
 from potion.config import compose_config
 from potion.errors import ConfigError
-from potion.run_log import LogCapture
+from potion.run_log import captured_log
 from potion.tracking import MlflowTracker, RecordingTracker, logger_settings, start_tracker
 from potion.tracking_extras import (
     DIGEST_CHARS,
@@ -112,18 +112,24 @@ def test_recorded_inputs_models_and_texts_survive_json(tmp_path: Path) -> None:
     assert into.calls[1][1]["files"]["model.safetensors"] == str(Path("w.safetensors").absolute())
 
 
-def test_the_log_capture_keeps_the_end_of_a_long_log() -> None:
-    cap = LogCapture(limit_chars=300)
+def test_the_run_log_holds_log_records_and_console_writes_and_keeps_the_end() -> None:
+    import sys
+
     logger = logging.getLogger("potion.test_capture")
-    logger.addHandler(cap)
     logger.setLevel(logging.INFO)
-    try:
-        for i in range(50):
-            logger.info("line %d", i)
-    finally:
-        logger.removeHandler(cap)
-    text = cap.text()
-    assert "line 49" in text and "line 0\n" not in text and text.startswith("[") and len(text) < 400
+    with captured_log(limit_chars=400) as run_log:
+        logger.info("a record")
+        print("a printed line")
+        sys.stderr.write("bar 10%\rbar 50%\rbar 100%\n")
+        sys.stderr.write("unfinished\rredrawn")
+        text = run_log.text()
+        for i in range(200):
+            print(f"line {i}")
+    assert "INFO potion.test_capture: a record" in text and "a printed line\n" in text
+    assert "bar 100%\n" in text and "bar 10%" not in text and text.endswith("redrawn\n")
+    end = run_log.text()
+    assert "line 199" in end and "line 0\n" not in end and end.startswith("[") and len(end) < 500
+    assert type(sys.stdout).__name__ != "_Tee" and type(sys.stderr).__name__ != "_Tee"
 
 
 def test_ui_lines_for_a_server_a_sqlite_store_and_others() -> None:
@@ -275,3 +281,37 @@ def test_a_dead_server_fails_the_new_calls_quickly_and_quietly(tmp_path: Path, m
     tracker.finish("FINISHED")
     assert time.monotonic() - started < 30
     assert tracker.offline and "stopped answering" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_sweeps_parent_and_final_runs_have_inputs_config_log_and_the_final_model(tiny, tmp_path: Path) -> None:
+    import os
+    import sys
+
+    from mlflow import MlflowClient
+
+    from potion.tracking import PARENT_TAG
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "sweep.py", f"train_run={tiny.run}", *QUICK_PTN, f"logger.tracking_uri={tiny.uri}",
+           "logger.experiment=extras-sweep", "hydra.sweeper.batch_size=8", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+           f"out_dir={tmp_path / 'final'}", "reference=off"]
+    env = {**os.environ, "POTION_CACHE_DIR": str(tiny.cache), "POTION_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    client = MlflowClient(tracking_uri=tiny.uri)
+    exp = client.get_experiment_by_name("extras-sweep")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    (parent,) = [client.get_run(r.info.run_id) for r in runs if PARENT_TAG not in r.data.tags]  # get_run: model inputs
+    final = client.get_run(json.loads((tmp_path / "final" / "summary.json").read_text())["mlflow_run_id"])
+    train_model = _model_output(client, tiny.summary["mlflow_run_id"])
+    for run in (parent, final):
+        assert len(run.inputs.dataset_inputs) == 1 and [m.model_id for m in run.inputs.model_inputs] == [train_model]
+        assert {"config.yaml", "run.log"} <= _artifacts(client, run.info.run_id)
+        if git_source_tags():
+            assert run.data.tags[GIT_COMMIT_TAG] == git_source_tags()[GIT_COMMIT_TAG]
+    assert "model.safetensors" in _artifacts(client, final.info.run_id) and _model_output(client, final.info.run_id)
+    assert f"MLflow final run: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{final.info.run_id}" \
+        in proc.stdout
+    assert f"MLflow run: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
+        in proc.stdout
