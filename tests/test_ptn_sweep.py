@@ -224,13 +224,14 @@ def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any
     candidates = [r for r in children if r.data.tags.get("potion.task") == "ptn_candidate"]
     finals = [r for r in children if r.data.tags.get("potion.task") == "unlearn"]
     assert len(candidates) == basic["ptn_steps_evaluated"] and len(finals) == 1
-    assert sorted(int(r.data.metrics["step"]) for r in candidates) == list(range(basic["ptn_steps_evaluated"]))
+    assert sorted(int(r.data.params["method.ptn.fixed_step"]) for r in candidates) == list(
+        range(basic["ptn_steps_evaluated"]))
     assert finals[0].info.run_id == parent.data.tags["potion.final_run_id"] == basic["final_summary"]["mlflow_run_id"]
     m = parent.data.metrics
     assert m["ptn_chosen_step"] == inproc["chosen"] and m["ptn_reached"] == float(bool(inproc["ptn_reached"]))
     assert m["ptn_rounds"] == basic["ptn_rounds"] and m["ptn_wall_seconds"] > 0
     assert {"ptn_s", "ptn_alpha", "ptn_percentile", "ptn_steps_evaluated"} <= set(m)
-    assert parent.data.params["override.method.ptn.s_start"] == "0.01"
+    assert parent.data.params["method.ptn.s_start"] == "0.01"
     assert parent.data.params["sweeper.batch_size"] == str(inproc["batch"])
 
 
@@ -250,20 +251,17 @@ def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, A
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
-def test_a_rerun_reuses_the_final_run_and_adds_no_empty_child(work: Path, inproc: dict[str, Any],
-                                                              basic: dict[str, Any], client: Any) -> None:
-    from potion.tracking import PARENT_TAG
-
-    again = _sweep(work, "basic", inproc["batch"], sweep="basic_again")  # same out_dir, no force: reused
+def test_a_rerun_of_a_finished_sweep_logs_nothing_new(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
+                                                      client: Any) -> None:
+    before = {r.info.run_id for r in _runs(client, "basic")}
+    again = _sweep(work, "basic", inproc["batch"], sweep="basic_again")  # same config, same out_dir: reused
     assert again["ptn_chosen_step"] == basic["ptn_chosen_step"]
     assert again["final_mlflow_run_id"] == basic["final_mlflow_run_id"]  # the earlier final run, not a new one
-    runs = _runs(client, "basic")
-    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
-    second = next(r for r in parents if r.data.tags["potion.sweep_dir"].endswith("sweep_basic_again"))
-    assert second.data.tags["potion.final_reused"] == "True"
-    finals = [r for r in runs if r.data.tags.get("potion.task") == "unlearn"]
-    assert [r.info.run_id for r in finals] == [basic["final_mlflow_run_id"]]  # the placeholder was deleted
-
+    assert {r.info.run_id for r in _runs(client, "basic")} == before  # no parent, candidate or final run added
+    parent = next(r for r in _runs(client, "basic") if r.data.tags.get("potion.task") == "ptn_sweep")
+    assert again["reused_parent_run_id"] == parent.info.run_id and "already finished" in again["stdout"]
+    jobs = sorted(int(d.name) for d in (work / "sweep_basic_again").iterdir() if d.name.isdigit())
+    assert jobs == [0]  # the prepare job only
 
 
 def test_the_submitit_launcher_runs_the_cluster_path(work: Path, inproc: dict[str, Any], basic: dict[str, Any],

@@ -168,7 +168,8 @@ def test_mlflow_holds_the_parent_and_its_children(work: dict[str, Any], sweep: d
     children = [r for r in runs if r is not parent]
     assert all(r.data.tags[PARENT_TAG] == parent.info.run_id for r in children)
     candidates = [r for r in children if r.data.tags.get("potion.task") == "ptn_candidate"]
-    assert sorted(int(r.data.metrics["step"]) for r in candidates) == list(range(sweep["ptn_steps_evaluated"]))
+    assert sorted(int(r.data.params["method.ptn.fixed_step"]) for r in candidates) == list(
+        range(sweep["ptn_steps_evaluated"]))
     assert all(r.data.metrics["importance_cache_hit"] == 1 for r in candidates)
     finals = [r for r in children if r.data.tags.get("potion.task") == "unlearn"]
     assert [r.info.run_id for r in finals] == [parent.data.tags["potion.final_run_id"]]

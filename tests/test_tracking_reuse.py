@@ -72,7 +72,7 @@ def test_an_interrupted_unlearning_run_is_logged_when_reused_and_reaches_the_rep
     first = read_json(tmp_path / "u" / "summary.json")
     client = _client(uri)
     assert client.get_run(first["mlflow_run_id"]).info.status == "KILLED"
-    experiment = client.get_experiment_by_name("potion").experiment_id
+    experiment = client.get_experiment_by_name("imagefolder-small_cnn").experiment_id  # the training run's study
     assert collect_runs(client, [experiment]) == []  # what the report saw before
 
     again = run_unlearning(cfg)
