@@ -16,8 +16,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potion.unlearning.dampening import snapshot
-from potion.unlearning.ptn import PTNSchedule, ptn_search
+from potion.unlearning.dampening import dampen_, snapshot
+from potion.unlearning.ptn import PTNSchedule, Selection, ptn_search
 from potion.unlearning.ssd_family import ForgetCriterion, grouped_forget_acc
 
 TRIGGER, D = 10, 40  # trigger features, input features
@@ -185,3 +185,50 @@ def test_an_unreached_decisive_search_measures_its_last_step_in_full() -> None:
     assert not result.reached and result.chosen.step == 4
     assert result.chosen.forget_acc == crit(model) > 0  # measured, not NaN: the summary and warning show it
     assert result.summary()["ptn_forget_acc"] == result.chosen.forget_acc
+
+
+def _scan(seed: int, rho: float, measure: str, reuse: bool) -> tuple:
+    model = Counted(seed)
+    crit = ForgetCriterion.measure_start(model, _groups((1, 400), seed), chunk=32)
+    imp_r, imp_f = _importances(model, seed)
+    schedule = PTNSchedule(s_start=1e-3, s_step=1.5, max_steps=40, rho=rho)
+    a0 = crit(model)
+    model.seen = 0
+    result = ptn_search(model, snapshot(model), imp_r, imp_f, schedule, crit, a0,
+                        decide=crit.within if measure == "decisive" else None, reuse_unchanged=reuse)
+    return result, {n: p.detach().clone() for n, p in model.named_parameters()}, model.seen
+
+
+@pytest.mark.parametrize(("seed", "rho"), CASES)
+def test_steps_selecting_what_the_last_one_did_are_not_dampened_or_measured_again(seed: int, rho: float) -> None:
+    plain, w_plain, seen_plain = _scan(seed, rho, "full", reuse=False)
+    reused, w_reused, seen_reused = _scan(seed, rho, "full", reuse=True)
+    assert reused.trajectory == plain.trajectory and reused.reached == plain.reached  # every value, every step
+    assert all(torch.equal(w_plain[n], w_reused[n]) for n in w_plain)
+    assert seen_reused < seen_plain
+    both, w_both, seen_both = _scan(seed, rho, "decisive", reuse=True)  # what run_ptn does
+    assert both.chosen == plain.chosen and all(torch.equal(w_plain[n], w_both[n]) for n in w_plain)
+    assert seen_both <= min(seen_reused, seen_plain / 3)
+
+
+def test_selection_is_dampens_selection() -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = nn.Linear(30, 7)
+    imp_r = {n: torch.rand(p.shape, generator=gen) for n, p in model.named_parameters()}
+    imp_f = {n: torch.rand(p.shape, generator=gen) * 2 for n, p in model.named_parameters()}
+    imp_r["weight"][0, :5] = 0.0  # x/0 and 0/0: selected whenever f > 0, whatever alpha
+    imp_f["weight"][0, :2] = 0.0
+    imp_f["bias"][3] = float("nan")
+    originals = snapshot(model)
+    sel = Selection(originals, imp_r, imp_f)
+    before = sel.mask(10.0)
+    for alpha in (10.0, 3.0, 1.0, 0.7, 0.2, 0.0):
+        mask = sel.mask(alpha)
+        res = dampen_(copy.deepcopy(model), originals, imp_r, imp_f, alpha)
+        assert int(mask.sum()) == res.selected and mask.numel() == res.total
+        for name, part in zip(sel.names, mask.split(sel.sizes), strict=True):
+            assert torch.equal(part.view(originals[name].shape), imp_f[name] > alpha * imp_r[name])
+        changed = sel.changed(mask, before)
+        assert changed == [n for n, a, b in zip(sel.names, mask.split(sel.sizes), before.split(sel.sizes),
+                                                strict=True) if not torch.equal(a, b)]
+        before = mask

@@ -9,6 +9,9 @@ measurement (``ptn_search``) stops as soon as the part of the forget set it has 
 above the threshold. That is exact, not a heuristic: a step that qualifies is always measured in full,
 so the scan stops at the same step with the same weights whether or not the criterion is monotone
 in k (a galloping or bisecting search would need that assumption and could skip a qualifying step).
+Nor need each step be dampened and measured again: a step selecting exactly the parameters of the step
+before (common early on, when s_k selects a fraction of one parameter) has the same weights, hence the
+same forget accuracy, and only parameters whose selection changed are rewritten (``Selection``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from potion.progress import Progress
@@ -93,6 +97,54 @@ def evaluate_candidate(k: int, schedule: PTNSchedule, pool: RatioPool, model: nn
     return Candidate(k, schedule.share(k), p, alpha, res.share, forget_acc(model))
 
 
+class Selection:
+    """Which parameters a dampening at alpha selects (``f > alpha * r``, as :func:`dampen_` tests it), over all
+    parameters of ``originals`` as one flat mask: comparing two steps' selections is one operation."""
+
+    def __init__(self, originals: Mapping[str, torch.Tensor], imp_r: Mapping[str, torch.Tensor],
+                 imp_f: Mapping[str, torch.Tensor]) -> None:
+        self.names = list(originals)
+        self.sizes = [imp_r[n].numel() for n in self.names]
+        self.r = torch.cat([imp_r[n].flatten() for n in self.names])
+        self.f = torch.cat([imp_f[n].flatten() for n in self.names])
+
+    def mask(self, alpha: float) -> torch.Tensor:
+        return self.f > alpha * self.r
+
+    def changed(self, mask: torch.Tensor, before: torch.Tensor) -> list[str]:
+        """Names of the parameters whose selection differs between two masks."""
+        moved = torch.stack([part.any() for part in (mask ^ before).split(self.sizes)]).tolist()
+        return [n for n, m in zip(self.names, moved, strict=True) if m]
+
+
+@dataclass
+class _Last:
+    """The step the model is dampened at: its selection and its candidate."""
+
+    mask: torch.Tensor
+    cand: Candidate
+
+
+def step_reusing(k: int, schedule: PTNSchedule, pool: RatioPool, model: nn.Module, originals: dict, imp_r: dict,
+                 imp_f: dict, measure: Callable[[nn.Module], float], lam: float, selection: Selection,
+                 last: _Last | None) -> _Last:
+    """:func:`evaluate_candidate` for a scan whose ``measure`` depends on the weights alone.
+
+    The dampened value of a parameter depends on whether it is selected, not on alpha, so a step selecting
+    what the model's current step selected has its weights (nothing written, nothing measured: the value
+    is the current step's), and otherwise only the parameters whose selection changed are rewritten.
+    """
+    p = schedule.percentile(k)
+    alpha = pool.percentile(p)
+    mask = selection.mask(alpha)
+    if last is not None and torch.equal(mask, last.mask):
+        return _Last(mask, replace(last.cand, step=k, s=schedule.share(k), percentile=p, alpha=alpha))
+    names = selection.names if last is None else selection.changed(mask, last.mask)
+    dampen_(model, {n: originals[n] for n in names}, imp_r, imp_f, alpha, lam)
+    share = int(mask.sum()) / max(1, mask.numel())
+    return _Last(mask, Candidate(k, schedule.share(k), p, alpha, share, measure(model)))
+
+
 def _search_note(cand: Candidate, threshold: float) -> str:
     """The progress line's end: where the search is and how far from stopping."""
     acc = f"> {threshold:.4f}" if math.isnan(cand.forget_acc) else f"{cand.forget_acc:.4f}"  # cut short: above
@@ -102,7 +154,8 @@ def _search_note(cand: Candidate, threshold: float) -> str:
 def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, schedule: PTNSchedule,
                forget_acc: Callable[[nn.Module], float], a0: float, lam: float = 1.0,
                on_step: Callable[[Candidate], None] | None = None,
-               decide: Callable[[nn.Module, float], float] | None = None) -> PTNResult:
+               decide: Callable[[nn.Module, float], float] | None = None,
+               reuse_unchanged: bool = False) -> PTNResult:
     """Sequential PTN: stop at the first k with forget_acc <= rho * a0; the model is left dampened at it.
 
     If no step qualifies, the last step's model is kept (as the paper does) and ``reached`` is False.
@@ -110,14 +163,22 @@ def ptn_search(model: nn.Module, originals: dict, imp_r: dict, imp_f: dict, sche
     is <= threshold and NaN once what it measured proves it above (never NaN for a qualifying step), so
     the chosen step and weights are those of the full scan; trajectory rows it cut short hold NaN, and an
     unreached search measures its last step in full.
+    ``reuse_unchanged``: ``forget_acc`` depends on the weights alone (not on a call count, as scripted test
+    stand-ins do), so steps are taken by :func:`step_reusing`: same weights, fewer writes and measurements.
     """
     pool = RatioPool.build(imp_r, imp_f)
     threshold = schedule.rho * a0
     measure = forget_acc if decide is None else (lambda m: decide(m, threshold))
     trajectory: list[Candidate] = []
     bar = Progress("PTN search", schedule.max_steps, bound=True)
+    selection = Selection(originals, imp_r, imp_f) if reuse_unchanged else None
+    last: _Last | None = None
     for k in range(schedule.max_steps):
-        cand = evaluate_candidate(k, schedule, pool, model, originals, imp_r, imp_f, measure, lam)
+        if selection is None:
+            cand = evaluate_candidate(k, schedule, pool, model, originals, imp_r, imp_f, measure, lam)
+        else:
+            last = step_reusing(k, schedule, pool, model, originals, imp_r, imp_f, measure, lam, selection, last)
+            cand = last.cand
         trajectory.append(cand)
         if on_step is not None:
             on_step(cand)

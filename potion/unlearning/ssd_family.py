@@ -327,7 +327,8 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
         result = PTNResult(a0, threshold, cands[-1].qualifies(threshold), cands[-1], cands)
     else:
         decide = forget_acc.within if ptn.get("measure", "decisive") == "decisive" else None
-        result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam, decide=decide)
+        result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam, decide=decide,
+                            reuse_unchanged=True)
     sync(task.device)
     search_seconds = time.perf_counter() - t0
     diagnostics = {**result.summary(), **crit_info, **synth_info, "importance_cache_hit": info["importance_cache_hit"],
