@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_mlflow_server import server  # noqa: F401 - the module-scoped `mlflow server` fixture, reused
+from test_practitioner import _overrides, world  # noqa: F401 - potion.heal's tiny world (a .pt checkpoint), reused
 from tiny_world import QUICK_PTN, free_port
 
 from potion.config import compose_config
@@ -315,3 +316,26 @@ def test_a_sweeps_parent_and_final_runs_have_inputs_config_log_and_the_final_mod
         in proc.stdout
     assert f"MLflow run: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
         in proc.stdout
+
+
+@pytest.mark.slow
+def test_heal_logs_its_pt_output_as_a_safetensors_logged_model(world, tmp_path: Path,  # noqa: F811
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from mlflow import MlflowClient
+
+    from potion.logged_model import download_logged_model
+    from potion.practitioner import heal
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    s = heal(compose_config("heal", [*_overrides(world, f"out_dir={out}", "method=ssd"), "logger=mlflow",
+                                     f"logger.tracking_uri={uri}"]))
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(s["mlflow_run_id"])
+    (inp,) = run.inputs.dataset_inputs
+    assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "unlearning"
+    assert {"config.yaml", "run.log", "healed.pt"} <= _artifacts(client, run.info.run_id)
+    folder = download_logged_model(uri, _model_output(client, run.info.run_id), tmp_path / "m")
+    assert not any(p.suffix == ".pt" for p in folder.iterdir())  # the pickle-format file is converted
+    _same_weights(folder, out / "healed.pt")
+    assert f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in capsys.readouterr().out
