@@ -2,10 +2,10 @@
 
 ``python -m potion.report`` (console script ``potion-report``) reads every finished unlearning run
 (tag ``potion.task=unlearn``) of the store's experiments (or of one, ``--experiment``) in one paged
-``search_runs`` query and counts each measurement once: one row per (training run, method, settings, seed), so a config run again, or a
-standalone run and a PTN sweep's final run of the same settings and seed, count as one seed (the
-newest). Runs are grouped into studies (data set, model, attack, label mapping), cells (poison size
-n_p, discovery share) and method columns, and written into ``--out``:
+``search_runs`` query and counts each measurement once: one row per (training run, method, settings,
+seed), so a config run again, or a standalone run and a PTN sweep's final run of the same settings and
+seed, count as one seed (the newest). Runs are grouped into studies (data set, model, attack, label
+mapping), cells (poison size n_p, discovery share) and method columns, and written into ``--out``:
 
 * ``table.md``: one markdown table per study, cells "healed / acc_drop" (with healed_attainable between
   them where the runs report it) as mean ± std over seeds, a mean row per poison size and an overall

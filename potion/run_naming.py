@@ -38,9 +38,9 @@ TRAIN, UNLEARN, SWEEP, CANDIDATE, HEAL = "train", "unlearn", "ptn_sweep", "ptn_c
 
 TRAJECTORY_PREFIX = "ptn_traj_"  # the PTN trajectory series, in process and on a sweep's parent run
 
-# Top-level config keys that say how a command runs, not what it computes: never params.
-NOISE_KEYS = ("logger", "force", "resume", "out_dir", "hydra", "print_table", "name", "train_run", "train",
-              "ptn_job", "save_weights", "run_dir")
+# Top-level keys of a training config that say how the command runs, not what it computes: never params (the
+# name is the study, i.e. the experiment).
+NOISE_KEYS = ("logger", "force", "resume", "out_dir", "hydra", "print_table", "name", "run_dir")
 
 # Numeric method diagnostics that are settings (resolved at run time), as the param key they are logged under.
 SETTING_DIAGNOSTICS = {"ptn_threshold": "method.ptn.threshold", "suspect_cutoff": "suspects.cutoff",
@@ -178,15 +178,20 @@ UNNAMED_PREFIXES = ("logger", "hydra", "out_dir", "force", "resume", "train_run"
                     "save_weights", "eval_batch_size")
 
 
-def grid_extras(overrides: Sequence[str]) -> list[str]:
+TRAIN_UNNAMED_PREFIXES = tuple(p for p in UNNAMED_PREFIXES if p != "train")  # train.lr is a training run's own
+
+
+def grid_extras(overrides: Sequence[str], unnamed: Sequence[str] = UNNAMED_PREFIXES) -> list[str]:
     """The settings a Hydra job's overrides set beyond what the run name shows, as short parts
-    (``method.ptn.rho=0.2`` -> ``rho=0.2``), so the runs of a grid over them get distinct names."""
+    (``method.ptn.rho=0.2`` -> ``rho=0.2``), so the runs of a grid over them get distinct names. ``unnamed``: the
+    key prefixes left out (an unlearning run's ``+train.*`` names its training run; ``TRAIN_UNNAMED_PREFIXES`` for
+    a training run, whose ``train.lr`` is its own)."""
     out = []
     for text in overrides:
         key, sep, value = text.lstrip("+~").partition("=")
         if not sep or "${" in value or "/" in value or key in SHOWN_KEYS:
             continue
-        if any(key == p or key.startswith(p + ".") for p in UNNAMED_PREFIXES):
+        if any(key == p or key.startswith(p + ".") for p in unnamed):
             continue
         out.append(f"{key.rsplit('.', 1)[-1]}={value}")
     return out

@@ -61,9 +61,11 @@ class FolderRun:
 def train_folder_run(cfg: Any, run_dir: Path, summary: Mapping[str, Any]) -> FolderRun:
     """A finished training folder as train.py logs it (params: the config; tags: task, study, hash, folder)."""
     study = naming.study_name(cfg)
+    grid, overrides = naming.hydra_job()
     tags = {**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: str(summary.get("config_hash")),
-            "potion.run_dir": str(Path(run_dir).resolve()), **naming.grid_tags(naming.hydra_job()[0])}
-    return FolderRun("train", naming.experiment_name(cfg.get("logger"), study), naming.train_run_name(cfg), tags,
+            "potion.run_dir": str(Path(run_dir).resolve()), **naming.grid_tags(grid)}
+    return FolderRun("train", naming.experiment_name(cfg.get("logger"), study),
+                     naming.train_run_name(cfg, naming.grid_extras(overrides, naming.TRAIN_UNNAMED_PREFIXES)), tags,
                      naming.train_params(cfg, summary.get("n_p")), TRAIN_ARTIFACTS)
 
 

@@ -72,6 +72,9 @@ def test_run_names_tell_a_grid_apart() -> None:
     assert naming.candidate_run_name(12, names[0]).startswith("k=12 ")  # the step first: never cut off
     trains = {naming.train_run_name(_train_cfg(f"poison.count={n}", f"seed={s}")) for n in (100, 500) for s in (0, 1)}
     assert len(trains) == 4 and "train small_cnn badnets p=100 s=1" in trains
+    lr = naming.grid_extras(["train.lr=0.1", "seed=0", "logger.tracking_uri=x"], naming.TRAIN_UNNAMED_PREFIXES)
+    assert naming.train_run_name(_train_cfg(), lr) == "train small_cnn badnets p=1% s=0 lr=0.1"
+    assert naming.grid_extras(["+train.poison.count=100", "+train.lr=0.1"]) == []  # an unlearning run's training
 
 
 # --------------------------------------------------------------------------- params and metrics
@@ -95,6 +98,7 @@ def test_train_and_unlearn_params_share_keys_and_carry_no_bookkeeping() -> None:
 
     train = _train_cfg("experiment=quickstart")
     train_keys = set(flatten_params(naming.train_params(train, 16)))
+    assert {"train.lr", "train.epochs", "trainer.precision"} <= train_keys  # the recipe stays
     unlearn = flatten_params(naming.unlearn_params(_unlearn_cfg(), train, 3, 16))
     assert set(SHARED_KEYS) <= train_keys and set(PTN_KEYS) <= set(unlearn)
     assert not [k for k in (*train_keys, *unlearn) if k.startswith(NOISE_PARAMS) or k == "name"]
