@@ -181,6 +181,13 @@ UNNAMED_PREFIXES = ("logger", "hydra", "out_dir", "force", "resume", "train_run"
 TRAIN_UNNAMED_PREFIXES = tuple(p for p in UNNAMED_PREFIXES if p != "train")  # train.lr is a training run's own
 
 
+def train_extras(cfg: Mapping[str, Any], overrides: Sequence[str]) -> list[str]:
+    """:func:`grid_extras` of a training run: only overrides of its own config's keys (a training run that an
+    unlearning job trains first sees that job's ``method.*`` and ``+train.*`` overrides too)."""
+    own = [o for o in overrides if _get(cfg, o.lstrip("+~").partition("=")[0]) is not None]
+    return grid_extras(own, TRAIN_UNNAMED_PREFIXES)
+
+
 def grid_extras(overrides: Sequence[str], unnamed: Sequence[str] = UNNAMED_PREFIXES) -> list[str]:
     """The settings a Hydra job's overrides set beyond what the run name shows, as short parts
     (``method.ptn.rho=0.2`` -> ``rho=0.2``), so the runs of a grid over them get distinct names. ``unnamed``: the

@@ -65,7 +65,7 @@ def train_folder_run(cfg: Any, run_dir: Path, summary: Mapping[str, Any]) -> Fol
     tags = {**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: str(summary.get("config_hash")),
             "potion.run_dir": str(Path(run_dir).resolve()), **naming.grid_tags(grid)}
     return FolderRun("train", naming.experiment_name(cfg.get("logger"), study),
-                     naming.train_run_name(cfg, naming.grid_extras(overrides, naming.TRAIN_UNNAMED_PREFIXES)), tags,
+                     naming.train_run_name(cfg, naming.train_extras(cfg, overrides)), tags,
                      naming.train_params(cfg, summary.get("n_p")), TRAIN_ARTIFACTS)
 
 

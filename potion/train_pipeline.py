@@ -104,7 +104,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
         resume = _resume_checkpoint(cfg, run_dir, fresh)
         grid, overrides = naming.hydra_job()
         study = naming.study_name(cfg)
-        extras = naming.grid_extras(overrides, naming.TRAIN_UNNAMED_PREFIXES)
+        extras = naming.train_extras(cfg, overrides)
         with run_lifecycle(naming.logger_for(cfg.logger, study), run_dir, run_name=naming.train_run_name(cfg, extras),
                            tags={**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: config_hash,
                                  **naming.grid_tags(grid)},

@@ -72,7 +72,8 @@ def test_run_names_tell_a_grid_apart() -> None:
     assert naming.candidate_run_name(12, names[0]).startswith("k=12 ")  # the step first: never cut off
     trains = {naming.train_run_name(_train_cfg(f"poison.count={n}", f"seed={s}")) for n in (100, 500) for s in (0, 1)}
     assert len(trains) == 4 and "train small_cnn badnets p=100 s=1" in trains
-    lr = naming.grid_extras(["train.lr=0.1", "seed=0", "logger.tracking_uri=x"], naming.TRAIN_UNNAMED_PREFIXES)
+    lr = naming.train_extras(_train_cfg(), ["train.lr=0.1", "seed=0", "logger.tracking_uri=x", "method.ptn.rho=0.2",
+                                            "+train.poison.count=100"])  # the last two: an unlearning job's
     assert naming.train_run_name(_train_cfg(), lr) == "train small_cnn badnets p=1% s=0 lr=0.1"
     assert naming.grid_extras(["+train.poison.count=100", "+train.lr=0.1"]) == []  # an unlearning run's training
 
