@@ -307,10 +307,11 @@ def train_link_tags(train_summary: Mapping[str, Any]) -> dict[str, str]:
 
 
 def hydra_job() -> tuple[str | None, list[str]]:
-    """This process's Hydra job: (its multirun folder or None, the job's command-line overrides).
+    """This process's Hydra multirun job: (its multirun folder or None, the job's command-line overrides).
 
-    Outside Hydra: (None, []). The PTN sweeper's jobs get no multirun folder (their runs are grouped by
-    ``potion.sweep_id``) and lose the sweeper's own overrides, so their names read as the sweep's.
+    Outside a multirun: (None, []): a single command's run is told apart by its name's fixed parts, a grid's
+    runs also by the settings their overrides set. The PTN sweeper's jobs get no multirun folder (their runs are
+    grouped by ``potion.sweep_id``) and lose the sweeper's own overrides, so their names read as the sweep's.
     """
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -320,10 +321,11 @@ def hydra_job() -> tuple[str | None, list[str]]:
     if not HydraConfig.initialized():
         return None, []
     hc = HydraConfig.get()
+    if getattr(hc, "mode", None) != RunMode.MULTIRUN:
+        return None, []
     given = [str(o) for o in (hc.overrides.task or ())]
     overrides = [o for o in given if not o.lstrip("+~").startswith("ptn_job")]
-    multirun = getattr(hc, "mode", None) == RunMode.MULTIRUN and len(overrides) == len(given)
-    return (str(hc.sweep.dir) if multirun else None), overrides
+    return (str(hc.sweep.dir) if len(overrides) == len(given) else None), overrides
 
 
 def grid_tags(sweep_dir: str | None) -> dict[str, str]:

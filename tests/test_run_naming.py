@@ -282,3 +282,32 @@ def test_pipeline_runs_share_the_scheme(tiny: Any, tmp_path: Path) -> None:
     assert finetune_run.info.run_name == "finetune d=1 p=16 s=0 small_cnn badnets"
     assert set(PTN_KEYS) <= set(potion_run.data.params) and "method.ptn.threshold" in potion_run.data.params
     assert float(finetune_run.data.params["method.sgd.lr"]) > 0 and "method.sgd.nesterov" in finetune_run.data.params
+
+
+def test_a_multirun_job_is_grouped_and_named_by_its_overrides(tmp_path: Path) -> None:
+    """Inside a job of ``unlearn.py -m``: the multirun folder is the grid tag, and the job's overrides name it;
+    a PTN sweeper's job gets no grid (its sweep groups it) and loses the sweeper's own overrides."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    def job(*overrides: str) -> tuple[str | None, list[str]]:
+        conf = Path(__file__).resolve().parents[1] / "conf"
+        with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+            cfg = compose("unlearn", list(overrides), return_hydra_config=True)
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path / "multirun")
+        HydraConfig.instance().set_config(cfg)
+        try:
+            return naming.hydra_job()
+        finally:
+            HydraConfig.instance().cfg = None
+
+    grid, overrides = job("train_run=x", "method.ptn.rho=0.2", "discovery.share=0.1")
+    assert naming.grid_tags(grid) == {"potion.grid": str(tmp_path / "multirun")}
+    assert naming.grid_extras(overrides) == ["rho=0.2"]
+    grid, overrides = job("train_run=x", "method.ptn.fixed_step=3", "++ptn_job.role=final")
+    assert grid is None and overrides == ["train_run=x", "method.ptn.fixed_step=3"]
+    assert naming.hydra_job() == (None, [])  # outside Hydra
