@@ -311,3 +311,30 @@ def test_a_multirun_job_is_grouped_and_named_by_its_overrides(tmp_path: Path) ->
     grid, overrides = job("train_run=x", "method.ptn.fixed_step=3", "++ptn_job.role=final")
     assert grid is None and overrides == ["train_run=x", "method.ptn.fixed_step=3"]
     assert naming.hydra_job() == (None, [])  # outside Hydra
+
+
+@pytest.mark.slow  # a small model trained, then healed
+def test_a_heal_run_reads_as_an_unlearning_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+    from test_practitioner import N_FOUND, _build_world, _overrides
+
+    from potion.practitioner import heal
+
+    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("POTION_THREADS", "1")
+    world = _build_world(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    trigger = "trigger={kind: patch, size: 3, color: [1.0]}"
+    summary = heal(compose_config("heal", [*_overrides(world, f"out_dir={tmp_path / 'out'}"), "logger=mlflow",
+                                           f"logger.tracking_uri={uri}", trigger]))
+    client = MlflowClient(uri)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "heal-data"  # the data folder's name
+    assert run.info.run_name == f"heal potion d={N_FOUND} small_cnn"
+    assert run.data.tags["potion.task"] == "heal" and run.data.tags["potion.study"] == "heal-data"
+    metrics, params = run.data.metrics, run.data.params
+    assert {"clean_acc", "clean_acc_before", "acc_drop", "asr", "healed", "forget_acc"} <= set(metrics)
+    assert not [k for k in metrics if k.endswith("_after")] and not set(SETTING_METRICS) & set(metrics)
+    assert params["discovery.n_f"] == str(N_FOUND) and params["poison.target"] == "0"
+    assert {"dataset.path", "model.name", "method.name", "method.ptn.rho", "method.ptn.threshold",
+            "suspects.cutoff"} <= set(params)
