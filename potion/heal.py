@@ -4,6 +4,7 @@ discovered=<list> model=resnet9 model.width=0.25`` (see conf/heal.yaml and potio
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from potion import progress
@@ -20,7 +21,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     progress.configure(cfg.trainer.progress_bar)
     from potion.practitioner import format_result, heal
 
-    summary = run_guarded(lambda: heal(cfg))
+    command = list(HydraConfig.get().overrides.task)  # the report's next steps repeat the command line
+    summary = run_guarded(lambda: heal(cfg, command))
     print(format_result(summary), flush=True)
     return summary
 

@@ -41,6 +41,7 @@ from potion.evaluation import evaluate_backdoor, predict
 from potion.io import atomic_write_text, load_tensors, save_tensors, sha256_file
 from potion.lifecycle import RunOutputs, run_lifecycle
 from potion.models import build_model
+from potion.next_steps import NEXT_LIST, config_args, format_next_steps, next_commands, write_next_list
 from potion.schedule import cpu_threads
 from potion.suspects import SuspectRanking, find_suspects, write_suspects_csv
 from potion.unlearn_pipeline import make_task, resolve_device
@@ -55,6 +56,7 @@ KEY_PREFIXES = ("model.", "module.", "_orig_mod.")  # Lightning attribute, DataP
 # importance cache keys of healing runs and benchmark runs differ.
 NO_TRIGGER = TriggerSpec(kind="patch", size=1, position="top_left", value=0.0)
 TOP_SUSPECTS = 10
+REPAIR_DATA = {"crop_padding": 0, "flip": False}  # no augmentation in potion_iterative's repair (recipe unknown)
 HOW_TO_LIST = ("a text file with one training file per line, relative to the data root "
                "(e.g. train/airplane/0042.jpg), or a CSV with a 'path' column")
 
@@ -250,8 +252,12 @@ def default_out_dir(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[st
 # ----------------------------------------------------------------------------------------------- healing
 
 
-def heal(cfg: Any) -> dict[str, Any]:
-    """Heal the checkpoint with the discovered list; write the out folder and return the summary."""
+def heal(cfg: Any, command: Sequence[str] | None = None) -> dict[str, Any]:
+    """Heal the checkpoint with the discovered list; write the out folder and return the summary.
+
+    ``command``: the overrides of the ``python -m potion.heal`` command line (the report's next-steps commands
+    are built from them); None (a call from Python) rebuilds the inputs from the config.
+    """
     d = to_dict(cfg)
     validate_heal_config(d)
     method_fn = get_method(str(d["method"]["name"]))
@@ -281,7 +287,8 @@ def heal(cfg: Any) -> dict[str, Any]:
     poisoned = factory()
     poisoned.load_state_dict(model.state_dict())
     poisoned.to(device).eval()
-    task = make_task(model, data, discovery, device, seed, model_cfg)
+    # the recipe the weights were trained with is unknown: potion_iterative's repair sees the images as they are
+    task = make_task(model, data, discovery, device, seed, model_cfg, train_cfg=REPAIR_DATA)
 
     out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries)
     method = str(d["method"]["name"])
@@ -289,11 +296,12 @@ def heal(cfg: Any) -> dict[str, Any]:
     with run_lifecycle(naming.logger_for(d.get("logger"), study), out_dir,
                        run_name=naming.heal_run_name(method, discovery.n_f, str(model_cfg["name"])),
                        tags={**naming.study_tags(naming.HEAL, study), naming.METHOD: method}, config=d) as outputs:
-        return _heal(d, task, poisoned, method_fn, checkpoint, prefix, state, outputs)
+        args = list(command) if command is not None else config_args({**d, "checkpoint": str(checkpoint)})
+        return _heal(d, task, poisoned, method_fn, checkpoint, prefix, state, outputs, args)
 
 
 def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: Any, checkpoint: Path, prefix: str,
-          state: Mapping[str, torch.Tensor], outputs: RunOutputs) -> dict[str, Any]:
+          state: Mapping[str, torch.Tensor], outputs: RunOutputs, args: list[str]) -> dict[str, Any]:
     model, data, discovery, device = task.model, task.data, task.discovery, task.device
     out_dir, tracker = outputs.folder, outputs.tracker
     bs = int(d.get("eval_batch_size", 1024))
@@ -361,11 +369,35 @@ def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: 
         "checkpoint": str(checkpoint), "key_prefix": prefix, "dataset": str(d["dataset"].get("path")),
         "discovered_list": str(d.get("discovered")), "healed_weights": str(weights), "out_dir": str(out_dir),
         "device": device.type, "mlflow_run_id": tracker.run_id,
-        **(suspects or {}),
+        **(suspects or {}), **_added(out.forget_idx, discovery, bundle, d["method"]),
     }
+    summary.update(_next_steps(out_dir, summary, args, ranking, discovery, bundle, outputs))
     outputs.add(atomic_write_text(out_dir / "report.md", format_report(summary, plot is not None)))
     tracker.log_params(naming.resolved_settings({**numeric, **(suspects or {})}))
     return outputs.complete(summary, naming.heal_measurements({**result, **numeric}, d["method"]))
+
+
+def _added(forget_idx: torch.Tensor | None, discovery: Discovery, bundle: DatasetBundle, method: Mapping[str, Any]
+           ) -> dict[str, Any]:
+    """What an iterative method added to the forget set: the files it treated as poison beyond the list."""
+    if forget_idx is None:
+        return {}
+    paths = bundle.train.paths or ()
+    added = [paths[int(i)] for i in forget_idx[discovery.n_f:].tolist()]
+    return {"suspects_added": len(added), "added_files": added, "method_rounds": method.get("rounds")}
+
+
+def _next_steps(out_dir: Path, s: Mapping[str, Any], args: list[str], ranking: SuspectRanking | None,
+                discovery: Discovery, bundle: DatasetBundle, outputs: RunOutputs) -> dict[str, Any]:
+    """next_discovered.txt (the list, then the suspects to confirm) and the commands that heal again with it."""
+    paths = bundle.train.paths or ()
+    listed = [paths[int(i)] for i in discovery.forget_idx.tolist()]
+    flagged = [paths[int(i)] for i in ranking.flagged().tolist()] if ranking is not None else []
+    suspects = list(dict.fromkeys([*s.get("added_files", []), *flagged]))
+    next_list = outputs.add(write_next_list(out_dir / NEXT_LIST, listed, suspects, str(s["discovered_list"])))
+    cmds = next_commands(args, next_list, str(s["method"]), int(s["n_f"]))
+    return {"next_discovered": str(next_list), "next_suspects_listed": len(suspects),
+            "next_command": cmds["heal_again"], "next_command_iterative": cmds.get("iterative")}
 
 
 def _save_healed(out_dir: Path, checkpoint: Path, healed: nn.Module, prefix: str,
@@ -450,6 +482,7 @@ def format_report(s: Mapping[str, Any], with_plot: bool) -> str:
                   "| rank | file | score |", "|---|---|---|"]
         lines += [f"| {t['rank']} | `{t['path']}` | {t['score']:.4g} |" for t in s["top_suspects"]]
         lines.append("")
+    lines += _rounds_section(s)
     if with_plot:
         lines += ["## PTN search", "", "![PTN trajectory](ptn_trajectory.png)", ""]
         if s.get("ptn_steps") is not None:
@@ -459,8 +492,35 @@ def format_report(s: Mapping[str, Any], with_plot: bool) -> str:
         if s.get("ptn_note"):
             lines.append(f"Note: {s['ptn_note']}.")
         lines.append("")
-    lines.append(f"Unlearning took {s['unlearn_seconds']:.1f} s on {s['device']}.")
-    return "\n".join(lines) + "\n"
+    lines += [f"Unlearning took {s['unlearn_seconds']:.1f} s on {s['device']}.", ""]
+    lines += format_next_steps(s)
+    return "\n".join(lines)
+
+
+def _rounds_section(s: Mapping[str, Any]) -> list[str]:
+    """An iterative method's rounds: forget set, PTN steps and suspects flagged per round; the repair."""
+    n = int(s.get("rounds_run") or 0)
+    if not n:
+        return []
+    limit = s.get("method_rounds")
+    why = (f"the round limit (`method.rounds={int(limit)}`)" if limit is not None and n >= int(limit)
+           else "no new suspect appeared")
+    added = int(s.get("suspects_added", 0))
+    steps = [s.get(f"round{r}_ptn_steps") for r in range(1, n + 1)]
+    lines = ["## Suspect rounds", "",
+             f"`{s['method']}` healed from your original weights in {n} round{'s' if n != 1 else ''}, each with the "
+             f"forget set of the round before plus the suspects that round flagged, and stopped after round {n}: "
+             f"{why}. It added {added} file{'s' if added != 1 else ''} to your {s['n_f']} discovered ones (treated "
+             f"as poison; they head the suspects in [{NEXT_LIST}]({NEXT_LIST})).", "",
+             "| round | forget set | PTN steps | suspects flagged |", "|---|---|---|---|"]
+    lines += [f"| {r} | {int(s[f'round{r}_forget_size'])} | {'n/a' if k is None else int(k)} | "
+              f"{int(s[f'round{r}_flagged'])} |" for r, k in enumerate(steps, start=1)]
+    lines.append("")
+    if s.get("repair_iterations"):
+        lines += [f"Repair: {int(s['repair_iterations'])} fine-tuning steps at learning rate {s['repair_lr']:g} on the "
+                  f"{int(s['repair_retain_samples'])} training files outside the final forget set "
+                  f"({s['repair_seconds']:.1f} s); dampened weights stay as they are.", ""]
+    return lines
 
 
 def format_result(s: Mapping[str, Any]) -> str:
@@ -472,6 +532,11 @@ def format_result(s: Mapping[str, Any]) -> str:
              + (f"  asr {_pct(s['asr_before'])} -> {_pct(s['asr_after'])}" if s.get("trigger_known") else "")]
     if "suspects_flagged" in s:
         lines.append(f"suspects above the cut-off: {s['suspects_flagged']} (ranking in suspects.csv)")
+    if s.get("rounds_run"):
+        lines.append(f"{s['method']}: {int(s['rounds_run'])} rounds, {s.get('suspects_added', 0)} suspects added to "
+                     "the forget set")
     if s.get("ptn_note"):
         lines.append(f"note: {s['ptn_note']}")
+    lines.append(f"next: confirm the suspects in {s['next_discovered']} (see report.md), then heal again:\n  "
+                 f"{s['next_command']}")
     return "\n".join(lines)
