@@ -1,0 +1,197 @@
+"""Progress on long work (potion/progress.py): rate-limited stderr lines where Lightning's bar is not, one switch
+(``trainer.progress_bar``: true / false / auto), quiet in multirun jobs, and a sweep console with a line per round
+and none of the launcher's per-job override lines or reprs."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tiny_world import QUICK_PTN, train_overrides
+
+from potion import progress
+from potion.progress import Progress, duration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Clock:
+    """A hand-driven clock for Progress."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def switch() -> Iterator[None]:
+    """The command's switch as a test left it is reset afterwards (a module global)."""
+    yield
+    progress.configure("auto")
+
+
+@pytest.fixture()
+def every_step(monkeypatch: pytest.MonkeyPatch, switch: None) -> None:
+    """Progress on, a line for every step (no rate limit): what a tiny loop shows."""
+    progress.configure(True)
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+
+
+def test_lines_are_rate_limited_with_done_total_rate_and_time_left() -> None:
+    clock, out = Clock(), io.StringIO()
+    bar = Progress("retrain", 100, show=True, every_s=5.0, stream=out, clock=clock)
+    for _ in range(10):  # 10 steps in 4 s: within the interval, no line
+        clock.now += 0.4
+        bar.advance()
+    assert out.getvalue() == ""
+    clock.now += 1.0  # 11 steps in 5 s
+    bar.advance(note=lambda: "retain loss 0.5000")
+    clock.now += 1.0  # 1 s after the line: none
+    bar.advance()
+    lines = out.getvalue().splitlines()
+    assert lines == ["retrain: 11 of 100 steps (11 %), 2.2 steps/s, 40 s left; retain loss 0.5000"]
+    bar.done = 100
+    clock.now = 50.0
+    bar.finish()
+    assert out.getvalue().splitlines()[-1] == "retrain: 100 steps done in 50 s (2 steps/s)"
+
+
+def test_a_short_loop_prints_nothing_and_off_prints_nothing() -> None:
+    clock, out = Clock(), io.StringIO()
+    with Progress("importance pass", 3, "batches", show=True, stream=out, clock=clock) as bar:
+        for _ in range(3):
+            clock.now += 0.1
+            bar.advance()
+    assert out.getvalue() == ""  # no progress line, so no closing line either
+    off = Progress("x", 3, show=False, every_s=0.0, stream=out)
+    off.advance()
+    off.finish()
+    assert out.getvalue() == ""
+
+
+def test_a_search_shows_upper_bounds() -> None:
+    clock, out = Clock(), io.StringIO()
+    bar = Progress("PTN search", 500, bound=True, show=True, every_s=0.0, stream=out, clock=clock)
+    clock.now = 120.0
+    bar.advance(60)
+    assert out.getvalue().strip() == ("PTN search: 60 of at most 500 steps (12 %), 2 s per step, "
+                                      "at most 14 min 40 s left")
+
+
+def test_durations_read_naturally() -> None:
+    assert [duration(x) for x in (0.4, 42, 185, 7620, float("nan"))] == ["0 s", "42 s", "3 min 05 s", "2 h 07 min",
+                                                                        "?"]
+
+
+def test_the_switch_explicit_then_command_then_auto(monkeypatch: pytest.MonkeyPatch, switch: None) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not progress.enabled()  # auto: stderr is a file or a pipe
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert progress.enabled() and progress.enabled("auto")  # auto: a terminal
+    assert not progress.enabled(False)
+    progress.configure(False)
+    assert not progress.enabled() and progress.enabled(True)  # an explicit value wins over the command's switch
+    progress.configure("auto")
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN}}))
+    assert progress.in_multirun_job() and not progress.enabled()  # auto: quiet in a multirun or sweep job
+    progress.configure(True)
+    assert progress.enabled()  # the switch turns it on there too
+
+
+def test_the_training_loop_reports_with_the_switch_on_and_not_off(every_step: None,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from potion.unlearning.training_based import SGDSettings, train_steps
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    sgd = SGDSettings(lr=0.1, momentum=0.0, weight_decay=0.0, nesterov=False, warmup=0.0, schedule="constant")
+
+    def losses() -> Iterator[tuple[str, torch.Tensor]]:
+        while True:
+            yield "retain", F.cross_entropy(model(x), y)
+
+    train_steps(model, list(model.parameters()), losses(), 3, sgd, torch.device("cpu"), "retrain")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("retrain: 1 of 3 steps (33 %), ") and "retain loss" in err[0]
+    assert err[-1].startswith("retrain: 3 steps done in ")
+    progress.configure(False)
+    train_steps(model, list(model.parameters()), losses(), 3, sgd, torch.device("cpu"), "retrain")
+    assert capsys.readouterr().err == ""
+
+
+def test_importance_passes_and_the_ptn_search_report(every_step: None, capsys: pytest.CaptureFixture[str]) -> None:
+    from potion.unlearning.dampening import snapshot
+    from potion.unlearning.importance import compute_importance
+    from potion.unlearning.ptn import PTNSchedule, ptn_search
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
+    imp = compute_importance(model, batches, loss="logit_norm", power=1, what="retain importance", total=3)
+    err = capsys.readouterr().err
+    assert "retain importance: 2 of 3 batches (67 %)" in err and "retain importance: 3 batches done" in err
+    originals = snapshot(model)
+    schedule = PTNSchedule(s_start=1e-3, s_step=1.5, max_steps=5, rho=0.5)
+    script = iter([0.9, 0.8, 0.2])
+    ptn_search(model, originals, imp, {k: v * 2 for k, v in imp.items()}, schedule, lambda m: next(script), a0=1.0)
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("PTN search: 1 of at most 5 steps (20 %), ")
+    assert "step k=0 (s=0.001), forget_acc 0.9000 (stops at <= 0.5000)" in err[0]
+    assert err[-1].startswith("PTN search: 3 steps done in ") and err[-1].endswith("stopped at step k=2, "
+                                                                                  "forget_acc 0.2000")
+
+
+# ------------------------------------------------------------------------------- commands (subprocesses)
+
+
+def _env(cache: Path) -> dict[str, str]:
+    return {**os.environ, "POTION_CACHE_DIR": str(cache), "POTION_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_train_py_shows_lightnings_bar_only_with_the_switch_on(tiny_run, tmp_path: Path) -> None:  # noqa: ANN001
+    runs = {}
+    for name, extra in (("on", ["trainer.progress_bar=true"]), ("auto", [])):
+        cmd = [sys.executable, "train.py", *train_overrides(tiny_run.data, tmp_path / name, "train.epochs=1",
+                                                            "logger=none", f"hydra.run.dir={tmp_path / 'h'}"), *extra]
+        runs[name] = subprocess.run(cmd, cwd=ROOT, env=_env(tiny_run.cache), capture_output=True, text=True,
+                                    timeout=300)
+        assert runs[name].returncode == 0, runs[name].stderr[-2000:]
+    assert "Epoch 0" in runs["on"].stderr and "it/s" in runs["on"].stderr  # Lightning's bar
+    assert "Epoch 0" not in runs["auto"].stderr + runs["auto"].stdout  # auto: stderr is a pipe here
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [["hydra/launcher=basic"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
+def test_the_sweep_console_has_a_line_per_round_and_no_internals(tiny_run, tmp_path: Path,  # noqa: ANN001
+                                                                 launcher: list[str]) -> None:
+    cmd = [sys.executable, "sweep.py", f"train_run={tiny_run.run}", *QUICK_PTN, "logger=none",
+           "hydra.sweeper.batch_size=6", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={tmp_path / 'final'}",
+           *launcher]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tiny_run.cache), capture_output=True, text=True, timeout=600)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    assert "PTN sweep: importances" in proc.stdout and "PTN round 1 of at most 7 (steps 0..5): " in proc.stdout
+    assert "run folder: " in proc.stdout and "PTN sweep (" in proc.stdout  # the final job's result, the summary
+    for internal in ("++ptn_job", "ptn_job.role", "Launching", "Joblib.Parallel", "backend=", "#0 :",
+                     "ptn candidate k="):
+        assert internal not in console, (internal, console[-3000:])
