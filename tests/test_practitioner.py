@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -226,3 +227,56 @@ def test_pickled_code_in_the_checkpoint_ends_in_one_error_line(world: World, tmp
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert len(errors) == 1 and "pickled objects" in errors[0] and "Traceback" not in proc.stderr
     assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------- next steps
+
+
+def test_report_ends_with_the_next_steps_and_a_runnable_command(world: World, tmp_path: Path) -> None:
+    """The CLI's report: confirm the suspects, add them, heal again with the exact command (which runs)."""
+    env = {**os.environ, "POTION_CACHE_DIR": str(world.root / "cache"), "POTION_THREADS": "1"}
+    out = tmp_path / "first"
+    proc = subprocess.run([sys.executable, "-m", "potion.heal", *_overrides(world, f"out_dir={out}"), "method=ssd",
+                           f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = (out / "report.md").read_text()
+    steps = report[report.index("## Next steps"):]
+    assert "## " not in steps[3:], "the next steps close the report"
+    assert "Confirm the suspects" in steps and "Heal again" in steps
+    command = steps.split("```bash\n")[1].split("\n```")[0]
+    assert command.startswith("python -m potion.heal ") and f"discovered={out / 'next_discovered.txt'}" in command
+    assert "out_dir=" not in command and "method=ssd" in command and f"checkpoint={world.checkpoint}" in command
+    assert f"next: confirm the suspects in {out / 'next_discovered.txt'}" in proc.stdout and command in proc.stdout
+    assert "method=potion_iterative" in report  # few files found: the iterative method is suggested
+
+    listed = (out / "next_discovered.txt").read_text().splitlines()
+    assert [x for x in listed if not x.startswith("#")] == world.poisoned[:N_FOUND]
+    suspects = [x[2:] for x in listed if x.startswith("# train/")]
+    assert set(world.poisoned[N_FOUND:]) & set(suspects), suspects
+    confirmed = [x[2:] if x[2:] in world.poisoned else x for x in listed]  # the user uncomments the real poison
+    (out / "next_discovered.txt").write_text("\n".join(confirmed) + "\n")
+    args = shlex.split(command)
+    again = subprocess.run([sys.executable, *args[1:], f"out_dir={tmp_path / 'again'}",  # not under the repository
+                            f"hydra.run.dir={tmp_path / 'hydra2'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    summary = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert summary["n_f"] == len([x for x in confirmed if not x.startswith("#")]) > N_FOUND
+
+
+def test_heal_offers_potion_iterative(world: World) -> None:
+    """Suspect rounds on the user's own files: the undiscovered poison added, the attack weakened, rounds reported."""
+    out = world.root / "out_iterative"
+    s = heal(compose_config("heal", _overrides(world, f"out_dir={out}", "method=potion_iterative",
+                                               "method.repair.iterations=20",
+                                               "trigger={kind: patch, size: 3, color: [1.0]}")))
+    assert s["asr_after"] < s["asr_before"] - 0.3 and s["clean_acc_after"] >= s["clean_acc_before"] - 0.05
+    assert s["rounds_run"] >= 2 and s["round1_forget_size"] == N_FOUND
+    assert set(s["added_files"]) == set(world.poisoned[N_FOUND:]) and s["suspects_added"] == N_POISON - N_FOUND
+    report = (out / "report.md").read_text()
+    assert "## Suspect rounds" in report and f"| 1 | {N_FOUND} |" in report and "Repair: 20 fine-tuning steps" in report
+    assert f"It added {N_POISON - N_FOUND} files" in report
+    listed = (out / "next_discovered.txt").read_text()
+    assert all(f"# {p}\n" in listed for p in s["added_files"])
+    assert "method=potion_iterative" in s["next_command"] and s["next_command_iterative"] is None
