@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--section", default="ptn_floor")
     ap.add_argument("--title", default="Potion against its floor on the cpu_bench BadNets model")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
+    ap.add_argument("--floors", choices=("each", "ends"), default="each",
+                    help="measure the floor around each cell, or only before the first and after the last")
     args = ap.parse_args()
 
     torch.set_num_threads(2)
@@ -71,26 +73,34 @@ def main() -> None:
     cells = [(c.split(":") + ["decisive"])[:2] for c in args.cells.split(",")]
     rows, by_share = [], {}
     floor = retain_pass_seconds(args.train_run, discovery_overrides(cells[0][0]), 256)
-    for share, measure in cells:
+    results = []
+    for i, (share, measure) in enumerate(cells):
         s = run_cell(args.train_run, share, measure, args.extra)
-        after = retain_pass_seconds(args.train_run, discovery_overrides(share), 256)
-        mean_floor = (floor + after) / 2
+        results.append((share, measure, s))
         by_share.setdefault(share, []).append(s)
+        print(f"{discovery_label(share)} {measure}: {s['unlearn_seconds']:.1f} s, PTN steps {s['ptn_steps']:.0f}",
+              flush=True)
+        if args.floors == "each" or i == len(cells) - 1:
+            after = retain_pass_seconds(args.train_run, discovery_overrides(share), 256)
+            for j in range(len(results) - (1 if args.floors == "each" else len(results)), len(results)):
+                results[j] = (*results[j][:3], (floor + after) / 2)
+            floor = after
+    for share, measure, s, mean_floor in results:
         rest = s["unlearn_seconds"] - s["importance_seconds"] - s["search_seconds"]
-        rows.append([discovery_label(share), measure, s["n_f"], f"{s['ptn_steps']:.0f}", fmt(s["healed"]),
+        rows.append([discovery_label(share), measure, s["n_f"], f"{s['retain_importance_samples']:.0f}",
+                     f"{s['ptn_steps']:.0f}", fmt(s["healed"]),
                      fmt(s["acc_drop"], 2), f"{s['unlearn_seconds']:.1f}", f"{s['importance_seconds']:.1f}",
                      f"{s['search_seconds']:.1f}", f"{rest:.1f}", f"{mean_floor:.1f}",
                      f"**{s['unlearn_seconds'] / mean_floor:.2f}x**"])
         print(" | ".join(str(c) for c in rows[-1]), flush=True)
-        floor = after
     checks = []
     for share, runs in by_share.items():
         for other in runs[1:]:
             same = other["ptn_steps"] == runs[0]["ptn_steps"] and same_weights(runs[0]["run_dir"], other["run_dir"])
             checks.append(f"- {discovery_label(share)}: the {len(runs)} scans chose "
                           f"{'the same step with identical weights' if same else 'DIFFERENT steps or weights'}.")
-    header = ["discovery", "measure", "n_f", "PTN steps", "healed", "acc_drop", "unlearn s", "importance s",
-              "search s", "other s (synthesis, set-up)", "floor s", "x floor"]
+    header = ["discovery", "measure", "n_f", "retain importance samples", "PTN steps", "healed", "acc_drop",
+              "unlearn s", "importance s", "search s", "other s (synthesis, set-up)", "floor s", "x floor"]
     body = "\n\n".join([
         f"### {args.title}",
         f"Poisoned model: `{args.train_run}` (clean_acc {trained['clean_acc']:.4f}, asr {trained['asr']:.4f}, "
@@ -99,7 +109,8 @@ def main() -> None:
         f"Command: `{command_line()}`",
         markdown_table(header, rows),
         "Floor: one forward+backward pass (cross-entropy, batch 256) over the retain set, measured before and "
-        "after each cell; a cell's ratio is over the mean of the two.",
+        + ("after each cell; a cell's ratio is over the mean of the two." if args.floors == "each" else
+           "after the whole run; every cell's ratio is over the mean of the two."),
         "\n".join(checks) if checks else "",
     ])
     write_section(Path(args.doc), args.section, body)
