@@ -119,7 +119,7 @@ class Progress:
         per_s = self.done / elapsed if elapsed > 0 else float("inf")
         if per_s >= 1 or per_s == 0:
             return f"{per_s:.3g} {self.unit}/s"
-        return f"{elapsed / self.done:.3g} s per {self.unit.removesuffix('s') or self.unit}"
+        return f"{elapsed / self.done:.3g} s each"
 
     def _line(self, note: Note) -> str:
         elapsed = self.clock() - self.start

@@ -85,7 +85,7 @@ def test_a_search_shows_upper_bounds() -> None:
     bar = Progress("PTN search", 500, bound=True, show=True, every_s=0.0, stream=out, clock=clock)
     clock.now = 120.0
     bar.advance(60)
-    assert out.getvalue().strip() == ("PTN search: 60 of at most 500 steps (12 %), 2 s per step, "
+    assert out.getvalue().strip() == ("PTN search: 60 of at most 500 steps (12 %), 2 s each, "
                                       "at most 14 min 40 s left")
 
 
