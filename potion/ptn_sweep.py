@@ -22,10 +22,12 @@ final run folder for ``python -m potion.relog``.
 
 from __future__ import annotations
 
+import io
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
+from contextlib import redirect_stderr
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -219,7 +221,7 @@ def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: S
 
     def run(jobs: list[list[str]]) -> list[Any]:
         returns.append(launch([[*arguments, *job] for job in jobs]))
-        return [r.return_value for r in returns[-1]]  # re-raises a failed job's error
+        return [job_value(r) for r in returns[-1]]  # re-raises a failed job's error
 
     _check_tracking(cfg.get("logger"))  # a bad logger config or a dead server: one line before any job
     prep = run([job_overrides(None, PREPARE, None)])[0]
@@ -275,6 +277,13 @@ def _check_tracking(logger_cfg: Any) -> None:
     settings = logger_settings(logger_cfg)
     if settings is not None:
         usable_uri(settings)
+
+
+def job_value(job: Any) -> Any:
+    """A job's return value; a failed job's error is raised without Hydra's line naming the job's overrides
+    (the sweeper's internal ``++ptn_job.*`` keys): the sweeper prints the error in one line."""
+    with redirect_stderr(io.StringIO()):
+        return job.return_value
 
 
 def _values(launches: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:

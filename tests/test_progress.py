@@ -195,3 +195,14 @@ def test_the_sweep_console_has_a_line_per_round_and_no_internals(tiny_run, tmp_p
     for internal in ("++ptn_job", "ptn_job.role", "Launching", "Joblib.Parallel", "backend=", "#0 :",
                      "ptn candidate k="):
         assert internal not in console, (internal, console[-3000:])
+
+
+@pytest.mark.slow
+def test_a_failed_sweep_job_is_one_error_line_without_internals(tmp_path: Path) -> None:
+    cmd = [sys.executable, "sweep.py", f"train_run={tmp_path / 'no_such_run'}", *QUICK_PTN, "logger=none",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={tmp_path / 'final'}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [f"error: train_run={tmp_path / 'no_such_run'}: no such run folder (give the "
+                                        "folder train.py printed, or mlflow:<run id>)"]
+    assert "++ptn_job" not in proc.stdout + proc.stderr
