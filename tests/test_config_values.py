@@ -128,7 +128,8 @@ UNLEARN_CASES = [
 HEAL_CASES = [
     ([], "checkpoint: required; your model's weights"),
     (["checkpoint=model.pt", "dataset.path=data"], "discovered: required; a text file with one discovered"),
-    ([*HEAL, "method=retrain"], "method=retrain: heal runs one of ['potion', 'assd', 'lfssd', 'ssd']"),
+    ([*HEAL, "method=retrain"],
+     "method=retrain: heal runs one of ['potion', 'assd', 'lfssd', 'ssd', 'potion_iterative']"),
     ([*HEAL, "trigger={kind: star}"], "trigger.kind='star': must be one of ['patch', 'blend',"),
     ([*HEAL, "eval_batch_size=0"], "eval_batch_size=0: must be an integer >= 1"),
     ([*HEAL, "model=resnet9", "model.width=0"], "model.width=0: must be a finite number > 0"),
