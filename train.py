@@ -8,9 +8,9 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from potion import progress
-    from potion.interrupt import exit_when_interrupted
-    from potion.train_pipeline import run_training
+    from potion.core import progress
+    from potion.core.interrupt import exit_when_interrupted
+    from potion.pipelines.train import run_training
 
     quiet_third_party()
     fast_exit()

@@ -13,10 +13,10 @@ from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_gua
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parent / "conf"), config_name="unlearn")
 def main(cfg: DictConfig) -> Any:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
-    from potion import progress
-    from potion.interrupt import exit_when_interrupted
-    from potion.ptn_jobs import dispatch
-    from potion.ptn_sweep import CANDIDATE, PREPARE, job_role
+    from potion.core import progress
+    from potion.core.interrupt import exit_when_interrupted
+    from potion.sweep.driver import CANDIDATE, PREPARE, job_role
+    from potion.sweep.jobs import dispatch
 
     quiet_third_party()
     fast_exit()

@@ -33,8 +33,8 @@ from common import (
     write_section,
 )
 
-from potion.reference import reference_config
-from potion.train_pipeline import run_training
+from potion.pipelines.reference import reference_config
+from potion.pipelines.train import run_training
 
 # attack name -> train.py overrides (the rate each attack needs is part of its row)
 ATTACKS: dict[str, list[str]] = {
@@ -64,7 +64,7 @@ def attack_overrides(name: str) -> list[str]:
 
 
 def stage_train(attacks: list[str], epochs: int) -> None:
-    # the clean reference is the poisoned config with its poison block replaced (potion/reference.py)
+    # the clean reference is the poisoned config with its poison block replaced (potion/pipelines/reference.py)
     ref = run_training(reference_config(compose_config("train", [*base_overrides(epochs), "poison=badnets"])))
     print(f"reference: {ref['run_dir']} clean_acc={ref['clean_acc']:.4f}", flush=True)
     for name in attacks:

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from potion.config import compose_config  # noqa: E402
+from potion.config.compose import compose_config  # noqa: E402
 
 
 def command_line() -> str:
@@ -23,14 +23,14 @@ def command_line() -> str:
 
 def train(overrides: Sequence[str]) -> dict[str, Any]:
     """Train (or reuse the finished run of) the poisoned model for these overrides."""
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     return run_training(compose_config("train", list(overrides)))
 
 
 def unlearn(train_run: str, overrides: Sequence[str]) -> dict[str, Any]:
     """One unlearning cell, in process (same code path as unlearn.py)."""
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     return run_unlearning(compose_config("unlearn", [f"train_run={train_run}", *overrides]))
 
@@ -58,7 +58,7 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
 
 def write_section(doc: Path, name: str, body: str) -> None:
     """Replace (or append) the block between <!-- BEGIN name --> and <!-- END name --> in ``doc``."""
-    from potion.io import atomic_write_text
+    from potion.core.io import atomic_write_text
 
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     block = f"{begin}\n{body.rstrip()}\n{end}"

@@ -37,9 +37,9 @@ def retain_pass_seconds(train_run: str, discovery: list[str], batch_size: int) -
     """Wall time of one forward+backward pass (cross-entropy) over the retain set: potion's floor."""
     import torch.nn.functional as F
 
+    from potion.data.discovery import discover
     from potion.data.poisoned import load_data, poison
-    from potion.discovery import discover
-    from potion.runs import load_trained_run
+    from potion.pipelines.run_folders import load_trained_run
 
     run = load_trained_run(train_run)
     data = poison(load_data(run.cfg.dataset), run.plan, run.poison_images)
@@ -72,7 +72,7 @@ def main() -> None:
 
     torch.set_num_threads(2)
     if args.train_run:
-        from potion.runs import read_summary
+        from potion.pipelines.run_folders import read_summary
 
         trained = read_summary(Path(args.train_run))
         if trained is None:

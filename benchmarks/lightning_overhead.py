@@ -18,13 +18,13 @@ import torch
 import torch.nn.functional as F
 from common import ROOT, command_line, compose_config, write_section
 
-from potion.config import model_kwargs
+from potion.config.compose import model_kwargs
+from potion.core.schedule import warmup_linear_decay
 from potion.data.augment import random_crop_flip
 from potion.data.batches import TensorBatches
 from potion.data.poisoned import load_data, plan_from_config, poison
 from potion.models import build_model
-from potion.schedule import warmup_linear_decay
-from potion.training import PoisonTrainingModule
+from potion.pipelines.lightning_module import PoisonTrainingModule
 
 
 def main() -> None:

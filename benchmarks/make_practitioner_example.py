@@ -27,10 +27,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from potion.data.augment import Normalizer  # noqa: E402
+from potion.data.discovery import discover  # noqa: E402
 from potion.data.poison import Trigger, TriggerSpec  # noqa: E402
 from potion.data.poisoned import load_data  # noqa: E402
-from potion.discovery import discover  # noqa: E402
-from potion.runs import WEIGHTS, load_trained_run  # noqa: E402
+from potion.pipelines.run_folders import WEIGHTS, load_trained_run  # noqa: E402
 
 MODEL_GROUPS = {"resnet9": "resnet9", "small_cnn": "small_cnn", "wrn": "wrn28x10"}  # model name -> conf/model/
 

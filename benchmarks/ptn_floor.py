@@ -26,7 +26,7 @@ from common import ROOT, command_line, discovery_label, discovery_overrides, fmt
 from cpu_grid import retain_pass_seconds
 from safetensors.torch import load_file
 
-from potion.runs import read_summary
+from potion.pipelines.run_folders import read_summary
 
 
 def processor() -> str:

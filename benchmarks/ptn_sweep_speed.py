@@ -31,8 +31,8 @@ from common import command_line, markdown_table, write_section  # noqa: E402
 def train_quickstart() -> Path:
     """The quickstart model's run folder (trained now unless a finished one is there)."""
     sys.path.insert(0, str(ROOT))
-    from potion.config import compose_config
-    from potion.train_pipeline import run_training
+    from potion.config.compose import compose_config
+    from potion.pipelines.train import run_training
 
     return Path(run_training(compose_config("train", ["experiment=quickstart", "logger=none"]))["run_dir"]).resolve()
 

@@ -28,14 +28,14 @@ def main() -> None:
 
     import torch
 
-    from potion import metrics
-    from potion.config import compose_config, method_arguments, model_kwargs, to_dict
+    from potion.config.compose import compose_config, method_arguments, model_kwargs, to_dict
+    from potion.core.schedule import cpu_threads
+    from potion.data.discovery import discover
     from potion.data.poisoned import load_data, poison
-    from potion.discovery import discover
-    from potion.evaluation import evaluate_backdoor
+    from potion.evaluation import metrics
+    from potion.evaluation.backdoor import evaluate_backdoor
     from potion.models import build_model
-    from potion.runs import load_trained_run
-    from potion.schedule import cpu_threads
+    from potion.pipelines.run_folders import load_trained_run
     from potion.unlearning import training_based as tb
     from potion.unlearning.iterative import with_forget
     from potion.unlearning.methods import get_method

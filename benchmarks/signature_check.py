@@ -23,10 +23,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     args = ap.parse_args()
 
+    from potion.data.discovery import discover
     from potion.data.poisoned import load_data, poison
-    from potion.discovery import discover
-    from potion.runs import load_trained_run
-    from potion.suspects import find_signature, signature_matches
+    from potion.pipelines.run_folders import load_trained_run
+    from potion.unlearning.suspects import find_signature, signature_matches
 
     run = load_trained_run(args.train_run)
     data = poison(load_data(run.cfg.dataset), run.plan)

@@ -11,8 +11,8 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from potion.config import check_command_line
-from potion.errors import PotionError
+from potion.config.compose import check_command_line
+from potion.core.errors import PotionError
 
 EXIT_USER_ERROR = 2
 

@@ -1,5 +1,5 @@
 """Heal a model trained anywhere: ``python -m potion.heal checkpoint=<weights> dataset.path=<image folder>
-discovered=<list> model=resnet9 model.width=0.25`` (see conf/heal.yaml and potion/practitioner.py)."""
+discovered=<list> model=resnet9 model.width=0.25`` (see conf/heal.yaml and potion/pipelines/heal.py)."""
 
 from typing import Any
 
@@ -7,9 +7,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from potion import progress
 from potion.cli import check_before_hydra, fast_exit, quiet_third_party, run_guarded
-from potion.config import CONF_DIR, check_config
+from potion.config.compose import CONF_DIR, check_config
+from potion.core import progress
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="heal")
@@ -19,7 +19,7 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     fast_exit()
     run_guarded(lambda: check_config("heal", cfg))  # every value, before torch is imported
     progress.configure(cfg.trainer.progress_bar)
-    from potion.practitioner import format_result, heal
+    from potion.pipelines.heal import format_result, heal
 
     command = list(HydraConfig.get().overrides.task)  # the report's next steps repeat the command line
     summary = run_guarded(lambda: heal(cfg, command))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from potion.cli import fast_exit, quiet_third_party, run_guarded
-from potion.config import check_config, compose_config
+from potion.config.compose import check_config, compose_config
 
 __all__ = ["format_table", "main"]
 
@@ -55,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     overrides = list(sys.argv[1:] if argv is None else argv)
     train_cfg = run_guarded(lambda: checked_configs(overrides))
     # the pipelines import torch, Lightning and MLflow: only once every value is known to be good
-    from potion.train_pipeline import run_training
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.train import run_training
+    from potion.pipelines.unlearn import run_unlearning
 
     print("training the poisoned quickstart model (digits, ResNet-9 width 1/4, BadNets patch) ...", flush=True)
     trained = run_guarded(lambda: run_training(train_cfg))

@@ -32,7 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fast_exit()
 
     def work() -> None:
-        from potion.tracking_runs import replay_pending
+        from potion.tracking.runs import replay_pending
 
         run_id, uri = replay_pending(Path(args.run_dir), args.tracking_uri, args.timeout_s)
         print(f"logged {args.run_dir} as MLflow run {run_id} in {uri}", flush=True)

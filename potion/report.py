@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from potion.cli import EXIT_USER_ERROR, fast_exit, quiet_third_party
-from potion.errors import PotionError, TrackingError
-from potion.io import atomic_write_text
+from potion.core.errors import PotionError, TrackingError
+from potion.core.io import atomic_write_text
 from potion.reporting.aggregate import (
     ALL,
     aggregate,
@@ -55,7 +55,7 @@ from potion.reporting.query import (
     select,
 )
 from potion.reporting.render import CSV_COLUMNS, csv_text, markdown_tables, runs_csv_text
-from potion.tracking import MlflowTracker
+from potion.tracking.tracker import MlflowTracker
 
 __all__ = ["CSV_COLUMNS", "NoRunsError", "aggregate", "build_report", "collect_runs", "main", "markdown_tables",
            "write_report"]

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from tiny_world import train_overrides, write_pattern_folder
 
-from potion.config import compose_config, method_arguments
+from potion.config.compose import compose_config, method_arguments
 
 # Modules that train models or start pipelines throughout but carry no ``pytestmark = pytest.mark.slow`` line yet
 # (their owners were editing them when the marker came): marked here so that ``make test-fast`` leaves them out.
@@ -75,7 +75,7 @@ class TinyRun:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRun]:
     """The shared trained model (16 of 320 samples poisoned with a 3x3 patch; ~5 s on one core)."""
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     root = tmp_path_factory.mktemp("tiny_run")
     with pytest.MonkeyPatch.context() as mp:

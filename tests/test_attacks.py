@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potion import metrics
+from potion.core.errors import ConfigError
 from potion.data.adversarial import pgd_away
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_plan
 from potion.data.triggers import KINDS
 from potion.data.triggers.additive import RGB_TO_YUV, dct_matrix
-from potion.errors import ConfigError
+from potion.evaluation import metrics
 from potion.unlearning.ssd_family import grouped_forget_acc
 from potion.unlearning.synthesis import synthesize_additive, synthesize_forget
 

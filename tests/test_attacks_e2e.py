@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from tiny_world import train_overrides, write_pattern_folder
 
-from potion.config import compose_config
-from potion.train_pipeline import run_training
-from potion.unlearn_pipeline import run_unlearning
+from potion.config.compose import compose_config
+from potion.pipelines.train import run_training
+from potion.pipelines.unlearn import run_unlearning
 
 pytestmark = pytest.mark.slow
 

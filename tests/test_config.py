@@ -14,7 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config import validate_train_config, validate_unlearn_config
+from potion.config.compose import validate_train_config, validate_unlearn_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -131,8 +131,8 @@ def test_the_hydra_block_is_written_once() -> None:
 
 @pytest.mark.slow  # imports the unlearning pipeline (torch, Lightning, MLflow)
 def test_unlearn_requires_train_run() -> None:
-    from potion.errors import ConfigError
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.core.errors import ConfigError
+    from potion.pipelines.unlearn import run_unlearning
 
     cfg = _compose("unlearn", ["logger=none"])
     assert cfg.train_run is None and cfg.train is None
@@ -166,7 +166,7 @@ BAD_TRAIN = [
 def test_bad_train_values_end_in_one_error_line(overrides: list[str], needles: list[str], _isolated: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     from potion.cli import run_guarded
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     empty = _isolated / "empty"
     empty.mkdir()
@@ -187,7 +187,7 @@ def test_bad_train_values_end_in_one_error_line(overrides: list[str], needles: l
 def test_unlearn_without_train_run_ends_in_one_error_line(_isolated: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from potion.cli import run_guarded
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     cfg = _compose("unlearn", ["logger=none"])
     with pytest.raises(SystemExit) as info:

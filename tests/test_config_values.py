@@ -1,6 +1,6 @@
 """The bad-value catalogue: a bad value of any group ends in one ``error:`` line (exit 2), before torch is imported.
 
-The schema (potion/config_schema.py) is checked on the composed config before Hydra starts a job, so these
+The schema (potion/config/schema.py) is checked on the composed config before Hydra starts a job, so these
 fail in well under a second and leave nothing behind: no run folder, no MLflow store, no Hydra output folder.
 """
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from potion.config import check_command_line, check_creatable_dir, method_arguments
-from potion.config_schema import Method
-from potion.errors import ConfigError
+from potion.config.compose import check_command_line, check_creatable_dir, method_arguments
+from potion.config.schema import Method
+from potion.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = "train_run=runs/train/x"
@@ -190,8 +190,8 @@ def test_every_registered_method_has_a_schema_of_its_arguments() -> None:
 
 def test_the_torch_free_checks_ask_what_the_registry_says() -> None:
     """heal's method check (before torch) and the PTN sweeper name the methods the registry marks heal_ok / ptn."""
-    from potion.config_schema import HEAL_METHODS
-    from potion.ptn_sweep import PTN_METHODS
+    from potion.config.schema import HEAL_METHODS
+    from potion.sweep.driver import PTN_METHODS
     from potion.unlearning.methods import method_names
 
     assert sorted(HEAL_METHODS) == method_names(heal_ok=True) == ["assd", "lfssd", "potion", "potion_iterative", "ssd"]
@@ -202,7 +202,7 @@ def test_the_torch_free_checks_ask_what_the_registry_says() -> None:
 
 def test_every_registered_model_has_a_schema_and_is_checked_by_it() -> None:
     """build_model checks its arguments with the schema: also a run folder's config.yaml, never composed by Hydra."""
-    from potion.config_schema import Model
+    from potion.config.schema import Model
     from potion.models import MODELS, build_model
 
     assert set(Model.VARIANTS) == set(MODELS)
@@ -279,6 +279,6 @@ def test_the_command_fails_in_one_line_without_importing_torch(args: list[str], 
 
 def test_an_override_naming_a_hydra_job_value_is_left_to_the_job() -> None:
     """``out_dir=/x/${hydra:job.num}`` resolves only inside a job: the pre-Hydra check must not refuse it."""
-    from potion.config import check_command_line
+    from potion.config.compose import check_command_line
 
     check_command_line("unlearn", ["-m", "train_run=/nowhere", "method=potion,ssd", "out_dir=/tmp/x/${hydra:job.num}"])

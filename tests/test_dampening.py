@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potion.errors import ConfigError
+from potion.core.errors import ConfigError
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share, snapshot
 
 

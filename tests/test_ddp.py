@@ -57,9 +57,9 @@ def test_the_saved_weights_are_the_summarised_model(ddp_run: dict) -> None:
     import torch
 
     from potion.data.poisoned import load_data, poison
-    from potion.evaluation import evaluate_backdoor
-    from potion.runs import load_trained_run
-    from potion.unlearn_pipeline import model_before_copy
+    from potion.evaluation.backdoor import evaluate_backdoor
+    from potion.pipelines.run_folders import load_trained_run
+    from potion.pipelines.unlearn import model_before_copy
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POTION_CACHE_DIR", str(ddp_run["tmp"] / "cache"))

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potion.errors import ConfigError
+from potion.core.errors import ConfigError
 from potion.unlearning.importance import compute_importance
 
 W1 = np.array([[1.0, 2.0], [-1.0, 0.5]])

@@ -1,4 +1,4 @@
-"""potion.lifecycle: the one run lifecycle of train, unlearn, heal and a sweep's final job (fast, no torch work)."""
+"""potion.pipelines.lifecycle: the one run lifecycle of train, unlearn, heal, a sweep's final job (fast, no torch)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from potion.interrupt import Interrupted
-from potion.lifecycle import reuse_finished, run_lifecycle
-from potion.tracking import RecordingTracker
-from potion.tracking_runs import FolderRun
+from potion.core.interrupt import Interrupted
+from potion.pipelines.lifecycle import reuse_finished, run_lifecycle
+from potion.tracking.runs import FolderRun
+from potion.tracking.tracker import RecordingTracker
 
 
 class BrokenTracker(RecordingTracker):

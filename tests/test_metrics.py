@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from potion.metrics import acc_drop, accuracy, attack_success_rate, finite_or_none, healed
+from potion.evaluation.metrics import acc_drop, accuracy, attack_success_rate, finite_or_none, healed
 
 
 def test_accuracy_hand_computed() -> None:
@@ -78,7 +78,7 @@ def test_finite_or_none_keeps(value: float) -> None:
 
 
 def test_average_precision_hand_computed() -> None:
-    from potion.suspects import average_precision
+    from potion.unlearning.suspects import average_precision
 
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
     truth = torch.tensor([True, False, True, False])

@@ -1,4 +1,4 @@
-"""What an MLflow user expects of every run (potion.tracking_extras): the git commit, the data set as a dataset
+"""What an MLflow user expects of every run (potion.tracking.extras): the git commit, the data set as a dataset
 input, the weights as a logged model of safetensors files that loads back, config.yaml and run.log artifacts,
 optional system metrics, and the run's address in the UI printed by the command."""
 
@@ -16,11 +16,10 @@ from test_mlflow_server import server  # noqa: F401 - the module-scoped `mlflow 
 from test_practitioner import _overrides, world  # noqa: F401 - potion.heal's tiny world (a .pt checkpoint), reused
 from tiny_world import QUICK_PTN, free_port
 
-from potion.config import compose_config
-from potion.errors import ConfigError
-from potion.run_log import captured_log
-from potion.tracking import MlflowTracker, RecordingTracker, logger_settings, start_tracker
-from potion.tracking_extras import (
+from potion.config.compose import compose_config
+from potion.core.errors import ConfigError
+from potion.core.run_log import captured_log
+from potion.tracking.extras import (
     DIGEST_CHARS,
     GIT_BRANCH_TAG,
     GIT_COMMIT_TAG,
@@ -28,6 +27,7 @@ from potion.tracking_extras import (
     git_source_tags,
     ui_lines,
 )
+from potion.tracking.tracker import MlflowTracker, RecordingTracker, logger_settings, start_tracker
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 OTHER = "89abcdef0123456789abcdef0123456789abcdef"
@@ -159,8 +159,8 @@ def _model_output(client, run_id: str) -> str:
 def _same_weights(folder: Path, weights: Path) -> None:
     import torch
 
-    from potion.io import load_tensors
-    from potion.logged_model import load_logged_model
+    from potion.core.io import load_tensors
+    from potion.tracking.logged_model import load_logged_model
 
     with open(folder / "model.safetensors", "rb") as fh:  # a safetensors header (a JSON length, then JSON)
         size = int.from_bytes(fh.read(8), "little")
@@ -178,8 +178,8 @@ def test_the_training_run_has_its_dataset_git_commit_config_log_and_logged_model
     from mlflow import MlflowClient
 
     from potion.data.poisoned import load_data
-    from potion.logged_model import download_logged_model, logged_model_id
-    from potion.runs import load_trained_run
+    from potion.pipelines.run_folders import load_trained_run
+    from potion.tracking.logged_model import download_logged_model, logged_model_id
 
     client = MlflowClient(tracking_uri=tiny.uri)
     run_id = tiny.summary["mlflow_run_id"]
@@ -210,8 +210,8 @@ def test_an_unlearning_run_links_the_training_model_logs_its_log_config_and_syst
         tiny, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from mlflow import MlflowClient
 
-    from potion.logged_model import download_logged_model
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
+    from potion.tracking.logged_model import download_logged_model
 
     caplog.set_level(logging.INFO)  # the console level a command runs with (Hydra's job logging)
     out = tmp_path / "u"
@@ -240,9 +240,9 @@ def test_a_server_run_prints_its_address_and_serves_its_logged_model(server: dic
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
-    from potion.io import save_tensors
-    from potion.logged_model import download_logged_model, load_logged_model, logged_model_id
+    from potion.core.io import save_tensors
     from potion.models import build_model
+    from potion.tracking.logged_model import download_logged_model, load_logged_model, logged_model_id
 
     net = build_model("small_cnn", 4, 3, width=4)
     weights = save_tensors(tmp_path / "model.safetensors", net.state_dict())
@@ -264,7 +264,7 @@ def test_a_dead_server_fails_the_new_calls_quickly_and_quietly(tmp_path: Path, m
                                                                caplog: pytest.LogCaptureFixture) -> None:
     from mlflow import MlflowClient
 
-    from potion.tracking import apply_timeout
+    from potion.tracking.tracker import apply_timeout
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
@@ -291,7 +291,7 @@ def test_a_sweeps_parent_and_final_runs_have_inputs_config_log_and_the_final_mod
 
     from mlflow import MlflowClient
 
-    from potion.tracking import PARENT_TAG
+    from potion.tracking.tracker import PARENT_TAG
 
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "sweep.py", f"train_run={tiny.run}", *QUICK_PTN, f"logger.tracking_uri={tiny.uri}",
@@ -323,8 +323,8 @@ def test_heal_logs_its_pt_output_as_a_safetensors_logged_model(world, tmp_path: 
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
 
-    from potion.logged_model import download_logged_model
-    from potion.practitioner import heal
+    from potion.pipelines.heal import heal
+    from potion.tracking.logged_model import download_logged_model
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"

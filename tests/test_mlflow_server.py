@@ -53,9 +53,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def logged(server: dict) -> dict:
     """Train, unlearn and PTN-sweep a tiny poisoned model, all logging to the server."""
+    from potion.pipelines.train import run_training
+    from potion.pipelines.unlearn import run_unlearning
     from potion.quickstart import compose_config
-    from potion.train_pipeline import run_training
-    from potion.unlearn_pipeline import run_unlearning
 
     root, uri = server["root"], server["uri"]
     env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}
@@ -92,7 +92,7 @@ def test_training_and_unlearning_runs_are_on_the_server(logged: dict) -> None:
 def test_the_sweep_links_children_to_its_parent_on_the_server(logged: dict) -> None:
     from mlflow import MlflowClient
 
-    from potion.tracking import PARENT_TAG
+    from potion.tracking.tracker import PARENT_TAG
 
     client = MlflowClient(tracking_uri=logged["uri"])
     exp = client.get_experiment_by_name("sweep")

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potion.errors import ConfigError
+from potion.core.errors import ConfigError
 from potion.models import build_model
 
 

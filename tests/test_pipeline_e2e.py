@@ -12,10 +12,10 @@ from conftest import TinyRun
 from mlflow.tracking import MlflowClient
 from tiny_world import train_overrides
 
-from potion.config import compose_config
-from potion.errors import ConfigError
-from potion.io import load_tensors, read_json
-from potion.unlearn_pipeline import run_unlearning
+from potion.config.compose import compose_config
+from potion.core.errors import ConfigError
+from potion.core.io import load_tensors, read_json
+from potion.pipelines.unlearn import run_unlearning
 from potion.unlearning.methods import METHODS, method_info
 from potion.unlearning.training_based import parameterised_layers
 
@@ -207,8 +207,8 @@ def test_natural_target_criterion_finds_true_target_samples_without_labels(tiny:
 def test_target_only_suspects_never_flag_other_labels(tiny: TinyRun) -> None:
     """An all-to-one backdoor's poison carries the target label: other labels rank last and are never flagged."""
     from potion.data.poisoned import load_data, poison
-    from potion.runs import load_trained_run
-    from potion.suspects import find_suspects
+    from potion.pipelines.run_folders import load_trained_run
+    from potion.unlearning.suspects import find_suspects
 
     run = load_trained_run(tiny.run)
     data = poison(load_data(run.cfg.dataset), run.plan)
@@ -252,8 +252,8 @@ def test_one_discovered_sample_reveals_the_trigger_pixels(tiny: TinyRun) -> None
     """From one discovered file, the pixels that recur among target-labelled samples flag all the other poison."""
     from potion.data.poison import patch_origin
     from potion.data.poisoned import load_data, poison
-    from potion.runs import load_trained_run
-    from potion.suspects import find_signature, signature_matches, single_sample_mask
+    from potion.pipelines.run_folders import load_trained_run
+    from potion.unlearning.suspects import find_signature, signature_matches, single_sample_mask
 
     run = load_trained_run(tiny.run)
     data = poison(load_data(run.cfg.dataset), run.plan)

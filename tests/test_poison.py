@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from potion.config import check_node
-from potion.config_schema import Poison
+from potion.config.compose import check_node
+from potion.config.schema import Poison
+from potion.core.errors import ConfigError
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_plan
-from potion.errors import ConfigError
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)

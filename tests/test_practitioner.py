@@ -1,4 +1,4 @@
-"""Heal your own model (potion.heal / potion.practitioner): weights trained outside the project, poison in the files.
+"""Heal your own model (potion.heal / potion.pipelines.heal): weights trained outside the project, poison in the files.
 
 A tiny RGB image folder is written once per module: 4 classes of 16x16 patterns; 12 training images of other
 classes get a white 3x3 patch in the bottom-right corner and are moved into the target folder (``airplane``).
@@ -25,10 +25,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tiny_world import CLASSES, pattern
 
-from potion.config import compose_config
-from potion.errors import CheckpointError, ConfigError, DataError
+from potion.config.compose import compose_config
+from potion.core.errors import CheckpointError, ConfigError, DataError
 from potion.models.small_cnn import SmallCNN
-from potion.practitioner import heal
+from potion.pipelines.heal import heal
 
 pytestmark = pytest.mark.slow  # a trained model, pipeline runs
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from potion.config import compose_config, identity_hash
-from potion.precision import choose, cpu_flags, resolve_auto
+from potion.config.compose import compose_config, identity_hash
+from potion.core.precision import choose, cpu_flags, resolve_auto
 
 AVX2 = {"sse2", "avx", "avx2", "fma"}
 BF16 = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16"}

@@ -1,4 +1,4 @@
-"""Progress on long work (potion/progress.py): rate-limited stderr lines where Lightning's bar is not, one switch
+"""Progress on long work (potion/core/progress.py): rate-limited stderr lines where Lightning's bar is not, one switch
 (``trainer.progress_bar``: true / false / auto), quiet in multirun jobs, and a sweep console with a line per round
 and none of the launcher's per-job override lines or reprs."""
 
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tiny_world import QUICK_PTN, train_overrides
 
-from potion import progress
-from potion.progress import Progress, duration
+from potion.core import progress
+from potion.core.progress import Progress, duration
 
 ROOT = Path(__file__).resolve().parents[1]
 

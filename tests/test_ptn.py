@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from potion.config import check_node
-from potion.config_schema import PTN
-from potion.errors import ConfigError
+from potion.config.compose import check_node
+from potion.config.schema import PTN
+from potion.core.errors import ConfigError
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share, snapshot
 from potion.unlearning.ptn import (
     Candidate,

@@ -1,7 +1,7 @@
 """The PTN sweeper's search without torch or a real launcher: rounds over a plain launch function.
 
 Any callable that runs a list of jobs and returns their results in order is a launcher to
-:func:`potion.ptn_sweep.run_sweep`; here the jobs' values are made up (forget_acc falls by 0.1 a step
+:func:`potion.sweep.driver.run_sweep`; here the jobs' values are made up (forget_acc falls by 0.1 a step
 from a0=0.9, threshold 0.09, so k=9 is the first qualifying step), so the search itself is checked fast.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from potion.config import compose_config
-from potion.errors import ConfigError
-from potion.ptn_sweep import SweepSettings, check_sizes, run_sweep
+from potion.config.compose import compose_config
+from potion.core.errors import ConfigError
+from potion.sweep.driver import SweepSettings, check_sizes, run_sweep
 
 A0, THRESHOLD = 0.9, 0.09
 

@@ -19,8 +19,9 @@ from typing import Any
 
 import pytest
 
-from potion.errors import ConfigError
-from potion.ptn_sweep import (
+from potion.core.errors import ConfigError
+from potion.quickstart import compose_config
+from potion.sweep.driver import (
     CANDIDATE,
     FINAL,
     PREPARE,
@@ -30,7 +31,6 @@ from potion.ptn_sweep import (
     num_rounds,
     round_steps,
 )
-from potion.quickstart import compose_config
 
 SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ PTN = ["method=potion", "discovery.share=0.2", "method.ptn.s_start=0.01", "metho
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     tmp = tmp_path_factory.mktemp("ptn_sweep")
     with pytest.MonkeyPatch.context() as mp:
@@ -54,7 +54,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def inproc(work: Path) -> dict[str, Any]:
     """The in-process search (python unlearn.py ... method=potion) and its trajectory."""
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POTION_CACHE_DIR", str(work / "cache_inproc"))
@@ -142,7 +142,8 @@ def test_only_single_search_methods_are_swept() -> None:
 
 def test_the_sweeper_process_never_imports_torch() -> None:
     """What the sweeper itself runs is torch-free: it can sit on a login node while the jobs do the tensor work."""
-    code = ("import sys, potion.ptn_sweep, potion.tracking, potion.cli, hydra_plugins.potion_ptn.ptn_sweeper; "
+    code = ("import sys, potion.sweep.driver, potion.tracking.tracker, potion.cli, "
+            "hydra_plugins.potion_ptn.ptn_sweeper; "
             "assert 'torch' not in sys.modules, 'the sweeper imported torch'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
@@ -164,7 +165,7 @@ def test_the_sweeper_is_registered_with_hydra() -> None:
 
 
 def test_an_unknown_job_role_is_a_config_error() -> None:
-    from potion.ptn_jobs import dispatch
+    from potion.sweep.jobs import dispatch
 
     cfg = compose_config("unlearn", ["train_run=x", "++ptn_job.role=bogus", "logger=none"])
     with pytest.raises(ConfigError, match="ptn_job.role=bogus"):
@@ -211,7 +212,7 @@ def test_jobs_read_the_importances_the_prepare_job_computed(work: Path, basic: d
 
 
 def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any, inproc: dict[str, Any]) -> None:
-    from potion.tracking import PARENT_TAG
+    from potion.tracking.tracker import PARENT_TAG
 
     runs = _runs(client, "basic")
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
@@ -237,7 +238,7 @@ def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any
 
 def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
                                                  client: Any) -> None:
-    from potion.tracking import PARENT_TAG
+    from potion.tracking.tracker import PARENT_TAG
 
     rec = _sweep(work, "joblib", inproc["batch"], "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
                  "hydra.sweeper.steps_per_job=1")

@@ -37,13 +37,13 @@ import pytest
 import torch
 from PIL import Image
 
+from potion.core.errors import CheckpointError, ConfigError, DataError
+from potion.core.io import atomic_write_json, load_tensors, read_json, save_tensors
 from potion.data import sources
+from potion.data.discovery import discover
 from potion.data.poisoned import load_data, plan_from_config, poison
-from potion.discovery import discover
-from potion.errors import CheckpointError, ConfigError, DataError
-from potion.io import atomic_write_json, load_tensors, read_json, save_tensors
+from potion.pipelines.run_folders import load_trained_run, read_summary, write_plan
 from potion.quickstart import compose_config
-from potion.runs import load_trained_run, read_summary, write_plan
 from potion.unlearning import cache as importance_cache
 from potion.unlearning import ssd_family
 from potion.unlearning.task import UnlearnTask
@@ -55,7 +55,7 @@ PY = sys.executable
 TRAIN_ARGS = ["experiment=quickstart", *SMALL_CNN, "logger=none", "train.epochs=3", "train.lr=0.01",
               "train.checkpoint_every_n_steps=5"]
 UNLEARN_ARGS = ["method=potion", "discovery.share=0.5", "logger=none", "method.importance.retain_samples=256"]
-TEMP_NAME = r"\.{name}\..+\.tmp"  # what potion.io._atomic names its temporary files
+TEMP_NAME = r"\.{name}\..+\.tmp"  # what potion.core.io._atomic names its temporary files
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -126,7 +126,7 @@ def _metrics(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unlearn_in_process(train_run: Path, out_dir: Path, *extra: str) -> dict[str, Any]:
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     return run_unlearning(compose_config("unlearn", [f"train_run={train_run}", *UNLEARN_ARGS, f"out_dir={out_dir}",
                                                      *extra]))
@@ -143,7 +143,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
     """The tiny poisoned quickstart model, trained once, uninterrupted (in-process: no interpreter start-up)."""
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     out = tmp_path_factory.mktemp("train") / "base"
     with pytest.MonkeyPatch.context() as mp:
@@ -261,7 +261,7 @@ def test_corrupt_summary_means_unfinished(trained: Path, tmp_path: Path) -> None
 
 
 def test_corrupt_plan_of_a_resumable_training_run_is_a_clear_error(trained: Path, tmp_path: Path) -> None:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -276,7 +276,7 @@ def test_corrupt_plan_of_a_resumable_training_run_is_a_clear_error(trained: Path
 
 _ATOMIC_CHILD = """
 import os, sys, time, pathlib
-import potion.io as pio
+import potion.core.io as pio
 point, sig, dest = sys.argv[1], pathlib.Path(sys.argv[2]), sys.argv[3]
 
 def stop(*args, **kwargs):
@@ -326,7 +326,7 @@ def test_killed_writer_leaves_old_file_or_none(tmp_path: Path, shared_cache: Pat
 
 _RESUME_CHILD = """
 import os, pathlib, runpy, sys, time
-import potion.training as training
+import potion.pipelines.lightning_module as training
 sig = pathlib.Path(os.environ["POTION_TEST_SIGNAL"])
 save = training.AtomicCheckpointIO.save_checkpoint
 
@@ -517,8 +517,8 @@ def test_unreachable_tracking_server_with_local_fallback_goes_on(tmp_path: Path,
 
 def test_tracking_failure_after_training_loses_nothing(tmp_path: Path, tracking_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    from potion.tracking import MlflowTracker
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
+    from potion.tracking.tracker import MlflowTracker
 
     calls = {"metrics": 0, "artifact": 0}
 
@@ -573,7 +573,7 @@ def _train_cfg(override: str, out: Path) -> Any:
 @pytest.mark.parametrize(("override", "key"), STATIC_TRAIN)
 def test_bad_static_train_value_fails_before_data_is_read(override: str, key: str, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from potion import train_pipeline
+    from potion.pipelines import train as train_pipeline
 
     monkeypatch.setattr(train_pipeline, "load_data", lambda *a: pytest.fail("data read for a bad config"))
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -583,7 +583,7 @@ def test_bad_static_train_value_fails_before_data_is_read(override: str, key: st
 
 @pytest.mark.parametrize(("override", "key"), DATA_TRAIN)
 def test_bad_train_value_for_the_data_fails_before_training(override: str, key: str, tmp_path: Path) -> None:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     with pytest.raises(ConfigError, match=re.escape(key)):
         run_training(_train_cfg(override, tmp_path / "run"))
@@ -595,7 +595,7 @@ def test_bad_train_value_for_the_data_fails_before_training(override: str, key: 
     ({"train/a": 1, "train/b": 1, "test/a": 1, "test/c": 1}, "train and test classes differ"),
 ])
 def test_bad_image_folder_is_a_data_error(layout: dict[str, int], needle: str, tmp_path: Path) -> None:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     _write_images(tmp_path / "data", layout)
     cfg = compose_config("train", ["dataset=imagefolder", f"dataset.path={tmp_path / 'data'}", "logger=none",
@@ -619,7 +619,7 @@ STATIC_UNLEARN = [
 @pytest.mark.parametrize(("overrides", "key"), STATIC_UNLEARN)
 def test_bad_static_unlearn_value_fails_before_the_run_is_read(overrides: list[str], key: str,
                                                                tmp_path: Path) -> None:
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     missing = tmp_path / "no-such-run"  # reading the run would be a CheckpointError, not a ConfigError
     cfg = compose_config("unlearn", [f"train_run={missing}", "logger=none", *overrides])

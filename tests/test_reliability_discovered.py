@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from potion.core.errors import DataError
 from potion.data.sources import load_dataset
-from potion.errors import DataError
-from potion.practitioner import resolve_discovered
+from potion.pipelines.heal import resolve_discovered
 
 
 def _folder(root: Path) -> Path:

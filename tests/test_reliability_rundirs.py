@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import torch
 
-from potion.errors import CheckpointError, ConfigError
-from potion.io import load_tensors, read_json, sha256_file
+from potion.core.errors import CheckpointError, ConfigError
+from potion.core.io import load_tensors, read_json, sha256_file
+from potion.pipelines.run_folders import identify_run, load_trained_run, read_summary
 from potion.quickstart import compose_config
-from potion.runs import identify_run, load_trained_run, read_summary
 
 pytestmark = pytest.mark.slow  # trains tiny models, starts subprocesses
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +33,13 @@ UNLEARN = ["method=none", "discovery.share=0.5", "logger=none", "suspects.enable
 
 
 def _train(out: Path, *extra: str) -> dict[str, Any]:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     return run_training(compose_config("train", [*FAST, f"out_dir={out}", *extra]))
 
 
 def _unlearn(train_run: Path, out: Path, *extra: str) -> dict[str, Any]:
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     return run_unlearning(compose_config("unlearn", [f"train_run={train_run}", *UNLEARN, f"out_dir={out}", *extra]))
 
@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Path:
 @pytest.fixture
 def no_tracker(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Fail the test if an MLflow run would be started (errors must come before it); returns the call log."""
-    from potion import lifecycle
+    from potion.pipelines import lifecycle
 
     calls: list[str] = []
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from potion import interrupt
-from potion.io import read_json
+from potion.core import interrupt
+from potion.core.io import read_json
 from potion.quickstart import compose_config
 
 pytestmark = pytest.mark.slow  # trains tiny models, starts subprocesses
@@ -30,7 +30,7 @@ TRAIN_ARGS = ["experiment=quickstart", "model=small_cnn", "model.width=8", "logg
 # disk: the test then sends SIGTERM while the fit is surely in progress.
 _SLOW_CHILD = """
 import os, pathlib, runpy, sys, time
-import potion.training as training
+import potion.pipelines.lightning_module as training
 sig = pathlib.Path(os.environ["POTION_TEST_SIGNAL"])
 save, step = training.AtomicCheckpointIO.save_checkpoint, training.PoisonTrainingModule.training_step
 
@@ -126,7 +126,7 @@ def stall(method_fn, task, args):  # the method is running: tell the test and wa
     time.sleep(60)
     return run_timed(method_fn, task, args)
 
-import potion.unlearn_pipeline as pipeline
+import potion.pipelines.unlearn as pipeline
 pipeline.run_timed = stall
 script = sys.argv[1]
 sys.argv = [script, *sys.argv[2:]]
@@ -136,7 +136,7 @@ runpy.run_path(script, run_name="__main__")
 
 def test_sigterm_stops_unlearning_with_143_and_one_line(tmp_path: Path, cache: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
     monkeypatch.setenv("POTION_THREADS", "1")
@@ -154,8 +154,10 @@ def test_sigterm_stops_unlearning_with_143_and_one_line(tmp_path: Path, cache: P
 
 def test_sigterm_in_process_marks_the_run_killed_and_restores_the_handlers(tmp_path: Path, cache: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from potion import lifecycle, train_pipeline, training
-    from potion.tracking import RecordingTracker
+    from potion.pipelines import lifecycle
+    from potion.pipelines import lightning_module as training
+    from potion.pipelines import train as train_pipeline
+    from potion.tracking.tracker import RecordingTracker
 
     monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
     monkeypatch.setenv("POTION_THREADS", "1")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from potion import io as pio
+from potion.core import io as pio
+from potion.core.io import StorageError, load_tensors, read_tensor_metadata, save_tensors
 from potion.data import sources
-from potion.io import StorageError, load_tensors, read_tensor_metadata, save_tensors
 from potion.unlearning import cache
 
 

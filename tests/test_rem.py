@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from tiny_world import pattern
 
+from potion.core.errors import ConfigError
+from potion.data.discovery import discover
 from potion.data.poison import TriggerSpec, make_poison_plan
 from potion.data.poisoned import poison
 from potion.data.sources import DatasetBundle, ImageSplit
-from potion.discovery import discover
-from potion.errors import ConfigError
-from potion.evaluation import evaluate_backdoor
+from potion.evaluation.backdoor import evaluate_backdoor
 from potion.models.resnet9 import ResNet9
 from potion.models.small_cnn import SmallCNN
 from potion.unlearning.registry import get_method

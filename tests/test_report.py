@@ -47,7 +47,7 @@ def logged_run(*, method: str = "potion", n_p: int = 100, share: float | None = 
                dataset: str = "cifar10", attack: str = "patch", mapping: str = "all_to_one", train: str = "train-hash",
                train_dir: str = "/runs/train/t", rho: str = "0.1", fixed_step: int | None = None,
                healed_attainable: float | None = None) -> dict[str, dict[str, Any]]:
-    """The tags, params and metrics of one unlearning run as potion.unlearn_pipeline logs them.
+    """The tags, params and metrics of one unlearning run as potion.pipelines.unlearn logs them.
 
     A PTN sweep's final run is the same call with ``fixed_step`` set (the sweeper pins the chosen step k,
     so its config hash differs from a standalone run of the same settings).
@@ -302,7 +302,7 @@ def test_200_run_store_reports_fast(template: Path, tmp_path: Path) -> None:
     assert add_grid(client, exp_id, seeds=range(10), discovery=discovery) == 200
     import matplotlib.pyplot  # noqa: F401 - library imports are a per-process cost, not the report's
 
-    import potion.io  # noqa: F401
+    import potion.core.io  # noqa: F401
 
     started = time.perf_counter()
     assert main(["--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 0
@@ -361,7 +361,7 @@ def test_repeats_of_one_measurement_count_once_and_the_newest_wins() -> None:
 
 
 def test_the_sweeper_keys_left_out_are_the_sweepers() -> None:
-    from potion.ptn_sweep import SWEEPER_KEYS
+    from potion.sweep.driver import SWEEPER_KEYS
 
     assert SWEEPER_PARAMS == SWEEPER_KEYS
 

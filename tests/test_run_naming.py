@@ -1,4 +1,4 @@
-"""The MLflow naming scheme (potion.run_naming): one experiment per study, run names that tell a grid apart, the same
+"""The MLflow naming scheme (tracking.naming): one experiment per study, run names that tell a grid apart, the same
 param keys on every run type, settings as params and measurements as metrics, the link to the training run, and a
 PTN sweep's runs (its parent's trajectory series and plot; a rerun of a finished sweep logs nothing new).
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from potion import run_naming as naming
-from potion.config import compose_config
+from potion.config.compose import compose_config
 from potion.reporting.query import measurements as report_measurements
 from potion.reporting.query import run_row
+from potion.tracking import naming
 
 # Settings the issue found logged as metrics, and bookkeeping it found logged as params.
 SETTING_METRICS = ("sgd_lr", "sgd_nesterov", "ptn_threshold", "suspect_cutoff", "alpha", "lam")
@@ -95,7 +95,7 @@ def test_settings_are_params_and_measurements_metrics() -> None:
 
 
 def test_train_and_unlearn_params_share_keys_and_carry_no_bookkeeping() -> None:
-    from potion.tracking import flatten_params
+    from potion.tracking.tracker import flatten_params
 
     train = _train_cfg("experiment=quickstart")
     train_keys = set(flatten_params(naming.train_params(train, 16)))
@@ -146,7 +146,7 @@ class FakeJobs:
         return [SimpleNamespace(return_value=self.value(job)) for job in jobs]
 
     def value(self, job: list[str]) -> Any:
-        from potion.ptn_sweep import TRACKING_KEY, TRAIN_INFO
+        from potion.sweep.driver import TRACKING_KEY, TRAIN_INFO
 
         opts = dict(o.lstrip("+").split("=", 1) for o in job)
         role = opts["ptn_job.role"]
@@ -171,7 +171,7 @@ class FakeJobs:
 
 
 def _sweep(tmp_path: Path, uri: str, sweep: str) -> tuple[dict[str, Any], FakeJobs]:
-    from potion.ptn_sweep import SweepSettings, check_sizes, run_sweep
+    from potion.sweep.driver import SweepSettings, check_sizes, run_sweep
 
     cfg = compose_config("unlearn", ["train_run=x", "method=potion", f"logger.tracking_uri={uri}",
                                      "method.ptn.max_steps=30", f"out_dir={tmp_path / 'final'}"])
@@ -254,7 +254,7 @@ def test_pipeline_runs_share_the_scheme(tiny: Any, tmp_path: Path) -> None:
     no settings as metrics, no bookkeeping params, the trainer and suspects settings, the training run's id."""
     from mlflow import MlflowClient
 
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     common = [f"train_run={tiny.run}", f"logger.tracking_uri={tiny.uri}", "save_weights=false"]
     ids = [run_unlearning(compose_config("unlearn", [*common, *extra, f"out_dir={tmp_path / name}"]))["mlflow_run_id"]
@@ -318,7 +318,7 @@ def test_a_heal_run_reads_as_an_unlearning_run(tmp_path: Path, monkeypatch: pyte
     from mlflow import MlflowClient
     from test_practitioner import N_FOUND, _build_world, _overrides
 
-    from potion.practitioner import heal
+    from potion.pipelines.heal import heal
 
     monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("POTION_THREADS", "1")

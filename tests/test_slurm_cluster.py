@@ -78,8 +78,8 @@ def cluster() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def work(cluster: dict[str, str], mlflow_server: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
     """A tiny poisoned digits model and the in-process PTN search on it (the answer the sweep must give)."""
-    from potion.train_pipeline import run_training
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.train import run_training
+    from potion.pipelines.unlearn import run_unlearning
 
     tmp = tmp_path_factory.mktemp("slurm")
     with pytest.MonkeyPatch.context() as mp:
@@ -156,7 +156,7 @@ def test_the_importances_were_computed_once(work: dict[str, Any], sweep: dict[st
 
 
 def test_mlflow_holds_the_parent_and_its_children(work: dict[str, Any], sweep: dict[str, Any]) -> None:
-    from potion.tracking import PARENT_TAG
+    from potion.tracking.tracker import PARENT_TAG
 
     runs = _runs(work["uri"], "slurm_sweep")
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]

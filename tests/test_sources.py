@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from potion.core.errors import ConfigError, DataError
 from potion.data import sources
 from potion.data.sources import DatasetBundle, load_dataset
-from potion.errors import ConfigError, DataError
 
 pytestmark = pytest.mark.usefixtures("cache")  # every test decodes into its own cache folder (tests/conftest.py)
 

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 from conftest import full_method_args
 
+from potion.data.discovery import discover
 from potion.data.poison import TriggerSpec, make_poison_plan, patch_origin
 from potion.data.poisoned import poison
 from potion.data.sources import DatasetBundle, ImageSplit
-from potion.discovery import discover
 from potion.unlearning import synthesis
 from potion.unlearning.ssd_family import with_synthesis
 from potion.unlearning.task import UnlearnTask

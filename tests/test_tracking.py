@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from potion.errors import ConfigError, TrackingError
-from potion.tracking import (
+from potion.core.errors import ConfigError, TrackingError
+from potion.tracking.tracker import (
     MAX_PARAM_VALUE,
     PARENT_TAG,
     MlflowTracker,
@@ -99,7 +99,7 @@ def test_sqlite_folder_is_created(tmp_path: Path) -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, potion.tracking; assert 'mlflow' not in sys.modules and 'torch' not in sys.modules"
+    code = "import sys, potion.tracking.tracker; assert 'mlflow' not in sys.modules and 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -287,7 +287,7 @@ def test_failing_calls_after_start_do_not_raise(
     monkeypatch.setattr(tracker._client, "log_batch", broken)
     monkeypatch.setattr(tracker._client, "log_artifact", broken)
     monkeypatch.setattr(tracker._client, "set_terminated", broken)
-    with caplog.at_level(logging.WARNING, logger="potion.tracking"):
+    with caplog.at_level(logging.WARNING, logger="potion.tracking.tracker"):
         for step in range(5):
             tracker.log_metrics({"loss": 1.0}, step=step)
         tracker.log_params({"a": 1})
@@ -303,7 +303,7 @@ def test_failing_calls_after_start_do_not_raise(
 
 def test_stalling_failure_switches_tracking_off(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     tracker = start_tracker(_mlflow_cfg(store_uri), experiment="flaky")
-    monkeypatch.setattr("potion.tracking.STALL_SECONDS", -1.0)
+    monkeypatch.setattr("potion.tracking.tracker.STALL_SECONDS", -1.0)
     calls = {"n": 0}
 
     def broken(*args, **kwargs):
@@ -335,7 +335,7 @@ def test_closed_port_with_local_fallback(
     store: Path, store_uri: str, client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.chdir(store)  # the default local store is then the module's store
-    with caplog.at_level(logging.WARNING, logger="potion.tracking"):
+    with caplog.at_level(logging.WARNING, logger="potion.tracking.tracker"):
         tracker = start_tracker(_mlflow_cfg(_closed_port_uri(), fallback="local"), experiment="fallback")
     assert tracker.tracking_uri == store_uri
     assert any(
@@ -365,7 +365,7 @@ def test_recorded_calls_replay_into_a_run_after_a_trip_through_pickle(store_uri:
                                                                        tmp_path: Path) -> None:
     import pickle
 
-    from potion.tracking import RecordingTracker
+    from potion.tracking.tracker import RecordingTracker
 
     artifact = tmp_path / "summary.json"
     artifact.write_text("{}")

@@ -12,10 +12,10 @@ import pytest
 from conftest import TinyRun
 from tiny_world import train_overrides
 
-from potion.config import compose_config
-from potion.errors import TrackingError
-from potion.io import read_json
-from potion.tracking import MlflowTracker
+from potion.config.compose import compose_config
+from potion.core.errors import TrackingError
+from potion.core.io import read_json
+from potion.tracking.tracker import MlflowTracker
 
 PTN = ["method=potion", "discovery.share=0.5"]
 
@@ -40,7 +40,7 @@ def _client(uri: str) -> Any:
 
 def test_an_interrupted_training_run_is_logged_when_reused(tiny: TinyRun, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    from potion.train_pipeline import run_training
+    from potion.pipelines.train import run_training
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     run_dir = tmp_path / "run"
@@ -59,8 +59,8 @@ def test_an_interrupted_training_run_is_logged_when_reused(tiny: TinyRun, tmp_pa
 
 def test_an_interrupted_unlearning_run_is_logged_when_reused_and_reaches_the_report(
         tiny: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from potion.pipelines.unlearn import run_unlearning
     from potion.report import collect_runs
-    from potion.unlearn_pipeline import run_unlearning
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = compose_config("unlearn", [f"train_run={tiny.run}", *PTN, f"logger.tracking_uri={uri}",
@@ -86,7 +86,7 @@ def test_an_interrupted_unlearning_run_is_logged_when_reused_and_reaches_the_rep
 
 
 def test_a_reused_unlearning_run_checks_its_tracking_uri(tiny: TinyRun, tmp_path: Path) -> None:
-    from potion.unlearn_pipeline import run_unlearning
+    from potion.pipelines.unlearn import run_unlearning
 
     out = [f"train_run={tiny.run}", *PTN, f"out_dir={tmp_path / 'u'}", "save_weights=false"]
     run_unlearning(compose_config("unlearn", [*out, "logger=none"]))

@@ -16,9 +16,16 @@ from typing import Any
 
 import pytest
 
-from potion.errors import ConfigError, TrackingError
-from potion.io import read_json
-from potion.tracking import (
+from potion.core.errors import ConfigError, TrackingError
+from potion.core.io import read_json
+from potion.tracking.runs import (
+    PENDING,
+    FolderRun,
+    ensure_logged,
+    replay_command,
+    write_pending,
+)
+from potion.tracking.tracker import (
     HOST_TAG,
     PID_START_TAG,
     PID_TAG,
@@ -28,13 +35,6 @@ from potion.tracking import (
     http_settings,
     process_tags,
     start_tracker,
-)
-from potion.tracking_runs import (
-    PENDING,
-    FolderRun,
-    ensure_logged,
-    replay_command,
-    write_pending,
 )
 
 ROOT = Path(__file__).resolve().parents[1]

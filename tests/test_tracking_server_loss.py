@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from tiny_world import QUICK_PTN, free_port, train_overrides, write_pattern_folder
 
-from potion.io import read_json
+from potion.core.io import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # a real server started twice and a sweep in a subprocess (~2 min on 2 cores)
@@ -65,8 +65,8 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Train a tiny model, start a server, sweep against it and kill the server once the prepare job is done."""
+    from potion.pipelines.train import run_training
     from potion.quickstart import compose_config
-    from potion.train_pipeline import run_training
 
     root = tmp_path_factory.mktemp("lost")
     env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from potion.errors import TrackingError
-from potion.tracking import open_client, start_tracker
-from potion.tracking_store import TMP_PREFIX, inspect_store, is_half_migrated, lock_path, store_lock
+from potion.core.errors import TrackingError
+from potion.tracking.store import TMP_PREFIX, inspect_store, is_half_migrated, lock_path, store_lock
+from potion.tracking.tracker import open_client, start_tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,7 +77,7 @@ def test_eight_processes_starting_at_once_on_a_new_store_all_succeed(tmp_path: P
 
 def test_the_store_lock_is_exclusive_and_waits_boundedly(tmp_path: Path) -> None:
     db = tmp_path / "x.db"
-    code = ("import sys, time; from pathlib import Path; from potion.tracking_store import store_lock\n"
+    code = ("import sys, time; from pathlib import Path; from potion.tracking.store import store_lock\n"
             "with store_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(30)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(db)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:

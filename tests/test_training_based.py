@@ -8,13 +8,13 @@ import pytest
 import torch
 from conftest import full_method_args
 
-from potion.config import check_node
-from potion.config_schema import Method
+from potion.config.compose import check_node
+from potion.config.schema import Method
+from potion.core.errors import ConfigError
+from potion.data.discovery import discover
 from potion.data.poison import TriggerSpec, make_poison_plan
 from potion.data.poisoned import poison
 from potion.data.sources import DatasetBundle, ImageSplit
-from potion.discovery import discover
-from potion.errors import ConfigError
 from potion.models.small_cnn import SmallCNN
 from potion.unlearning.methods import get_method
 from potion.unlearning.task import UnlearnTask

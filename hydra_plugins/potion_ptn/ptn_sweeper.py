@@ -1,6 +1,6 @@
 """The PTN search as a Hydra sweeper: ``hydra/sweeper=ptn`` (``python sweep.py <overrides>`` selects it).
 
-The protocol only: check the command, then hand :func:`potion.ptn_sweep.run_sweep` a function that launches
+The protocol only: check the command, then hand :func:`potion.sweep.driver.run_sweep` a function that launches
 jobs through the configured launcher, whichever it is (basic, joblib, submitit, ...). The search, its jobs
 and its MLflow runs are described there.
 
@@ -38,7 +38,7 @@ ConfigStore.instance().store(group="hydra/sweeper", name="ptn", node=PTNSweeperC
 
 
 class PTNSweeper(Sweeper):
-    """PTN search in rounds of candidate jobs, then one final job at the chosen step (see potion.ptn_sweep)."""
+    """PTN search in rounds of candidate jobs, then one final job at the chosen step (see potion.sweep.driver)."""
 
     def __init__(self, batch_size: int = 8, steps_per_job: int | None = None) -> None:
         super().__init__()
@@ -62,7 +62,7 @@ class PTNSweeper(Sweeper):
         reprs such as joblib's settings, every round) are silenced: the search prints one line per round.
         """
         from potion.cli import fast_exit, quiet_third_party, run_guarded
-        from potion.progress import quiet_loggers
+        from potion.core.progress import quiet_loggers
 
         quiet_third_party()
         fast_exit()
@@ -75,7 +75,7 @@ class PTNSweeper(Sweeper):
         return module.rpartition(".")[0] or module
 
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        from potion import ptn_sweep
+        from potion.sweep import driver as ptn_sweep
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         steps_per_job = ptn_sweep.check_sizes(self.batch_size, self.steps_per_job)
@@ -98,8 +98,8 @@ class PTNSweeper(Sweeper):
 
     def _user_overrides(self, arguments: list[str]) -> dict[str, Any]:
         """The command line's overrides as {key: value}; sweeps and the sweeper's own keys are refused."""
-        from potion.errors import ConfigError
-        from potion.ptn_sweep import SWEEPER_KEYS
+        from potion.core.errors import ConfigError
+        from potion.sweep.driver import SWEEPER_KEYS
 
         assert self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)

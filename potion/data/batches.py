@@ -1,7 +1,7 @@
 """A lean batch loader over in-memory uint8 tensors (no per-sample Python work, no worker processes).
 
 Each batch is ``(images_u8, labels, triggered)``; augmentation, normalisation and the trigger are applied
-to the whole batch on the device by the consumer (see ``potion.training``). Shuffling is seeded per
+to the whole batch on the device by the consumer (see ``potion.pipelines.lightning_module``). Shuffling is seeded per
 epoch and the loader is stateful (``state_dict``/``load_state_dict``, saved by Lightning in every
 checkpoint), so a run resumed mid-epoch continues with exactly the batches an uninterrupted one would see.
 """

@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
+from potion.core.errors import ConfigError
 from potion.data.triggers import KINDS, build_trigger, kind_of
 from potion.data.triggers.additive import ftrojan_block_size
 from potion.data.triggers.weighted import patch_origin as _origin
-from potion.errors import ConfigError
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
 TRIGGER_KINDS = tuple(KINDS)

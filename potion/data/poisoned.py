@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
+from potion.core.errors import ConfigError
+from potion.core.io import sha256_json, sha256_tensors
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_plan
 from potion.data.sources import DatasetBundle, load_dataset
 from potion.data.triggers import kind_of
-from potion.errors import ConfigError
-from potion.io import sha256_json, sha256_tensors
 
 
 @dataclass

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from potion.errors import ConfigError, DataError
-from potion.io import atomic_write_bytes, cache_dir, sha256_file, sha256_json
+from potion.core.errors import ConfigError, DataError
+from potion.core.io import atomic_write_bytes, cache_dir, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 

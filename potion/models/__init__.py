@@ -7,9 +7,9 @@ from typing import Any
 
 import torch.nn as nn
 
-from potion.config import check_node
-from potion.config_schema import Model
-from potion.errors import ConfigError
+from potion.config.compose import check_node
+from potion.config.schema import Model
+from potion.core.errors import ConfigError
 from potion.models.resnet9 import ResNet9
 from potion.models.small_cnn import SmallCNN
 from potion.models.wide_resnet import WideResNet

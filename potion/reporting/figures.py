@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from potion.plots import print_style, save_figure_formats
 from potion.reporting.aggregate import columns
+from potion.reporting.plots import print_style, save_figure_formats
 
 # metric -> (y-axis label, a reference value drawn as a dotted line or None)
 METRIC_AXES = {

@@ -12,21 +12,21 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from potion.errors import PotionError, TrackingError
-from potion.run_naming import SETTING_DIAGNOSTICS, SGD_PARAMS, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
-from potion.tracking import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
+from potion.core.errors import PotionError, TrackingError
+from potion.tracking.naming import SETTING_DIAGNOSTICS, SGD_PARAMS, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
+from potion.tracking.tracker import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
 
 PAGE_SIZE = 5000
 UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISHED'"
 METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
 # The params that name a measurement's settings (a key or a dotted prefix), and those the PTN sweeper sets per
-# job, never the user (potion.ptn_sweep.SWEEPER_KEYS; a test keeps the two equal).
+# job, never the user (potion.sweep.driver.SWEEPER_KEYS; a test keeps the two equal).
 SETTING_PARAMS = ("method", "discovery", "poison", "dataset", "model", "seed")
 SWEEPER_PARAMS = ("method.ptn.fixed_step", "ptn_job")
 # Settings a run resolved itself (PTN's threshold, the SGD settings a method fell back to): not the user's, so they
 # neither tell measurements apart nor name columns.
 RESOLVED_PARAMS = (*SETTING_DIAGNOSTICS.values(), SGD_PARAMS)
-# Older runs' param names -> the names of potion.run_naming, so old and new runs of one measurement match.
+# Older runs' param names -> the names of potion.tracking.naming, so old and new runs of one measurement match.
 PARAM_ALIASES = {"dataset": "dataset.name", "n_f": "discovery.n_f", "n_p": "poison.n_p"}
 NO_VALUE = ("", "None", "null")
 
@@ -156,7 +156,7 @@ def run_row(run: Any) -> dict | None:
     n_f = _int(_first(params, "discovery.n_f", "n_f"))
     share = _number(params.get("discovery.share"))
     if _int(params.get("discovery.count")) is not None or share is None or n_f == 1:
-        share = n_f / n_p if n_f else None  # an explicit count overrides the share (potion.discovery)
+        share = n_f / n_p if n_f else None  # an explicit count overrides the share (potion.data.discovery)
     if share is None:
         return None
     return {

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from potion.errors import CheckpointError
-from potion.io import cache_dir, load_tensors, read_tensor_metadata, save_tensors, sha256_json, sha256_tensors
+from potion.core.errors import CheckpointError
+from potion.core.io import cache_dir, load_tensors, read_tensor_metadata, save_tensors, sha256_json, sha256_tensors
 
 log = logging.getLogger("potion.cache")
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from potion.errors import ConfigError
+from potion.core.errors import ConfigError
 
 
 def percentile_for_share(s: float) -> float:

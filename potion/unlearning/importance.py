@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potion.errors import ConfigError
-from potion.evaluation import autocast_for
-from potion.progress import Progress
+from potion.core.errors import ConfigError
+from potion.core.progress import Progress
+from potion.evaluation.backdoor import autocast_for
 
 LOSSES = ("ce", "logit_sqnorm", "logit_norm")
 
@@ -44,7 +44,7 @@ def compute_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, t
     """Mean over batches of |grad|^power of ``loss`` for every trainable parameter (float32, model's device).
 
     The pass is the cost of the SSD family on a large retain set, so it reports progress
-    (:mod:`potion.progress`): ``what`` names it, ``total`` (the number of batches, when known) gives the time left.
+    (:mod:`potion.core.progress`): ``what`` names it, ``total`` (the number of batches, when known) gives the time left.
     """
     if loss not in LOSSES:
         raise ConfigError(f"importance loss {loss!r}: choose one of {list(LOSSES)}")

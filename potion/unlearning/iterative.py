@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from potion.config import method_arguments
-from potion.discovery import Discovery
-from potion.progress import Progress
-from potion.suspects import find_suspects
+from potion.config.compose import method_arguments
+from potion.core.progress import Progress
+from potion.data.discovery import Discovery
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.ssd_family import run_ptn, with_synthesis
+from potion.unlearning.suspects import find_suspects
 from potion.unlearning.task import UnlearnTask
 from potion.unlearning.training_based import retrain
 
@@ -66,7 +66,7 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
                      stop_on: str, synthesis: Mapping[str, Any], repair: Mapping[str, Any] | None) -> MethodOutput:
     """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set.
 
-    Suspects are found as in every unlearning run (``potion.suspects.find_suspects``): a recovered patch
+    Suspects are found as in every unlearning run (``potion.unlearning.suspects.find_suspects``): a recovered patch
     signature flags exactly the samples that carry it; only target-labelled samples can be flagged.
     ``stop_on``: what PTN's stopping test watches in later rounds, the whole grown forget set
     (``forget``) or only the discovered samples (``discovered``; importances still use every sample).

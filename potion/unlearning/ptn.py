@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from potion.progress import Progress
+from potion.core.progress import Progress
 from potion.unlearning.dampening import RatioPool, dampen_, percentile_for_share
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
@@ -37,7 +37,7 @@ log = logging.getLogger("potion.ptn")
 
 @dataclass(frozen=True)
 class PTNSchedule:
-    """The candidate grid and stopping threshold (ranges: ``potion.config_schema.PTN``)."""
+    """The candidate grid and stopping threshold (ranges: ``potion.config.schema.PTN``)."""
 
     s_start: float
     s_step: float

@@ -1,7 +1,7 @@
 """Methods register by name with what they can do: ``@register("potion", ptn=True, heal_ok=True, dampens=True)``.
 
 A method is a function ``(task, **args) -> MethodOutput`` whose keyword arguments are its schema class's fields
-(:mod:`potion.config_schema`; a test checks that they agree). Callers ask the registry what a method can do
+(:mod:`potion.config.schema`; a test checks that they agree). Callers ask the registry what a method can do
 instead of keeping lists of names. This module is the bottom of the method layer (no method module, no torch):
 import :mod:`potion.unlearning.methods` to have every built-in method registered.
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from potion.errors import ConfigError
+from potion.core.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

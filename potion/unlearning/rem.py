@@ -61,10 +61,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potion.config import number
-from potion.errors import ConfigError
-from potion.evaluation import autocast_for, predict
-from potion.progress import Progress
+from potion.config.compose import number
+from potion.core.errors import ConfigError
+from potion.core.progress import Progress
+from potion.evaluation.backdoor import autocast_for, predict
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from potion.evaluation import autocast_for
-from potion.io import sha256_tensors
+from potion.core.io import sha256_tensors
+from potion.evaluation.backdoor import autocast_for
 from potion.unlearning.cache import cached_importance, importance_key, indices_digest
 from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters

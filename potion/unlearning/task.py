@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from potion.data.augment import random_crop_flip
+from potion.data.discovery import Discovery
 from potion.data.poisoned import PoisonedData
-from potion.discovery import Discovery
-from potion.evaluation import predict
+from potion.evaluation.backdoor import predict
 
 
 @dataclass

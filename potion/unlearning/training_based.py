@@ -38,12 +38,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potion.config import check_field
-from potion.config_schema import Train
-from potion.errors import ConfigError
-from potion.evaluation import autocast_for
-from potion.progress import Progress
-from potion.schedule import total_steps_for, warmup_linear_decay
+from potion.config.compose import check_field
+from potion.config.schema import Train
+from potion.core.errors import ConfigError
+from potion.core.progress import Progress
+from potion.core.schedule import total_steps_for, warmup_linear_decay
+from potion.evaluation.backdoor import autocast_for
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
 
@@ -168,7 +168,7 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
 
     ``losses`` computes its forward passes lazily; ``total_steps`` sizes the schedule (and caps the
     loop). The caller sets the model's train/eval modes beforehand. ``what`` names the loop on the
-    progress line (:mod:`potion.progress`), which also shows the last loss.
+    progress line (:mod:`potion.core.progress`), which also shows the last loss.
     """
     opt = torch.optim.SGD(list(params), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay,
                           nesterov=sgd.nesterov)

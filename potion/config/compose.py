@@ -1,8 +1,8 @@
-"""Config handling: compose (Hydra), check against the schema (:mod:`potion.config_schema`), hash, convert.
+"""Config handling: compose (Hydra), check against the schema (:mod:`potion.config.schema`), hash, convert.
 
 Everything here is torch-free, so a command checks its whole config before anything heavy is imported:
 :func:`check_config` walks a composed config against the schema classes and raises one
-:class:`~potion.errors.ConfigError` naming the key, the value and what is allowed; :func:`compose_config`
+:class:`~potion.core.errors.ConfigError` naming the key, the value and what is allowed; :func:`compose_config`
 turns Hydra's own composition errors (unknown option, unknown key, unparsable override) into the same.
 """
 
@@ -22,11 +22,11 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from potion.config_schema import ROOTS, Method
-from potion.errors import ConfigError
-from potion.io import sha256_json
+from potion.config.schema import ROOTS, Method
+from potion.core.errors import ConfigError
+from potion.core.io import sha256_json
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys that do not change what a run computes: excluded from a run's identity.
 NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "print_table")
 

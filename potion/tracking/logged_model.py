@@ -3,7 +3,7 @@
 A run's logged model holds ``model.safetensors`` (the weights), ``model.json`` (the architecture, its arguments,
 the class and channel counts, the input normalisation) and the run's ``config.yaml``::
 
-    from potion.logged_model import download_logged_model, load_logged_model, logged_model_id
+    from potion.tracking.logged_model import download_logged_model, load_logged_model, logged_model_id
 
     model_id = logged_model_id("sqlite:///mlflow.db", "<run id>")       # or the m-... id the UI shows
     folder = download_logged_model("sqlite:///mlflow.db", model_id, "healed")
@@ -20,11 +20,11 @@ from typing import Any
 
 from torch import nn
 
-from potion.errors import CheckpointError, TrackingError
-from potion.io import load_tensors
+from potion.core.errors import CheckpointError, TrackingError
+from potion.core.io import load_tensors
 from potion.models import build_model
-from potion.tracking import check_reachable, open_client, resolve_tracking_uri
-from potion.tracking_extras import MODEL_FORMAT, MODEL_SPEC, MODEL_WEIGHTS
+from potion.tracking.extras import MODEL_FORMAT, MODEL_SPEC, MODEL_WEIGHTS
+from potion.tracking.tracker import check_reachable, open_client, resolve_tracking_uri
 
 
 def logged_model_id(tracking_uri: str, run_id: str) -> str:

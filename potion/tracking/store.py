@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from potion.errors import TrackingError
+from potion.core.errors import TrackingError
 
 log = logging.getLogger(__name__)
 

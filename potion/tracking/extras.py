@@ -1,4 +1,4 @@
-"""What an MLflow user expects of a run beyond params and metrics, as plain helpers for :mod:`potion.tracking`.
+"""What an MLflow user expects of a run beyond params and metrics, as plain helpers for :mod:`potion.tracking.tracker`.
 
 - the git commit of the code (tag ``mlflow.source.git.commit``), read from ``.git`` without the git binary;
 - the data set as a dataset input: its name, the content fingerprint the data cache already keys on
@@ -215,7 +215,7 @@ def inputs_of(client: Any, run_id: str | None) -> tuple[list[Any], list[Any]]:
 
 def model_spec(model_cfg: Mapping[str, Any], num_classes: int, channels: int, *, key_prefix: str = "",
                data: DatasetRef | None = None) -> dict[str, Any]:
-    """``model.json``: what rebuilds the network for these weights (:func:`potion.logged_model.load_logged_model`).
+    """``model.json``: what rebuilds the network for these weights (``potion.tracking.logged_model``).
 
     ``key_prefix`` is the prefix every weight name carries (a practitioner's checkpoint saved as ``model.*``);
     ``data`` adds the input normalisation and class count the model was trained for.

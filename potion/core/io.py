@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from potion.errors import CheckpointError, PotionError
+from potion.core.errors import CheckpointError, PotionError
 
 if TYPE_CHECKING:  # torch is imported where tensors are read or written, so JSON and hashing stay light
     import torch

@@ -1,5 +1,5 @@
 """PTN as a Hydra multirun, the jobs' side: unlearn.py's work for each ``ptn_job.role`` the ``ptn`` sweeper sets
-(see :mod:`potion.ptn_sweep`), and a plain unlearning run without one.
+(see :mod:`potion.sweep.driver`), and a plain unlearning run without one.
 
 Jobs return plain values and never open the tracking store: the sweeper writes every run.
 """
@@ -15,10 +15,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, open_dict
 
-from potion.config import method_arguments, to_dict
+from potion.config.compose import method_arguments, to_dict
+from potion.core.errors import ConfigError
+from potion.core.schedule import cpu_threads
 from potion.data.poisoned import load_data, poison
-from potion.errors import ConfigError
-from potion.ptn_sweep import (
+from potion.pipelines.unlearn import make_task, resolve_device, run_unlearning, trained_inputs
+from potion.sweep.driver import (
     CANDIDATE,
     JOB_KEY,
     PREPARE,
@@ -28,9 +30,7 @@ from potion.ptn_sweep import (
     check_ptn_config,
     job_role,
 )
-from potion.schedule import cpu_threads
-from potion.tracking import RecordingTracker, tracking_enabled
-from potion.unlearn_pipeline import make_task, resolve_device, run_unlearning, trained_inputs
+from potion.tracking.tracker import RecordingTracker, tracking_enabled
 from potion.unlearning.methods import get_method
 from potion.unlearning.ptn_candidates import Candidate
 

@@ -18,12 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from potion import interrupt
+from potion.core import interrupt
+from potion.core.errors import CheckpointError
+from potion.core.io import _atomic, refused_pickle, write_torch
+from potion.core.schedule import warmup_linear_decay
 from potion.data.augment import Normalizer, random_crop_flip
 from potion.data.poison import Trigger
-from potion.errors import CheckpointError
-from potion.io import _atomic, refused_pickle, write_torch
-from potion.schedule import warmup_linear_decay
 
 
 class PoisonTrainingModule(pl.LightningModule):
@@ -147,7 +147,7 @@ def check_checkpoint_fits(checkpoint: Mapping[str, Any], module: nn.Module, path
 
 
 class StopOnSignal(pl.Callback):
-    """A SIGTERM/SIGINT recorded by :func:`potion.interrupt.deferred` stops the fit at the end of a step.
+    """A SIGTERM/SIGINT recorded by :func:`potion.core.interrupt.deferred` stops the fit at the end of a step.
 
     The checkpoint is written there first (to the path resume reads), so the resumed run loses no step.
     """

@@ -1,6 +1,6 @@
 """Learning-rate schedule, step count and CPU thread count: plain helpers with no Lightning import.
 
-Kept apart from ``potion.training`` so unlearning and PTN sweep jobs (which never train with Lightning)
+Kept apart from ``potion.pipelines.lightning_module`` so unlearning and PTN sweep jobs (never training with Lightning)
 start without importing it.
 """
 

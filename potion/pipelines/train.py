@@ -17,22 +17,30 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
-from potion import interrupt, progress
-from potion import run_naming as naming
-from potion.config import identity_hash, model_kwargs, validate_train_config
+from potion.config.compose import identity_hash, model_kwargs, validate_train_config
+from potion.core import interrupt, progress
+from potion.core.interrupt import Interrupted
+from potion.core.io import load_tensors, save_tensors
+from potion.core.precision import resolve_auto
+from potion.core.schedule import cpu_threads, total_steps_for
 from potion.data.adversarial import pgd_away
 from potion.data.augment import Normalizer
 from potion.data.batches import TensorBatches
 from potion.data.poisoned import PoisonedData, kind_needs_images, load_data, plan_from_config, poison
 from potion.data.triggers import kind_of
-from potion.evaluation import evaluate_backdoor
-from potion.interrupt import Interrupted
-from potion.io import load_tensors, save_tensors
-from potion.lifecycle import RunOutputs, reuse_finished, run_lifecycle
+from potion.evaluation.backdoor import evaluate_backdoor
 from potion.models import build_model
-from potion.precision import resolve_auto
-from potion.reference import reference_config
-from potion.runs import (
+from potion.pipelines.lifecycle import RunOutputs, reuse_finished, run_lifecycle
+from potion.pipelines.lightning_module import (
+    AtomicCheckpointIO,
+    EpochMetricsCallback,
+    PoisonTrainingModule,
+    StopOnSignal,
+    check_checkpoint_fits,
+    read_resume_checkpoint,
+)
+from potion.pipelines.reference import reference_config
+from potion.pipelines.run_folders import (
     CHECKPOINTS,
     CONFIG,
     PLAN,
@@ -49,17 +57,9 @@ from potion.runs import (
     write_plan,
     write_weights,
 )
-from potion.schedule import cpu_threads, total_steps_for
-from potion.tracking import NullTracker
-from potion.tracking_runs import train_folder_run
-from potion.training import (
-    AtomicCheckpointIO,
-    EpochMetricsCallback,
-    PoisonTrainingModule,
-    StopOnSignal,
-    check_checkpoint_fits,
-    read_resume_checkpoint,
-)
+from potion.tracking import naming
+from potion.tracking.runs import train_folder_run
+from potion.tracking.tracker import NullTracker
 
 log = logging.getLogger("potion.train")
 

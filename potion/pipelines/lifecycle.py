@@ -6,7 +6,7 @@ second (from then on a tracking failure is a warning, never an error: the run is
 MLflow run FINISHED, FAILED, or KILLED when SIGTERM or Ctrl+C stopped it. A finished folder that is
 reused instead is logged from the folder when its store lacks it.
 
-Every run also gets what an MLflow user expects (:mod:`potion.tracking_extras`): the data set as a dataset input
+Every run also gets what an MLflow user expects (:mod:`potion.tracking.extras`): the data set as a dataset input
 (:meth:`RunOutputs.uses_data`), its weights as a logged model of safetensors files (:meth:`RunOutputs.add_model`),
 its resolved ``config.yaml`` and its log (``run.log``: the log records of the process while the run lasted) in the
 folder and as artifacts, and, at the end, the address of the run in the MLflow UI on the console.
@@ -27,10 +27,12 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from potion.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
-from potion.plots import plot_ptn_trajectory
-from potion.run_log import LOG_FILE, RunLog, captured_log
-from potion.tracking import (
+from potion.core.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from potion.core.run_log import LOG_FILE, RunLog, captured_log
+from potion.reporting.plots import plot_ptn_trajectory
+from potion.tracking.extras import MODEL_CONFIG, MODEL_WEIGHTS, DatasetRef, dataset_ref, model_name, model_spec
+from potion.tracking.runs import SUMMARY, TRAJECTORY, FolderRun, ensure_logged, log_folder, trajectory_rows
+from potion.tracking.tracker import (
     MlflowTracker,
     Tracker,
     logger_settings,
@@ -39,8 +41,6 @@ from potion.tracking import (
     start_tracker,
     usable_uri,
 )
-from potion.tracking_extras import MODEL_CONFIG, MODEL_WEIGHTS, DatasetRef, dataset_ref, model_name, model_spec
-from potion.tracking_runs import SUMMARY, TRAJECTORY, FolderRun, ensure_logged, log_folder, trajectory_rows
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def reuse_finished(logger_cfg: Mapping[str, Any] | None, folder: Path, summary: 
     """A finished run folder used again: its summary marked ``reused``, logged first if its store lacks it.
 
     With ``tracker`` (a sweep's final job) the folder is logged into it, and the sweeper decides whether the
-    store needs it; otherwise the configured store is asked (:func:`potion.tracking_runs.ensure_logged`).
+    store needs it; otherwise the configured store is asked (:func:`potion.tracking.runs.ensure_logged`).
     """
     if tracker is not None:
         log_folder(tracker, folder, summary, spec)

@@ -7,9 +7,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from potion import metrics
 from potion.data.augment import Normalizer
 from potion.data.poison import Trigger
+from potion.evaluation import metrics
 
 
 def autocast_for(device: torch.device, enabled: bool = True):

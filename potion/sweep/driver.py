@@ -1,6 +1,6 @@
 """PTN as a Hydra multirun, the sweeper's side: the search the ``ptn`` sweeper (``hydra_plugins/potion_ptn``) runs
 through whatever launcher Hydra is configured with, and the MLflow runs it writes. Never imports torch, so the
-sweeper can sit where no tensor work happens (a cluster login node); the jobs' work is :mod:`potion.ptn_jobs`.
+sweeper can sit where no tensor work happens (a cluster login node); the jobs' work is :mod:`potion.sweep.jobs`.
 
 PTN's candidates s_k = s_start * s_step^k are fixed in advance, so the search evaluates them in rounds of
 ``batch_size`` consecutive steps, each round one launch of jobs of ``steps_per_job`` steps. It stops after
@@ -34,13 +34,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from potion import run_naming as naming
-from potion.config import identity_hash, to_dict
-from potion.errors import ConfigError
-from potion.io import atomic_write_json, read_json
-from potion.lifecycle import complete_sweep_parent, write_rows_csv
-from potion.tracking import RecordingTracker, Tracker, logger_settings, open_client, start_tracker, usable_uri
-from potion.tracking_runs import (
+from potion.config.compose import identity_hash, to_dict
+from potion.core.errors import ConfigError
+from potion.core.io import atomic_write_json, read_json
+from potion.pipelines.lifecycle import complete_sweep_parent, write_rows_csv
+from potion.tracking import naming
+from potion.tracking.runs import (
     MISSING,
     PENDING,
     logged_state,
@@ -49,6 +48,7 @@ from potion.tracking_runs import (
     trajectory_rows,
     write_pending,
 )
+from potion.tracking.tracker import RecordingTracker, Tracker, logger_settings, open_client, start_tracker, usable_uri
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
 log = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def candidate_of(ret: dict[str, Any]) -> Candidate:
 
 @dataclass(frozen=True)
 class SweepRuns:
-    """The names, params and tags of a sweep's runs (:mod:`potion.run_naming`), known once the prepare job has
+    """The names, params and tags of a sweep's runs (:mod:`potion.tracking.naming`), known once the prepare job has
     read the training run, and the key that finds an earlier finished sweep of the same config."""
 
     study: str
@@ -352,7 +352,7 @@ def _round_line(number: int, rounds: int, cands: list[Candidate], chosen: Candid
 def _write_trajectory(sweep_dir: Path, evaluated: list[Candidate], threshold: float, title: str
                       ) -> tuple[Path, Path]:
     """The sweep folder's ptn_trajectory.csv and its plot (the whole search, as an in-process run draws it)."""
-    from potion.plots import plot_ptn_trajectory  # matplotlib: loaded only when a sweep gets this far
+    from potion.reporting.plots import plot_ptn_trajectory  # matplotlib: loaded only when a sweep gets this far
 
     rows = [asdict(c) for c in sorted(evaluated, key=lambda c: c.step)]
     return (write_rows_csv(sweep_dir / TRAJECTORY, rows),

@@ -10,9 +10,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from potion import metrics
-from potion import run_naming as naming
-from potion.config import (
+from potion.config.compose import (
     compose_config,
     identity_hash,
     method_arguments,
@@ -21,15 +19,17 @@ from potion.config import (
     train_overrides,
     validate_unlearn_config,
 )
+from potion.core.errors import ConfigError
+from potion.core.io import save_tensors, sha256_tensors
+from potion.core.schedule import cpu_threads
+from potion.data.discovery import Discovery, discover
 from potion.data.poisoned import PoisonedData, load_data, poison
-from potion.discovery import Discovery, discover
-from potion.errors import ConfigError
-from potion.evaluation import evaluate_backdoor, logits_of, model_device, predict
-from potion.io import save_tensors, sha256_tensors
-from potion.lifecycle import RunOutputs, reuse_finished, run_lifecycle
+from potion.evaluation import metrics
+from potion.evaluation.backdoor import evaluate_backdoor, logits_of, model_device, predict
 from potion.models import build_model
-from potion.reference import is_reference, reference_config
-from potion.runs import (
+from potion.pipelines.lifecycle import RunOutputs, reuse_finished, run_lifecycle
+from potion.pipelines.reference import is_reference, reference_config
+from potion.pipelines.run_folders import (
     PLAN,
     TrainedRun,
     check_out_dir,
@@ -40,14 +40,14 @@ from potion.runs import (
     remove_stale_temp_files,
     run_lock,
 )
-from potion.schedule import cpu_threads
-from potion.suspects import find_suspects, suspects_summary, write_suspects_csv
-from potion.tracking import Tracker, download_run_artifacts, resolve_tracking_uri
-from potion.tracking_runs import FolderRun, unlearn_folder_run
-from potion.train_pipeline import run_training, train_run_dir
+from potion.pipelines.train import run_training, train_run_dir
+from potion.tracking import naming
+from potion.tracking.runs import FolderRun, unlearn_folder_run
+from potion.tracking.tracker import Tracker, download_run_artifacts, resolve_tracking_uri
 from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
 from potion.unlearning.methods import get_method, method_info
 from potion.unlearning.registry import run_timed
+from potion.unlearning.suspects import find_suspects, suspects_summary, write_suspects_csv
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.unlearn")
@@ -122,7 +122,7 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None, tracker: T
     """Heal the training run's model with the configured method; return the summary (also on disk).
 
     ``parent_run_id`` makes the MLflow run a child of that run. ``tracker``: log to this tracker (its run
-    already started elsewhere, e.g. a :class:`~potion.tracking.RecordingTracker` in a PTN sweep's final
+    already started elsewhere, e.g. a :class:`~potion.tracking.tracker.RecordingTracker` in a PTN sweep's final
     job) instead of starting one from ``cfg.logger``; it gets the run's tags and its final status.
     """
     method_fn = get_method(str(cfg.method.name))
@@ -151,7 +151,7 @@ def _unlearn_locked(cfg: DictConfig, run: TrainedRun, discovery: Any, method_fn:
 
 
 def unlearn_spec(cfg: DictConfig, run: TrainedRun, discovery: Discovery, key: str) -> FolderRun:
-    """How this unlearning run reads in MLflow (potion.run_naming): experiment, name, tags, params."""
+    """How this unlearning run reads in MLflow (potion.tracking.naming): experiment, name, tags, params."""
     study = naming.study_name(run.cfg)
     grid, overrides = naming.hydra_job()
     method = str(cfg.method.name)

@@ -18,8 +18,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from potion.config import CONF_DIR
-from potion.io import atomic_write_text
+from potion.config.compose import CONF_DIR
+from potion.core.io import atomic_write_text
 
 NEXT_LIST = "next_discovered.txt"
 FEW_FOUND = 10  # at most this many discovered files: suggest method=potion_iterative

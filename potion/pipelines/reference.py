@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config import identity_hash
+from potion.config.compose import identity_hash
 
 NO_POISON = {"count": 0, "fraction": None, "target": 0, "exclude_target": False, "mapping": "all_to_one",
              "trigger": {"kind": "none"}}

@@ -8,7 +8,7 @@ trigger in their pixels and sit in the attacker's target class folder, and the l
 found so far. No trigger is pasted anywhere: the data set is taken exactly as it is on disk. The
 discovered files become the forget set and every other training file the retain set; then the same
 registered method as ``unlearn.py`` (potion, assd, lfssd or ssd) heals the model, and the remaining
-training files are ranked by how likely they are to be undiscovered poison (:mod:`potion.suspects`).
+training files are ranked by how likely they are to be undiscovered poison (:mod:`potion.unlearning.suspects`).
 
 Outputs (in ``out_dir``): ``healed.pt`` or ``healed.safetensors`` (the input's format and key names),
 ``report.md``, ``suspects.csv``, ``ptn_trajectory.png``/``.csv`` (PTN methods) and, written last,
@@ -28,25 +28,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from potion import metrics
-from potion import run_naming as naming
-from potion.config import identity_hash, method_arguments, model_kwargs, to_dict, validate_heal_config
+from potion.config.compose import identity_hash, method_arguments, model_kwargs, to_dict, validate_heal_config
+from potion.core.errors import CheckpointError, ConfigError, DataError
+from potion.core.io import atomic_write_text, load_tensors, save_tensors, sha256_file
+from potion.core.schedule import cpu_threads
 from potion.data.augment import Normalizer
+from potion.data.discovery import Discovery
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
 from potion.data.poisoned import PoisonedData, load_data
 from potion.data.sources import DatasetBundle, folder_data_root
-from potion.discovery import Discovery
-from potion.errors import CheckpointError, ConfigError, DataError
-from potion.evaluation import evaluate_backdoor, predict
-from potion.io import atomic_write_text, load_tensors, save_tensors, sha256_file
-from potion.lifecycle import RunOutputs, run_lifecycle
+from potion.evaluation import metrics
+from potion.evaluation.backdoor import evaluate_backdoor, predict
 from potion.models import build_model
-from potion.next_steps import NEXT_LIST, config_args, format_next_steps, next_commands, write_next_list
-from potion.schedule import cpu_threads
-from potion.suspects import SuspectRanking, find_suspects, write_suspects_csv
-from potion.unlearn_pipeline import make_task, resolve_device
+from potion.pipelines.lifecycle import RunOutputs, run_lifecycle
+from potion.pipelines.next_steps import NEXT_LIST, config_args, format_next_steps, next_commands, write_next_list
+from potion.pipelines.unlearn import make_task, resolve_device
+from potion.tracking import naming
 from potion.unlearning.methods import get_method
 from potion.unlearning.registry import run_timed
+from potion.unlearning.suspects import SuspectRanking, find_suspects, write_suspects_csv
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.heal")

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from potion.io import atomic_write_bytes
+from potion.core.io import atomic_write_bytes
 
 SCREEN_DPI = 110
 PRINT_DPI = 300

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from potion.core.io import atomic_write_text
 from potion.data.poisoned import PoisonedData
-from potion.evaluation import logits_of
-from potion.io import atomic_write_text
+from potion.evaluation.backdoor import logits_of
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Signature:
 def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tensor, retain_idx: torch.Tensor,
                    target: int, probes: int = 256, seed: int = 0) -> Signature | None:
     """Locate a patch trigger in the discovered samples (see unlearning/synthesis.py); None if none is found."""
-    from potion.evaluation import model_device
+    from potion.evaluation.backdoor import model_device
     from potion.unlearning.synthesis import synthesize_forget
 
     dev = model_device(model)

@@ -1,14 +1,14 @@
 """The config schema: one dataclass per config group (and per method), with every value's type and range.
 
 This module is the one place that says what a config value may be. The YAML files under ``conf/`` hold the
-defaults a user sees; :func:`potion.config.check_config` checks a composed config against the classes here
+defaults a user sees; :func:`potion.config.compose.check_config` checks a composed config against the classes here
 before any data is read or any heavy framework is imported.
 
 How to read a class:
 
 * A field without a default is required: the composed config must hold the key (the group's YAML sets it).
   A field with a default is optional: a user may add it (``+method.momentum=0.5``); the default is the value
-  meaning "not given" that :func:`potion.config.method_arguments` passes on.
+  meaning "not given" that :func:`potion.config.compose.method_arguments` passes on.
 * Types are the annotations (``int`` means an integer, not a bool; ``float`` accepts integers; ``X | None``
   accepts null; ``Literal`` lists the choices). Ranges are :func:`num` bounds, applied to every element of
   a list.
@@ -157,9 +157,9 @@ class Trainer:
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook", "ddp_find_unused_parameters_true", "fsdp",
                       "deepspeed", "single_device"]
     precision: Literal["64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16",
-                       "bf16", 64, 32, 16, "auto"]  # auto: by what the machine can do (potion/precision.py)
+                       "bf16", 64, 32, 16, "auto"]  # auto: by what the machine can do (potion/core/precision.py)
     channels_last: bool | Literal["auto"]
-    progress_bar: bool | Literal["auto"]  # auto: a terminal and not a multirun job (potion/progress.py)
+    progress_bar: bool | Literal["auto"]  # auto: a terminal and not a multirun job (potion/core/progress.py)
     deterministic: bool
     benchmark: bool
 
@@ -177,8 +177,8 @@ class Logger:
     name: Literal["mlflow", "none"]
     tracking_uri: str | None
     fallback: Literal["none", "local"]
-    experiment: str | None  # null: the study (potion.run_naming.study_name)
-    timeout_s: float | None = num(60.0, gt=0)  # one call to a server gives up after ~this long (potion.tracking)
+    experiment: str | None  # null: the study (potion.tracking.naming.study_name)
+    timeout_s: float | None = num(60.0, gt=0)  # one server call gives up after ~this long (potion.tracking.tracker)
     system_metrics: bool = False  # MLflow's system metrics monitor (CPU, memory, disk, network, GPU) on every run
     system_metrics_interval_s: float = num(10.0, gt=0)  # how often it samples
 

@@ -7,7 +7,7 @@ a wrong URI or a dead server shows up before any work is done.
 
 The tracking URI is always explicit: the default is an embedded sqlite store in the working folder,
 ``http(s)://`` points at a shared server, and ``file:`` stores (deprecated in MLflow) are refused. A sqlite
-store is created, migrated (and repaired) under an inter-process lock (:mod:`potion.tracking_store`), so
+store is created, migrated (and repaired) under an inter-process lock (:mod:`potion.tracking.store`), so
 commands started together on a new store all succeed. Calls to a server give up after about
 ``logger.timeout_s`` seconds (MLflow's own retries would take minutes), and a server that stops answering
 switches tracking off for the rest of the run: the results are in the run folder, and rerunning the same
@@ -37,10 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from potion.errors import ConfigError, TrackingError
-from potion.interrupt import Interrupted
-from potion.run_log import LOG_FILE, RunLog
-from potion.tracking_extras import (
+from potion.core.errors import ConfigError, TrackingError
+from potion.core.interrupt import Interrupted
+from potion.core.run_log import LOG_FILE, RunLog
+from potion.tracking.extras import (
     DatasetRef,
     dataset_input,
     git_source_tags,
@@ -51,7 +51,7 @@ from potion.tracking_extras import (
     ui_lines,
     upload_logged_model,
 )
-from potion.tracking_store import inspect_store, is_unfinished_and_empty, repair_store, set_aside, store_lock
+from potion.tracking.store import inspect_store, is_unfinished_and_empty, repair_store, set_aside, store_lock
 
 log = logging.getLogger(__name__)
 
@@ -307,7 +307,7 @@ class Tracker(ABC):
     """What the pipeline logs to: params, metrics, artifacts and tags of one run.
 
     Use as a context manager to finish the run with FINISHED, FAILED or KILLED (SIGTERM, Ctrl+C) automatically
-    (:func:`potion.lifecycle.run_lifecycle` does).
+    (:func:`potion.pipelines.lifecycle.run_lifecycle` does).
     """
 
     run_id: str | None = None
@@ -333,7 +333,7 @@ class Tracker(ABC):
     @abstractmethod
     def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
                    source_run_id: str | None = None) -> None:
-        """Log a data set (a :class:`~potion.tracking_extras.DatasetRef` as a dict) as the run's dataset input,
+        """Log a data set (a :class:`~potion.tracking.extras.DatasetRef` as a dict) as the run's dataset input,
         and the logged model of run ``source_run_id`` (the training run an unlearning run healed) as a model input.
         """
 
@@ -804,7 +804,7 @@ def open_client(uri: str, experiment: str | None = None) -> tuple[Any, str | Non
     """An MlflowClient for ``uri`` with its store ready, and the id of ``experiment`` (created if missing).
 
     A sqlite store is created, migrated or repaired while this process holds the store's lock (see
-    :mod:`potion.tracking_store`), so processes opening a new store at once do not race MLflow's
+    :mod:`potion.tracking.store`), so processes opening a new store at once do not race MLflow's
     migration; MLflow keeps the opened store for the rest of the process. Failures raise one line.
     """
     db = sqlite_path(uri)
@@ -906,7 +906,7 @@ def start_tracker(
     sqlite store instead), ``experiment`` (overrides the experiment name), ``timeout_s`` (how long
     one call to a server may try; see :func:`http_settings`), ``system_metrics`` (MLflow's system metrics
     monitor) and ``system_metrics_interval_s``. ``capture_log``: upload the process's log records as ``run.log``
-    when the run finishes (:mod:`potion.lifecycle` writes that file into the run folder itself). The run prints
+    when the run finishes (``potion.pipelines.lifecycle`` writes that file into the run folder itself). The run prints
     its UI address when it finishes.
     """
     settings = logger_settings(logger_cfg)

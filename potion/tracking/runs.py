@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potion import run_naming as naming
-from potion.errors import TrackingError
-from potion.io import atomic_write_json, read_json
-from potion.tracking import (
+from potion.core.errors import TrackingError
+from potion.core.io import atomic_write_json, read_json
+from potion.tracking import naming
+from potion.tracking.tracker import (
     MlflowTracker,
     RecordingTracker,
     Tracker,

@@ -27,10 +27,9 @@ import torch.nn as nn
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config import identity_hash, model_kwargs
-from potion.data.poison import PoisonPlan
-from potion.errors import CheckpointError, ConfigError
-from potion.io import (
+from potion.config.compose import identity_hash, model_kwargs
+from potion.core.errors import CheckpointError, ConfigError
+from potion.core.io import (
     atomic_write_json,
     atomic_write_text,
     cache_dir,
@@ -39,9 +38,10 @@ from potion.io import (
     save_tensors,
     storage_error,
 )
+from potion.data.poison import PoisonPlan
 from potion.models import MODELS, build_model
 
-log = logging.getLogger("potion.runs")
+log = logging.getLogger("potion.pipelines.run_folders")
 
 CONFIG = "config.yaml"
 PLAN = "poison_plan.json"

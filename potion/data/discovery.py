@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from potion.core.errors import ConfigError
 from potion.data.poison import PoisonPlan
-from potion.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Typed config schemas (checked before torch is imported) and Hydra composition."""

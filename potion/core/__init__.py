@@ -1,0 +1,1 @@
+"""Infrastructure every layer may use: errors, atomic file IO, signals, schedules, precision."""

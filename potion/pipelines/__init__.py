@@ -1,0 +1,1 @@
+"""The run lifecycles: train, unlearn, heal, the clean reference, run folders."""

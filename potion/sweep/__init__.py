@@ -1,0 +1,1 @@
+"""The PTN search as a Hydra multirun (driver and jobs)."""

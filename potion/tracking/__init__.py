@@ -1,0 +1,1 @@
+"""MLflow: the tracker, the store's safety, logging a run folder."""
