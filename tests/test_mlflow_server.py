@@ -53,9 +53,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 @pytest.fixture(scope="module")
 def logged(server: dict) -> dict:
     """Train, unlearn and PTN-sweep a tiny poisoned model, all logging to the server."""
+    from potion.config.compose import compose_config
     from potion.pipelines.train import run_training
     from potion.pipelines.unlearn import run_unlearning
-    from potion.quickstart import compose_config
 
     root, uri = server["root"], server["uri"]
     env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -19,8 +20,8 @@ from typing import Any
 
 import pytest
 
+from potion.config.compose import compose_config
 from potion.core.errors import ConfigError
-from potion.quickstart import compose_config
 from potion.sweep.driver import (
     CANDIDATE,
     FINAL,
@@ -188,7 +189,9 @@ def test_the_sweep_chooses_the_in_process_step(basic: dict[str, Any], inproc: di
     assert basic["ptn_reached"] == bool(inproc["ptn_reached"])
     assert basic["ptn_rounds"] >= 2 and basic["ptn_steps_evaluated"] == basic["ptn_rounds"] * inproc["batch"]
     seen = {int(r["step"]): r["forget_acc"] for r in basic["trajectory"]}
-    for row in inproc["trajectory"]:  # every step the in-process search evaluated, identically
+    measured = [r for r in inproc["trajectory"] if not math.isnan(float(r["forget_acc"]))]
+    assert int(measured[-1]["step"]) == inproc["chosen"]  # the decisive scan measures the step it stops on in full
+    for row in measured:  # every step the in-process search measured in full, identically
         assert seen[int(row["step"])] == pytest.approx(row["forget_acc"], abs=1e-12)
     final = basic["final_summary"]  # the final job healed the same model as the in-process search
     assert final["ptn_steps"] == inproc["ptn_steps"] and final["ptn_alpha"] == pytest.approx(inproc["ptn_alpha"])

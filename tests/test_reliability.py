@@ -37,13 +37,13 @@ import pytest
 import torch
 from PIL import Image
 
+from potion.config.compose import compose_config
 from potion.core.errors import CheckpointError, ConfigError, DataError
 from potion.core.io import atomic_write_json, load_tensors, read_json, save_tensors
 from potion.data import sources
 from potion.data.discovery import discover
 from potion.data.poisoned import load_data, plan_from_config, poison
 from potion.pipelines.run_folders import load_trained_run, read_summary, write_plan
-from potion.quickstart import compose_config
 from potion.unlearning import cache as importance_cache
 from potion.unlearning import ssd_family
 from potion.unlearning.task import UnlearnTask

@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 import torch
 
+from potion.config.compose import compose_config
 from potion.core.errors import CheckpointError, ConfigError
 from potion.core.io import load_tensors, read_json, sha256_file
 from potion.pipelines.run_folders import identify_run, load_trained_run, read_summary
-from potion.quickstart import compose_config
 
 pytestmark = pytest.mark.slow  # trains tiny models, starts subprocesses
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
+from potion.config.compose import compose_config
 from potion.core import interrupt
 from potion.core.io import read_json
-from potion.quickstart import compose_config
 
 pytestmark = pytest.mark.slow  # trains tiny models, starts subprocesses
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from test_mlflow_server import server as mlflow_server  # noqa: F401 - a module fixture: mlflow server on 127.0.0.1
 
-from potion.quickstart import compose_config
+from potion.config.compose import compose_config
 
 pytestmark = pytest.mark.slow  # processes that import the heavy stack: make test only
 ROOT = Path(__file__).resolve().parent.parent

@@ -65,8 +65,8 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """Train a tiny model, start a server, sweep against it and kill the server once the prepare job is done."""
+    from potion.config.compose import compose_config
     from potion.pipelines.train import run_training
-    from potion.quickstart import compose_config
 
     root = tmp_path_factory.mktemp("lost")
     env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}
