@@ -77,6 +77,10 @@ def test_no_checkout_or_an_unreadable_head_gives_no_tag(tmp_path: Path) -> None:
     assert git_source_tags(tmp_path / "garbage") == {}
 
 
+def test_the_code_root_holds_the_package() -> None:
+    assert (code_root() / "potion" / "__init__.py").is_file()
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (code_root() / ".git").exists(), reason="not a git checkout")
 def test_the_code_commit_is_what_git_says() -> None:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code_root(), capture_output=True, text=True, check=True)

@@ -49,7 +49,7 @@ _BAD_MODEL_NAME = re.compile(r"[/:.%\"'\s]+")
 
 def code_root() -> Path:
     """The folder holding the ``potion`` package (a checkout's root when run from one)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 @cache
