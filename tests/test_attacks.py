@@ -17,7 +17,7 @@ from potion.data.triggers import KINDS
 from potion.data.triggers.additive import RGB_TO_YUV, dct_matrix
 from potion.evaluation import metrics
 from potion.unlearning.ssd_family import grouped_forget_acc
-from potion.unlearning.synthesis import synthesize_additive, synthesize_forget
+from potion.unlearning.synthesis import invert_additive, synthesize_additive, synthesize_forget
 
 MEAN3, STD3 = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -215,6 +215,42 @@ def test_additive_estimate_recovers_an_image_wide_trigger_from_several_samples()
     assert found is not None and found.additive and found.flip_rate > 0.9
     assert torch.allclose(found.delta, pattern[0], atol=0.3)
     assert synthesize_additive(Detector(), clean[:40], clean[40:], clean[200:300], target=1) is None
+
+
+class PatternBackdoor(nn.Module):
+    """Class 0 by nature; the target 1 when the input carries ``pattern`` (a learned linear read-out)."""
+
+    def __init__(self, pattern: torch.Tensor, backdoor: bool = True) -> None:
+        super().__init__()
+        self.read = nn.Parameter(pattern.clone() if backdoor else torch.zeros_like(pattern))
+        self.norm = float((pattern * pattern).sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = (x * self.read).sum((1, 2, 3)) / self.norm
+        return torch.stack([torch.full_like(score, 2.0), 10 * score - 3], 1)
+
+
+def test_inversion_recovers_an_image_wide_trigger_from_one_sample() -> None:
+    gen = torch.Generator().manual_seed(5)
+    pattern = 0.3 * torch.sin(torch.arange(12.0)).view(1, 1, 1, 12).expand(1, 1, 12, 12)
+    clean = torch.randn(301, 1, 12, 12, generator=gen) * 0.5
+    model = PatternBackdoor(pattern).eval()
+    one = clean[:1] + pattern  # the single discovered sample: its host image is not known
+    assert model(one).argmax(1).item() == 1 and (model(clean[1:]).argmax(1) == 1).float().mean() < 0.1
+    before = model.read.detach().clone()
+    found = invert_additive(model, one, clean[1:], target=1, steps=60)
+    assert found is not None and found.additive and found.flip_rate > 0.9
+    assert torch.nn.functional.cosine_similarity(found.delta.flatten(), pattern[0].flatten(), dim=0) > 0.9
+    assert found.images.shape == clean[1:].shape and bool((found.labels == 1).all())
+    assert model.read.grad is None and torch.equal(model.read, before)  # only the input was optimised
+
+
+def test_inversion_finds_nothing_without_a_backdoor() -> None:
+    gen = torch.Generator().manual_seed(6)
+    pattern = 0.3 * torch.sin(torch.arange(12.0)).view(1, 1, 1, 12).expand(1, 1, 12, 12)
+    clean = torch.randn(301, 1, 12, 12, generator=gen) * 0.5
+    assert invert_additive(PatternBackdoor(pattern, backdoor=False).eval(), clean[:1] + pattern, clean[1:],
+                           target=1) is None
 
 
 def test_ptn_never_stops_while_the_discovered_samples_still_fire() -> None:

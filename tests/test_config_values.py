@@ -221,7 +221,7 @@ def test_method_arguments_fill_what_the_yaml_leaves_out() -> None:
     # nested blocks too: a run folder's config written before synthesis.additive existed
     older = {"enabled": True, "max_discovered": 10, "samples": 500, "min_flip_rate": 0.5, "sizes": [3]}
     synthesis = method_arguments({"name": "potion", "synthesis": older})["synthesis"]
-    assert synthesis == {**older, "additive": True, "additive_min_discovered": 5}
+    assert synthesis == {**older, "additive": True, "additive_min_discovered": 5, "invert_steps": 60}
     assert method_arguments({"name": "potion_iterative", "repair": None})["repair"] is None
 
 

@@ -293,6 +293,7 @@ class Synthesis:
     sizes: list[int] = num(ge=1)
     additive: bool = True  # estimate image-wide additive triggers (blend, sig, ftrojan) from several samples
     additive_min_discovered: int = num(ge=2, default=5)
+    invert_steps: int = num(ge=0, default=60)  # fewer discovered and no patch: invert an additive trigger (0 = off)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:

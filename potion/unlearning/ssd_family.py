@@ -27,7 +27,13 @@ from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
 from potion.unlearning.registry import MethodOutput, register
-from potion.unlearning.synthesis import SynthesisResult, patch_present, synthesize_additive, synthesize_forget
+from potion.unlearning.synthesis import (
+    SynthesisResult,
+    invert_additive,
+    patch_present,
+    synthesize_additive,
+    synthesize_forget,
+)
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
@@ -245,7 +251,8 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
 
     A patch is located when at most ``max_discovered`` samples were found (beyond that the discovered set
     itself is enough); with at least ``additive_min_discovered`` samples and no patch, an image-wide
-    additive trigger is estimated instead. Steps aside (logged) for all-to-all attacks, which have no
+    additive trigger is estimated instead; with fewer, and no patch, one is inverted (``invert_steps`` > 0).
+    Steps aside (logged) for all-to-all attacks, which have no
     single target class to synthesise for.
     """
     s = synthesis  # the method.synthesis block; None: synthesise nothing (later iterative rounds)
@@ -277,12 +284,16 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
         ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
         reference = task.data.normalizer(task.data.bundle.train.images[ref_idx].to(task.device))
         result = synthesize_additive(task.model, forget_x, reference, probes, target, min_flip_rate=min_flip)
+    elif result is None and small and bool(s["additive"]) and int(s["invert_steps"]) > 0:
+        result = invert_additive(task.model, forget_x[:64], probes, target, steps=int(s["invert_steps"]),
+                                 min_flip_rate=min_flip, seed=task.seed + 23)
     if result is None:
         log.info("trigger synthesis: no patch window or additive estimate flips enough predictions; "
                  "using the discovered samples only")
         return task, {"synth_samples": 0}, None
     if result.additive:
-        log.info("trigger synthesis: an image-wide additive estimate from %d samples flips %.1f%% of probes", n_f,
+        how = "estimate" if additive_ok else "inversion"
+        log.info("trigger synthesis: an image-wide additive %s from %d samples flips %.1f%% of probes", how, n_f,
                  100 * result.flip_rate)
     else:
         log.info("trigger synthesis: %dx%d window at (%d, %d) flips %.1f%% of probes", result.size, result.size,

@@ -13,6 +13,12 @@ Image-wide additive triggers (blend, SIG, FTrojan, faint corner patterns) have n
 discovered samples their mean minus the mean of clean images estimates the trigger itself (host images
 average out), and adding that estimate to clean probes gives synthetic poison just the same. An
 estimate that flips too few probes (e.g. a warp, or too few samples) is dropped: nothing is synthesised.
+
+With fewer discovered samples the mean keeps their host images, so the trigger is *inverted* instead: a
+perturbation added to clean images is optimised to send them to the target while taking it out of the
+discovered samples sends them away from it, with an L2 penalty. A backdoor is a shortcut to its target, so
+the cheapest such perturbation points along the trigger (on the CIFAR FTrojan model, from one sample: cosine
+0.6 with the real trigger after 50 steps). An inversion that flips too few held-out probes is dropped too.
 """
 
 from __future__ import annotations
@@ -197,6 +203,41 @@ def synthesize_additive(model: nn.Module, forget_x: torch.Tensor, reference_x: t
     rate = flip_rate(model, images, target)
     if rate < max(min_flip_rate, flip_rate(model, probe_x, target) + 0.25):
         return None
+    labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
+    return SynthesisResult(-1, -1, 0, rate, images, labels, delta)
+
+
+def invert_additive(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
+                    steps: int = 60, lr: float = 0.01, l2: float = 0.01, batch: int = 64, min_flip_rate: float = 0.5,
+                    seed: int = 0) -> SynthesisResult | None:
+    """Optimise an image-wide additive trigger from a few discovered samples and add it to ``probe_x``.
+
+    Loss: cross-entropy of (probe + delta) to the target, plus -log(1 - p_target(discovered - delta)) (taking
+    the trigger out of a discovered sample leaves a host image of another class), plus ``l2`` * |delta|^2.
+    Fitted on half of the probes, judged on the other half: None when it flips fewer than ``min_flip_rate``
+    of them (and at least 0.25 more than the probes alone). Only the input is optimised; the model's
+    parameters and their gradients are left untouched.
+    """
+    model.eval()
+    half = max(1, probe_x.shape[0] // 2)
+    fit, check = probe_x[:half], probe_x[half:] if probe_x.shape[0] > 1 else probe_x
+    delta = torch.zeros_like(forget_x[0], requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    gen = torch.Generator().manual_seed(int(seed))
+    goal = torch.full((min(batch, fit.shape[0]),), target, dtype=torch.long, device=probe_x.device)
+    for _ in range(int(steps)):
+        pick = torch.randperm(fit.shape[0], generator=gen)[:goal.numel()].to(probe_x.device)
+        to_target = F.cross_entropy(model(fit[pick] + delta), goal)
+        p_host = model(forget_x - delta).float().softmax(1)[:, target]
+        from_target = -torch.log1p(-p_host.clamp(max=1 - 1e-6)).mean()
+        loss = to_target + from_target + l2 * delta.pow(2).sum()
+        (delta.grad,) = torch.autograd.grad(loss, [delta])
+        opt.step()
+    delta = delta.detach()
+    rate = flip_rate(model, check + delta, target)
+    if rate < max(min_flip_rate, flip_rate(model, check, target) + 0.25):
+        return None
+    images = probe_x + delta
     labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     return SynthesisResult(-1, -1, 0, rate, images, labels, delta)
 
