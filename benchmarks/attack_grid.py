@@ -1,6 +1,6 @@
 """The attack grid: every `poison=` option on the cpu_bench-style model, healed by every method.
 
-    python benchmarks/attack_grid.py train   [--epochs 10] [--attacks badnets,blend,...]
+    python benchmarks/attack_grid.py train   [--epochs 10] [--attacks badnets,blend,...] [--train-extra seed=1 ...]
     python benchmarks/attack_grid.py unlearn [--cells potion:1,0.1,0.5 ssd:0.1 retrain:0.1 ...]
     python benchmarks/attack_grid.py table   [--section attack_grid]
 
@@ -8,8 +8,11 @@
 (ResNet-9 width 1/4 on the CIFAR-10 JPEG pack, the cpu_bench recipe at ``--epochs``); ``unlearn`` runs the
 (method, discovery) cells on each and appends every summary to ``benchmarks/out/attack_grid.jsonl``
 (a restarted grid skips the cells already there); ``table`` writes the table into docs/results.md
-between the section's markers. Each row names the attack's overrides, so any figure can be re-made with
-``python train.py experiment=cpu_bench train.epochs=<E> <overrides>`` and ``python unlearn.py ...``.
+between the section's markers. ``--train-extra`` adds training overrides to every model (the grid on models of
+its own: another seed, target class or trigger placement, e.g. ``--train-extra seed=1 --train-extra
+poison.target=3``); give the same ones to ``unlearn`` and ``table``. Each row names the attack's overrides,
+so any figure can be re-made with ``python train.py experiment=cpu_bench train.epochs=<E> <overrides>`` and
+``python unlearn.py ...``.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ KEYS = ("clean_acc_before", "asr_before", "asr", "healed", "healed_attainable", 
         "suspect_recall", "suspect_ap", "unlearn_seconds", "poison_acc_reference")
 
 
-def base_overrides(epochs: int) -> list[str]:
-    return ["experiment=cpu_bench", f"train.epochs={epochs}"]
+def base_overrides(epochs: int, train_extra: list[str] | None = None) -> list[str]:
+    return ["experiment=cpu_bench", f"train.epochs={epochs}", *(train_extra or [])]
 
 
 def attack_overrides(name: str) -> list[str]:
@@ -65,40 +68,42 @@ def attack_overrides(name: str) -> list[str]:
     return ATTACKS[name]
 
 
-def stage_train(attacks: list[str], epochs: int) -> None:
+def stage_train(attacks: list[str], epochs: int, train_extra: list[str]) -> None:
     # the clean reference is the poisoned config with its poison block replaced (potion/pipelines/reference.py)
-    ref = run_training(reference_config(compose_config("train", [*base_overrides(epochs), "poison=badnets"])))
+    base = base_overrides(epochs, train_extra)
+    ref = run_training(reference_config(compose_config("train", [*base, "poison=badnets"])))
     print(f"reference: {ref['run_dir']} clean_acc={ref['clean_acc']:.4f}", flush=True)
     for name in attacks:
         t0 = time.perf_counter()
-        s = train([*base_overrides(epochs), *attack_overrides(name)])
+        s = train([*base, *attack_overrides(name)])
         print(f"{name}: {s['run_dir']} clean_acc={s['clean_acc']:.4f} asr={s['asr']:.4f} n_p={s['n_p']} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
-def done_cells() -> set[tuple[str, str, str, str]]:
+def done_cells() -> set[tuple[str, str, str, str, str]]:
     if not OUT.is_file():
         return set()
-    return {(r["attack"], r["method"], r["discovery"], r.get("extra", "")) for r in map(json.loads,
-                                                                                      OUT.read_text().splitlines())}
+    return {(r["attack"], r["method"], r["discovery"], r.get("extra", ""), r.get("train_extra", ""))
+            for r in map(json.loads, OUT.read_text().splitlines())}
 
 
-def stage_unlearn(attacks: list[str], epochs: int, cells: list[str], extra: list[str]) -> None:
+def stage_unlearn(attacks: list[str], epochs: int, cells: list[str], extra: list[str], train_extra: list[str]
+                  ) -> None:
     OUT.parent.mkdir(parents=True, exist_ok=True)
     done = done_cells()
-    tag = " ".join(extra)
+    tag, model_tag = " ".join(extra), " ".join(train_extra)
     for name in attacks:
-        run = train([*base_overrides(epochs), *attack_overrides(name)])["run_dir"]
+        run = train([*base_overrides(epochs, train_extra), *attack_overrides(name)])["run_dir"]
         for cell in cells:
             method, shares = cell.split(":", 1)
             for share in shares.split(","):
-                if (name, method, share, tag) in done:
+                if (name, method, share, tag, model_tag) in done:
                     continue
                 t0 = time.perf_counter()
                 s = unlearn(run, [f"method={method}", *discovery_overrides(share), "save_weights=false",
                                   "reference=train", *extra])
                 row: dict[str, Any] = {"attack": name, "method": method, "discovery": share, "extra": tag,
-                                       "train_run": run, "command": command_line(),
+                                       "train_extra": model_tag, "train_run": run, "command": command_line(),
                                        **{k: s.get(k) for k in KEYS}, "wall_seconds": time.perf_counter() - t0}
                 with OUT.open("a") as f:
                     f.write(json.dumps(row) + "\n")
@@ -107,14 +112,16 @@ def stage_unlearn(attacks: list[str], epochs: int, cells: list[str], extra: list
                       f"drop={fmt(s.get('acc_drop'), 2)}", flush=True)
 
 
-def stage_table(section: str, doc: Path) -> None:
+def stage_table(section: str, doc: Path, train_extra: list[str]) -> None:
+    model_tag = " ".join(train_extra)
     rows = [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.is_file() else []
+    rows = [r for r in rows if r.get("train_extra", "") == model_tag]
     header = ["attack (overrides)", "clean / asr before", "method", "discovered", "asr after", "healed",
               "healed_attainable", "acc_drop", "suspects P / R / AP", "s"]
     body = []
     for r in rows:
         body.append([
-            f"{r['attack']} (`{' '.join(ATTACKS.get(r['attack'], []))}`)",
+            f"{r['attack']} (`{' '.join([*ATTACKS.get(r['attack'], []), *train_extra])}`)",
             f"{fmt(r['clean_acc_before'], 3)} / {fmt(r['asr_before'], 3)}", r["method"] + (
                 f" {r['extra']}" if r.get("extra") else ""), discovery_label(r["discovery"]), fmt(r["asr"], 3),
             fmt(r["healed"]), fmt(r["healed_attainable"]), fmt(r["acc_drop"], 2),
@@ -131,16 +138,18 @@ def main() -> None:
     ap.add_argument("--attacks", default=",".join(ATTACKS))
     ap.add_argument("--cells", nargs="*", default=DEFAULT_CELLS, help="METHOD:SHARES (1 = one sample)")
     ap.add_argument("--extra", action="append", default=[], help="extra unlearn override for every cell")
+    ap.add_argument("--train-extra", action="append", default=[],
+                    help="extra training override for every model (another seed, target, trigger placement)")
     ap.add_argument("--section", default="attack_grid")
     ap.add_argument("--doc", default=str(ROOT / "docs" / "results.md"))
     args = ap.parse_args()
     attacks = [a for a in args.attacks.split(",") if a]
     if args.stage == "train":
-        stage_train(attacks, args.epochs)
+        stage_train(attacks, args.epochs, args.train_extra)
     elif args.stage == "unlearn":
-        stage_unlearn(attacks, args.epochs, args.cells, args.extra)
+        stage_unlearn(attacks, args.epochs, args.cells, args.extra, args.train_extra)
     else:
-        stage_table(args.section, Path(args.doc))
+        stage_table(args.section, Path(args.doc), args.train_extra)
 
 
 if __name__ == "__main__":
