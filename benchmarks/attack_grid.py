@@ -127,8 +127,36 @@ def stage_table(section: str, doc: Path, train_extra: list[str]) -> None:
             fmt(r["healed"]), fmt(r["healed_attainable"]), fmt(r["acc_drop"], 2),
             f"{fmt(r['suspect_precision'], 2)} / {fmt(r['suspect_recall'], 2)} / {fmt(r['suspect_ap'], 2)}",
             fmt(r["wall_seconds"], 0)])
-    write_section(doc, section, markdown_table(header, body))
+    write_section(doc, section, overview(rows) + "\n\n" + markdown_table(header, body))
     print(f"{len(body)} rows -> {doc} ({section})")
+
+
+def overview(rows: list[dict[str, Any]]) -> str:
+    """Attack x cell at a glance: healed_attainable / acc_drop (asr after), the last row of each cell."""
+    cells: dict[tuple[str, str], dict[str, Any]] = {}
+    attacks: list[str] = []
+    for r in rows:
+        cells[(r["attack"], f"{r['method']} {discovery_label(r['discovery'])}")] = r
+        if r["attack"] not in attacks:
+            attacks.append(r["attack"])
+    order = [f"{m} {discovery_label(d)}" for m, d in (("potion", "1"), ("potion", "0.1"), ("potion", "0.5"),
+                                                      ("potion_iterative", "1"), ("ssd", "0.1"),
+                                                      ("finetune", "0.1"), ("retrain", "0.1"))]
+    present = [c for c in order if any((a, c) in cells for a in attacks)]
+    present += sorted({c for _, c in cells} - set(present))
+
+    def cell(a: str, c: str) -> str:
+        r = cells.get((a, c))
+        return "" if r is None else f"{fmt(r['healed_attainable'])} / {fmt(r['acc_drop'], 2)} ({fmt(r['asr'], 3)})"
+
+    body = [[a, f"{fmt(rows_of(rows, a)['clean_acc_before'], 3)} / {fmt(rows_of(rows, a)['asr_before'], 3)}",
+             *[cell(a, c) for c in present]] for a in attacks]
+    return ("healed_attainable / acc_drop (asr after) per attack and cell:\n\n"
+            + markdown_table(["attack", "clean / asr before", *present], body))
+
+
+def rows_of(rows: list[dict[str, Any]], attack: str) -> dict[str, Any]:
+    return next(r for r in rows if r["attack"] == attack)
 
 
 def main() -> None:
