@@ -252,8 +252,7 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     A patch is located when at most ``max_discovered`` samples were found (beyond that the discovered set
     itself is enough); with at least ``additive_min_discovered`` samples and no patch, an image-wide
     additive trigger is estimated instead; with fewer, and no patch, one is inverted (``invert_steps`` > 0).
-    Steps aside (logged) for all-to-all attacks, which have no
-    single target class to synthesise for.
+    Steps aside (logged) for all-to-all attacks, which have no single target class to synthesise for.
     """
     s = synthesis  # the method.synthesis block; None: synthesise nothing (later iterative rounds)
     if s is None or not s["enabled"]:

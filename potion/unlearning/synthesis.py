@@ -17,8 +17,8 @@ estimate that flips too few probes (e.g. a warp, or too few samples) is dropped:
 With fewer discovered samples the mean keeps their host images, so the trigger is *inverted* instead: a
 perturbation added to clean images is optimised to send them to the target while taking it out of the
 discovered samples sends them away from it, with an L2 penalty. A backdoor is a shortcut to its target, so
-the cheapest such perturbation points along the trigger (on the CIFAR FTrojan model, from one sample: cosine
-0.6 with the real trigger after 50 steps). An inversion that flips too few held-out probes is dropped too.
+the cheapest such perturbation points along the trigger (what that buys on the CIFAR attack grid:
+docs/results.md, *Attacks beyond the patch*). An inversion that flips too few held-out probes is dropped too.
 """
 
 from __future__ import annotations
