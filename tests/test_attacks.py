@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from potion.core.errors import ConfigError
 from potion.data.adversarial import pgd_away
@@ -198,6 +199,41 @@ def test_synthesis_locates_the_patch_at_every_corner(r: int, c: int) -> None:
     assert found is not None
     assert (found.row, found.col, found.size) == (r, c, 3)
     assert found.flip_rate == 1.0
+
+
+class AllToAllCorner(CornerBackdoor):
+    """All-to-all: the bright patch sends each input to the class after its own prediction (read outside it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = x[:, :, self.r:self.r + self.k, self.c:self.c + self.k].mean((1, 2, 3))
+        host = x.clone()
+        host[:, :, self.r:self.r + self.k, self.c:self.c + self.k] = 0.0
+        logits = self.base(host.mean(1).flatten(1))
+        mapped = (logits.argmax(1) + 1) % logits.shape[1]
+        return logits + 10 * torch.sigmoid(12 * (window - 1.8))[:, None] * F.one_hot(mapped, logits.shape[1])
+
+
+@pytest.mark.parametrize(("r", "c"), [(0, 0), (9, 9), (4, 5)])
+def test_all_to_all_synthesis_finds_the_window_and_labels_each_probe_by_its_mapped_prediction(r: int, c: int
+                                                                                          ) -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = AllToAllCorner(r, c).eval()
+    host = torch.randn(1, 1, 12, 12, generator=gen).clamp(-1.5, 1.5)
+    host[:, :, r:r + 3, c:c + 3] = 2.1
+    probes = torch.randn(64, 1, 12, 12, generator=gen).clamp(-1.5, 1.5)
+    own = model(probes).argmax(1)
+    assert own.unique().numel() > 1  # the probes span several classes: no single target would do
+    found = synthesize_forget(model, host, probes, target=None)
+    assert found is not None and (found.row, found.col, found.size) == (r, c, 3) and found.flip_rate == 1.0
+    assert torch.equal(found.labels, (own + 1) % 4) and found.images.shape == probes.shape
+
+
+def test_all_to_all_synthesis_finds_nothing_in_a_clean_sample() -> None:
+    gen = torch.Generator().manual_seed(3)
+    model = AllToAllCorner(4, 5).eval()
+    host = torch.randn(1, 1, 12, 12, generator=gen).clamp(-1.5, 1.5)
+    assert synthesize_forget(model, host, torch.randn(64, 1, 12, 12, generator=gen).clamp(-1.5, 1.5),
+                             target=None) is None
 
 
 def test_additive_estimate_recovers_an_image_wide_trigger_from_several_samples() -> None:

@@ -252,18 +252,16 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     A patch is located when at most ``max_discovered`` samples were found (beyond that the discovered set
     itself is enough); with at least ``additive_min_discovered`` samples and no patch, an image-wide
     additive trigger is estimated instead; with fewer, and no patch, one is inverted (``invert_steps`` > 0).
-    Steps aside (logged) for all-to-all attacks, which have no single target class to synthesise for.
+    All-to-all attacks have no single target class: only a patch window is located there, judged by how
+    many probe predictions it changes, and the synthetic samples carry their triggered predictions.
     """
     s = synthesis  # the method.synthesis block; None: synthesise nothing (later iterative rounds)
     if s is None or not s["enabled"]:
         return task, {}, None
-    if task.data.plan.all_to_all:
-        log.info("trigger synthesis: steps aside for an all-to-all attack (no single target class)")
-        return task, {"synth_samples": 0}, None
     n = int(s["samples"])
-    target = task.data.plan.target
+    target: int | None = None if task.data.plan.all_to_all else task.data.plan.target
     labels = task.data.train_labels[task.retain_idx]
-    pool = task.retain_idx[labels != target]
+    pool = task.retain_idx if target is None else task.retain_idx[labels != target]
     gen = torch.Generator().manual_seed(task.seed + 17)
     probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:n]]
     probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
@@ -271,7 +269,7 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     n_f = task.discovery.n_f
     min_flip = float(s["min_flip_rate"])
     small = n_f <= int(s["max_discovered"])
-    additive_ok = bool(s["additive"]) and n_f >= int(s["additive_min_discovered"])
+    additive_ok = bool(s["additive"]) and n_f >= int(s["additive_min_discovered"]) and target is not None
     result = None
     if small:
         result = synthesize_forget(task.model, forget_x[:64], probes, target, sizes=tuple(s["sizes"]),
@@ -283,12 +281,12 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
         ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
         reference = task.data.normalizer(task.data.bundle.train.images[ref_idx].to(task.device))
         result = synthesize_additive(task.model, forget_x, reference, probes, target, min_flip_rate=min_flip)
-    elif result is None and small and bool(s["additive"]) and int(s["invert_steps"]) > 0:
+    elif result is None and small and bool(s["additive"]) and int(s["invert_steps"]) > 0 and target is not None:
         result = invert_additive(task.model, forget_x[:64], probes, target, steps=int(s["invert_steps"]),
                                  min_flip_rate=min_flip, seed=task.seed + 23)
     if result is None:
-        log.info("trigger synthesis: no patch window or additive estimate flips enough predictions; "
-                 "using the discovered samples only")
+        log.info("trigger synthesis: no patch window%s flips enough predictions; using the discovered samples only",
+                 "" if target is None else " or additive estimate")
         return task, {"synth_samples": 0}, None
     if result.additive:
         how = "estimate" if additive_ok else "inversion"

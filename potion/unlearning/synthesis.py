@@ -19,6 +19,11 @@ perturbation added to clean images is optimised to send them to the target while
 discovered samples sends them away from it, with an L2 penalty. A backdoor is a shortcut to its target, so
 the cheapest such perturbation points along the trigger (what that buys on the CIFAR attack grid:
 docs/results.md, *Attacks beyond the patch*). An inversion that flips too few held-out probes is dropped too.
+
+An all-to-all attack has no single target (``target=None``): a window then "flips" a probe when it changes
+the poisoned model's prediction at all, the saliency follows each discovered sample's own predicted logit,
+and each synthetic sample is labelled with its triggered prediction (probes the window leaves alone are not
+kept). Label-free: the mapping itself is never used.
 """
 
 from __future__ import annotations
@@ -61,11 +66,13 @@ class SynthesisResult:
         return out
 
 
-def saliency_map(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
-    """Mean over samples of sum over channels of |d logit_target / d input| -> [H, W]."""
+def saliency_map(model: nn.Module, x: torch.Tensor, target: int | None) -> torch.Tensor:
+    """Mean over samples of sum over channels of |d logit_target / d input| -> [H, W] (``target=None``: each
+    sample's own predicted logit)."""
     model.eval()
     x = x.clone().requires_grad_(True)
-    model(x)[:, target].sum().backward()
+    logits = model(x)
+    (logits.max(1).values if target is None else logits[:, target]).sum().backward()
     model.zero_grad(set_to_none=True)
     return x.grad.detach().abs().sum(1).mean(0)
 
@@ -79,25 +86,44 @@ def paste(images: torch.Tensor, patch: torch.Tensor, row: int, col: int) -> torc
 
 
 @torch.no_grad()
-def flip_rate(model: nn.Module, probes: torch.Tensor, target: int) -> float:
-    """Share of probe images predicted as the target."""
-    return float((model(probes).argmax(1) == target).float().mean())
+def flip_rate(model: nn.Module, probes: torch.Tensor, target: int | None, clean: torch.Tensor | None = None
+              ) -> float:
+    """Share of probe images predicted as the target (``target=None``: predicted otherwise than ``clean``, the
+    probes' own predictions; None too: no probe counts as flipped)."""
+    pred = model(probes).argmax(1)
+    if target is None:
+        return 0.0 if clean is None else float((pred != clean).float().mean())
+    return float((pred == target).float().mean())
 
 
 @torch.no_grad()
-def strength(model: nn.Module, probes: torch.Tensor, target: int) -> tuple[float, float]:
+def strength(model: nn.Module, probes: torch.Tensor, target: int | None, clean: torch.Tensor | None = None
+             ) -> tuple[float, float]:
     """(flip rate, mean target probability): the second tells a whole trigger from a part of it when a model
-    already flips on the part (both flip every probe; the whole one more confidently)."""
+    already flips on the part (both flip every probe; the whole one more confidently). ``target=None``: flipped
+    = predicted otherwise than ``clean``, and the probability is the one taken away from ``clean``."""
     probs = model(probes).float().softmax(1)
+    if target is None:
+        assert clean is not None, "target=None needs the probes' own predictions"
+        return (float((probs.argmax(1) != clean).float().mean()),
+                float(1 - probs.gather(1, clean[:, None]).mean()))
     return float((probs.argmax(1) == target).float().mean()), float(probs[:, target].mean())
 
 
-def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
+@torch.no_grad()
+def own_predictions(model: nn.Module, probes: torch.Tensor, target: int | None) -> torch.Tensor | None:
+    """The probes' own predictions when there is no single target (all-to-all), else None (not needed)."""
+    return model(probes).argmax(1) if target is None else None
+
+
+def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int | None, *,
                       sizes: Sequence[int] = (2, 3, 4, 5), candidates: int = 4, min_flip_rate: float = 0.5,
                       ) -> SynthesisResult | None:
     """Locate a patch trigger in the discovered samples and paste it onto ``probe_x`` (normalised, non-target).
 
     Returns None when no candidate window flips at least ``min_flip_rate`` of the probes to the target.
+    ``target=None`` (all-to-all): flipped = the prediction changed; the synthetic samples are the flipped
+    probes, labelled with their triggered predictions.
     """
     best = best_window(model, forget_x, probe_x, target, sizes=sizes, candidates=candidates,
                        min_flip_rate=min_flip_rate)
@@ -106,11 +132,21 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
     measure = WindowStrength(model, forget_x[0], probe_x, target)
     rate, r, c, k = _shrink(measure, _refine(measure, best))
     images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
+    if target is None:
+        labels = _predict(model, images)
+        flipped = labels != measure.clean
+        return SynthesisResult(r, c, k, rate, images[flipped], labels[flipped])
     labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     return SynthesisResult(r, c, k, rate, images, labels)
 
 
-def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(x).argmax(1)
+
+
+def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int | None, *,
                 sizes: Sequence[int] = (2, 3, 4, 5), candidates: int = 4, min_flip_rate: float = 0.5,
                 ) -> tuple[float, int, int, int] | None:
     """(flip rate, row, col, size) of the most salient window that flips the most probes, before refinement;
@@ -122,7 +158,8 @@ def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor,
     model.eval()
     sal = saliency_map(model, forget_x, target)
     h, w = sal.shape
-    base_rate = flip_rate(model, probe_x, target)
+    clean = own_predictions(model, probe_x, target)
+    base_rate = flip_rate(model, probe_x, target, clean)
     best: tuple[float, int, int, int] | None = None
     for k in sizes:
         if k > min(h, w):
@@ -132,7 +169,7 @@ def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor,
         for flat in top.tolist():
             r, c = divmod(flat, window.shape[1])
             patch = forget_x[0, :, r:r + k, c:c + k]
-            rate = flip_rate(model, paste(probe_x, patch, r, c), target)
+            rate = flip_rate(model, paste(probe_x, patch, r, c), target, clean)
             # prefer the higher flip rate; at a tie, the smaller window (less of the host image copied)
             if best is None or rate > best[0] + 1e-9:
                 best = (rate, r, c, k)
@@ -141,7 +178,7 @@ def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor,
     return best
 
 
-def patch_present(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int, *,
+def patch_present(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int | None, *,
                   sizes: Sequence[int] = (2, 3, 4, 5), min_flip_rate: float = 0.5) -> bool:
     """Whether :func:`synthesize_forget` would find a patch trigger (the same test, without locating it exactly)."""
     return best_window(model, forget_x, probe_x, target, sizes=sizes, min_flip_rate=min_flip_rate) is not None
@@ -155,14 +192,15 @@ class WindowStrength:
     numbers, so each is computed once.
     """
 
-    def __init__(self, model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int) -> None:
+    def __init__(self, model: nn.Module, source: torch.Tensor, probe_x: torch.Tensor, target: int | None) -> None:
         self.model, self.source, self.probe_x, self.target = model, source, probe_x, target
+        self.clean = own_predictions(model, probe_x, target)
         self.seen: dict[tuple[int, int, int], tuple[float, float]] = {}
 
     def __call__(self, r: int, c: int, k: int) -> tuple[float, float]:
         if (r, c, k) not in self.seen:
             window = self.source[:, r:r + k, c:c + k]
-            self.seen[(r, c, k)] = strength(self.model, paste(self.probe_x, window, r, c), self.target)
+            self.seen[(r, c, k)] = strength(self.model, paste(self.probe_x, window, r, c), self.target, self.clean)
         return self.seen[(r, c, k)]
 
 
