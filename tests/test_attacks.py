@@ -4,6 +4,7 @@ PGD, the attainable-healing metric, and trigger synthesis at every corner."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_pla
 from potion.data.triggers import KINDS
 from potion.data.triggers.additive import RGB_TO_YUV, dct_matrix
 from potion.evaluation import metrics
-from potion.unlearning.ssd_family import grouped_forget_acc
+from potion.unlearning.ssd_family import grouped_forget_acc, potion_loss
 from potion.unlearning.synthesis import invert_additive, synthesize_additive, synthesize_forget
 
 MEAN3, STD3 = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -234,6 +235,13 @@ def test_all_to_all_synthesis_finds_nothing_in_a_clean_sample() -> None:
     host = torch.randn(1, 1, 12, 12, generator=gen).clamp(-1.5, 1.5)
     assert synthesize_forget(model, host, torch.randn(64, 1, 12, 12, generator=gen).clamp(-1.5, 1.5),
                              target=None) is None
+
+
+@pytest.mark.parametrize(("all_to_all", "asked", "used"), [(False, "auto", "logit_norm"), (True, "auto", "ce"),
+                                                           (True, "logit_norm", "logit_norm"), (False, "ce", "ce")])
+def test_potion_follows_the_mapping_unless_told_otherwise(all_to_all: bool, asked: str, used: str) -> None:
+    task = SimpleNamespace(data=SimpleNamespace(plan=SimpleNamespace(all_to_all=all_to_all)))
+    assert potion_loss(task, asked) == used  # type: ignore[arg-type]
 
 
 def test_additive_estimate_recovers_an_image_wide_trigger_from_several_samples() -> None:

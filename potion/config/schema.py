@@ -344,8 +344,18 @@ class PTNMethod(Method):
     synthesis: Synthesis
 
 
+PotionLoss = Literal["auto", "logit_norm", "ce"]
+
+
 @dataclass(kw_only=True)
-class SuspectCutoff(PTNMethod):
+class Potion(PTNMethod):
+    """potion and the methods that run Potion rounds: the importance loss is a choice (potion.unlearning.ssd_family)."""
+
+    loss: PotionLoss = "auto"
+
+
+@dataclass(kw_only=True)
+class SuspectCutoff(Potion):
     cutoff_quantile: float = num(ge=0, le=1)
     cutoff_fraction: float = num(gt=0)
     signature: bool
@@ -462,7 +472,7 @@ class REM(Method):
 
 
 Method.VARIANTS.update(
-    none=NoMethod, ssd=SSD, potion=PTNMethod, assd=PTNMethod, lfssd=PTNMethod, potion_iterative=PotionIterative,
+    none=NoMethod, ssd=SSD, potion=Potion, assd=PTNMethod, lfssd=PTNMethod, potion_iterative=PotionIterative,
     discover_retrain=DiscoverRetrain, retrain=Retrain, eu_k=EUk, finetune=Finetune, scrub=Scrub,
     bad_teacher=BadTeacher, rem=REM)
 

@@ -21,7 +21,7 @@ from potion.core.progress import Progress
 from potion.data.discovery import Discovery
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
-from potion.unlearning.ssd_family import run_ptn, with_synthesis
+from potion.unlearning.ssd_family import potion_loss, run_ptn, with_synthesis
 from potion.unlearning.suspects import find_suspects
 from potion.unlearning.task import UnlearnTask
 from potion.unlearning.training_based import retrain
@@ -45,9 +45,9 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
                   importance: Mapping[str, Any], ptn: Mapping[str, Any], suspects: Mapping[str, Any],
                   synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None,
-                  estimate: Any = None) -> tuple[MethodOutput, Any]:
+                  estimate: Any = None, loss: str = "auto") -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
-    out = run_ptn(sub, loss="logit_norm", power=1, importance=importance, ptn=ptn, synthesis=synthesis,
+    out = run_ptn(sub, loss=potion_loss(task, loss), power=1, importance=importance, ptn=ptn, synthesis=synthesis,
                   criterion_task=criterion_task, estimate=estimate)
     ranking, _ = find_suspects(original, out.model, task.data, sub.retain_idx, forget, seed=task.seed, **suspects)
     return out, ranking
@@ -63,7 +63,8 @@ def _suspect_args(cutoff_quantile: float, cutoff_fraction: float, signature: boo
 @register("potion_iterative", iterative=True, trains=True, heal_ok=True)
 def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str, Any], ptn: Mapping[str, Any],
                      cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool,
-                     stop_on: str, synthesis: Mapping[str, Any], repair: Mapping[str, Any] | None) -> MethodOutput:
+                     stop_on: str, synthesis: Mapping[str, Any], repair: Mapping[str, Any] | None,
+                     loss: str) -> MethodOutput:
     """Potion, then up to ``rounds - 1`` more rounds with the flagged suspects added to the forget set.
 
     Suspects are found as in every unlearning run (``potion.unlearning.suspects.find_suspects``): a recovered patch
@@ -86,7 +87,8 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
     bar = Progress("potion_iterative", int(rounds), "rounds", bound=True)
     for r in range(int(rounds)):
         watch = first if r > 0 and stop_on == "discovered" else None
-        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate)
+        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate,
+                                     loss)
         for k in timings:
             timings[k] += float(out.timings.get(k, 0.0))
         flagged = ranking.flagged()
@@ -152,12 +154,12 @@ def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Mod
 @register("discover_retrain", iterative=True, trains=True)
 def discover_retrain(task: UnlearnTask, *, importance: Mapping[str, Any], ptn: Mapping[str, Any],
                      cutoff_quantile: float, cutoff_fraction: float, signature: bool, target_only: bool,
-                     iterations: int | None, synthesis: Mapping[str, Any]) -> MethodOutput:
+                     iterations: int | None, synthesis: Mapping[str, Any], loss: str) -> MethodOutput:
     """One Potion round ranks suspects; then retrain from scratch without discovered + suspected samples."""
     t0 = time.perf_counter()
     original = copy.deepcopy(task.model).eval()
     cutoff = _suspect_args(cutoff_quantile, cutoff_fraction, signature, target_only)
-    out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff, synthesis)
+    out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff, synthesis, loss=loss)
     flagged = ranking.flagged()
     search = time.perf_counter() - t0
     args = method_arguments({"name": "retrain", "iterations": iterations, "extra_forget": flagged.tolist()})
