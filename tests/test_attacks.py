@@ -18,7 +18,7 @@ from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_pla
 from potion.data.triggers import KINDS
 from potion.data.triggers.additive import RGB_TO_YUV, dct_matrix
 from potion.evaluation import metrics
-from potion.unlearning.ssd_family import grouped_forget_acc, potion_loss
+from potion.unlearning.ssd_family import grouped_forget_acc, potion_loss, ptn_criterion
 from potion.unlearning.synthesis import invert_additive, synthesize_additive, synthesize_forget
 
 MEAN3, STD3 = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -242,6 +242,15 @@ def test_all_to_all_synthesis_finds_nothing_in_a_clean_sample() -> None:
 def test_potion_follows_the_mapping_unless_told_otherwise(all_to_all: bool, asked: str, used: str) -> None:
     task = SimpleNamespace(data=SimpleNamespace(plan=SimpleNamespace(all_to_all=all_to_all)))
     assert potion_loss(task, asked) == used  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("clean_label", "asked", "used"), [
+    (True, "auto", "exclude_natural_target"), (False, "auto", "all"), (True, "all", "all"),
+    (False, "exclude_true_target", "exclude_true_target")])
+def test_ptn_leaves_natural_target_samples_out_for_clean_label_attacks(clean_label: bool, asked: str, used: str
+                                                                       ) -> None:
+    task = SimpleNamespace(data=SimpleNamespace(plan=SimpleNamespace(clean_label=clean_label)))
+    assert ptn_criterion(task, asked) == used  # type: ignore[arg-type]
 
 
 def test_additive_estimate_recovers_an_image_wide_trigger_from_several_samples() -> None:

@@ -255,7 +255,7 @@ class Importance:
     cache: bool
 
 
-Criterion = Literal["all", "exclude_true_target", "exclude_natural_target"]
+Criterion = Literal["auto", "all", "exclude_true_target", "exclude_natural_target"]
 PTN_CRITERIA: tuple[str, ...] = get_args(Criterion)
 
 

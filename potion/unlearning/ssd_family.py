@@ -300,6 +300,15 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     return replace(task, extra_forget=(result.images, result.labels)), result.summary(), result
 
 
+def ptn_criterion(task: UnlearnTask, criterion: str) -> str:
+    """What PTN's stopping test watches: ``auto`` leaves natural target-class samples out for a clean-label attack
+    (every discovered sample is a target-class image there, and those still called the target once the trigger
+    is taken out cannot and should not be pushed out of their own class) and watches all of them otherwise."""
+    if criterion == "auto":
+        return "exclude_natural_target" if task.data.plan.clean_label else "all"
+    return criterion
+
+
 def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str, Any], ptn: Mapping[str, Any],
             synthesis: Mapping[str, Any] | None, lam: float = 1.0, criterion_task: UnlearnTask | None = None,
             estimate: SynthesisResult | None = None) -> MethodOutput:
@@ -313,7 +322,7 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     task, synth_info, found = with_synthesis(task, synthesis)
     estimate = found or estimate  # ``estimate``: a trigger recovered earlier (iterative rounds synthesise once)
     imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **importance)
-    criterion = str(ptn["criterion"])
+    criterion = ptn_criterion(task, str(ptn["criterion"]))
     crit_task = task if criterion_task is None else replace(criterion_task, extra_forget=task.extra_forget)
     forget_acc, crit_info = forget_accuracy_fn(crit_task, criterion, estimate)
     schedule = PTNSchedule.from_config(ptn, task.discovery.n_f, task.num_train)
@@ -341,7 +350,7 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
                             reuse_unchanged=True)
     sync(task.device)
     search_seconds = time.perf_counter() - t0
-    diagnostics = {**result.summary(), **crit_info, **synth_info, "importance_loss": loss,
+    diagnostics = {**result.summary(), **crit_info, **synth_info, "importance_loss": loss, "ptn_criterion": criterion,
                    "importance_cache_hit": info["importance_cache_hit"],
                    "retain_importance_samples": info["retain_importance_samples"]}
     if not result.reached:
