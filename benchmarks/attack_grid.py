@@ -121,23 +121,31 @@ def stage_table(section: str, doc: Path, train_extra: list[str]) -> None:
     header = ["attack (overrides)", "clean / asr before", "method", "discovered", "asr after", "healed",
               "healed_attainable", "acc_drop", "suspects P / R / AP", "s"]
     body = []
+    notes: list[str] = []  # a row's note: how a figure now given by the defaults was measured
     for r in rows:
+        if r.get("note") and r["note"] not in notes:
+            notes.append(r["note"])
+        mark = f" [{notes.index(r['note']) + 1}]" if r.get("note") else ""
         body.append([
             f"{r['attack']} (`{' '.join([*ATTACKS.get(r['attack'], []), *train_extra])}`)",
             f"{fmt(r['clean_acc_before'], 3)} / {fmt(r['asr_before'], 3)}", r["method"] + (
-                f" {r['extra']}" if r.get("extra") else ""), discovery_label(r["discovery"]), fmt(r["asr"], 3),
+                f" {r['extra']}" if r.get("extra") else "") + mark, discovery_label(r["discovery"]), fmt(r["asr"], 3),
             fmt(r["healed"]), fmt(r["healed_attainable"]), fmt(r["acc_drop"], 2),
             f"{fmt(r['suspect_precision'], 2)} / {fmt(r['suspect_recall'], 2)} / {fmt(r['suspect_ap'], 2)}",
             fmt(r["wall_seconds"], 0)])
-    write_section(doc, section, overview(rows) + "\n\n" + markdown_table(header, body))
+    footer = "".join(f"\n\n[{i}] {n}" for i, n in enumerate(notes, 1))
+    write_section(doc, section, overview(rows) + "\n\n" + markdown_table(header, body) + footer)
     print(f"{len(body)} rows -> {doc} ({section})")
 
 
 def overview(rows: list[dict[str, Any]]) -> str:
-    """Attack x cell at a glance: healed_attainable / acc_drop (asr after), the last row of each cell."""
+    """Attack x cell at a glance: healed_attainable / acc_drop (asr after), the last row of each cell run with the
+    project defaults (rows with ``--extra`` overrides are in the full table only)."""
     cells: dict[tuple[str, str], dict[str, Any]] = {}
     attacks: list[str] = []
     for r in rows:
+        if r.get("extra"):
+            continue
         cells[(r["attack"], f"{r['method']} {discovery_label(r['discovery'])}")] = r
         if r["attack"] not in attacks:
             attacks.append(r["attack"])
@@ -153,7 +161,7 @@ def overview(rows: list[dict[str, Any]]) -> str:
 
     body = [[a, f"{fmt(rows_of(rows, a)['clean_acc_before'], 3)} / {fmt(rows_of(rows, a)['asr_before'], 3)}",
              *[cell(a, c) for c in present]] for a in attacks]
-    return ("healed_attainable / acc_drop (asr after) per attack and cell:\n\n"
+    return ("healed_attainable / acc_drop (asr after) per attack and cell, project defaults:\n\n"
             + markdown_table(["attack", "clean / asr before", *present], body))
 
 
