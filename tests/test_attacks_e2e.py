@@ -99,3 +99,13 @@ def test_one_discovered_sample_at_a_corner_is_healed_on_grey_data(tmp_path: Path
     assert (s["synth_row"], s["synth_col"], s["synth_size"]) == (*corner, 3)  # the window, not a row inside it
     assert s["forget_acc"] == 0.0  # the discovered sample no longer carries the target
     assert s["asr"] <= 0.5 * s["asr_before"]
+
+
+def test_all_to_all_potion_synthesises_from_one_sample_and_uses_cross_entropy(world: Path) -> None:
+    trained = _train(world, "all_to_all")
+    s = run_unlearning(compose_config("unlearn", [
+        f"train_run={world / 'all_to_all'}", "method=potion", "discovery.count=1", "logger=none", "reference=off",
+        f"out_dir={world / 'all_to_all-potion-one'}", "save_weights=false"]))
+    assert s["importance_loss"] == "ce" and s["ptn_criterion"] == "all"
+    assert s["synth_samples"] > 0 and s["synth_size"] > 0  # a window, found without a single target class
+    assert s["asr"] < trained["asr"]

@@ -67,12 +67,19 @@ class SynthesisResult:
 
 
 def saliency_map(model: nn.Module, x: torch.Tensor, target: int | None) -> torch.Tensor:
-    """Mean over samples of sum over channels of |d logit_target / d input| -> [H, W] (``target=None``: each
-    sample's own predicted logit)."""
+    """Mean over samples of sum over channels of |d logit_target / d input| -> [H, W].
+
+    ``target=None`` (all-to-all): the margin of each sample's predicted logit over its runner-up instead, what
+    sets the triggered label apart from the host image's own class (the predicted logit alone follows the
+    host image's features as much as the trigger)."""
     model.eval()
     x = x.clone().requires_grad_(True)
     logits = model(x)
-    (logits.max(1).values if target is None else logits[:, target]).sum().backward()
+    if target is None:
+        top2 = logits.topk(2, dim=1).values
+        (top2[:, 0] - top2[:, 1]).sum().backward()
+    else:
+        logits[:, target].sum().backward()
     model.zero_grad(set_to_none=True)
     return x.grad.detach().abs().sum(1).mean(0)
 
