@@ -21,8 +21,10 @@ the cheapest such perturbation points along the trigger (what that buys on the C
 docs/results.md, *Attacks beyond the patch*). An inversion that flips too few held-out probes is dropped too.
 
 An all-to-all attack has no single target (``target=None``): a window then "flips" a probe when it changes
-the poisoned model's prediction at all, the saliency follows each discovered sample's own predicted logit,
-and each synthetic sample is labelled with its triggered prediction (probes the window leaves alone are not
+the poisoned model's prediction at all, candidate windows are the most salient for the predicted logit's margin
+over the runner-up plus those whose blanking most lowers the predicted class (occlusion; either alone missed
+the patch on one of our models), and
+each synthetic sample is labelled with its triggered prediction (probes the window leaves alone are not
 kept). Label-free: the mapping itself is never used.
 """
 
@@ -67,11 +69,8 @@ class SynthesisResult:
 
 
 def saliency_map(model: nn.Module, x: torch.Tensor, target: int | None) -> torch.Tensor:
-    """Mean over samples of sum over channels of |d logit_target / d input| -> [H, W].
-
-    ``target=None`` (all-to-all): the margin of each sample's predicted logit over its runner-up instead, what
-    sets the triggered label apart from the host image's own class (the predicted logit alone follows the
-    host image's features as much as the trigger)."""
+    """Mean over samples of sum over channels of |d logit_target / d input| -> [H, W] (``target=None``: of each
+    sample's predicted logit's margin over its runner-up, what sets the triggered label apart from the host's)."""
     model.eval()
     x = x.clone().requires_grad_(True)
     logits = model(x)
@@ -82,6 +81,29 @@ def saliency_map(model: nn.Module, x: torch.Tensor, target: int | None) -> torch
         logits[:, target].sum().backward()
     model.zero_grad(set_to_none=True)
     return x.grad.detach().abs().sum(1).mean(0)
+
+
+@torch.no_grad()
+def occlusion_map(model: nn.Module, x: torch.Tensor, k: int, chunk: int = 256) -> torch.Tensor:
+    """How much blanking each k x k window (the mean colour, 0 once normalised) lowers the probability of the
+    predicted class of ``x`` (one image) -> [H-k+1, W-k+1].
+
+    Where a trigger sends each class to a label of its own (all-to-all), the predicted logit's input gradient
+    follows the host object as much as the trigger; taking the trigger out is what gives the host class back.
+    """
+    model.eval()
+    _, _, h, w = x.shape
+    probs = model(x).float().softmax(1)
+    pred = int(probs.argmax(1))
+    spots = [(r, c) for r in range(h - k + 1) for c in range(w - k + 1)]
+    drops = []
+    for i in range(0, len(spots), chunk):
+        part = spots[i:i + chunk]
+        images = x.repeat(len(part), 1, 1, 1)
+        for j, (r, c) in enumerate(part):
+            images[j, :, r:r + k, c:c + k] = 0.0
+        drops.append(probs[0, pred] - model(images).float().softmax(1)[:, pred])
+    return torch.cat(drops).view(h - k + 1, w - k + 1)
 
 
 def paste(images: torch.Tensor, patch: torch.Tensor, row: int, col: int) -> torch.Tensor:
@@ -129,8 +151,8 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
     """Locate a patch trigger in the discovered samples and paste it onto ``probe_x`` (normalised, non-target).
 
     Returns None when no candidate window flips at least ``min_flip_rate`` of the probes to the target.
-    ``target=None`` (all-to-all): flipped = the prediction changed; the synthetic samples are the flipped
-    probes, labelled with their triggered predictions.
+    ``target=None`` (all-to-all): candidate windows from saliency and occlusion (:func:`occlusion_map`), flipped = the
+    prediction changed; the synthetic samples are the flipped probes, labelled with their triggered predictions.
     """
     best = best_window(model, forget_x, probe_x, target, sizes=sizes, candidates=candidates,
                        min_flip_rate=min_flip_rate)
@@ -171,10 +193,16 @@ def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor,
     for k in sizes:
         if k > min(h, w):
             continue
-        window = F.avg_pool2d(sal[None, None], k, stride=1)[0, 0]  # [H-k+1, W-k+1]
-        top = torch.topk(window.flatten(), min(candidates, window.numel())).indices
-        for flat in top.tolist():
-            r, c = divmod(flat, window.shape[1])
+        # the most salient windows; all-to-all adds those whose blanking takes the most away (either can miss)
+        maps = [F.avg_pool2d(sal[None, None], k, stride=1)[0, 0]]  # [H-k+1, W-k+1]
+        if target is None:
+            maps.append(occlusion_map(model, forget_x[:1], k))
+        spots: list[int] = []
+        for window in maps:
+            top = torch.topk(window.flatten(), min(candidates, window.numel())).indices.tolist()
+            spots += [f for f in top if f not in spots]
+        for flat in spots:
+            r, c = divmod(flat, w - k + 1)
             patch = forget_x[0, :, r:r + k, c:c + k]
             rate = flip_rate(model, paste(probe_x, patch, r, c), target, clean)
             # prefer the higher flip rate; at a tie, the smaller window (less of the host image copied)
