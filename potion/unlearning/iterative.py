@@ -45,7 +45,7 @@ def grow(forget_idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
 def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Tensor,
                   importance: Mapping[str, Any], ptn: Mapping[str, Any], suspects: Mapping[str, Any],
                   synthesis: Mapping[str, Any] | None = None, criterion_task: UnlearnTask | None = None,
-                  estimate: Any = None, loss: str = "auto") -> tuple[MethodOutput, Any]:
+                  estimate: Any = None, *, loss: str) -> tuple[MethodOutput, Any]:
     sub = with_forget(task, forget, copy.deepcopy(original))
     out = run_ptn(sub, loss=potion_loss(task, loss), power=1, importance=importance, ptn=ptn, synthesis=synthesis,
                   criterion_task=criterion_task, estimate=estimate)
@@ -88,7 +88,7 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
     for r in range(int(rounds)):
         watch = first if r > 0 and stop_on == "discovered" else None
         out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate,
-                                     loss)
+                                     loss=loss)
         for k in timings:
             timings[k] += float(out.timings.get(k, 0.0))
         flagged = ranking.flagged()

@@ -23,9 +23,8 @@ docs/results.md, *Attacks beyond the patch*). An inversion that flips too few he
 An all-to-all attack has no single target (``target=None``): a window then "flips" a probe when it changes
 the poisoned model's prediction at all, candidate windows are the most salient for the predicted logit's margin
 over the runner-up plus those whose blanking most lowers the predicted class (occlusion; either alone missed
-the patch on one of our models), and
-each synthetic sample is labelled with its triggered prediction (probes the window leaves alone are not
-kept). Label-free: the mapping itself is never used.
+the patch on one of our models), and each synthetic sample is labelled with its triggered prediction (probes
+the window leaves alone are not kept). Label-free: the mapping itself is never used.
 """
 
 from __future__ import annotations
