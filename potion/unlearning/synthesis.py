@@ -161,17 +161,11 @@ def synthesize_forget(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.T
     rate, r, c, k = _shrink(measure, _refine(measure, best))
     images = paste(probe_x, forget_x[0, :, r:r + k, c:c + k], r, c)
     if target is None:
-        labels = _predict(model, images)
+        labels = own_predictions(model, images, target)
         flipped = labels != measure.clean
         return SynthesisResult(r, c, k, rate, images[flipped], labels[flipped])
     labels = torch.full((images.shape[0],), target, dtype=torch.long, device=images.device)
     return SynthesisResult(r, c, k, rate, images, labels)
-
-
-@torch.no_grad()
-def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(x).argmax(1)
 
 
 def best_window(model: nn.Module, forget_x: torch.Tensor, probe_x: torch.Tensor, target: int | None, *,
