@@ -22,7 +22,7 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from potion.config.schema import ROOTS, Method
+from potion.config.schema import ROOTS, Method, Named
 from potion.core.errors import ConfigError
 from potion.core.io import sha256_json
 
@@ -185,12 +185,12 @@ def _fields(schema: type) -> dict[str, _Spec]:
 
 def _variant(schema: type, value: Mapping[str, Any], path: str) -> type:
     """A group with differently shaped options (model, method): the class registered for ``name``."""
-    if not getattr(schema, "VARIANTS", None):
+    if not (isinstance(schema, type) and issubclass(schema, Named)) or not schema.VARIANTS:
         return schema
-    chosen = schema.variant(value.get("name"))  # type: ignore[attr-defined]
+    chosen = schema.variant(value.get("name"))
     if chosen is None:
         raise ConfigError(f"{path}.name={value.get('name')}: unknown {path}; choose one of "
-                          f"{sorted(schema.VARIANTS)}{schema.HINT}")  # type: ignore[attr-defined]
+                          f"{sorted(schema.VARIANTS)}{schema.HINT}")
     return chosen
 
 

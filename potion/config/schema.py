@@ -14,8 +14,8 @@ How to read a class:
   a list.
 * ``relations`` (optional) checks what involves more than one value and yields one message per problem.
 * ``OPEN = True`` lets a class hold keys it does not list (loosely typed, checked by their owner).
-* Groups whose options are different shapes (``model``, ``method``) pick their class by ``name`` from
-  ``VARIANTS``.
+* Groups whose options are different shapes (``model``, ``method``) derive from :class:`Named` and pick their
+  class by ``name`` from ``VARIANTS``.
 """
 
 from __future__ import annotations
@@ -70,19 +70,32 @@ class Dataset:
 
 
 @dataclass(kw_only=True)
-class Model:
+class Named:
+    """A group whose options are different shapes (model, method): the class is picked by ``name``."""
+
+    VARIANTS: ClassVar[dict[str, type]] = {}  # each group sets its own
+    HINT: ClassVar[str] = ""  # what else ``name`` accepts, for the error message
+    name: str
+
+    @classmethod
+    def variant(cls, name: Any) -> type | None:
+        """The class registered as ``name`` (None if unknown)."""
+        return cls.VARIANTS.get(name)
+
+
+@dataclass(kw_only=True)
+class Model(Named):
     """conf/model: the architecture; the class is picked by ``model.name``."""
 
     VARIANTS: ClassVar[dict[str, type]] = {}
     HINT: ClassVar[str] = " or torchvision:<name>"
-    name: str
 
     @classmethod
     def variant(cls, name: Any) -> type | None:
         """The class of the model called ``name`` (None if unknown)."""
         if isinstance(name, str) and name.startswith("torchvision:"):
             return TorchvisionModel
-        return cls.VARIANTS.get(name)
+        return super().variant(name)
 
 
 @dataclass(kw_only=True)
@@ -310,17 +323,10 @@ class Repair:
 
 
 @dataclass(kw_only=True)
-class Method:
+class Method(Named):
     """conf/method: a registered method's name and its arguments; the class is picked by ``method.name``."""
 
     VARIANTS: ClassVar[dict[str, type]] = {}
-    HINT: ClassVar[str] = ""
-    name: str
-
-    @classmethod
-    def variant(cls, name: Any) -> type | None:
-        """The class of the method registered as ``name`` (None if unknown)."""
-        return cls.VARIANTS.get(name)
 
 
 @dataclass(kw_only=True)
