@@ -10,7 +10,9 @@
 (a restarted grid skips the cells already there); ``table`` writes the table into docs/results.md
 between the section's markers. ``--train-extra`` adds training overrides to every model (the grid on models of
 its own: another seed, target class or trigger placement, e.g. ``--train-extra seed=1 --train-extra
-poison.target=3``); give the same ones to ``unlearn`` and ``table``. Each row names the attack's overrides,
+poison.target=3 --train-extra poison.trigger.position=top_left --train-extra poison.trigger.pattern_seed=1
+--train-extra poison.trigger.warp_seed=1``; an attack without one of those settings trains without it and says
+so); give the same ones to ``unlearn`` and ``table``. Each row names the attack's overrides,
 so any figure can be re-made with ``python train.py experiment=cpu_bench train.epochs=<E> <overrides>`` and
 ``python unlearn.py ...``.
 """
@@ -35,6 +37,7 @@ from common import (
     unlearn,
     write_section,
 )
+from omegaconf import OmegaConf
 
 from potion.pipelines.reference import reference_config
 from potion.pipelines.train import run_training
@@ -55,12 +58,13 @@ ATTACKS: dict[str, list[str]] = {
 }
 DEFAULT_CELLS = ["potion:1,0.1,0.5", "ssd:1,0.1,0.5", "potion_iterative:0.1", "finetune:0.1", "retrain:0.1"]
 OUT = ROOT / "benchmarks" / "out" / "attack_grid.jsonl"
+_ABSENT = object()
 KEYS = ("clean_acc_before", "asr_before", "asr", "healed", "healed_attainable", "acc_drop", "suspect_precision",
         "suspect_recall", "suspect_ap", "unlearn_seconds", "poison_acc_reference")
 
 
-def base_overrides(epochs: int, train_extra: list[str] | None = None) -> list[str]:
-    return ["experiment=cpu_bench", f"train.epochs={epochs}", *(train_extra or [])]
+def base_overrides(epochs: int) -> list[str]:
+    return ["experiment=cpu_bench", f"train.epochs={epochs}"]
 
 
 def attack_overrides(name: str) -> list[str]:
@@ -69,15 +73,40 @@ def attack_overrides(name: str) -> list[str]:
     return ATTACKS[name]
 
 
+def applicable(name: str, train_extra: list[str]) -> tuple[list[str], list[str]]:
+    """(kept, left out): the ``--train-extra`` overrides this attack has a setting for, and the others.
+
+    One grid command can move every trigger (``poison.trigger.position`` for the patches,
+    ``poison.trigger.pattern_seed`` for blend, ``poison.trigger.warp_seed`` for WaNet): an attack without that
+    setting trains without it instead of failing. Appending (``+key=``) and deleting (``~key``) overrides and
+    config groups are always kept.
+    """
+    cfg = compose_config("train", [*base_overrides(1), *attack_overrides(name)])
+    kept, left = [], []
+    for o in train_extra:
+        key = o.split("=", 1)[0]
+        has = key.startswith(("+", "~")) or OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT
+        (kept if has else left).append(o)
+    return kept, left
+
+
+def model_overrides(name: str, epochs: int, train_extra: list[str]) -> list[str]:
+    """train.py overrides of an attack's model: the recipe, the attack, then the applicable ``--train-extra``."""
+    kept, left = applicable(name, train_extra)
+    if left:
+        print(f"{name}: left out {' '.join(left)} (not a setting of this attack)", flush=True)
+    return [*base_overrides(epochs), *attack_overrides(name), *kept]
+
+
 def stage_train(attacks: list[str], epochs: int, train_extra: list[str]) -> None:
     # the clean reference is the poisoned config with its poison block replaced (potion/pipelines/reference.py);
     # attacks on the same recipe share one (a cache hit), an attack with a schedule of its own gets its own
-    base = base_overrides(epochs, train_extra)
     for name in attacks:
-        ref = run_training(reference_config(compose_config("train", [*base, *attack_overrides(name)])))
+        overrides = model_overrides(name, epochs, train_extra)
+        ref = run_training(reference_config(compose_config("train", overrides)))
         print(f"reference for {name}: {ref['run_dir']} clean_acc={ref['clean_acc']:.4f}", flush=True)
         t0 = time.perf_counter()
-        s = train([*base, *attack_overrides(name)])
+        s = train(overrides)
         print(f"{name}: {s['run_dir']} clean_acc={s['clean_acc']:.4f} asr={s['asr']:.4f} n_p={s['n_p']} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -95,7 +124,7 @@ def stage_unlearn(attacks: list[str], epochs: int, cells: list[str], extra: list
     done = done_cells()
     tag, model_tag = " ".join(extra), " ".join(train_extra)
     for name in attacks:
-        run = train([*base_overrides(epochs, train_extra), *attack_overrides(name)])["run_dir"]
+        run = train(model_overrides(name, epochs, train_extra))["run_dir"]
         for cell in cells:
             method, shares = cell.split(":", 1)
             for share in shares.split(","):
@@ -127,7 +156,7 @@ def stage_table(section: str, doc: Path, train_extra: list[str]) -> None:
             notes.append(r["note"])
         mark = f" [{notes.index(r['note']) + 1}]" if r.get("note") else ""
         body.append([
-            f"{r['attack']} (`{' '.join([*ATTACKS.get(r['attack'], []), *train_extra])}`)",
+            f"{r['attack']} (`{' '.join([*ATTACKS.get(r['attack'], []), *applied(r['attack'], train_extra)])}`)",
             f"{fmt(r['clean_acc_before'], 3)} / {fmt(r['asr_before'], 3)}", r["method"] + (
                 f" {r['extra']}" if r.get("extra") else "") + mark, discovery_label(r["discovery"]), fmt(r["asr"], 3),
             fmt(r["healed"]), fmt(r["healed_attainable"]), fmt(r["acc_drop"], 2),
@@ -136,6 +165,12 @@ def stage_table(section: str, doc: Path, train_extra: list[str]) -> None:
     footer = "".join(f"\n\n[{i}] {n}" for i, n in enumerate(notes, 1))
     write_section(doc, section, overview(rows) + "\n\n" + markdown_table(header, body) + footer)
     print(f"{len(body)} rows -> {doc} ({section})")
+
+
+def applied(name: str, train_extra: list[str]) -> list[str]:
+    """The ``--train-extra`` overrides an attack's model was trained with (all of them for an attack no longer in
+    the catalogue)."""
+    return applicable(name, train_extra)[0] if name in ATTACKS else train_extra
 
 
 def overview(rows: list[dict[str, Any]]) -> str:
