@@ -283,6 +283,8 @@ class PTN:
     criterion: Criterion
     measure: Literal["decisive", "full"] = "decisive"  # how far a scanned step is measured (ptn_search's decide)
     fixed_step: int | list[int] | None = num(ge=0)
+    max_acc_loss: float | None = num(None, gt=0, le=100)  # the guard (potion.unlearning.ptn_guard); None = off
+    guard_samples: int = num(1024, ge=1)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:

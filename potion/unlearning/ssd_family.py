@@ -26,6 +26,7 @@ from potion.unlearning.cache import cached_importance, importance_key, indices_d
 from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
+from potion.unlearning.ptn_guard import AccuracyLoss, guard_step
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.synthesis import (
     SynthesisResult,
@@ -340,10 +341,20 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     names = [n for n, _ in importance_parameters(model)]
     originals = snapshot(model, names)
     fixed = ptn["fixed_step"]
+    candidates_only = isinstance(fixed, (list, tuple))  # the PTN sweeper's candidate jobs: no guard, no choice
+    limit = ptn.get("max_acc_loss")
+    guard = (AccuracyLoss.of(task, int(ptn["guard_samples"]), task.seed + 31)
+             if limit is not None and not candidates_only else None)
+    pools: list[RatioPool] = []
+
+    def pool() -> RatioPool:  # built once, when a step is dampened from the originals outside the search
+        if not pools:
+            pools.append(RatioPool.build(imp_r, imp_f))
+        return pools[0]
+
     if fixed is not None:  # given candidates (the PTN sweeper's jobs: a list; its final run: one step)
-        steps = fixed if isinstance(fixed, (list, tuple)) else [fixed]
-        pool = RatioPool.build(imp_r, imp_f)  # each candidate is dampened from the originals, independently
-        cands = [evaluate_candidate(int(k), schedule, pool, model, originals, imp_r, imp_f, forget_acc, lam)
+        steps = fixed if candidates_only else [fixed]
+        cands = [evaluate_candidate(int(k), schedule, pool(), model, originals, imp_r, imp_f, forget_acc, lam)
                  for k in steps]
         threshold = schedule.rho * a0
         result = PTNResult(a0, threshold, cands[-1].qualifies(threshold), cands[-1], cands)
@@ -351,12 +362,21 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
         decide = forget_acc.within if ptn.get("measure", "decisive") == "decisive" else None
         result = ptn_search(model, originals, imp_r, imp_f, schedule, forget_acc, a0, lam, decide=decide,
                             reuse_unchanged=True)
+    guard_info: dict[str, float] = {}
+    if guard is not None:
+        result, guard_info = guard_step(result, float(limit), guard, model, lambda k: evaluate_candidate(
+            k, schedule, pool(), model, originals, imp_r, imp_f, forget_acc, lam))
     sync(task.device)
     search_seconds = time.perf_counter() - t0
-    diagnostics = {**result.summary(), **crit_info, **synth_info, "importance_loss": loss, "ptn_criterion": criterion,
+    diagnostics = {**result.summary(), **guard_info, **crit_info, **synth_info, "importance_loss": loss,
+                   "ptn_criterion": criterion,
                    "importance_cache_hit": info["importance_cache_hit"],
                    "retain_importance_samples": info["retain_importance_samples"]}
-    if not result.reached:
+    if guard_info.get("ptn_guarded"):
+        diagnostics["ptn_note"] = (f"the guard kept step k={result.chosen.step}: step k="
+                                   f"{int(guard_info['ptn_guard_from_step'])} got more than {limit}% of the clean "
+                                   "retain images the model classified right wrong")
+    elif not result.reached:
         diagnostics["ptn_note"] = (f"rho={schedule.rho} never met in {schedule.max_steps} steps; "
                                    "returned the last step's model")
     return MethodOutput(model, diagnostics, {"importance_seconds": info["importance_seconds"],
