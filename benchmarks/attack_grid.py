@@ -184,10 +184,8 @@ def overview(rows: list[dict[str, Any]]) -> str:
         cells[(r["attack"], f"{r['method']} {discovery_label(r['discovery'])}")] = r
         if r["attack"] not in attacks:
             attacks.append(r["attack"])
-    order = [f"{m} {discovery_label(d)}" for m, d in (("potion", "1"), ("potion", "0.1"), ("potion", "0.5"),
-                                                      ("potion_iterative", "1"), ("ssd", "1"), ("ssd", "0.1"),
-                                                      ("ssd", "0.5"),
-                                                      ("finetune", "0.1"), ("retrain", "0.1"))]
+    order = [f"{m} {discovery_label(d)}" for m in ("potion", "potion_iterative", "ssd", "finetune", "retrain", "rem")
+             for d in ("1", "0.1", "0.5")]
     present = [c for c in order if any((a, c) in cells for a in attacks)]
     present += sorted({c for _, c in cells} - set(present))
 
