@@ -151,12 +151,13 @@ def stage_table(section: str, doc: Path, train_extra: list[str]) -> None:
               "healed_attainable", "acc_drop", "suspects P / R / AP", "s"]
     body = []
     notes: list[str] = []  # a row's note: how a figure now given by the defaults was measured
+    trained_with = {a: applied(a, train_extra) for a in {r["attack"] for r in rows}}  # one compose per attack
     for r in rows:
         if r.get("note") and r["note"] not in notes:
             notes.append(r["note"])
         mark = f" [{notes.index(r['note']) + 1}]" if r.get("note") else ""
         body.append([
-            f"{r['attack']} (`{' '.join([*ATTACKS.get(r['attack'], []), *applied(r['attack'], train_extra)])}`)",
+            f"{r['attack']} (`{' '.join([*ATTACKS.get(r['attack'], []), *trained_with[r['attack']]])}`)",
             f"{fmt(r['clean_acc_before'], 3)} / {fmt(r['asr_before'], 3)}", r["method"] + (
                 f" {r['extra']}" if r.get("extra") else "") + mark, discovery_label(r["discovery"]), fmt(r["asr"], 3),
             fmt(r["healed"]), fmt(r["healed_attainable"]), fmt(r["acc_drop"], 2),

@@ -21,7 +21,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn as nn
 
-from potion.evaluation.backdoor import autocast_for
+from potion.data.augment import Normalizer
+from potion.evaluation import metrics
+from potion.evaluation.backdoor import predict
 from potion.unlearning.ptn import PTNResult
 from potion.unlearning.ptn_candidates import Candidate
 from potion.unlearning.task import UnlearnTask
@@ -34,34 +36,23 @@ class AccuracyLoss:
     """Percent of fixed clean retain images, classified as their label by the undampened model, that a model
     gets wrong."""
 
-    images: torch.Tensor  # normalised retain images without the trigger, on the task's device ...
+    images: torch.Tensor  # uint8 retain images (the trigger is never pasted) ...
     labels: torch.Tensor  # ... and their labels, kept where the undampened model is right
-    batch_size: int = 512
+    normalizer: Normalizer
 
     @classmethod
     def of(cls, task: UnlearnTask, samples: int, seed: int) -> AccuracyLoss:
         """Up to ``samples`` seeded retain images that ``task.model`` (undampened) gets right."""
         gen = torch.Generator().manual_seed(int(seed))
         pick = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:int(samples)]]
-        guard = cls(task.data.normalizer(task.data.bundle.train.images[pick].to(task.device)),
-                    task.data.train_labels[pick].to(task.device))
-        right = guard.predict(task.model) == guard.labels
-        guard.images, guard.labels = guard.images[right], guard.labels[right]
-        return guard
-
-    @torch.no_grad()
-    def predict(self, model: nn.Module) -> torch.Tensor:
-        model.eval()
-        out = [torch.zeros(0, dtype=torch.long, device=self.images.device)]
-        for i in range(0, self.images.shape[0], self.batch_size):
-            with autocast_for(self.images.device):
-                out.append(model(self.images[i:i + self.batch_size]).argmax(1))
-        return torch.cat(out)
+        images, labels = task.data.bundle.train.images[pick], task.data.train_labels[pick]
+        right = predict(task.model, images, task.data.normalizer) == labels
+        return cls(images[right], labels[right], task.data.normalizer)
 
     def __call__(self, model: nn.Module) -> float:
         if self.labels.numel() == 0:
             return 0.0
-        return 100.0 * float((self.predict(model) != self.labels).float().mean())
+        return 100.0 * (1.0 - metrics.accuracy(predict(model, self.images, self.normalizer), self.labels))
 
 
 def guard_step(result: PTNResult, limit: float, loss: Callable[[nn.Module], float], model: nn.Module,
