@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from tiny_world import train_overrides, write_pattern_folder
 
-from potion.config.compose import compose_config
+from potion.config.compose import compose_config, identity_hash
+from potion.pipelines.reference import reference_config
 from potion.pipelines.train import run_training
 from potion.pipelines.unlearn import run_unlearning
 
@@ -109,3 +110,17 @@ def test_all_to_all_potion_synthesises_from_one_sample_and_uses_cross_entropy(wo
     assert s["importance_loss"] == "ce" and s["ptn_criterion"] == "all"
     assert s["synth_samples"] > 0 and s["synth_size"] > 0  # a window, found without a single target class
     assert s["asr"] < trained["asr"]
+
+
+def test_a_clean_training_run_is_the_reference_model(world: Path) -> None:
+    """`poison=none` on the same recipe is the clean reference (whatever poison.count the recipe sets): one config
+    hash, and trained again into a folder of its own it gives the reference's figures."""
+    _train(world, "blend")
+    healed = _unlearn(world, "blend", "ssd")  # trains (or reuses) the reference beside the blend model
+    clean = run_training(compose_config("train", train_overrides(world / "data", world / "clean", "logger=none",
+                                                                 "poison=none")))  # poison.count=16 stays set
+    blend_cfg = compose_config("train", train_overrides(world / "data", world / "blend", "logger=none",
+                                                        *ATTACKS["blend"]))
+    assert clean["config_hash"] == identity_hash(reference_config(blend_cfg))
+    assert clean["n_p"] == 0
+    assert clean["clean_acc"] == healed["clean_acc_reference"]

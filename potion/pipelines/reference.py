@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from potion.config.compose import identity_hash
 
@@ -26,12 +26,32 @@ RUN_PLACE_KEYS = {"out_dir": None, "force": False, "resume": True}
 MODES = ("auto", "train", "off")
 
 
+def no_poison_block(train_cfg: Any) -> dict[str, Any]:
+    """The poison block of a clean run: NO_POISON with the run's poison seed."""
+    poison = train_cfg.get("poison") or {}
+    return {**NO_POISON, "trigger": dict(NO_POISON["trigger"]), "seed": poison.get("seed", train_cfg.get("seed", 0))}
+
+
+def canonical_clean(train_cfg: DictConfig) -> DictConfig:
+    """A clean training config (``trigger.kind=none``) in its one canonical form.
+
+    With no trigger nothing is poisoned, so the block's other settings (an experiment's ``poison.count: 500``,
+    a target, a mapping) change nothing; they are reset to NO_POISON's values. ``python train.py poison=none``
+    under any experiment is then the same run (same hash, same folder, trained once) as the clean reference of
+    that recipe, and its saved config does not claim 500 poisoned samples. Poisoned configs are returned as is.
+    """
+    if not is_reference(train_cfg):
+        return train_cfg
+    cfg = train_cfg.copy()
+    with open_dict(cfg):
+        cfg.poison = no_poison_block(cfg)
+    return cfg
+
+
 def reference_config(train_cfg: Any) -> DictConfig:
     """The training config of the clean reference for a (poisoned) training config."""
     d = OmegaConf.to_container(train_cfg, resolve=True) if isinstance(train_cfg, DictConfig) else dict(train_cfg)
-    poison = dict(NO_POISON)
-    poison["seed"] = (d.get("poison") or {}).get("seed", d.get("seed", 0))
-    d["poison"] = poison
+    d["poison"] = no_poison_block(d)
     out_dir = d.get("out_dir")
     d.update(RUN_PLACE_KEYS)
     ref = OmegaConf.create(d)

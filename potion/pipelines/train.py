@@ -39,7 +39,7 @@ from potion.pipelines.lightning_module import (
     check_checkpoint_fits,
     read_resume_checkpoint,
 )
-from potion.pipelines.reference import reference_config
+from potion.pipelines.reference import canonical_clean, reference_config
 from potion.pipelines.run_folders import (
     CHECKPOINTS,
     CONFIG,
@@ -84,6 +84,7 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     result. A folder holding another config is refused unless ``force=true``, which trains from scratch.
     """
     validate_train_config(cfg)
+    cfg = canonical_clean(cfg)  # poison=none under any experiment = that recipe's clean reference
     cfg, why = resolve_auto(cfg)
     if why:
         log.info("trainer: precision=%s channels_last=%s (%s)", cfg.trainer.precision, cfg.trainer.channels_last, why)
