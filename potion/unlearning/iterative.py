@@ -82,27 +82,42 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
     synthesis = None
     diagnostics: dict[str, Any] = dict(synth_info)
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}
-    out = None
+    out: MethodOutput | None = None
+    kept_forget = forget
     first = with_forget(task, forget, original)  # the discovered (+ synthetic) samples
     bar = Progress("potion_iterative", int(rounds), "rounds", bound=True)
     for r in range(int(rounds)):
         watch = first if r > 0 and stop_on == "discovered" else None
-        out, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate,
-                                     loss=loss)
+        result, ranking = _potion_round(task, original, forget, importance, ptn, cutoff, synthesis, watch, estimate,
+                                        loss=loss)
         for k in timings:
-            timings[k] += float(out.timings.get(k, 0.0))
+            timings[k] += float(result.timings.get(k, 0.0))
         flagged = ranking.flagged()
         diagnostics[f"round{r + 1}_forget_size"] = int(forget.numel())
-        diagnostics[f"round{r + 1}_ptn_steps"] = out.diagnostics.get("ptn_steps")
-        diagnostics[f"round{r + 1}_criterion_samples"] = out.diagnostics.get("criterion_samples")
+        diagnostics[f"round{r + 1}_ptn_steps"] = result.diagnostics.get("ptn_steps")
+        diagnostics[f"round{r + 1}_criterion_samples"] = result.diagnostics.get("criterion_samples")
         diagnostics[f"round{r + 1}_flagged"] = int(flagged.numel())
-        diagnostics["rounds_run"] = r + 1
         bar.advance(note=f"forget set {forget.numel()}, {flagged.numel()} suspects flagged")
+        if result.diagnostics.get("ptn_guarded") and not ranking.by_signature:
+            # the guard stepped back: this round's model may not be healed, so samples flagged by how it changed
+            # can be damage, not poison (quickstart digits, all-to-all, one sample: 615 of 1,436 flagged at
+            # precision 0.09, three rounds cost 46 points of accuracy); samples carrying a recovered trigger
+            # signature stay trustworthy. Keep the last round before, else this one.
+            diagnostics["iteration_note"] = (f"round {r + 1}: PTN's guard stepped back and no trigger signature "
+                                             "flagged the suspects, so they are not trusted; "
+                                             + ("kept round 1" if out is None else f"kept round {r}"))
+            if out is None:
+                out, kept_forget = result, forget
+                diagnostics["rounds_run"] = r + 1
+            break
+        out, kept_forget = result, forget
+        diagnostics["rounds_run"] = r + 1
         bigger = grow(forget, flagged)
         if bigger.numel() == forget.numel() or r == int(rounds) - 1:
             break
         forget = bigger
     assert out is not None
+    forget = kept_forget  # the forget set of the round kept
     bar.finish()
     diagnostics.update({k: v for k, v in out.diagnostics.items() if k.startswith("ptn_")})
     diagnostics["final_forget_size"] = int(forget.numel())

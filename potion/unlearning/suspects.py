@@ -34,6 +34,7 @@ class SuspectRanking:
     scores: torch.Tensor
     cutoff: float
     forget_scores: torch.Tensor
+    by_signature: bool = False  # the cut-off flags exactly the samples carrying a recovered trigger signature
 
     def flagged(self) -> torch.Tensor:
         """Training indices scored above the cut-off, best first."""
@@ -186,7 +187,7 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
         # single sample may include host pixels, so without matches the log-probability cut-off stays.
         if bool(matched.any()) or signature.mask is not None:
             cutoff = SIGNATURE_BONUS / 2
-    return SuspectRanking(retain_idx, scores, cutoff, forget_scores)
+    return SuspectRanking(retain_idx, scores, cutoff, forget_scores, by_signature=cutoff == SIGNATURE_BONUS / 2)
 
 
 SIGNATURE_BONUS = 1000.0
