@@ -359,8 +359,8 @@ def test_killed_training_resumes_to_the_same_result(trained: Path, tmp_path: Pat
     assert resumed["resumed"] is True and reference["resumed"] is False
     assert resumed["config_hash"] == reference["config_hash"]
     assert (out / "poison_plan.json").read_bytes() == (trained / "poison_plan.json").read_bytes()
-    for key in ("clean_acc", "asr"):
-        assert abs(resumed[key] - reference[key]) <= 0.02, (key, resumed[key], reference[key])
+    for key in ("clean_acc", "asr", "poison_acc"):  # bit for bit on CPU: batch order and augmentation are seeded
+        assert resumed[key] == reference[key], (key, resumed[key], reference[key])  # by epoch / step, not by the past
 
 
 # ------------------------------------------------------------------------------------------------ 4. multirun restart
