@@ -119,6 +119,15 @@ def test_imagefolder_empty_or_missing(tmp_path: Path) -> None:
         load_dataset("imagefolder", tmp_path / "d")
 
 
+def test_imagefolder_with_one_class_is_refused(tmp_path: Path) -> None:
+    """One class folder is no classification task: refused before any training (it trained to clean_acc 1.0)."""
+    _write_folder(tmp_path / "d", {"only": (3, 2)})
+    with pytest.raises(DataError, match=r"only one class folder \(only\).*two or more classes"):
+        load_dataset("imagefolder", tmp_path / "d")
+    with pytest.raises(DataError, match="only one class folder"):
+        load_dataset("imagefolder", _tar(tmp_path / "d", tmp_path / "d.tar.gz"))
+
+
 def test_imagefolder_sizes(tmp_path: Path) -> None:
     _write_folder(tmp_path / "d", {"a": (1, 1)}, size=(8, 8))
     _write_folder(tmp_path / "d", {"b": (1, 1)}, size=(6, 4))

@@ -771,6 +771,9 @@ def _check_layout(items: list[_Item], class_dirs: dict[str, set[str]], where: Pa
     empty = sorted(f"{s}/{c}" for s in SPLITS for c in class_dirs[s] if counts[(s, c)] == 0)
     if empty:
         raise DataError(f"class folders without images in {where}: {', '.join(empty[:5])}")
+    if len(train) < 2:  # every prediction would be right: clean_acc 1.0, no attack measurable, nothing to heal
+        raise DataError(f"only one class folder ({', '.join(sorted(train))}) in {where}: a classifier needs two or "
+                        f"more classes, one folder each: {layout}")
     return tuple(sorted(train))
 
 
