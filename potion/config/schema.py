@@ -268,7 +268,7 @@ class Importance:
     cache: bool
 
 
-Criterion = Literal["auto", "all", "exclude_true_target", "exclude_natural_target"]
+Criterion = Literal["auto", "all", "exclude_natural_target"]
 PTN_CRITERIA: tuple[str, ...] = get_args(Criterion)
 
 
@@ -494,6 +494,16 @@ class Suspects:
     target_only: bool
 
 
+@dataclass(kw_only=True)
+class Attack:
+    """attack: what the user declares about the attack (unlearn.yaml, heal.yaml); null = inferred from the
+    discovered samples (potion.unlearning.attack). The benchmark's own poison plan never fills it in."""
+
+    target: int | None = num(ge=0)
+    mapping: Literal["all_to_one", "all_to_all"] | None
+    clean_label: bool | None
+
+
 TRAIN_RUN_HELP = ("give a training run folder (printed by train.py), mlflow:<run id>, "
                   "or train overrides (+train.experiment=quickstart)")
 
@@ -510,6 +520,7 @@ class UnlearnConfig:
     save_weights: bool
     eval_batch_size: int = num(ge=1)
     reference: Literal["auto", "train", "off"] = "auto"  # the clean reference model for healed_attainable
+    attack: Attack
     suspects: Suspects
     discovery: Discovery
     method: Method
@@ -538,7 +549,9 @@ class HealConfig:
     discovered: str = text(help="a text file with one discovered training file per line (train/<class>/<file>) "
                                 "or a CSV with a `path` column")
     out_dir: str | None = text(directory=True)
+    force: bool = False  # start over in another heal's out_dir
     trigger: Trigger | None
+    attack: Attack
     seed: int = num(ge=0)
     eval_batch_size: int = num(ge=1)
     suspects: Suspects

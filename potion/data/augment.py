@@ -42,3 +42,8 @@ class Normalizer:
             self._cache[dev] = ((self.mean * 255.0).to(dev), (self.std * 255.0).to(dev))
         m, s = self._cache[dev]
         return (images.float() - m) / s
+
+    def to_uint8(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised images back to stored pixels: uint8, rounded and clipped as an image file holds them."""
+        m, s = self.mean.to(x.device) * 255.0, self.std.to(x.device) * 255.0
+        return (x * s + m).round().clamp(0, 255).to(torch.uint8)

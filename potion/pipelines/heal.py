@@ -4,9 +4,11 @@
 
 The inputs are what a practitioner has: a plain state dict (``.pt`` / ``.pth`` read with
 ``weights_only=True``, or ``.safetensors``), an image folder whose poisoned training files carry the
-trigger in their pixels and sit in the attacker's target class folder, and the list of poisoned files
-found so far. No trigger is pasted anywhere: the data set is taken exactly as it is on disk. The
-discovered files become the forget set and every other training file the retain set; then the same
+trigger in their pixels and sit in the class folder of the label the attacker gave them, and the list of
+poisoned files found so far. What is known of the attack can be declared (``attack.target``, ``attack.mapping``,
+``attack.clean_label``); the rest is inferred from the discovered files' folders, as in unlearn.py. No trigger
+is pasted anywhere: the data set is taken exactly as it is on disk. The discovered files become the forget set
+and every other training file the retain set; then the same
 registered method as ``unlearn.py`` (potion, assd, lfssd or ssd) heals the model, and the remaining
 training files are ranked by how likely they are to be undiscovered poison (:mod:`potion.unlearning.suspects`).
 
@@ -21,7 +23,8 @@ from __future__ import annotations
 import csv
 import logging
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -32,16 +35,17 @@ from potion.config.compose import identity_hash, method_arguments, model_kwargs,
 from potion.core.errors import CheckpointError, ConfigError, DataError
 from potion.core.io import atomic_write_text, load_tensors, save_tensors, sha256_file
 from potion.core.schedule import cpu_threads
-from potion.data.augment import Normalizer
+from potion.data.defender import view_of_bundle
 from potion.data.discovery import Discovery
-from potion.data.poison import PoisonPlan, Trigger, TriggerSpec
-from potion.data.poisoned import PoisonedData, load_data
+from potion.data.poison import Trigger, TriggerSpec
+from potion.data.poisoned import load_data
 from potion.data.sources import DatasetBundle, folder_data_root
 from potion.evaluation import metrics
 from potion.evaluation.backdoor import evaluate_backdoor, predict
 from potion.models import build_model
 from potion.pipelines.lifecycle import RunOutputs, run_lifecycle
 from potion.pipelines.next_steps import NEXT_LIST, config_args, format_next_steps, next_commands, write_next_list
+from potion.pipelines.run_folders import check_out_dir, claim_run_dir, remove_stale_temp_files, run_lock
 from potion.pipelines.unlearn import make_task, resolve_device
 from potion.tracking import naming
 from potion.unlearning.methods import get_method
@@ -52,11 +56,9 @@ from potion.unlearning.task import UnlearnTask
 log = logging.getLogger("potion.heal")
 
 KEY_PREFIXES = ("model.", "module.", "_orig_mod.")  # Lightning attribute, DataParallel/DDP, torch.compile
-# Never pasted (all trigger flags are False): a placeholder unlike any benchmark trigger, so the
-# importance cache keys of healing runs and benchmark runs differ.
-NO_TRIGGER = TriggerSpec(kind="patch", size=1, position="top_left", value=0.0)
 TOP_SUSPECTS = 10
 REPAIR_DATA = {"crop_padding": 0, "flip": False}  # no augmentation in potion_iterative's repair (recipe unknown)
+ALL_TO_ALL = "several (all-to-all)"  # what the report names as the target class when the discovered files have many
 HOW_TO_LIST = ("a text file with one training file per line, relative to the data root "
                "(e.g. train/airplane/0042.jpg), or a CSV with a 'path' column")
 
@@ -165,8 +167,9 @@ def _root_relative(entry: str, data_path: str) -> str | None:
 
 
 def resolve_discovered(entries: Sequence[str], bundle: DatasetBundle, list_path: str, data_path: str
-                       ) -> tuple[torch.Tensor, int]:
-    """Training indices of the listed files (in list order) and their shared class (the attack's target)."""
+                       ) -> torch.Tensor:
+    """Training indices of the listed files (in list order); what their folders say of the attack is for
+    :func:`potion.unlearning.attack.infer_attack` to decide."""
     paths = bundle.train.paths
     if paths is None:
         raise ConfigError(f"dataset={bundle.name}: healing your own model needs an image-folder data set "
@@ -189,16 +192,9 @@ def resolve_discovered(entries: Sequence[str], bundle: DatasetBundle, list_path:
             f"{data_path}: {', '.join(unknown[:5])}{', ...' if len(unknown) > 5 else ''}{hint}; list paths "
             f"relative to the data root, like {paths[0]}")
     idx = torch.tensor(list(dict.fromkeys(found)), dtype=torch.long)
-    labels = Counter(int(bundle.train.labels[i]) for i in idx.tolist())
-    if len(labels) != 1:
-        where = ", ".join(f"{bundle.classes[c]}: {n}" for c, n in labels.most_common())
-        raise ConfigError(
-            f"discovered={list_path}: the files lie in {len(labels)} class folders ({where}); poisoned files sit in "
-            "the attacker's target class folder, so every discovered file must come from one class folder "
-            "(heal one target class per run)")
     if idx.numel() >= len(bundle.train):
         raise ConfigError(f"discovered={list_path}: lists every training file; nothing would be left to retain")
-    return idx, next(iter(labels))
+    return idx
 
 
 def trigger_spec(cfg: Any) -> TriggerSpec | None:
@@ -214,26 +210,15 @@ def trigger_spec(cfg: Any) -> TriggerSpec | None:
         raise ConfigError(f"trigger={dict(cfg)}: {exc}") from exc
 
 
-def practitioner_data(bundle: DatasetBundle, forget_idx: torch.Tensor, target: int, trigger: TriggerSpec | None,
-                      seed: int) -> PoisonedData:
-    """The data set as it is on disk: labels from the folders, no trigger pasted anywhere.
-
-    The plan's indices are the discovered files only (all that is known of the poison); the trigger is a
-    known one (for evaluation) or a placeholder, and never applied to training data: every flag is False.
-    """
+def evaluation_trigger(bundle: DatasetBundle, trigger: TriggerSpec | None) -> Trigger | None:
+    """The known trigger built for this data set's images (for the test metrics only), or None."""
+    if trigger is None:
+        return None
     _, c, h, w = bundle.train.images.shape
-    spec = trigger or NO_TRIGGER
     try:
-        resolved = Trigger(spec, c, h, w, bundle.mean, bundle.std)
+        return Trigger(trigger, c, h, w, bundle.mean, bundle.std)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace("poison.trigger.", "trigger.")) from None
-    idx = sorted(int(i) for i in forget_idx.tolist())
-    plan = PoisonPlan(indices=tuple(idx), true_labels=tuple(int(bundle.train.labels[i]) for i in idx), target=target,
-                      trigger=spec, seed=seed, num_train=len(bundle.train),
-                      meta={"source": "discovered list", "trigger_known": trigger is not None})
-    return PoisonedData(bundle=bundle, plan=plan, trigger=resolved, normalizer=Normalizer(bundle.mean, bundle.std),
-                        train_labels=bundle.train.labels.clone(),
-                        train_flags=torch.zeros(len(bundle.train), dtype=torch.bool))
 
 
 def complement_discovery(forget_idx: torch.Tensor, num_train: int, seed: int) -> Discovery:
@@ -243,10 +228,52 @@ def complement_discovery(forget_idx: torch.Tensor, num_train: int, seed: int) ->
     return Discovery(forget_idx=forget_idx, retain_idx=torch.nonzero(keep).view(-1), seed=seed)
 
 
-def default_out_dir(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str]) -> Path:
+def heal_identity(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str]) -> str:
+    """The hash of what decides a heal's result: the config, the weights' bytes and the discovered list."""
+    return identity_hash({**d, "checkpoint": sha256_file(checkpoint), "discovered": list(entries)})
+
+
+def default_out_dir(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str], key: str | None = None) -> Path:
     """runs/heal/<checkpoint name>-<hash of the config, the weights' bytes and the discovered list>."""
-    key = identity_hash({**d, "checkpoint": sha256_file(checkpoint), "discovered": list(entries)})
+    key = key or heal_identity(d, checkpoint, entries)
     return Path("runs") / "heal" / f"{checkpoint.stem}-{key}"
+
+
+# A heal's outputs that the run-folder claim does not delete itself: removed when a heal starts over in a folder.
+HEAL_ONLY_FILES = ("ptn_trajectory.png", NEXT_LIST, "run.log")
+
+
+def refuse_out_dir_in_data(d: Mapping[str, Any]) -> None:
+    """An out_dir inside the image folder is refused: its PNG plot and files would be read back as training images."""
+    out, data = d.get("out_dir"), (d.get("dataset") or {}).get("path")
+    if out in (None, "", "???") or data in (None, "", "???"):
+        return
+    root = Path(str(data)).expanduser()
+    if not root.is_dir():
+        return  # an archive: nothing is written into it
+    root, where = root.resolve(), Path(str(out)).expanduser().resolve()
+    if where == root or root in where.parents:
+        raise ConfigError(f"out_dir={out} lies inside the data folder dataset.path={data}: the healed weights, plot "
+                          "and report would become files of the data set (read as images by the next run); choose "
+                          "an out_dir outside it")
+
+
+@contextmanager
+def claimed_out_dir(out_dir: Path, key: str, force: bool) -> Iterator[None]:
+    """The out folder locked and marked as this heal's (run.json), as unlearn.py claims its folder.
+
+    A training or unlearning run's folder is refused; another heal's (other inputs) too unless ``force``, which
+    deletes its outputs first, so two heals' files never lie side by side. A second heal of the same inputs
+    waits for the first, then writes the same files again.
+    """
+    with run_lock(out_dir):
+        fresh = check_out_dir(out_dir, "heal", key, force)
+        claim_run_dir(out_dir, "heal", key, fresh)
+        if fresh:
+            for name in HEAL_ONLY_FILES:
+                (out_dir / name).unlink(missing_ok=True)
+        remove_stale_temp_files(out_dir)  # what a killed heal left (we hold the lock)
+        yield
 
 
 # ----------------------------------------------------------------------------------------------- healing
@@ -260,6 +287,7 @@ def heal(cfg: Any, command: Sequence[str] | None = None) -> dict[str, Any]:
     """
     d = to_dict(cfg)
     validate_heal_config(d)
+    refuse_out_dir_in_data(d)
     method_fn = get_method(str(d["method"]["name"]))
     checkpoint = Path(_required(d, "checkpoint", "your model's weights: a state dict saved with torch.save "
                                                  "(.pt/.pth) or a .safetensors file"))
@@ -269,15 +297,16 @@ def heal(cfg: Any, command: Sequence[str] | None = None) -> dict[str, Any]:
     trigger = trigger_spec(d.get("trigger"))
     dataset = {k: (None if v == "???" else v) for k, v in (d.get("dataset") or {}).items()}
     bundle = load_data(dataset)
-    forget_idx, target = resolve_discovered(entries, bundle, list_path, str(dataset.get("path")))
+    forget_idx = resolve_discovered(entries, bundle, list_path, str(dataset.get("path")))
     seed = int(d.get("seed", 0))
-    data = practitioner_data(bundle, forget_idx, target, trigger, seed)
+    view = view_of_bundle(bundle)  # the files exactly as they are: nothing pasted anywhere
+    known = evaluation_trigger(bundle, trigger)
     discovery = complement_discovery(forget_idx, len(bundle.train), seed)
 
     model_cfg = d["model"]
 
     def factory() -> nn.Module:
-        return build_model(str(model_cfg["name"]), data.num_classes, data.channels, **model_kwargs(model_cfg))
+        return build_model(str(model_cfg["name"]), view.num_classes, view.channels, **model_kwargs(model_cfg))
 
     torch.set_num_threads(cpu_threads())
     torch.manual_seed(seed)
@@ -288,52 +317,57 @@ def heal(cfg: Any, command: Sequence[str] | None = None) -> dict[str, Any]:
     poisoned.load_state_dict(model.state_dict())
     poisoned.to(device).eval()
     # the recipe the weights were trained with is unknown: potion_iterative's repair sees the images as they are
-    task = make_task(model, data, discovery, device, seed, model_cfg, train_cfg=REPAIR_DATA)
+    task = make_task(model, view, discovery, device, seed, model_cfg, train_cfg=REPAIR_DATA, attack=d.get("attack"))
 
-    out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries)
+    key = heal_identity(d, checkpoint, entries)
+    out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries, key)
     method = str(d["method"]["name"])
     study = naming.heal_study(d)
-    with run_lifecycle(naming.logger_for(d.get("logger"), study), out_dir,
+    with claimed_out_dir(out_dir, key, bool(d.get("force", False))), \
+            run_lifecycle(naming.logger_for(d.get("logger"), study), out_dir,
                        run_name=naming.heal_run_name(method, discovery.n_f, str(model_cfg["name"])),
                        tags={**naming.study_tags(naming.HEAL, study), naming.METHOD: method}, config=d) as outputs:
         args = list(command) if command is not None else config_args({**d, "checkpoint": str(checkpoint)})
-        return _heal(d, task, poisoned, method_fn, checkpoint, prefix, state, outputs, args)
+        return _heal(d, task, bundle, known, poisoned, method_fn, checkpoint, prefix, state, outputs, args)
 
 
-def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: Any, checkpoint: Path, prefix: str,
-          state: Mapping[str, torch.Tensor], outputs: RunOutputs, args: list[str]) -> dict[str, Any]:
-    model, data, discovery, device = task.model, task.data, task.discovery, task.device
+def _heal(d: dict[str, Any], task: UnlearnTask, bundle: DatasetBundle, trigger: Trigger | None, poisoned: nn.Module,
+          method_fn: Any, checkpoint: Path, prefix: str, state: Mapping[str, torch.Tensor], outputs: RunOutputs,
+          args: list[str]) -> dict[str, Any]:
+    model, view, discovery, device = task.model, task.train, task.discovery, task.device
     out_dir, tracker = outputs.folder, outputs.tracker
     bs = int(d.get("eval_batch_size", 1024))
     method = str(d["method"]["name"])
-    bundle, target = data.bundle, data.plan.target
+    target = task.attack.target
     outputs.uses_data(bundle, d["dataset"], context="unlearning")
-    known = bool(data.plan.meta.get("trigger_known"))
-    forget_images = bundle.train.images[discovery.forget_idx]
+    known = trigger is not None
+    forget_images = view.images[discovery.forget_idx]
+    given = view.labels[discovery.forget_idx]
+    # what a known trigger's attack wants: the target, or (all-to-all) the next class, as the benchmark maps it
+    wanted = (bundle.test.labels + 1) % view.num_classes if target is None else target
 
     def test_metrics(m: nn.Module) -> dict[str, float]:
         if known:
-            return evaluate_backdoor(m, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,
-                                     target, bs)
-        return {"clean_acc": metrics.accuracy(predict(m, bundle.test.images, data.normalizer, batch_size=bs),
+            return evaluate_backdoor(m, bundle.test.images, bundle.test.labels, view.normalizer, trigger, wanted, bs)
+        return {"clean_acc": metrics.accuracy(predict(m, bundle.test.images, view.normalizer, batch_size=bs),
                                               bundle.test.labels)}
 
     before = test_metrics(model)
-    preds_before = predict(model, forget_images, data.normalizer, batch_size=bs)
+    preds_before = predict(model, forget_images, view.normalizer, batch_size=bs)
     method_args = method_arguments(d["method"])
-    tracker.log_params(naming.heal_params({**d, "checkpoint": str(checkpoint)}, discovery.n_f, target))
+    tracker.log_params({**naming.heal_params({**d, "checkpoint": str(checkpoint)}, discovery.n_f,
+                                             -1 if target is None else target), **task.attack.summary()})
 
     out, unlearn_seconds = run_timed(method_fn, task, method_args)
     healed = out.model.eval()
 
     after = test_metrics(healed)
-    preds_after = predict(healed, forget_images, data.normalizer, batch_size=bs)
-    target_t = torch.full_like(preds_after, target)
+    preds_after = predict(healed, forget_images, view.normalizer, batch_size=bs)
     result: dict[str, Any] = {
         "clean_acc_before": before["clean_acc"], "clean_acc_after": after["clean_acc"],
         "acc_drop": metrics.acc_drop(before["clean_acc"], after["clean_acc"]),
-        "discovered_given_label_before": metrics.accuracy(preds_before, target_t),
-        "discovered_given_label_after": metrics.accuracy(preds_after, target_t),
+        "discovered_given_label_before": metrics.accuracy(preds_before, given),
+        "discovered_given_label_after": metrics.accuracy(preds_after, given),
         "unlearn_seconds": unlearn_seconds, **{k: float(v) for k, v in out.timings.items()},
     }
     if known:
@@ -344,26 +378,26 @@ def _heal(d: dict[str, Any], task: UnlearnTask, poisoned: nn.Module, method_fn: 
     ranking = None
     if (d.get("suspects") or {}).get("enabled", True):
         sus = d.get("suspects") or {}
-        ranking, _ = find_suspects(poisoned, healed, data, discovery.retain_idx, discovery.forget_idx,
-                                   signature=bool(sus.get("signature", True)),
+        ranking, _ = find_suspects(poisoned, healed, view, discovery.retain_idx, discovery.forget_idx,
+                                   target=target, signature=bool(sus.get("signature", True)),
                                    target_only=bool(sus.get("target_only", True)), seed=int(d.get("seed", 0)),
                                    batch_size=bs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = outputs.add_model(_save_healed(out_dir, checkpoint, healed, prefix, state), d["model"], data.num_classes,
-                                data.channels, key_prefix=prefix)
+    weights = outputs.add_model(_save_healed(out_dir, checkpoint, healed, prefix, state), d["model"], view.num_classes,
+                                view.channels, key_prefix=prefix)
     suspects = _suspect_rows(ranking, bundle, target) if ranking is not None else None
     if ranking is not None:
         outputs.add(write_suspects_csv(out_dir / "suspects.csv", ranking, bundle.train.paths))
     plot = outputs.trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
                               title=f"PTN: {method}, n_f={discovery.n_f}")
-    numeric = {k: float(v) for k, v in out.diagnostics.items()
-               if isinstance(v, (int, float, bool)) and k != "forget_true_target"}  # folder labels: always n_f
+    numeric = {k: float(v) for k, v in out.diagnostics.items() if isinstance(v, (int, float, bool))}
     notes = {k: v for k, v in out.diagnostics.items() if not isinstance(v, (int, float, bool))}
     summary = {
         **{k: metrics.finite_or_none(v) for k, v in result.items()}, **numeric, **notes,
         "method": method, "n_f": discovery.n_f, "num_train": len(bundle.train), "num_test": len(bundle.test),
-        "target": target, "target_class": bundle.classes[target], "trigger_known": known,
+        **task.attack.summary(), "target": target,
+        "target_class": ALL_TO_ALL if target is None else bundle.classes[target], "trigger_known": known,
         "discovered_predictions_before": _histogram(preds_before, bundle.classes),
         "discovered_predictions_after": _histogram(preds_after, bundle.classes),
         "checkpoint": str(checkpoint), "key_prefix": prefix, "dataset": str(d["dataset"].get("path")),
@@ -421,7 +455,7 @@ def _histogram(preds: torch.Tensor, classes: Sequence[str]) -> dict[str, int]:
     return {classes[c]: n for c, n in sorted(counts.items(), key=lambda cn: (-cn[1], cn[0]))}
 
 
-def _suspect_rows(ranking: SuspectRanking, bundle: DatasetBundle, target: int) -> dict[str, Any]:
+def _suspect_rows(ranking: SuspectRanking, bundle: DatasetBundle, target: int | None) -> dict[str, Any]:
     """What the summary and report say about the ranking: count above the cut-off and the top files."""
     paths = bundle.train.paths or ()
     flagged = ranking.flagged()
@@ -429,7 +463,7 @@ def _suspect_rows(ranking: SuspectRanking, bundle: DatasetBundle, target: int) -
     top = [{"rank": r, "path": paths[int(ranking.idx[j])], "score": float(ranking.scores[j]),
             "folder_class": bundle.classes[int(bundle.train.labels[ranking.idx[j]])]}
            for r, j in enumerate(order.tolist(), start=1)]
-    in_target = int((bundle.train.labels[flagged] == target).sum()) if flagged.numel() else 0
+    in_target = int((bundle.train.labels[flagged] == target).sum()) if flagged.numel() and target is not None else 0
     return {"suspect_cutoff": ranking.cutoff, "suspects_flagged": int(flagged.numel()),
             "suspects_flagged_in_target_folder": in_target, "top_suspects": top}
 

@@ -22,6 +22,7 @@ from potion.config.compose import (
 from potion.core.errors import ConfigError
 from potion.core.io import save_tensors, sha256_tensors
 from potion.core.schedule import cpu_threads
+from potion.data.defender import TrainingView, defender_view
 from potion.data.discovery import Discovery, discover
 from potion.data.poisoned import PoisonedData, load_data, poison
 from potion.evaluation import metrics
@@ -44,7 +45,8 @@ from potion.pipelines.train import run_training, train_run_dir
 from potion.tracking import naming
 from potion.tracking.runs import FolderRun, unlearn_folder_run
 from potion.tracking.tracker import Tracker, download_run_artifacts, resolve_tracking_uri
-from potion.unlearning.cache import cached_tensors, indices_digest, logits_path
+from potion.unlearning.attack import infer_attack
+from potion.unlearning.cache import cached_tensors, logits_path
 from potion.unlearning.methods import get_method, method_info
 from potion.unlearning.registry import run_timed
 from potion.unlearning.suspects import find_suspects, suspects_summary, write_suspects_csv
@@ -71,13 +73,16 @@ def trained_inputs(cfg: DictConfig) -> tuple[TrainedRun, Discovery]:
     return run, discover(run.plan, share=d.get("share"), count=d.get("count"), seed=int(d.get("seed", cfg.seed)))
 
 
-def make_task(model: torch.nn.Module, data: PoisonedData, discovery: Discovery, device: torch.device, seed: int,
-              model_cfg: Any, train_cfg: Any = None) -> UnlearnTask:
-    """What a method receives (the one place it is built): the model on ``device``, eval mode, and a factory of
-    fresh models of its architecture (``model_cfg``) for the methods that train one."""
-    return UnlearnTask(model=model.to(device).eval(), data=data, discovery=discovery, device=device, seed=seed,
-                       model_factory=lambda: build_model(str(model_cfg["name"]), data.num_classes, data.channels,
-                                                         **model_kwargs(model_cfg)),
+def make_task(model: torch.nn.Module, view: TrainingView, discovery: Discovery, device: torch.device, seed: int,
+              model_cfg: Any, train_cfg: Any = None, attack: Any = None) -> UnlearnTask:
+    """What a method receives (the one place it is built): the model on ``device``, eval mode, the training set as
+    a defender holds it, the facts of the attack (``attack``: the declared block; the rest inferred from the
+    discovered samples' labels) and a factory of fresh models of its architecture (``model_cfg``)."""
+    facts = infer_attack(view.labels[discovery.forget_idx], to_dict(attack) if attack is not None else None,
+                         view.num_classes)
+    return UnlearnTask(model=model.to(device).eval(), train=view, discovery=discovery, attack=facts, device=device,
+                       seed=seed, model_factory=lambda: build_model(str(model_cfg["name"]), view.num_classes,
+                                                                    view.channels, **model_kwargs(model_cfg)),
                        train_cfg=to_dict(train_cfg) if train_cfg is not None else {})
 
 
@@ -172,14 +177,15 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("trainer"))
     data = poison(bundle, run.plan, run.poison_images)
+    view = defender_view(data)  # all a method sees; ``data`` (the plan) stays with evaluation
     model = run.build_model(data.num_classes, data.channels).to(device).eval()
     bs = int(cfg.eval_batch_size)
-    before_logits = poisoned_logits(model, data, bs)
+    before_logits = poisoned_logits(model, data, view, bs)
     before = _before_metrics(before_logits, data, data.wanted_test_labels())
-    task = make_task(model, data, discovery, device, int(cfg.seed), run.cfg.model, run.cfg.train)
+    task = make_task(model, view, discovery, device, int(cfg.seed), run.cfg.model, run.cfg.train, cfg.get("attack"))
     forget_acc_before = task.forget_accuracy(model)
     method_args = method_arguments(cfg.method)
-    tracker.log_params(params)
+    tracker.log_params({**params, **task.attack.summary()})
     outputs.uses_data(bundle, run.cfg.dataset, context="unlearning", train_run_id=run.summary.get("mlflow_run_id"))
 
     out, unlearn_seconds = run_timed(method_fn, task, method_args)
@@ -205,8 +211,8 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     }
     ranking = None
     if cfg.get("suspects", {}).get("enabled", True) and method_info(str(cfg.method.name)).changes_model:
-        ranking, sig = find_suspects(poisoned_model, healed_model, data, discovery.retain_idx, discovery.forget_idx,
-                                     signature=bool(cfg.suspects.get("signature", True)),
+        ranking, sig = find_suspects(poisoned_model, healed_model, view, discovery.retain_idx, discovery.forget_idx,
+                                     target=task.attack.target, signature=bool(cfg.suspects.get("signature", True)),
                                      target_only=bool(cfg.suspects.get("target_only", True)), seed=int(cfg.seed),
                                      batch_size=bs, before_logits=before_logits["train"])
         result.update(suspects_summary(ranking, data.poison_mask))
@@ -227,7 +233,8 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
                            title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}")
     summary = {
         **{k: metrics.finite_or_none(v) for k, v in result.items()}, **numeric, **notes,
-        "method": str(cfg.method.name), "n_f": discovery.n_f, "n_p": run.plan.count, "target": run.plan.target,
+        **task.attack.summary(), "method": str(cfg.method.name), "n_f": discovery.n_f, "n_p": run.plan.count,
+        "target": run.plan.target,
         "config_hash": key, "run_dir": str(run_dir), "train_run": str(run.path), "device": device.type,
         "mlflow_run_id": tracker.run_id, "train_mlflow_run_id": run.summary.get("mlflow_run_id"),
     }
@@ -264,22 +271,23 @@ def attainable(run: TrainedRun, data: PoisonedData, poison_acc_after: float, poi
             "healed_attainable": metrics.healed_attainable(poison_acc_after, poison_acc_before, ref["poison_acc"])}
 
 
-def poisoned_logits(model: torch.nn.Module, data: PoisonedData, bs: int) -> dict[str, torch.Tensor]:
-    """The poisoned model's logits on the test split (clean, triggered) and the training split as poisoned.
+def poisoned_logits(model: torch.nn.Module, data: PoisonedData, view: TrainingView, bs: int
+                    ) -> dict[str, torch.Tensor]:
+    """The poisoned model's logits on the test split (clean, triggered) and the training set as stored (``view``).
 
-    Cached by content (weights, data, trigger, plan, device): every unlearning cell of a grid on the same
-    model reuses them for its before-metrics and suspect scores instead of recomputing them.
+    Cached by content (weights, data, trigger, training view, device): every unlearning cell of a grid on the
+    same model reuses them for its before-metrics and suspect scores instead of recomputing them.
     """
     device = model_device(model)
     path = logits_path(weights=sha256_tensors(model.state_dict()), data=data.bundle.fingerprint,
-                       trigger=data.plan.trigger.to_dict(), flags=indices_digest(torch.tensor(data.plan.indices)),
+                       trigger=data.plan.trigger.to_dict(), view=view.fingerprint,
                        norm=[list(data.bundle.mean), list(data.bundle.std)], device=device.type)
 
     def compute() -> dict[str, torch.Tensor]:
-        test, train = data.bundle.test.images, data.bundle.train.images
+        test = data.bundle.test.images
         return {"test_clean": logits_of(model, test, data.normalizer, batch_size=bs),
                 "test_triggered": logits_of(model, test, data.normalizer, data.trigger, batch_size=bs),
-                "train": logits_of(model, train, data.normalizer, data.trigger, data.train_flags, bs)}
+                "train": logits_of(model, view.images, view.normalizer, batch_size=bs)}
 
     return cached_tensors(path, compute)[0]
 

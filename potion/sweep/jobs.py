@@ -18,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 from potion.config.compose import method_arguments, to_dict
 from potion.core.errors import ConfigError
 from potion.core.schedule import cpu_threads
+from potion.data.defender import defender_view
 from potion.data.poisoned import load_data, poison
 from potion.pipelines.unlearn import make_task, resolve_device, run_unlearning, trained_inputs
 from potion.sweep.driver import (
@@ -87,8 +88,8 @@ def _evaluate(cfg: DictConfig, steps: Sequence[int]) -> tuple[list[dict[str, Any
     data = poison(load_data(run.cfg.dataset), run.plan, run.poison_images)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.get("trainer"))
-    task = make_task(run.build_model(data.num_classes, data.channels), data, discovery, device, int(cfg.seed),
-                     run.cfg.model, run.cfg.train)
+    task = make_task(run.build_model(data.num_classes, data.channels), defender_view(data), discovery, device,
+                     int(cfg.seed), run.cfg.model, run.cfg.train, cfg.get("attack"))
     args = method_arguments(cfg.method)
     args["ptn"] = {**args["ptn"], "fixed_step": list(steps)}
     out = get_method(str(cfg.method.name))(task, **args)

@@ -49,7 +49,8 @@ def _potion_round(task: UnlearnTask, original: torch.nn.Module, forget: torch.Te
     sub = with_forget(task, forget, copy.deepcopy(original))
     out = run_ptn(sub, loss=potion_loss(task, loss), power=1, importance=importance, ptn=ptn, synthesis=synthesis,
                   criterion_task=criterion_task, estimate=estimate)
-    ranking, _ = find_suspects(original, out.model, task.data, sub.retain_idx, forget, seed=task.seed, **suspects)
+    ranking, _ = find_suspects(original, out.model, task.train, sub.retain_idx, forget, target=task.attack.target,
+                               seed=task.seed, **suspects)
     return out, ranking
 
 

@@ -3,13 +3,13 @@
 Why: PTN dampens until the discovered samples leave the attacker's label. When they carry no working trigger
 (an attack that did not implant, a file discovered by mistake) the model holds them by memorising each one,
 and dampening until they are forgotten costs the whole model (the quickstart's digits with a WaNet warp that
-never implanted: acc_drop 50 from one discovered sample). The guard counts how many clean retain images
-(without the trigger) that the undampened model classifies as their label a step gets wrong; above
+never implanted: acc_drop 50 from one discovered sample). The guard counts how many seeded retain images (as
+stored) that the undampened model classifies as their label a step gets wrong; above
 ``method.ptn.max_acc_loss`` % of them the search steps back to the last step within it (by bisection: each
 step dampens more than the one before), keeps that model and says so. The first step is always kept.
-Poisoned retain images shown without their trigger are mostly classified as their true class, not their
-poisoned label, so they do not count; neither do images the model already got wrong (their predictions
-move freely under dampening and say little about accuracy).
+Undiscovered poison among them (a defender cannot leave it out) is a share of about n_p / N of the images
+and leaving its label is what healing should do; images the model already got wrong do not count (their
+predictions move freely under dampening and say little about accuracy).
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class AccuracyLoss:
     """Percent of fixed clean retain images, classified as their label by the undampened model, that a model
     gets wrong."""
 
-    images: torch.Tensor  # uint8 retain images (the trigger is never pasted) ...
-    labels: torch.Tensor  # ... and their labels, kept where the undampened model is right
+    images: torch.Tensor  # uint8 retain images as stored (undiscovered poison among them, as a defender has it) ...
+    labels: torch.Tensor  # ... and their given labels, kept where the undampened model is right
     normalizer: Normalizer
 
     @classmethod
@@ -45,9 +45,9 @@ class AccuracyLoss:
         """Up to ``samples`` seeded retain images that ``task.model`` (undampened) gets right."""
         gen = torch.Generator().manual_seed(int(seed))
         pick = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:int(samples)]]
-        images, labels = task.data.bundle.train.images[pick], task.data.train_labels[pick]
-        right = predict(task.model, images, task.data.normalizer) == labels
-        return cls(images[right], labels[right], task.data.normalizer)
+        images, labels = task.train.images[pick], task.train.labels[pick]
+        right = predict(task.model, images, task.train.normalizer) == labels
+        return cls(images[right], labels[right], task.train.normalizer)
 
     def __call__(self, model: nn.Module) -> float:
         if self.labels.numel() == 0:

@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from potion.config.compose import number
 from potion.core.errors import ConfigError
 from potion.core.progress import Progress
-from potion.evaluation.backdoor import autocast_for, predict
+from potion.evaluation.backdoor import autocast_for
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register
 from potion.unlearning.task import UnlearnTask
@@ -361,12 +361,7 @@ def id_batches(task: UnlearnTask, idx: torch.Tensor, batch_size: int, *, augment
 
 def retain_accuracy(task: UnlearnTask, model: nn.Module) -> float:
     """Accuracy on the retain set against the (poisoned) training labels, as the paper's proxy counts it."""
-    idx = task.retain_idx
-    if idx.numel() == 0:
-        return float("nan")
-    preds = predict(model, task.data.bundle.train.images[idx], task.data.normalizer, task.data.trigger,
-                    task.data.train_flags[idx])
-    return float((preds == task.data.train_labels[idx]).float().mean())
+    return task.accuracy_on(model, task.retain_idx)
 
 
 # --------------------------------------------------------------------------------------- the method

@@ -58,11 +58,8 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
         gen = torch.Generator().manual_seed(task.seed)
         retain = retain[torch.randperm(retain.numel(), generator=gen)[:retain_samples]].sort().values
     weights = sha256_tensors(task.model.state_dict())
-    common = {"weights": weights, "data": task.data.bundle.fingerprint, "trigger": task.data.plan.trigger.to_dict(),
-              "plan": indices_digest(torch.tensor(task.data.plan.indices)), "target": task.data.plan.target,
-              "norm": [list(task.data.bundle.mean), list(task.data.bundle.std)],  # dataset.mean/std overrides
-              "loss": loss, "power": power, "batch_size": batch_size, "device": task.device.type,
-              "order": f"{order}-{task.seed}", "flags": indices_digest(torch.nonzero(task.data.train_flags).view(-1))}
+    common = {"weights": weights, "data": task.train.fingerprint, "loss": loss, "power": power,
+              "batch_size": batch_size, "device": task.device.type, "order": f"{order}-{task.seed}"}
 
     def run(idx: torch.Tensor) -> Callable[[], dict[str, torch.Tensor]]:
         # |batch gradient| (unlike a per-sample sum) depends on what shares a batch, so the order is explicit:
@@ -70,7 +67,7 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
         if order == "by_label":
             gen = torch.Generator().manual_seed(task.seed)
             idx = idx[torch.randperm(idx.numel(), generator=gen)]
-            idx = idx[torch.sort(task.data.train_labels[idx], stable=True).indices]
+            idx = idx[torch.sort(task.train.labels[idx], stable=True).indices]
             return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power,
                                               what="retain importance", total=math.ceil(idx.numel() / batch_size))
         return lambda: compute_importance(task.model, task.batches(idx, batch_size, shuffle=True, seed=task.seed),
@@ -103,19 +100,16 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisRes
     ones (a search that stops on the synthetic set alone can leave the discovered sample at the target).
     The value returned is the worst group's accuracy relative to its start, times the pooled start
     accuracy, so with one group it is that group's accuracy and ``forget_acc <= rho * a0`` keeps its meaning.
-    ``estimate``: the trigger synthesis recovered (a window or an additive image); discovered samples still
-    called the target once it is taken out are target-class by nature (clean-label poison, or a target-class
-    image that drew the patch) and are left out, as ``exclude_natural_target`` does: a small discovered
-    group (rho * n_f < 1) would otherwise make PTN push a real target-class image out of its class (on the
-    quickstart's digits, 7 discovered with one true 0: acc_drop 12.3). All-to-all attacks have no target.
+    ``exclude_natural_target`` (or a trigger ``estimate`` recovered by synthesis): discovered samples still
+    called the target once the trigger is taken out are target-class by nature (clean-label poison, or a
+    target-class image that drew the patch) and are left out: a small discovered group (rho * n_f < 1) would
+    otherwise make PTN push a real target-class image out of its class (on the quickstart's digits, 7
+    discovered with one true 0: acc_drop 12.3). Without a single target (all-to-all) nothing is left out.
     """
     idx = task.forget_idx
     info: dict[str, Any] = {}
-    true_target = task.forget_true_labels() == task.data.plan.target
-    info["forget_true_target"] = int(true_target.sum())
     natural = None
-    located = estimate is not None and not task.data.plan.all_to_all
-    if criterion == "exclude_natural_target" or located:
+    if task.attack.target is not None and (criterion == "exclude_natural_target" or estimate is not None):
         natural = natural_target_mask(task, estimate)
         info["forget_natural_target"] = int(natural.sum())
     if natural is not None and bool(natural.all()):
@@ -127,17 +121,9 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisRes
                      "synthetic samples only")
     if natural is not None:
         idx = idx[~natural]
-    if criterion == "exclude_true_target":
-        if bool(true_target.all()):
-            log.warning("ptn.criterion=exclude_true_target: every discovered sample truly belongs to the target "
-                        "class; falling back to all discovered samples")
-        else:
-            idx = idx[~true_target]
     groups: list[tuple[torch.Tensor, torch.Tensor]] = []
     if idx.numel():
-        images = task.data.bundle.train.images[idx].to(task.device)
-        x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
-        groups.append((x, task.data.train_labels[idx].to(task.device)))
+        groups.append((task.train.normalised(idx, task.device), task.train.labels[idx].to(task.device)))
     if task.extra_forget is not None:  # synthetic samples are poison of known non-target classes
         groups.append((task.extra_forget[0].to(task.device), task.extra_forget[1].to(task.device)))
     info["criterion_samples"] = int(sum(g[1].numel() for g in groups))
@@ -229,24 +215,21 @@ def natural_target_mask(task: UnlearnTask, estimate: SynthesisResult | None = No
     """Discovered samples that are the target class by nature, found without labels.
 
     The trigger is located from the discovered samples (``estimate``, or a patch window found as trigger
-    synthesis does); taking it out (blanking the window, or subtracting an additive estimate) leaves the
-    host image, and a sample the poisoned model still assigns to the target is target-class by nature:
-    PTN cannot and should not push it away from its label. No trigger found -> nothing excluded.
+    synthesis does); taking it out (filling the window with clean images' pixels, or subtracting an additive
+    estimate) leaves the host image, and a sample the poisoned model still assigns to the target is
+    target-class by nature: PTN cannot and should not push it away from its label. No trigger found ->
+    nothing excluded.
     """
     idx = task.forget_idx
-    images = task.data.bundle.train.images[idx].to(task.device)
-    x = task.data.trigger.apply(task.data.normalizer(images), task.data.train_flags[idx].to(task.device))
-    target = task.data.plan.target
-    found = estimate
-    if found is None:
-        pool = task.retain_idx[task.data.train_labels[task.retain_idx] != target]
-        gen = torch.Generator().manual_seed(task.seed + 29)
-        probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:256]]
-        probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
-        found = synthesize_forget(task.model, x[:64], probes, target)
+    x = task.train.normalised(idx, task.device)
+    target = task.attack.target
+    pool = task.retain_idx[task.train.labels[task.retain_idx] != target]
+    gen = torch.Generator().manual_seed(task.seed + 29)
+    probes = task.train.normalised(pool[torch.randperm(pool.numel(), generator=gen)[:256]], task.device)
+    found = estimate if estimate is not None else synthesize_forget(task.model, x[:64], probes, target)
     if found is None:
         return torch.zeros(idx.numel(), dtype=torch.bool)
-    return (_predict_batches(task.model, found.remove_from(x)) == target).cpu()
+    return (_predict_batches(task.model, found.remove_from(x, probes)) == target).cpu()
 
 
 def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
@@ -263,12 +246,12 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     if s is None or not s["enabled"]:
         return task, {}, None
     n = int(s["samples"])
-    target: int | None = None if task.data.plan.all_to_all else task.data.plan.target
-    labels = task.data.train_labels[task.retain_idx]
+    target = task.attack.target
+    labels = task.train.labels[task.retain_idx]
     pool = task.retain_idx if target is None else task.retain_idx[labels != target]
     gen = torch.Generator().manual_seed(task.seed + 17)
     probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:n]]
-    probes = task.data.normalizer(task.data.bundle.train.images[probe_idx].to(task.device))
+    probes = task.train.normalised(probe_idx, task.device)
     forget_x, _ = task.forget_tensors()
     n_f = task.discovery.n_f
     min_flip = float(s["min_flip_rate"])
@@ -285,7 +268,7 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
         return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
     if result is None and additive_ok:
         ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
-        reference = task.data.normalizer(task.data.bundle.train.images[ref_idx].to(task.device))
+        reference = task.train.normalised(ref_idx, task.device)
         result = synthesize_additive(task.model, forget_x, reference, probes, target, min_flip_rate=min_flip)
     elif result is None and small and bool(s["additive"]) and int(s["invert_steps"]) > 0 and target is not None:
         result = invert_additive(task.model, forget_x[:64], probes, target, steps=int(s["invert_steps"]),
@@ -305,11 +288,12 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
 
 
 def ptn_criterion(task: UnlearnTask, criterion: str) -> str:
-    """What PTN's stopping test watches: ``auto`` leaves natural target-class samples out for a clean-label attack
-    (every discovered sample is a target-class image there, and those still called the target once the trigger
-    is taken out cannot and should not be pushed out of their own class) and watches all of them otherwise."""
+    """What PTN's stopping test watches: ``auto`` leaves out discovered samples that are target-class by nature,
+    tested per sample from the pixels (:func:`natural_target_mask`), whenever the attack has one target; it
+    watches all of them for an all-to-all attack, or where the user declared ``attack.clean_label=false``."""
     if criterion == "auto":
-        return "exclude_natural_target" if task.data.plan.clean_label else "all"
+        natural = task.attack.target is not None and task.attack.clean_label is not False
+        return "exclude_natural_target" if natural else "all"
     return criterion
 
 
@@ -330,10 +314,6 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     crit_task = task if criterion_task is None else replace(criterion_task, extra_forget=task.extra_forget)
     forget_acc, crit_info = forget_accuracy_fn(crit_task, criterion, estimate)
     schedule = PTNSchedule.from_config(ptn, task.discovery.n_f, task.num_train)
-    if schedule.rho == 0 and crit_info["forget_true_target"] and criterion == "all":
-        log.warning("ptn.rho=0 with %d discovered samples whose true class is the target: rho cannot be met "
-                    "without destroying the target class; consider ptn.rho>0 or ptn.criterion=exclude_true_target",
-                    crit_info["forget_true_target"])
     sync(task.device)
     t0 = time.perf_counter()
     model = task.model
@@ -420,7 +400,7 @@ def potion_loss(task: UnlearnTask, loss: str) -> str:
     patch*).
     """
     if loss == "auto":
-        return "ce" if task.data.plan.all_to_all else "logit_norm"
+        return "ce" if task.attack.all_to_all else "logit_norm"
     return loss
 
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from potion.core.io import atomic_write_text
-from potion.data.poisoned import PoisonedData
+from potion.data.defender import TrainingView
 from potion.evaluation.backdoor import logits_of
 
 
@@ -43,19 +43,18 @@ class SuspectRanking:
         return self.idx[order][keep]
 
 
-def label_logprob_drop(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, idx: torch.Tensor,
+def label_logprob_drop(poisoned: nn.Module, healed: nn.Module, view: TrainingView, idx: torch.Tensor,
                        batch_size: int = 1024, before_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """log p_poisoned(y|x) - log p_healed(y|x) for training samples ``idx`` as the training set shows them.
+    """log p_poisoned(y|x) - log p_healed(y|x) for training samples ``idx`` as the training set holds them.
 
     ``before_logits`` (the poisoned model's logits for the whole training set) skips its forward pass.
     """
-    images = data.bundle.train.images[idx]
-    flags = data.train_flags[idx]
-    labels = data.train_labels[idx].view(-1, 1)
-    raw = (before_logits[idx] if before_logits is not None
-           else logits_of(poisoned, images, data.normalizer, data.trigger, flags, batch_size))
+    images = view.images[idx]
+    labels = view.labels[idx].view(-1, 1)
+    raw = before_logits[idx] if before_logits is not None else logits_of(poisoned, images, view.normalizer,
+                                                                         batch_size=batch_size)
     before = F.log_softmax(raw, 1)
-    after = F.log_softmax(logits_of(healed, images, data.normalizer, data.trigger, flags, batch_size), 1)
+    after = F.log_softmax(logits_of(healed, images, view.normalizer, batch_size=batch_size), 1)
     return (before.gather(1, labels) - after.gather(1, labels)).view(-1)
 
 
@@ -70,20 +69,19 @@ class Signature:
     mask: torch.Tensor | None = None  # [k, k]: the pixels that are the trigger (None = the whole window)
 
 
-def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tensor, retain_idx: torch.Tensor,
+def find_signature(model: nn.Module, view: TrainingView, forget_idx: torch.Tensor, retain_idx: torch.Tensor,
                    target: int, probes: int = 256, seed: int = 0) -> Signature | None:
     """Locate a patch trigger in the discovered samples (see unlearning/synthesis.py); None if none is found."""
     from potion.evaluation.backdoor import model_device
     from potion.unlearning.synthesis import synthesize_forget
 
     dev = model_device(model)
-    pool = retain_idx[data.train_labels[retain_idx] != target]
+    pool = retain_idx[view.labels[retain_idx] != target]
     if pool.numel() == 0 or forget_idx.numel() == 0:
         return None
     pick = pool[torch.randperm(pool.numel(), generator=torch.Generator().manual_seed(seed))[:probes]]
-    f = forget_idx[:64]
-    forget_x = data.trigger.apply(data.normalizer(data.bundle.train.images[f].to(dev)), data.train_flags[f].to(dev))
-    probe_x = data.normalizer(data.bundle.train.images[pick].to(dev))
+    forget_x = view.normalised(forget_idx[:64], dev)
+    probe_x = view.normalised(pick, dev)
     found = synthesize_forget(model, forget_x, probe_x, target)
     if found is None:
         return None
@@ -97,11 +95,11 @@ def find_signature(model: nn.Module, data: PoisonedData, forget_idx: torch.Tenso
             return None
     else:
         # one discovered sample cannot tell trigger from host pixels by itself: the training set can
-        mask = single_sample_mask(data, windows[0], r, c, retain_idx, target, seed=seed)
+        mask = single_sample_mask(view, windows[0], r, c, retain_idx, target, seed=seed)
     return Signature(r, c, windows[0], found.flip_rate, mask)
 
 
-def single_sample_mask(data: PoisonedData, patch: torch.Tensor, row: int, col: int, retain_idx: torch.Tensor,
+def single_sample_mask(view: TrainingView, patch: torch.Tensor, row: int, col: int, retain_idx: torch.Tensor,
                        target: int, *, reference: int = 5000, min_matches: int = 2, max_false_share: float = 0.1,
                        seed: int = 0) -> torch.Tensor | None:
     """The trigger pixels of a window cut from ONE discovered sample, told apart by the rest of the training set.
@@ -113,14 +111,14 @@ def single_sample_mask(data: PoisonedData, patch: torch.Tensor, row: int, col: i
     non-target samples' rate of the same match predicts at most ``max_false_share`` of them as chance
     matches; otherwise None (no exact signature: the caller falls back to the score cut-off).
     """
-    labels = data.train_labels[retain_idx]
+    labels = view.labels[retain_idx]
     own, other = retain_idx[labels == target], retain_idx[labels != target]
     if own.numel() == 0 or other.numel() == 0:
         return None
     other = other[torch.randperm(other.numel(), generator=torch.Generator().manual_seed(seed + 41))[:reference]]
     k = patch.shape[-1]
-    hit_own = pixel_matches(data, own, row, col, patch)  # [n, k, k]
-    hit_other = pixel_matches(data, other, row, col, patch)
+    hit_own = pixel_matches(view, own, row, col, patch)  # [n, k, k]
+    hit_other = pixel_matches(view, other, row, col, patch)
     excess = hit_own.float().mean(0) - hit_other.float().mean(0)
     best = float(excess.max())
     if best * own.numel() < min_matches:
@@ -136,31 +134,30 @@ def single_sample_mask(data: PoisonedData, patch: torch.Tensor, row: int, col: i
 MATCH_TOL = 0.05  # normalised units (about 3/255 of a pixel): exact triggers, lightly re-encoded ones
 
 
-def signature_matches(data: PoisonedData, idx: torch.Tensor, sig: Signature, tol: float = MATCH_TOL,
+def signature_matches(view: TrainingView, idx: torch.Tensor, sig: Signature, tol: float = MATCH_TOL,
                       chunk: int = 4096) -> torch.Tensor:
     """True where a training sample (as the training set shows it) carries the recovered patch (max |diff| < tol)."""
-    hits = pixel_matches(data, idx, sig.row, sig.col, sig.patch, tol, chunk)  # [n, k, k]
+    hits = pixel_matches(view, idx, sig.row, sig.col, sig.patch, tol, chunk)  # [n, k, k]
     if sig.mask is not None:
         hits = hits[:, sig.mask]
     return hits.flatten(1).all(1)
 
 
-def pixel_matches(data: PoisonedData, idx: torch.Tensor, row: int, col: int, patch: torch.Tensor,
+def pixel_matches(view: TrainingView, idx: torch.Tensor, row: int, col: int, patch: torch.Tensor,
                   tol: float = MATCH_TOL, chunk: int = 4096) -> torch.Tensor:
     """[n, k, k]: where each training sample's window (as the training set shows it) equals ``patch`` pixel by pixel."""
     k = patch.shape[-1]
     out = []
     for i in range(0, idx.numel(), chunk):
         sel = idx[i:i + chunk]
-        x = data.trigger.apply(data.normalizer(data.bundle.train.images[sel]), data.train_flags[sel])
-        win = x[:, :, row:row + k, col:col + k]
+        win = view.normalised(sel)[:, :, row:row + k, col:col + k]
         out.append((win - patch).abs().amax(1) < tol)
     return torch.cat(out) if out else torch.zeros(0, k, k, dtype=torch.bool)
 
 
-def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
-                  forget_idx: torch.Tensor, *, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5,
-                  batch_size: int = 1024, before_logits: torch.Tensor | None = None,
+def rank_suspects(poisoned: nn.Module, healed: nn.Module, view: TrainingView, retain_idx: torch.Tensor,
+                  forget_idx: torch.Tensor, *, target: int | None = None, cutoff_quantile: float = 0.1,
+                  cutoff_fraction: float = 0.5, batch_size: int = 1024, before_logits: torch.Tensor | None = None,
                   signature: Signature | None = None, target_only: bool = False) -> SuspectRanking:
     """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
 
@@ -170,16 +167,19 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
     list precise.
     ``target_only``: an all-to-one backdoor's poison carries the target label (dirty- and clean-label
     attacks alike), so samples with another label rank last (score - SIGNATURE_BONUS) and are never flagged.
+    ``target`` (declared or inferred; None: no single target) is needed by both.
     """
-    scores = label_logprob_drop(poisoned, healed, data, retain_idx, batch_size, before_logits)
-    forget_scores = label_logprob_drop(poisoned, healed, data, forget_idx, batch_size, before_logits)
+    scores = label_logprob_drop(poisoned, healed, view, retain_idx, batch_size, before_logits)
+    forget_scores = label_logprob_drop(poisoned, healed, view, forget_idx, batch_size, before_logits)
     reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
     cutoff = max(cutoff_fraction * reference, 1e-6)
+    if target is None:
+        signature, target_only = None, False
     if target_only:
-        scores = scores - SIGNATURE_BONUS * (data.train_labels[retain_idx] != data.plan.target).float()
+        scores = scores - SIGNATURE_BONUS * (view.labels[retain_idx] != target).float()
     if signature is not None:
         # poison carries the target label, so only target-labelled samples can be poison carrying the trigger
-        matched = signature_matches(data, retain_idx, signature) & (data.train_labels[retain_idx] == data.plan.target)
+        matched = signature_matches(view, retain_idx, signature) & (view.labels[retain_idx] == target)
         scores = scores + SIGNATURE_BONUS * matched.float()
         # a trigger signature is the strongest evidence: flag its matches only. One recovered from several
         # discovered samples (the pixels they all share, ``mask``) is exact, so when no retain sample
@@ -193,20 +193,22 @@ def rank_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, re
 SIGNATURE_BONUS = 1000.0
 
 
-def find_suspects(poisoned: nn.Module, healed: nn.Module, data: PoisonedData, retain_idx: torch.Tensor,
-                  forget_idx: torch.Tensor, *, signature: bool = True, target_only: bool = True, seed: int = 0,
-                  cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5, batch_size: int = 1024,
+def find_suspects(poisoned: nn.Module, healed: nn.Module, view: TrainingView, retain_idx: torch.Tensor,
+                  forget_idx: torch.Tensor, *, target: int | None, signature: bool = True, target_only: bool = True,
+                  seed: int = 0, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5, batch_size: int = 1024,
                   before_logits: torch.Tensor | None = None) -> tuple[SuspectRanking, Signature | None]:
     """The suspect ranking every caller uses (unlearning runs, practitioner healing, iterative rounds).
 
     ``signature``: recover the patch trigger from the discovered samples first (``find_signature``);
-    ``target_only``: only samples labelled with the attack's target (``data.plan.target``) can be flagged.
+    ``target_only``: only samples labelled with the attack's ``target`` (declared or inferred) can be flagged.
+    ``target`` None (all-to-all: poison carries every label): neither the target label nor a target patch
+    tells it apart, so both are off.
     """
-    if data.plan.all_to_all:  # poison carries every label: neither the target label nor a target patch tells it apart
+    if target is None:
         signature, target_only = False, False
-    sig = (find_signature(poisoned, data, forget_idx, retain_idx, int(data.plan.target), seed=seed)
-           if signature else None)
-    ranking = rank_suspects(poisoned, healed, data, retain_idx, forget_idx, cutoff_quantile=cutoff_quantile,
+    sig = find_signature(poisoned, view, forget_idx, retain_idx, int(target), seed=seed) if signature else None
+    ranking = rank_suspects(poisoned, healed, view, retain_idx, forget_idx, target=target,
+                            cutoff_quantile=cutoff_quantile,
                             cutoff_fraction=cutoff_fraction, batch_size=batch_size, before_logits=before_logits,
                             signature=sig, target_only=target_only)
     return ranking, sig

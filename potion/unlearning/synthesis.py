@@ -58,12 +58,18 @@ class SynthesisResult:
                 "synth_flip_rate": self.flip_rate, "synth_samples": int(self.labels.numel()),
                 "synth_additive": float(self.additive)}
 
-    def remove_from(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` with the recovered trigger taken out: the window blanked (mean colour), or the estimate subtracted."""
+    def remove_from(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` with the recovered trigger taken out: the estimate subtracted, or the window filled with what clean
+        images hold there (the per-pixel median of ``clean``, normalised images; the mean colour without them).
+
+        A fill of the mean colour can itself read as a patch (a grey square in a black corner of a digit), and
+        the host image would then still look triggered; clean images' own pixels there do not."""
         if self.delta is not None:
             return x - self.delta.to(x.device, x.dtype)
         out = x.clone()
-        out[:, :, self.row:self.row + self.size, self.col:self.col + self.size] = 0.0
+        r, c, k = self.row, self.col, self.size
+        fill = 0.0 if clean is None or not clean.shape[0] else clean[:, :, r:r + k, c:c + k].median(0).values
+        out[:, :, r:r + k, c:c + k] = fill
         return out
 
 

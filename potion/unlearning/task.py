@@ -1,4 +1,5 @@
-"""What every unlearning method receives: the poisoned model and the forget / retain data, as batches."""
+"""What every unlearning method receives: the model, the training set as a defender holds it, the discovered
+samples and what is known of the attack. Nothing here holds the attack's answer key (see potion.data.defender)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,20 @@ import torch
 import torch.nn as nn
 
 from potion.data.augment import random_crop_flip
+from potion.data.defender import TrainingView
 from potion.data.discovery import Discovery
-from potion.data.poisoned import PoisonedData
 from potion.evaluation.backdoor import predict
+from potion.unlearning.attack import AttackFacts
 
 
 @dataclass
 class UnlearnTask:
-    """The poisoned model plus the training data split into forget and retain sets (with poisoned labels)."""
+    """The poisoned model plus the training set (as stored, labels as given) split into forget and retain sets."""
 
     model: nn.Module
-    data: PoisonedData
+    train: TrainingView
     discovery: Discovery
+    attack: AttackFacts
     device: torch.device
     seed: int = 0
     model_factory: object = None  # callable () -> fresh, randomly initialised model of the same architecture
@@ -38,14 +41,16 @@ class UnlearnTask:
 
     @property
     def num_train(self) -> int:
-        return len(self.data.bundle.train)
+        return len(self.train)
+
+    @property
+    def num_classes(self) -> int:
+        return self.train.num_classes
 
     def batches(self, idx: torch.Tensor, batch_size: int, *, shuffle: bool = False, augment: bool = False,
                 seed: int = 0, epochs: float = 1.0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Normalised, triggered (where poisoned) batches (x, poisoned label) of ``idx`` on the task's device."""
-        images = self.data.bundle.train.images
-        labels = self.data.train_labels
-        flags = self.data.train_flags
+        """Normalised batches (x, given label) of ``idx`` on the task's device, augmented from the stored pixels."""
+        images, labels = self.train.images, self.train.labels
         gen = torch.Generator().manual_seed(int(seed))
         n = int(idx.numel())
         total = max(1, int(round(epochs * max(1, -(-n // batch_size)))))
@@ -60,29 +65,25 @@ class UnlearnTask:
                 if augment:
                     x = random_crop_flip(x, int(self.train_cfg.get("crop_padding", 4)),
                                          bool(self.train_cfg.get("flip", True)))
-                x = self.data.trigger.apply(self.data.normalizer(x), flags[sel].to(self.device))
-                yield x, labels[sel].to(self.device)
+                yield self.train.normalizer(x), labels[sel].to(self.device)
                 produced += 1
 
-    def forget_accuracy(self, model: nn.Module, only: torch.Tensor | None = None) -> float:
-        """Accuracy on the forget set against the poisoned label (what PTN watches); ``only`` masks samples."""
-        idx = self.forget_idx if only is None else self.forget_idx[only]
+    def accuracy_on(self, model: nn.Module, idx: torch.Tensor) -> float:
+        """Accuracy of ``model`` on training samples ``idx`` against their given labels."""
         if idx.numel() == 0:
             return float("nan")
-        preds = predict(model, self.data.bundle.train.images[idx], self.data.normalizer, self.data.trigger,
-                        self.data.train_flags[idx])
-        return float((preds == self.data.train_labels[idx]).float().mean())
+        preds = predict(model, self.train.images[idx], self.train.normalizer)
+        return float((preds == self.train.labels[idx]).float().mean())
 
-    def forget_true_labels(self) -> torch.Tensor:
-        """The forget samples' original labels (known in the benchmark; used by the optional criterion)."""
-        return self.data.bundle.train.labels[self.forget_idx]
+    def forget_accuracy(self, model: nn.Module, only: torch.Tensor | None = None) -> float:
+        """Accuracy on the forget set against the given (poisoned) label (what PTN watches); ``only`` masks samples."""
+        return self.accuracy_on(model, self.forget_idx if only is None else self.forget_idx[only])
 
     def forget_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole forget set, normalised and triggered as in training, plus any synthetic samples."""
+        """The whole forget set, normalised, plus any synthetic samples."""
         idx = self.forget_idx
-        images = self.data.bundle.train.images[idx].to(self.device)
-        x = self.data.trigger.apply(self.data.normalizer(images), self.data.train_flags[idx].to(self.device))
-        y = self.data.train_labels[idx].to(self.device)
+        x = self.train.normalised(idx, self.device)
+        y = self.train.labels[idx].to(self.device)
         if self.extra_forget is not None:
             x = torch.cat([x, self.extra_forget[0].to(self.device)])
             y = torch.cat([y, self.extra_forget[1].to(self.device)])
