@@ -26,6 +26,9 @@ from potion.models import build_model
 from potion.tracking.extras import MODEL_FORMAT, MODEL_SPEC, MODEL_WEIGHTS
 from potion.tracking.tracker import check_reachable, open_client, resolve_tracking_uri
 
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; more is no classifier this project trains
+MAX_CHANNELS = 64
+
 
 def logged_model_id(tracking_uri: str, run_id: str) -> str:
     """The id of the logged model a run produced (its first model output); one TrackingError line when none."""
@@ -62,19 +65,47 @@ def load_logged_model(folder: str | Path) -> tuple[nn.Module, dict[str, Any]]:
         spec = json.loads((folder / MODEL_SPEC).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder} holds no readable {MODEL_SPEC}: not a potion logged model ({exc})") from exc
-    if spec.get("format") != MODEL_FORMAT:
-        raise CheckpointError(f"{folder / MODEL_SPEC} has format {spec.get('format')!r}, not {MODEL_FORMAT!r}")
-    state = load_tensors(folder / str(spec.get("weights") or MODEL_WEIGHTS))
+    if not isinstance(spec, dict) or spec.get("format") != MODEL_FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise CheckpointError(f"{folder / MODEL_SPEC} has format {found!r}, not {MODEL_FORMAT!r}")
+    num_classes = _count(spec, "num_classes", MAX_CLASSES, folder)
+    channels = _count(spec, "channels", MAX_CHANNELS, folder)
+    kwargs = spec.get("kwargs") or {}
+    if not isinstance(kwargs, dict) or not isinstance(spec.get("architecture"), str):
+        raise CheckpointError(f"{folder / MODEL_SPEC}: architecture must be a name and kwargs a mapping")
+    state = load_tensors(_weights_file(folder, spec.get("weights") or MODEL_WEIGHTS))
     prefix = str(spec.get("key_prefix") or "")
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    model = build_model(str(spec["architecture"]), int(spec["num_classes"]), int(spec["channels"]),
-                        **dict(spec.get("kwargs") or {}))
+    model = build_model(spec["architecture"], num_classes, channels, **kwargs)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise CheckpointError(f"the weights in {folder} do not fit {spec['architecture']}: "
                               f"{str(exc).splitlines()[0]}") from exc
     return model.eval(), spec
+
+
+def _count(spec: dict[str, Any], key: str, most: int, folder: Path) -> int:
+    """A positive integer of ``model.json`` up to ``most``: a hostile file must not ask for a 128 TB output layer."""
+    value = spec.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= most:
+        raise CheckpointError(f"{folder / MODEL_SPEC}: {key}={value!r} must be an integer from 1 to {most}")
+    return value
+
+
+def _weights_file(folder: Path, name: Any) -> Path:
+    """The weights file ``model.json`` names, which must lie in the model's folder (no absolute or ``..`` path):
+    a downloaded model never opens a file elsewhere on the machine."""
+    path = folder / str(name)
+    inside = not Path(str(name)).is_absolute() and ".." not in Path(str(name)).parts
+    try:
+        inside = inside and path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        inside = False
+    if not inside:
+        raise CheckpointError(f"{folder / MODEL_SPEC}: weights={name!r} is not a file of the model folder {folder}; "
+                              f"a logged model's weights are its own {MODEL_WEIGHTS}")
+    return path
 
 
 def _client(tracking_uri: str) -> Any:
