@@ -19,10 +19,13 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     fast_exit()
     run_guarded(lambda: check_config("heal", cfg))  # every value, before torch is imported
     progress.configure(cfg.trainer.progress_bar)
+    from potion.core.interrupt import exit_when_interrupted
     from potion.pipelines.heal import format_result, heal
 
     command = list(HydraConfig.get().overrides.task)  # the report's next steps repeat the command line
-    summary = run_guarded(lambda: heal(cfg, command))
+    # SIGTERM: one line, exit 143, the MLflow run marked KILLED (as unlearn.py)
+    summary = exit_when_interrupted(lambda: run_guarded(lambda: heal(cfg, command)),
+                                    "rerun the same command to heal again")
     print(format_result(summary), flush=True)
     return summary
 

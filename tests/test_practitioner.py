@@ -280,3 +280,94 @@ def test_heal_offers_potion_iterative(world: World) -> None:
     listed = (out / "next_discovered.txt").read_text()
     assert all(f"# {p}\n" in listed for p in s["added_files"])
     assert "method=potion_iterative" in s["next_command"] and s["next_command_iterative"] is None
+
+
+# ----------------------------------------------------------------------------------------------- the out folder
+
+
+def test_heal_claims_its_out_dir_and_never_writes_over_another_run(world: World, tmp_path: Path) -> None:
+    """run.json marks the folder; training and unlearning runs' folders are refused, another heal's unless force."""
+    from potion.pipelines.run_folders import claim_run_dir, identify_run
+
+    for kind in ("train", "unlearn"):
+        other = tmp_path / kind
+        claim_run_dir(other, kind, "0123456789ab", fresh=False)
+        (other / "config.yaml").write_text("theirs\n")
+        with pytest.raises(ConfigError, match="never writes over another kind of run"):
+            heal(compose_config("heal", _overrides(world, f"out_dir={other}", "method=ssd")))
+        assert (other / "config.yaml").read_text() == "theirs\n" and not (other / "summary.json").exists()
+
+    out = tmp_path / "heal"
+    first = heal(compose_config("heal", _overrides(world, f"out_dir={out}")))  # potion: a PTN trajectory
+    found = identify_run(out)
+    assert found is not None and found.kind == "heal" and (out / "ptn_trajectory.png").is_file()
+    again = heal(compose_config("heal", _overrides(world, f"out_dir={out}")))  # the same inputs: the same folder
+    assert again["clean_acc_after"] == first["clean_acc_after"]
+
+    fewer = tmp_path / "fewer.txt"
+    fewer.write_text("\n".join(world.poisoned[:2]) + "\n")
+    with pytest.raises(ConfigError, match="force=true"):
+        heal(compose_config("heal", _overrides(world, f"out_dir={out}", f"discovered={fewer}", "method=ssd")))
+    assert json.loads((out / "summary.json").read_text())["n_f"] == N_FOUND  # the first heal's results kept
+    s = heal(compose_config("heal", _overrides(world, f"out_dir={out}", f"discovered={fewer}", "method=ssd",
+                                               "force=true")))
+    assert s["n_f"] == 2 and json.loads((out / "summary.json").read_text())["method"] == "ssd"
+    assert not (out / "ptn_trajectory.png").exists() and not (out / "ptn_trajectory.csv").exists()
+
+
+def test_heal_refuses_an_out_dir_inside_the_data_folder(world: World) -> None:
+    inside = world.data / "train" / "airplane" / "healed"
+    with pytest.raises(ConfigError, match="inside the data folder"):
+        heal(compose_config("heal", _overrides(world, f"out_dir={inside}", "method=ssd")))
+    assert not inside.exists()
+
+
+_HEAL_CHILD = """
+import os, pathlib, runpy, sys, time
+import potion.pipelines.heal as pipeline
+sig = pathlib.Path(os.environ["POTION_TEST_SIGNAL"])
+run_timed = pipeline.run_timed
+
+def stall(method_fn, task, args):  # the method is running: tell the test and wait for its signal
+    sig.write_text("in the method")
+    time.sleep(60)
+    return run_timed(method_fn, task, args)
+
+pipeline.run_timed = stall
+sys.argv = ["potion.heal", *sys.argv[1:]]
+runpy.run_module("potion.heal", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigterm_during_heal_is_exit_143_one_line_and_a_killed_mlflow_run(world: World, tmp_path: Path) -> None:
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    sig, db, out = tmp_path / "in-method", tmp_path / "mlflow.db", tmp_path / "out"
+    env = {**os.environ, "POTION_CACHE_DIR": str(world.root / "cache"), "POTION_THREADS": "1",
+           "POTION_TEST_SIGNAL": str(sig)}
+    args = [*_overrides(world, f"out_dir={out}", "method=ssd"), "logger=mlflow", f"logger.tracking_uri=sqlite:///{db}",
+            f"hydra.run.dir={tmp_path / 'hydra'}"]
+    proc = subprocess.Popen([sys.executable, "-c", _HEAL_CHILD, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not sig.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the heal never reached its method"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 143, stdout + stderr  # was -15: the signal killed it
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "SIGTERM" in lines[0] and "Traceback" not in stderr, stderr[-3000:]
+    assert not (out / "summary.json").exists()
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    assert [r.info.status for r in runs] == ["KILLED"]  # was RUNNING
