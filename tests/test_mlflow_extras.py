@@ -19,72 +19,33 @@ from tiny_world import QUICK_PTN, free_port
 from potion.config.compose import compose_config
 from potion.core.errors import ConfigError
 from potion.core.run_log import captured_log
-from potion.tracking.extras import (
-    DIGEST_CHARS,
-    GIT_BRANCH_TAG,
-    GIT_COMMIT_TAG,
-    code_root,
-    git_source_tags,
-    ui_lines,
-)
-from potion.tracking.tracker import MlflowTracker, RecordingTracker, logger_settings, start_tracker
+from potion.tracking.extras import DIGEST_CHARS, ui_lines
+from potion.tracking.tracker import MlflowTracker, RecordingTracker, start_tracker
+from potion.tracking.uris import logger_settings
 
-SHA = "0123456789abcdef0123456789abcdef01234567"
-OTHER = "89abcdef0123456789abcdef0123456789abcdef"
+ROOT = Path(__file__).resolve().parents[1]
+GIT_COMMIT_TAG = "mlflow.source.git.commit"
 
 
-# --------------------------------------------------------------------------- git, without the git binary
+def _git_head() -> str | None:
+    """The checkout's commit, as MLflow tags a run started from it (None outside a git checkout)."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        return None
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
-def _repo(root: Path, head: str) -> Path:
-    git = root / ".git"
-    (git / "refs" / "heads").mkdir(parents=True)
-    (git / "HEAD").write_text(head + "\n")
-    return git
+# --------------------------------------------------------------------------- git, from MLflow
 
 
-def test_git_commit_from_a_loose_ref_a_packed_ref_and_a_detached_head(tmp_path: Path) -> None:
-    git = _repo(tmp_path / "loose", "ref: refs/heads/main")
-    (git / "refs" / "heads" / "main").write_text(SHA + "\n")
-    (tmp_path / "loose" / "pkg").mkdir()
-    assert git_source_tags(tmp_path / "loose" / "pkg") == {GIT_COMMIT_TAG: SHA, GIT_BRANCH_TAG: "main"}
-
-    git = _repo(tmp_path / "packed", "ref: refs/heads/dev")
-    (git / "packed-refs").write_text(f"# pack-refs with: peeled\n{OTHER} refs/heads/main\n{SHA} refs/heads/dev\n")
-    assert git_source_tags(tmp_path / "packed") == {GIT_COMMIT_TAG: SHA, GIT_BRANCH_TAG: "dev"}
-
-    _repo(tmp_path / "detached", SHA)
-    assert git_source_tags(tmp_path / "detached") == {GIT_COMMIT_TAG: SHA}
-
-
-def test_git_commit_of_a_worktree_reads_the_common_refs(tmp_path: Path) -> None:
-    main = _repo(tmp_path / "main", "ref: refs/heads/main")
-    (main / "packed-refs").write_text(f"{SHA} refs/heads/feature\n")
-    wt = main / "worktrees" / "wt"
-    wt.mkdir(parents=True)
-    (wt / "HEAD").write_text("ref: refs/heads/feature\n")
-    (wt / "commondir").write_text("../..\n")
-    (tmp_path / "wt").mkdir()
-    (tmp_path / "wt" / ".git").write_text(f"gitdir: {wt}\n")
-    assert git_source_tags(tmp_path / "wt") == {GIT_COMMIT_TAG: SHA, GIT_BRANCH_TAG: "feature"}
-
-
-def test_no_checkout_or_an_unreadable_head_gives_no_tag(tmp_path: Path) -> None:
-    assert git_source_tags(tmp_path) == {} or (tmp_path / ".git").exists()
-    _repo(tmp_path / "broken", "ref: refs/heads/missing")
-    assert git_source_tags(tmp_path / "broken") == {}
-    _repo(tmp_path / "garbage", "not a commit")
-    assert git_source_tags(tmp_path / "garbage") == {}
-
-
-def test_the_code_root_holds_the_package() -> None:
-    assert (code_root() / "potion" / "__init__.py").is_file()
-
-
-@pytest.mark.skipif(shutil.which("git") is None or not (code_root() / ".git").exists(), reason="not a git checkout")
-def test_the_code_commit_is_what_git_says() -> None:
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=code_root(), capture_output=True, text=True, check=True)
-    assert git_source_tags()[GIT_COMMIT_TAG] == head.stdout.strip()
+@pytest.mark.skipif(_git_head() is None, reason="not a git checkout")
+def test_a_run_started_from_the_checkout_carries_its_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.argv", [str(ROOT / "train.py")])  # MLflow reads the commit of the entry script's checkout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = start_tracker({"name": "mlflow", "tracking_uri": uri}, experiment="git", capture_log=False)
+    tracker.finish()
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert tags[GIT_COMMIT_TAG] == _git_head() and tags["mlflow.source.name"].endswith("train.py")
 
 
 # --------------------------------------------------------------------------- settings, records, the log, the UI
@@ -139,12 +100,14 @@ def test_the_run_log_holds_log_records_and_console_writes_and_keeps_the_end() ->
 
 def test_ui_lines_for_a_server_a_sqlite_store_and_others() -> None:
     http = ui_lines("http://h:5000/", "3", "abc")
-    assert http == ["MLflow run: http://h:5000/#/experiments/3/runs/abc",
+    assert http == ["MLflow run: http://h:5000/#/experiments/3/runs/abc?workflowType=machine_learning",
                     "MLflow runs table: http://h:5000/#/experiments/3/runs?workflowType=machine_learning"]
     local = ui_lines("sqlite:////w/mlflow.db", "3", "abc")
-    assert local[0] == "MLflow run: http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert local[0] == "MLflow run: http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     assert "mlflow ui --backend-store-uri sqlite:////w/mlflow.db" in local[2]
     assert ui_lines("databricks", "3", "abc") == [] and ui_lines("http://h", None, "abc") == []
+    assert ui_lines("http://h", "3", "abc", "final run", table=False) == [
+        "MLflow final run: http://h/#/experiments/3/runs/abc?workflowType=machine_learning"]
 
 
 # --------------------------------------------------------------------------- runs in a store (slow)
@@ -195,8 +158,6 @@ def test_the_training_run_has_its_dataset_git_commit_config_log_and_logged_model
     assert json.loads(inp.dataset.source)["uri"] == str(tiny.data.absolute())
     assert json.loads(inp.dataset.profile)["fingerprint"] == fingerprint
     assert {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "training"
-    if git_source_tags():
-        assert run.data.tags[GIT_COMMIT_TAG] == git_source_tags()[GIT_COMMIT_TAG]
     assert {"config.yaml", "run.log", "model.safetensors"} <= _artifacts(client, run_id)
 
     model_id = logged_model_id(tiny.uri, run_id)
@@ -256,7 +217,8 @@ def test_a_server_run_prints_its_address_and_serves_its_logged_model(server: dic
                           {"format": "potion-model/1", "architecture": "small_cnn", "kwargs": {"width": 4},
                            "num_classes": 4, "channels": 3, "key_prefix": "", "weights": "model.safetensors"})
     printed = capsys.readouterr().out
-    assert f"MLflow run: {server['uri']}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}" in printed
+    assert (f"MLflow run: {server['uri']}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+            "?workflowType=machine_learning") in printed
     assert f"{server['uri']}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning" in printed
     folder = download_logged_model(server["uri"], logged_model_id(server["uri"], str(tracker.run_id)), tmp_path / "d")
     model, _ = load_logged_model(folder)
@@ -268,7 +230,7 @@ def test_a_dead_server_fails_the_new_calls_quickly_and_quietly(tmp_path: Path, m
                                                                caplog: pytest.LogCaptureFixture) -> None:
     from mlflow import MlflowClient
 
-    from potion.tracking.tracker import apply_timeout
+    from potion.tracking.uris import apply_timeout
 
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     for key in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"):
@@ -313,13 +275,13 @@ def test_a_sweeps_parent_and_final_runs_have_inputs_config_log_and_the_final_mod
     for run in (parent, final):
         assert len(run.inputs.dataset_inputs) == 1 and [m.model_id for m in run.inputs.model_inputs] == [train_model]
         assert {"config.yaml", "run.log"} <= _artifacts(client, run.info.run_id)
-        if git_source_tags():
-            assert run.data.tags[GIT_COMMIT_TAG] == git_source_tags()[GIT_COMMIT_TAG]
+        if _git_head():
+            assert run.data.tags[GIT_COMMIT_TAG] == _git_head()
     assert "model.safetensors" in _artifacts(client, final.info.run_id) and _model_output(client, final.info.run_id)
-    assert f"MLflow final run: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{final.info.run_id}" \
-        in proc.stdout
-    assert f"MLflow run: http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}" \
-        in proc.stdout
+    page = "http://127.0.0.1:5000/#/experiments/{}/runs/{}?workflowType=machine_learning"
+    assert f"MLflow final run: {page.format(exp.experiment_id, final.info.run_id)}" in proc.stdout
+    assert f"MLflow sweep parent run: {page.format(exp.experiment_id, parent.info.run_id)}" in proc.stdout
+    assert proc.stdout.count("MLflow runs table:") == 1
 
 
 @pytest.mark.slow

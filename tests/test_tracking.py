@@ -17,18 +17,10 @@ import pytest
 import torch
 
 from potion.core.errors import ConfigError, TrackingError
-from potion.tracking.tracker import (
-    MAX_PARAM_VALUE,
-    PARENT_TAG,
-    MlflowTracker,
-    NullTracker,
-    check_reachable,
-    download_run_artifacts,
-    flatten_params,
-    resolve_tracking_uri,
-    sanitize_key,
-    start_tracker,
-)
+from potion.tracking.client import check_reachable, download_run_artifacts
+from potion.tracking.params import MAX_PARAM_VALUE, flatten_params, sanitize_key
+from potion.tracking.tracker import PARENT_TAG, MlflowTracker, NullTracker, start_tracker
+from potion.tracking.uris import resolve_tracking_uri
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +91,8 @@ def test_sqlite_folder_is_created(tmp_path: Path) -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, potion.tracking.tracker; assert 'mlflow' not in sys.modules and 'torch' not in sys.modules"
+    code = ("import sys, potion.tracking.tracker, potion.tracking.runs; "
+            "assert 'mlflow' not in sys.modules and 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 
 
@@ -301,20 +294,30 @@ def test_failing_calls_after_start_do_not_raise(
     assert any("'bad' skipped" in m for m in messages)
 
 
-def test_stalling_failure_switches_tracking_off(store_uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    tracker = start_tracker(_mlflow_cfg(store_uri), experiment="flaky")
-    monkeypatch.setattr("potion.tracking.tracker.STALL_SECONDS", -1.0)
-    calls = {"n": 0}
+class _Answered(Exception):
+    """An error a server sent back (what MLflow raises for a REST error response)."""
 
-    def broken(*args, **kwargs):
-        calls["n"] += 1
-        raise TimeoutError("retries exhausted")
 
-    monkeypatch.setattr(tracker._client, "log_batch", broken)
-    tracker.log_metrics({"loss": 1.0})
-    tracker.log_metrics({"loss": 2.0})
-    tracker.finish()
-    assert calls["n"] == 1
+def test_a_call_no_server_answered_switches_tracking_off_and_an_answered_error_does_not() -> None:
+    import requests
+
+    class Client:
+        def __init__(self, error: Exception) -> None:
+            self.error, self.calls = error, 0
+
+        def log_batch(self, *args: object, **kwargs: object) -> None:
+            self.calls += 1
+            raise self.error
+
+    gone = Client(RuntimeError("API request failed"))
+    gone.error.__context__ = requests.exceptions.ConnectionError("Max retries exceeded")  # as MLflow raises it
+    answered = Client(_Answered("RESOURCE_DOES_NOT_EXIST"))
+    for client in (gone, answered):
+        tracker = MlflowTracker(client, "0" * 32, _closed_port_uri(), "0")
+        tracker.log_metrics({"loss": 1.0})
+        tracker.log_metrics({"loss": 2.0})
+        assert tracker.failed
+    assert gone.calls == 1 and answered.calls == 2  # no answer: tracking off; an answered error: it goes on
 
 
 # --------------------------------------------------------------------------- unreachable server
@@ -335,7 +338,7 @@ def test_closed_port_with_local_fallback(
     store: Path, store_uri: str, client, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.chdir(store)  # the default local store is then the module's store
-    with caplog.at_level(logging.WARNING, logger="potion.tracking.tracker"):
+    with caplog.at_level(logging.WARNING, logger="potion.tracking"):
         tracker = start_tracker(_mlflow_cfg(_closed_port_uri(), fallback="local"), experiment="fallback")
     assert tracker.tracking_uri == store_uri
     assert any(
@@ -347,15 +350,14 @@ def test_closed_port_with_local_fallback(
     assert client.get_run(tracker.run_id).data.metrics["acc"] == 1.0
 
 
-def test_health_endpoint_answers(tmp_path: Path) -> None:
-    """A live server (here a static stub whose /health says OK) passes the check."""
-    (tmp_path / "health").write_text("OK")
+def test_a_server_that_answers_passes_the_check(tmp_path: Path) -> None:
+    """A live server (here a static stub that answers MLflow's request with an error) passes the check."""
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
-        check_reachable(f"http://127.0.0.1:{server.server_port}", timeout=2)
+        check_reachable(f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
         server.server_close()
@@ -393,3 +395,25 @@ def test_a_discarded_placeholder_run_is_deleted(store_uri: str, client) -> None:
     child = parent.child("final")
     child.discard()
     assert client.get_run(child.run_id).info.lifecycle_stage == "deleted"
+
+
+def test_no_private_api_of_mlflow_hydra_or_joblib() -> None:
+    """Underscore names of these packages change without notice: imported, or read off a name imported from them."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    for path in [*root.glob("potion/**/*.py"), *root.glob("hydra_plugins/**/*.py"), *root.glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        theirs: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("mlflow", "hydra", "joblib"):
+                theirs.update(a.asname or a.name for a in node.names)
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if private or any(p.startswith("_") for p in str(node.module).split(".")):
+                    found.append(f"{path.name}:{node.lineno} from {node.module} import {private}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in theirs):
+                found.append(f"{path.name}:{node.lineno} {node.value.id}.{node.attr}")
+    assert found == []

@@ -18,6 +18,7 @@ import pytest
 
 from potion.core.errors import ConfigError, TrackingError
 from potion.core.io import read_json
+from potion.tracking.liveness import HOST_TAG, PID_START_TAG, PID_TAG, process_tags
 from potion.tracking.runs import (
     PENDING,
     FolderRun,
@@ -25,17 +26,8 @@ from potion.tracking.runs import (
     replay_command,
     write_pending,
 )
-from potion.tracking.tracker import (
-    HOST_TAG,
-    PID_START_TAG,
-    PID_TAG,
-    MlflowTracker,
-    RecordingTracker,
-    apply_timeout,
-    http_settings,
-    process_tags,
-    start_tracker,
-)
+from potion.tracking.tracker import MlflowTracker, RecordingTracker, start_tracker
+from potion.tracking.uris import apply_timeout, http_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,18 +170,67 @@ def test_relog_logs_a_pending_run_under_its_parent(tmp_path: Path, store: str, c
     write_pending(run_dir, tracking_uri=store, experiment="pending", run_name="unlearn-potion",
                   parent_run_id=parent.run_id, calls=recorder.calls, status=recorder.status)
     assert replay_command(run_dir, store) == f"python -m potion.relog {run_dir} --tracking-uri {store}"
-    proc = subprocess.run([sys.executable, "-m", "potion.relog", str(run_dir)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "potion.relog", str(run_dir), "--tracking-uri", store], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     new = read_json(run_dir / "summary.json")["mlflow_run_id"]
     assert f"as MLflow run {new}" in proc.stdout and not (run_dir / PENDING).exists()
     run = client.get_run(new)
     assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.metrics["healed"] == 97.5
     assert run.info.status == "FINISHED" and run.data.params["n_f"] == "3"
-    again = subprocess.run([sys.executable, "-m", "potion.relog", str(run_dir)], cwd=ROOT, capture_output=True,
-                           text=True, timeout=120)
+    again = subprocess.run([sys.executable, "-m", "potion.relog", str(run_dir), "--tracking-uri", store], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and again.stderr.startswith("error: ") and again.stderr.count("\n") == 1
     assert "nothing there waits to be logged" in again.stderr
+
+
+def _hostile_folder(tmp_path: Path, calls: list[Any], uri: str) -> Path:
+    run_dir = _folder(tmp_path, None)
+    write_pending(run_dir, tracking_uri=uri, experiment="hostile", run_name="r", parent_run_id=None, calls=[],
+                  status="FINISHED")
+    record = read_json(run_dir / PENDING)
+    (run_dir / PENDING).write_text(json.dumps({**record, "calls": calls}))  # as someone else's folder may hold
+    return run_dir
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink", "model", "relative"])
+def test_relog_uploads_nothing_from_outside_the_run_folder(tmp_path: Path, store: str, client: Any,
+                                                           where: str) -> None:
+    from potion.tracking.runs import replay_pending
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the user's own file")
+    run_dir = tmp_path / "run"
+    named = {"absolute": str(secret), "dotdot": str(run_dir / ".." / "secret.txt"),
+             "symlink": str(run_dir / "link.txt"), "model": str(secret), "relative": "secret.txt"}[where]
+    calls = [["metrics", [{"healed": 1.0}, None]], ["artifact", [named, None]]]
+    if where == "model":
+        calls[1] = ["model", {"name": "m", "spec": {}, "files": {"model.safetensors": named}}]
+    run_dir = _hostile_folder(tmp_path, calls, store)
+    (run_dir / "link.txt").symlink_to(secret)
+    exp = client.get_experiment_by_name("hostile")
+    before = len(client.search_runs([exp.experiment_id])) if exp else 0
+    with pytest.raises(TrackingError, match="outside the run folder") as info:
+        replay_pending(run_dir, store)
+    assert "\n" not in str(info.value) and (run_dir / PENDING).is_file()
+    exp = client.get_experiment_by_name("hostile")
+    assert (len(client.search_runs([exp.experiment_id])) if exp else 0) == before  # no run, no upload
+
+
+def test_relog_logs_into_the_users_store_not_the_one_the_record_names(
+        tmp_path: Path, store: str, client: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from potion.relog import main
+
+    theirs = tmp_path / "theirs" / "mlflow.db"
+    run_dir = _hostile_folder(tmp_path, [["metrics", [{"healed": 2.0}, None]]], f"sqlite:///{theirs}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert main([str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"was meant for sqlite:///{theirs}; logging to your store {store}" in out
+    run_id = read_json(run_dir / "summary.json")["mlflow_run_id"]
+    assert client.get_run(run_id).data.metrics["healed"] == 2.0
+    assert not theirs.exists()  # the record's store was never opened
 
 
 # --------------------------------------------------------------------------- bounded calls

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from potion.core.errors import TrackingError
+from potion.tracking.client import open_client
 from potion.tracking.store import TMP_PREFIX, inspect_store, is_half_migrated, lock_path, store_lock
-from potion.tracking.tracker import open_client, start_tracker
+from potion.tracking.tracker import start_tracker
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,10 +86,24 @@ def storage_error(path: Path, exc: BaseException, full: bool = False) -> Storage
     if full or code in (errno.ENOSPC, errno.EDQUOT):
         return StorageError(errno.ENOSPC, f"cannot write {path}: no space left on the device; free some space, or "
                                           "write elsewhere (out_dir=..., POTION_CACHE_DIR=...)")
-    text = str(exc).strip()
-    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else "")
+    reason = getattr(exc, "strerror", None) or one_line(exc)
     return StorageError(code or errno.EIO, f"cannot write {path}: {reason or type(exc).__name__}; choose a "
                                            "writable folder (out_dir=..., POTION_CACHE_DIR=...)")
+
+
+def one_line(exc: object, limit: int = 300) -> str:
+    """An exception as one short line for an ``error:`` message: its first line, else its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def plain(value: Any) -> Any:
+    """Nested mappings and sequences (OmegaConf containers included) as dicts and lists, for JSON and YAML."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):
+        return [plain(v) for v in value]
+    return value
 
 
 def write_torch(obj: Any, path: Path) -> None:
@@ -179,7 +193,7 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every loader failure means the same thing to the user
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        msg = one_line(exc, limit=1000)
         if refused_pickle(exc):
             raise CheckpointError(
                 f"refused to load {path}: it contains pickled objects, not plain tensors "

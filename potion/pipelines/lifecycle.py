@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,20 +28,14 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from potion.core.io import atomic_write_json, atomic_write_text, load_tensors, save_tensors
+from potion.core.io import atomic_write_json, atomic_write_text, load_tensors, plain, save_tensors
 from potion.core.run_log import LOG_FILE, RunLog, captured_log
 from potion.reporting.plots import plot_ptn_trajectory
+from potion.tracking.client import open_client, usable_uri
 from potion.tracking.extras import MODEL_CONFIG, MODEL_WEIGHTS, DatasetRef, dataset_ref, model_name, model_spec
 from potion.tracking.runs import SUMMARY, TRAJECTORY, FolderRun, ensure_logged, log_folder, trajectory_rows
-from potion.tracking.tracker import (
-    MlflowTracker,
-    Tracker,
-    logger_settings,
-    open_client,
-    print_run_links,
-    start_tracker,
-    usable_uri,
-)
+from potion.tracking.tracker import MlflowTracker, Tracker, print_run_links, start_tracker
+from potion.tracking.uris import logger_settings
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +56,7 @@ def config_text(config: Any) -> str:
             return OmegaConf.to_yaml(config, resolve=True)
         except Exception:  # noqa: BLE001 - e.g. ${hydra:...} outside a Hydra job: keep the interpolation text
             return OmegaConf.to_yaml(config)
-    return yaml.safe_dump(_plain(config), sort_keys=False)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    return value if value is None or isinstance(value, bool | int | float | str) else str(value)
+    return yaml.safe_dump(json.loads(json.dumps(plain(config), default=str)), sort_keys=False)
 
 
 @dataclass(frozen=True)
@@ -209,14 +196,15 @@ def run_lifecycle(logger_cfg: Mapping[str, Any] | None, folder: Path, *, run_nam
 
 def complete_sweep_parent(parent: Tracker, cfg: Any, sweep_dir: Path, final: Mapping[str, Any]) -> None:
     """A PTN sweep's parent run gets what every run has: ``config.yaml`` (written into the sweep folder) and its
-    final run's dataset and model inputs; the final run's UI address is printed. Never raises."""
+    final run's dataset and model inputs; the final run's UI address is printed (the parent prints its own and the
+    runs table when it finishes). Never raises."""
     try:
         parent.log_artifact(atomic_write_text(Path(sweep_dir) / MODEL_CONFIG, config_text(cfg)))
     except Exception as exc:  # noqa: BLE001 - the sweep's results are written either way
         log.warning("writing the sweep's config.yaml failed (%s: %s)", type(exc).__name__, exc)
     if isinstance(parent, MlflowTracker):
         parent.copy_inputs_from(final.get("mlflow_run_id"))
-        print_run_links(parent.tracking_uri, parent.experiment_id, final.get("mlflow_run_id"), "final run")
+        print_run_links(parent.tracking_uri, parent.experiment_id, final.get("mlflow_run_id"), "final run", table=False)
 
 
 def reuse_finished(logger_cfg: Mapping[str, Any] | None, folder: Path, summary: dict[str, Any], spec: FolderRun, *,

@@ -9,7 +9,6 @@ read back from a run folder is checked before use: plain YAML values only (no in
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import inspect
 import logging
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import yaml
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from potion.config.compose import identity_hash, model_kwargs
@@ -40,6 +40,7 @@ from potion.core.io import (
 )
 from potion.data.poison import PoisonPlan
 from potion.models import MODELS, build_model
+from potion.tracking.runs import SUMMARY
 
 log = logging.getLogger("potion.pipelines.run_folders")
 
@@ -47,7 +48,6 @@ CONFIG = "config.yaml"
 PLAN = "poison_plan.json"
 WEIGHTS = "model.safetensors"
 POISON_IMAGES = "poison_images.safetensors"  # label-consistent attack: the perturbed poisoned images
-SUMMARY = "summary.json"
 MARKER = "run.json"
 CHECKPOINTS = "checkpoints"
 # Files and folders that only a run writes: a folder holding one of them holds a run.
@@ -410,26 +410,25 @@ def remove_stale_temp_files(folder: Path) -> int:
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on a run folder: a second command on the same folder waits, then finds the result.
 
-    The lock file lives in the cache (``<cache>/locks``), so a refused or failed command leaves nothing in
-    the run folder's parent; where the file system has no locks, commands run unlocked as before.
+    The key is the folder's resolved path, so every spelling of one folder (``a/../b``, a symlink) takes the same
+    lock. The lock file lives in the cache (``<cache>/locks``), so a refused or failed command leaves nothing in
+    the run folder's parent; where the file system has no locks, commands run unlocked.
     """
-    key = hashlib.sha256(str(Path(run_dir).absolute()).encode()).hexdigest()[:32]
+    key = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:32]
     path = cache_dir() / "locks" / f"{key}.lock"
+    lock = FileLock(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+b")  # noqa: SIM115 - held for the duration of the with block
-    except OSError as exc:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("another process is using %s; waiting for it to finish", run_dir)
+            lock.acquire()
+    except OSError as exc:  # an unwritable cache, ENOLCK on a network file system
         log.warning("cannot lock %s (%s); going on without a lock", run_dir, exc)
         yield
         return
     try:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.warning("another process is using %s; waiting for it to finish", run_dir)
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        except OSError as exc:  # e.g. ENOLCK on a network file system
-            log.warning("cannot lock %s (%s); going on without a lock", run_dir, exc)
         yield
     finally:
-        fh.close()  # closing releases the lock
+        lock.release()

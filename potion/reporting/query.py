@@ -13,8 +13,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from potion.core.errors import PotionError, TrackingError
+from potion.core.io import one_line
+from potion.tracking.client import check_reachable, import_mlflow
 from potion.tracking.naming import SETTING_DIAGNOSTICS, SGD_PARAMS, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
-from potion.tracking.tracker import _import_mlflow, check_reachable, resolve_tracking_uri, sqlite_path
+from potion.tracking.uris import resolve_tracking_uri, sqlite_path
 
 PAGE_SIZE = 5000
 UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISHED'"
@@ -45,7 +47,7 @@ def open_store(tracking_uri: str | None) -> tuple[Any, str]:
     if db is not None and not db.is_file():
         raise NoRunsError(f"no MLflow store at {db}; run unlearn.py first or pass --tracking-uri")
     check_reachable(uri)
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
     try:
         return mlflow.MlflowClient(tracking_uri=uri), uri
     except Exception as exc:  # a corrupt database, an unsupported scheme
@@ -74,12 +76,6 @@ def experiment_ids(client: Any, uri: str) -> list[str]:
         return [e.experiment_id for e in client.search_experiments()]
     except Exception as exc:
         raise TrackingError(f"cannot read the MLflow store {uri} ({one_line(exc)})") from exc
-
-
-def one_line(exc: object) -> str:
-    """An exception as one short line (for ``error:`` messages)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- runs -> rows

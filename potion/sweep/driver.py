@@ -39,16 +39,20 @@ from potion.core.errors import ConfigError
 from potion.core.io import atomic_write_json, read_json
 from potion.pipelines.lifecycle import complete_sweep_parent, write_rows_csv
 from potion.tracking import naming
+from potion.tracking.client import open_client, usable_uri
 from potion.tracking.runs import (
     MISSING,
     PENDING,
+    SUMMARY,
+    TRAJECTORY,
     logged_state,
     record_run_id,
     replay_command,
     trajectory_rows,
     write_pending,
 )
-from potion.tracking.tracker import RecordingTracker, Tracker, logger_settings, open_client, start_tracker, usable_uri
+from potion.tracking.tracker import RecordingTracker, Tracker, start_tracker
+from potion.tracking.uris import logger_settings
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,6 @@ TRACKING_KEY = "ptn_tracking"  # in a final job's return value: its recorded tra
 TRAIN_INFO = "train_run"  # in the prepare job's return value: the training run's config, MLflow id, hash, folder
 SWEEP_KEY = "potion.sweep_key"  # tag: the identity of a sweep (config, training run, out_dir), to find a rerun's
 RECORD = "ptn_sweep.json"
-TRAJECTORY = "ptn_trajectory.csv"
 # Metrics of the final (healed) run repeated on the parent, so a sweep reads as one row in the MLflow UI.
 FINAL_METRICS = ("clean_acc", "asr", "poison_acc", "healed", "healed_attainable", "acc_drop", "forget_acc",
                  "clean_acc_before", "asr_before", "poison_acc_before")
@@ -233,7 +236,7 @@ def run_sweep(cfg: DictConfig, arguments: list[str], launch: Launch, settings: S
     with start_tracker(names.logger, experiment=names.experiment, run_name=naming.sweep_run_name(names.unlearn_name),
                        tags={**naming.study_tags(naming.SWEEP, names.study), naming.METHOD: method, **names.link,
                              "potion.launcher": settings.launcher, "potion.sweep_dir": str(sweep_dir),
-                             SWEEP_KEY: names.key}) as parent:
+                             SWEEP_KEY: names.key}, what="sweep parent run") as parent:
         if parent.run_id:
             parent.set_tags({naming.SWEEP_ID: parent.run_id})
         parent.log_params({**names.params, "method.ptn.threshold": prep["threshold"], "sweeper": {
@@ -400,7 +403,7 @@ def _reusable(client: Any, run: Any) -> dict[str, Any] | None:
     tags = run.data.tags
     try:
         record = read_json(Path(tags.get("potion.sweep_dir", "")) / RECORD)
-        final = read_json(Path(tags.get("potion.final_run_dir", "")) / "summary.json")
+        final = read_json(Path(tags.get("potion.final_run_dir", "")) / SUMMARY)
     except Exception:  # noqa: BLE001 - missing or unreadable files: not reusable
         return None
     final_id = tags.get("potion.final_run_id")

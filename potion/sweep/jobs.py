@@ -31,7 +31,8 @@ from potion.sweep.driver import (
     check_ptn_config,
     job_role,
 )
-from potion.tracking.tracker import RecordingTracker, tracking_enabled
+from potion.tracking.tracker import RecordingTracker
+from potion.tracking.uris import tracking_enabled
 from potion.unlearning.methods import get_method
 from potion.unlearning.ptn_candidates import Candidate
 

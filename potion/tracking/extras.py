@@ -1,13 +1,12 @@
 """What an MLflow user expects of a run beyond params and metrics, as plain helpers for :mod:`potion.tracking.tracker`.
 
-- the git commit of the code (tag ``mlflow.source.git.commit``), read from ``.git`` without the git binary;
 - the data set as a dataset input: its name, the content fingerprint the data cache already keys on
   (:attr:`potion.data.sources.DatasetBundle.fingerprint`, never hashed again here) and its source;
 - the weights as an MLflow 3 logged model made of safetensors files (``model.safetensors``, ``model.json``
   saying how to rebuild the network, the run's ``config.yaml``), never a pickle;
 - MLflow's system metrics monitor, stopped within a bounded time even when the server has gone;
-- the UI addresses of a run and of the experiment's runs table (machine-learning workflow: MLflow 3 opens a
-  GenAI overview page otherwise).
+- the UI addresses of a run and of the experiment's runs table, both in the machine-learning workflow (MLflow 3
+  shows its GenAI pages otherwise: "Evaluation runs", "Agent versions").
 
 Nothing here imports torch, and ``mlflow`` only inside the functions that need it (it is slow to import).
 """
@@ -23,14 +22,13 @@ import tempfile
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from functools import cache
 from pathlib import Path
 from typing import Any
 
+from potion.core.io import plain
+
 log = logging.getLogger(__name__)
 
-GIT_COMMIT_TAG = "mlflow.source.git.commit"
-GIT_BRANCH_TAG = "mlflow.source.git.branch"
 DATA_CONTEXT_TAG = "mlflow.data.context"  # what the run used the data set for (MLflow's own input tag)
 DIGEST_CHARS = 32  # MLflow stores a dataset digest of at most 36 characters: a 128-bit prefix of the fingerprint
 MODEL_SPEC = "model.json"
@@ -40,90 +38,7 @@ MODEL_FORMAT = "potion-model/1"
 MODEL_TYPE = "potion-image-classifier"
 UI_PORT = 5000  # where `mlflow ui` listens by default
 SYSTEM_METRICS_STOP_S = 10.0  # the most a finishing run waits for the system metrics thread
-_SHA = re.compile(r"^[0-9a-f]{40}([0-9a-f]{24})?$")
 _BAD_MODEL_NAME = re.compile(r"[/:.%\"'\s]+")
-
-
-# --------------------------------------------------------------------------- git
-
-
-def code_root() -> Path:
-    """The folder holding the ``potion`` package (a checkout's root when run from one)."""
-    return Path(__file__).resolve().parents[2]
-
-
-@cache
-def git_source_tags(start: Path | None = None) -> dict[str, str]:
-    """``mlflow.source.git.commit`` (and ``.branch`` on a branch) of the checkout holding ``start`` (default: the
-    code's folder); ``{}`` outside a git checkout or when ``.git`` cannot be read. Never runs ``git``."""
-    git_dir = _git_dir(start or code_root())
-    if git_dir is None:
-        return {}
-    try:
-        head = (git_dir / "HEAD").read_text().strip()
-    except OSError:
-        return {}
-    if not head.startswith("ref:"):
-        return {GIT_COMMIT_TAG: head} if _SHA.match(head) else {}
-    ref = head[4:].strip()
-    commit = _read_ref(git_dir, ref)
-    if commit is None:
-        return {}
-    tags = {GIT_COMMIT_TAG: commit}
-    if ref.startswith("refs/heads/"):
-        tags[GIT_BRANCH_TAG] = ref[len("refs/heads/"):]
-    return tags
-
-
-def _git_dir(start: Path) -> Path | None:
-    """The git directory of the checkout holding ``start``: ``.git`` itself, or where a ``.git`` file points
-    (worktrees, submodules)."""
-    for folder in (start, *start.parents):
-        dot_git = folder / ".git"
-        if dot_git.is_dir():
-            return dot_git
-        if dot_git.is_file():
-            try:
-                text = dot_git.read_text().strip()
-            except OSError:
-                return None
-            if not text.startswith("gitdir:"):
-                return None
-            target = Path(text[len("gitdir:"):].strip())
-            return target if target.is_absolute() else (folder / target).resolve()
-    return None
-
-
-def _read_ref(git_dir: Path, ref: str) -> str | None:
-    """The commit a ref names: its loose file, else its line in ``packed-refs`` (in the common directory that a
-    worktree's ``commondir`` names)."""
-    for base in _ref_dirs(git_dir):
-        try:
-            value = (base / ref).read_text().strip()
-        except OSError:
-            value = ""
-        if _SHA.match(value):
-            return value
-        try:
-            packed = (base / "packed-refs").read_text().splitlines()
-        except OSError:
-            continue
-        for line in packed:
-            parts = line.split()
-            if len(parts) == 2 and parts[1] == ref and _SHA.match(parts[0]):
-                return parts[0]
-    return None
-
-
-def _ref_dirs(git_dir: Path) -> list[Path]:
-    dirs = [git_dir]
-    try:
-        common = (git_dir / "commondir").read_text().strip()
-    except OSError:
-        return dirs
-    path = Path(common)
-    dirs.append(path if path.is_absolute() else (git_dir / path).resolve())
-    return dirs
 
 
 # --------------------------------------------------------------------------- data sets
@@ -220,7 +135,7 @@ def model_spec(model_cfg: Mapping[str, Any], num_classes: int, channels: int, *,
     ``key_prefix`` is the prefix every weight name carries (a practitioner's checkpoint saved as ``model.*``);
     ``data`` adds the input normalisation and class count the model was trained for.
     """
-    cfg = {str(k): _plain(v) for k, v in dict(model_cfg).items()}
+    cfg = {str(k): plain(v) for k, v in dict(model_cfg).items()}
     spec: dict[str, Any] = {"format": MODEL_FORMAT, "architecture": str(cfg.pop("name")), "kwargs": cfg,
                             "num_classes": int(num_classes), "channels": int(channels), "key_prefix": key_prefix,
                             "weights": MODEL_WEIGHTS}
@@ -284,14 +199,6 @@ def stage_model_files(folder: Path, files: Mapping[str, str], spec: Mapping[str,
     (folder / MODEL_SPEC).write_text(json.dumps(dict(spec), indent=2, sort_keys=True) + "\n")
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple) or type(value).__name__ == "ListConfig":
-        return [_plain(v) for v in value]
-    return value
-
-
 # --------------------------------------------------------------------------- system metrics
 
 
@@ -309,7 +216,7 @@ def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float) -> A
     return monitor
 
 
-def stop_system_metrics(monitor: Any, limit_s: float = SYSTEM_METRICS_STOP_S) -> None:
+def stop_system_metrics(monitor: Any, run_id: str, limit_s: float = SYSTEM_METRICS_STOP_S) -> None:
     """Stop the monitor and log what it sampled since its last logging (a run shorter than one interval still gets
     a point); gives up after ``limit_s`` seconds, so a dead server never holds up the end of a run."""
     if monitor is None:
@@ -318,7 +225,7 @@ def stop_system_metrics(monitor: Any, limit_s: float = SYSTEM_METRICS_STOP_S) ->
     done.start()
     done.join(limit_s)
     if done.is_alive():
-        log.warning("system metrics of run %s were not all logged within %.0f s", monitor._run_id, limit_s)
+        log.warning("system metrics of run %s were not all logged within %.0f s", run_id, limit_s)
 
 
 def _finish_monitor(monitor: Any) -> None:
@@ -345,23 +252,29 @@ def ui_base(tracking_uri: str) -> str | None:
     return None
 
 
+ML_WORKFLOW = "workflowType=machine_learning"  # the UI's machine-learning pages, not MLflow 3's GenAI ones
+
+
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
     """The run's page in the UI."""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{ML_WORKFLOW}"
 
 
 def runs_table_url(base: str, experiment_id: str) -> str:
-    """The experiment's runs table (the machine-learning workflow's, not MLflow 3's GenAI overview)."""
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    """The experiment's runs table."""
+    return f"{base}/#/experiments/{experiment_id}/runs?{ML_WORKFLOW}"
 
 
-def ui_lines(tracking_uri: str, experiment_id: str | None, run_id: str | None, what: str = "run") -> list[str]:
-    """What a command prints so its user lands on the run in the UI (nothing when the store has no UI)."""
+def ui_lines(tracking_uri: str, experiment_id: str | None, run_id: str | None, what: str = "run",
+             table: bool = True) -> list[str]:
+    """What a command prints so its user lands on the run in the UI (nothing when the store has no UI): the run's
+    page and, with ``table``, the experiment's runs table and how to open the UI of a sqlite store."""
     base = ui_base(tracking_uri)
     if base is None or not experiment_id or not run_id:
         return []
-    lines = [f"MLflow {what}: {run_url(base, experiment_id, run_id)}",
-             f"MLflow runs table: {runs_table_url(base, experiment_id)}"]
-    if tracking_uri.startswith("sqlite:///"):
-        lines.append(f"  (open the UI first: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT})")
+    lines = [f"MLflow {what}: {run_url(base, experiment_id, run_id)}"]
+    if table:
+        lines.append(f"MLflow runs table: {runs_table_url(base, experiment_id)}")
+        if tracking_uri.startswith("sqlite:///"):
+            lines.append(f"  (open the UI first: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT})")
     return lines

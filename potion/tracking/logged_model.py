@@ -23,8 +23,9 @@ from torch import nn
 from potion.core.errors import CheckpointError, TrackingError
 from potion.core.io import load_tensors
 from potion.models import build_model
+from potion.tracking.client import check_reachable, open_client
 from potion.tracking.extras import MODEL_FORMAT, MODEL_SPEC, MODEL_WEIGHTS
-from potion.tracking.tracker import check_reachable, open_client, resolve_tracking_uri
+from potion.tracking.uris import resolve_tracking_uri
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; more is no classifier this project trains
 MAX_CHANNELS = 64

@@ -6,14 +6,17 @@ is missing, RUNNING or KILLED. When the same command finds such a folder and reu
 :func:`ensure_logged` logs it from the folder (the summary's numbers as metrics, the folder's files as
 artifacts, the params and tags the pipeline gives) after closing, as KILLED, a run that a dead process left
 RUNNING; ``summary.json`` then names the new run. A PTN sweep's final run whose tracking calls could not
-be replayed (the server was down) is kept in its folder as ``mlflow_pending.json``, which
-``python -m potion.relog <run folder>`` logs once the server is back (:func:`replay_pending`).
+be replayed (the server was down) is kept in its folder as ``mlflow_pending.json`` (every file its calls upload
+copied into the folder), which ``python -m potion.relog <run folder>`` logs once the server is back
+(:func:`replay_pending`): into the store the user names, never one the record names, and only files inside the
+run folder, so a folder someone else handed over cannot send the user's files anywhere.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,22 +26,16 @@ from typing import Any
 from potion.core.errors import TrackingError
 from potion.core.io import atomic_write_json, read_json
 from potion.tracking import naming
-from potion.tracking.tracker import (
-    MlflowTracker,
-    RecordingTracker,
-    Tracker,
-    close_dead_runs,
-    logger_settings,
-    open_client,
-    process_alive,
-    resolve_tracking_uri,
-    usable_uri,
-)
+from potion.tracking.client import open_client, usable_uri
+from potion.tracking.liveness import close_dead_runs, close_killed, process_alive
+from potion.tracking.tracker import MlflowTracker, RecordingTracker, Tracker
+from potion.tracking.uris import logger_settings, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 PENDING = "mlflow_pending.json"  # a sweep's final run: the tracking calls the sweeper could not replay
+PENDING_FILES = "mlflow_pending"  # the files those calls upload that live outside the run folder, copied in
 TRAIN_ARTIFACTS = ("model.safetensors", "poison_plan.json", "config.yaml", SUMMARY)
 UNLEARN_ARTIFACTS = ("model.safetensors", "suspects.csv", "ptn_trajectory.csv", "ptn_trajectory.png", SUMMARY)
 TRAJECTORY = "ptn_trajectory.csv"
@@ -131,7 +128,9 @@ def logged_state(client: Any, experiment_id: str, run_dir: Path, summary: Mappin
         if run.info.status in ("RUNNING", "SCHEDULED"):
             if _still_logging(run, Path(run_dir) / SUMMARY):
                 return BUSY
-            _close_killed(client, run.info.run_id)
+            if close_killed(client, run.info.run_id):
+                log.warning("closed MLflow run %s as KILLED: its process stopped after the results were written",
+                            run.info.run_id)
     return LOGGED if _finished_twin(client, experiment_id, summary, task) else MISSING
 
 
@@ -154,15 +153,6 @@ def _still_logging(run: Any, summary_path: Path) -> bool:
     except OSError:
         return False
     return age < STILL_LOGGING_S
-
-
-def _close_killed(client: Any, run_id: str) -> None:
-    try:
-        client.set_terminated(run_id, "KILLED")
-    except Exception as exc:  # noqa: BLE001 - a new run is logged either way
-        log.debug("closing run %s failed: %s", run_id, exc)
-        return
-    log.warning("closed MLflow run %s as KILLED: its process stopped after the results were written", run_id)
 
 
 def _finished_twin(client: Any, experiment_id: str, summary: Mapping[str, Any], task: str) -> bool:
@@ -216,10 +206,38 @@ def ensure_logged(logger_cfg: Mapping[str, Any] | None, run_dir: Path, summary: 
 
 def write_pending(run_dir: Path, *, tracking_uri: str, experiment: str, run_name: str, parent_run_id: str | None,
                   calls: list[Any], status: str | None) -> Path:
-    """Keep a run's recorded tracking calls in its folder (``mlflow_pending.json``) for :func:`replay_pending`."""
-    return atomic_write_json(Path(run_dir) / PENDING, {
+    """Keep a run's recorded tracking calls in its folder (``mlflow_pending.json``) for :func:`replay_pending`.
+
+    A file the calls upload from outside the folder (the sweep's trajectory plot) is copied into
+    ``mlflow_pending/`` there first, since a replay uploads nothing from outside the run folder.
+    """
+    run_dir = Path(run_dir)
+    kept = [_keep_inside(run_dir, kind, args) for kind, args in calls]
+    return atomic_write_json(run_dir / PENDING, {
         "tracking_uri": tracking_uri, "experiment": experiment, "run_name": run_name,
-        "parent_run_id": parent_run_id, "status": status or "FINISHED", "calls": [list(c) for c in calls]})
+        "parent_run_id": parent_run_id, "status": status or "FINISHED", "calls": [list(c) for c in kept]})
+
+
+def _keep_inside(run_dir: Path, kind: str, args: Any) -> tuple[str, Any]:
+    """A recorded call whose files lie in ``run_dir`` (those outside are copied into ``mlflow_pending/``)."""
+    def inside(path: str) -> str:
+        if _within(run_dir, Path(path)):
+            return path
+        dst = run_dir / PENDING_FILES / Path(path).name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, dst)
+        return str(dst)
+
+    if kind == "artifact":
+        return kind, (inside(args[0]), args[1])
+    if kind == "model":
+        return kind, {**args, "files": {k: inside(v) for k, v in args["files"].items()}}
+    return kind, args
+
+
+def _within(folder: Path, path: Path) -> bool:
+    """Whether the absolute ``path``, with every symlink followed, lies inside ``folder``."""
+    return path.is_absolute() and path.resolve().is_relative_to(folder.resolve())
 
 
 def replay_command(run_dir: Path, tracking_uri: str) -> str:
@@ -227,16 +245,26 @@ def replay_command(run_dir: Path, tracking_uri: str) -> str:
     return f"python -m potion.relog {run_dir} --tracking-uri {tracking_uri}"
 
 
-def replay_pending(run_dir: Path, tracking_uri: str | None = None, timeout_s: float | None = None) -> tuple[str, str]:
-    """Log the pending run of a folder into its store (or ``tracking_uri``); return (run id, store URI).
+def pending_uri(run_dir: Path) -> str | None:
+    """The tracking URI a folder's pending record was meant for (None when it names none); only for messages."""
+    uri = _read_pending(Path(run_dir)).get("tracking_uri")
+    return str(uri) if uri else None
 
-    The new run keeps its parent link (the sweep's run), ``summary.json`` names it, and the pending file is
-    removed. Nothing pending, an unreadable record or a store that fails are one TrackingError line.
+
+def replay_pending(run_dir: Path, tracking_uri: str | None = None, timeout_s: float | None = None) -> tuple[str, str]:
+    """Log the pending run of a folder into the store ``tracking_uri`` (the user's: None is the default
+    ``sqlite:///<cwd>/mlflow.db``, never the URI the record names); return (run id, store URI).
+
+    Every file the record uploads must lie inside the run folder (no absolute path elsewhere, no ``..``, no
+    symlink leading out); a record naming another is refused before anything is logged. The new run keeps its
+    parent link (the sweep's run), ``summary.json`` names it, and the pending file is removed. Nothing pending,
+    an unreadable record or a store that fails are one TrackingError line.
     """
     run_dir = Path(run_dir)
     record = _read_pending(run_dir)
-    uri = resolve_tracking_uri(tracking_uri or record.get("tracking_uri"))
-    settings = logger_settings({"name": "mlflow", "tracking_uri": uri, "timeout_s": timeout_s})
+    _check_files(run_dir, record["calls"])
+    settings = logger_settings({"name": "mlflow", "tracking_uri": resolve_tracking_uri(tracking_uri),
+                                "timeout_s": timeout_s})
     assert settings is not None
     uri = usable_uri(settings)
     tracker = MlflowTracker.start(uri, str(record.get("experiment") or "potion"),
@@ -255,7 +283,21 @@ def replay_pending(run_dir: Path, tracking_uri: str | None = None, timeout_s: fl
     if isinstance(summary, dict):
         record_run_id(run_dir, summary, str(tracker.run_id))
     (run_dir / PENDING).unlink(missing_ok=True)
+    shutil.rmtree(run_dir / PENDING_FILES, ignore_errors=True)
     return str(tracker.run_id), uri
+
+
+def _check_files(run_dir: Path, calls: list[Any]) -> None:
+    """Refuse a record that uploads any file from outside the run folder (one line naming it)."""
+    for call in calls:
+        kind, args = (call[0], call[1]) if isinstance(call, list | tuple) and len(call) == 2 else (None, None)
+        paths = [args[0]] if kind == "artifact" and isinstance(args, list | tuple) and args else []
+        if kind == "model" and isinstance(args, dict) and isinstance(args.get("files"), dict):
+            paths = list(args["files"].values())
+        for path in paths:
+            if not isinstance(path, str) or not _within(run_dir, Path(path)):
+                raise TrackingError(f"{run_dir / PENDING} names the file {path!r} outside the run folder {run_dir}; "
+                                    "nothing was logged (a relog uploads only the run folder's own files)")
 
 
 def _read_pending(run_dir: Path) -> dict[str, Any]:

@@ -3,37 +3,43 @@
 MLflow creates and migrates a new sqlite store (alembic) the first time a process opens it, with no lock
 on that path: two commands started together both migrate, collide (``table _alembic_tmp_metrics already
 exists``) and leave the store half-migrated, so that every later command fails on it. Every potion process
-therefore opens a sqlite store while it holds an exclusive ``flock`` on ``<db>.lock`` beside the database
-(the OS releases it when a process dies): one process creates and migrates, the others find the store ready.
+therefore opens a sqlite store while it holds ``<db>.lock`` beside the database (a ``filelock`` lock, which the
+OS releases when a process dies): one process creates and migrates, the others find the store ready.
 
 A store that an interrupted migration left behind (tables named ``_alembic_tmp_*``, tables without a schema
-revision, or, found when MLflow cannot open it, an empty store at another revision than MLflow's) is
-repaired under the same lock: one that holds no runs is moved aside (``<db>.broken-<time>``) and created
-anew; in one with runs the temporary tables are dropped and the migration is run again. What cannot be
-repaired ends in one ``TrackingError`` line.
+revision, or a store without runs at another revision than this MLflow's) is repaired under the same lock
+before MLflow opens it: one that holds no runs is moved aside (``<db>.broken-<time>``) and created anew; in
+one with runs the temporary tables are dropped and ``mlflow db upgrade`` runs again. What cannot be repaired
+ends in one ``TrackingError`` line.
 
-This module reads the database with the standard library's sqlite3; MLflow is imported only to migrate.
+This module reads the database with the standard library's sqlite3, and the schema revision MLflow migrates to
+from MLflow's alembic scripts with alembic's public API.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from potion.core.errors import TrackingError
+from potion.core.io import one_line
 
 log = logging.getLogger(__name__)
 
 LOCK_WAIT_S = 300.0  # creating a store takes seconds; a holder this slow has hung (or is stopped)
 TMP_PREFIX = "_alembic_tmp_"  # alembic's batch migrations on sqlite copy a table into this name, then swap
+MIGRATE_TIMEOUT_S = 600.0  # `mlflow db upgrade` of a store with runs
 
 
 def lock_path(db: Path) -> Path:
@@ -52,37 +58,20 @@ def store_lock(db: Path | None, wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
         yield
         return
     path = lock_path(db)
+    lock = FileLock(path)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        lock.acquire(timeout=wait_s, poll_interval=0.05)
+    except Timeout as exc:
+        raise TrackingError(f"another process has held the MLflow store lock {path} for over {wait_s:.0f} s "
+                            "(a store migration that hung?); stop that process and run again") from exc
     except OSError as exc:
-        raise TrackingError(f"cannot open the lock file {path} of the MLflow store ({exc.strerror or exc}); "
-                            "make its folder writable or choose another logger.tracking_uri") from exc
+        raise TrackingError(f"cannot lock the MLflow store ({path}: {exc.strerror or exc}); make its folder "
+                            "writable, or use a local folder for the sqlite store or an MLflow server "
+                            "(logger.tracking_uri)") from exc
     try:
-        _acquire(fd, path, wait_s)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
-
-
-def _acquire(fd: int, path: Path, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    delay = 0.02
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise TrackingError(f"cannot lock the MLflow store ({path}: {exc.strerror or exc}); use a local "
-                                    "folder for the sqlite store or an MLflow server (logger.tracking_uri)") from exc
-        if time.monotonic() > deadline:
-            raise TrackingError(f"another process has held the MLflow store lock {path} for over {wait_s:.0f} s "
-                                "(a store migration that hung?); stop that process and run again")
-        time.sleep(delay)
-        delay = min(0.25, delay * 1.5)
+        lock.release()
 
 
 # --------------------------------------------------------------------------- what the database holds
@@ -124,13 +113,17 @@ def _first(con: sqlite3.Connection, sql: str) -> object:
     return None if row is None else row[0]
 
 
+@cache
 def schema_head() -> str | None:
-    """The schema revision this MLflow migrates to (None when it cannot tell: then no revision check)."""
+    """The schema revision this MLflow migrates to, from its alembic scripts (None when they cannot be read)."""
     try:
-        from mlflow.store.db.utils import _get_latest_schema_revision  # MLflow's own; no public equivalent
-        return str(_get_latest_schema_revision())
+        import mlflow
+        from alembic.script import ScriptDirectory
+
+        heads = ScriptDirectory(str(Path(mlflow.__file__).parent / "store" / "db_migrations")).get_heads()
     except Exception:  # noqa: BLE001 - only sharpens the diagnosis
         return None
+    return str(heads[0]) if len(heads) == 1 else None
 
 
 def is_half_migrated(state: StoreState | None) -> bool:
@@ -142,7 +135,7 @@ def is_half_migrated(state: StoreState | None) -> bool:
 
 def is_unfinished_and_empty(state: StoreState | None) -> bool:
     """Whether a store without runs stands at a schema revision other than this MLflow's (a migration that
-    stopped between two revisions looks like this); asked only once MLflow failed to open the store."""
+    stopped between two revisions looks like this, and MLflow refuses to open it)."""
     if state is None or not state.tables or state.runs:
         return False
     head = schema_head()
@@ -152,21 +145,22 @@ def is_unfinished_and_empty(state: StoreState | None) -> bool:
 # --------------------------------------------------------------------------- repair (under the lock)
 
 
-def repair_store(db: Path, uri: str) -> bool:
+def repair_store(db: Path) -> bool:
     """Bring a half-migrated store back before MLflow opens it (call with the store lock held); True if done.
 
     An empty one (no runs) is moved aside and MLflow creates a fresh store; in one with runs the temporary
     tables are dropped (only where the table they were copying still exists) and the migration runs again.
     """
     state = inspect_store(db)
+    if not state or not state.runs:
+        if is_half_migrated(state) or is_unfinished_and_empty(state):
+            set_aside(db, "an interrupted schema migration")
+            return True
+        return False
     if not is_half_migrated(state):
         return False
-    assert state is not None
-    if not state.runs:
-        set_aside(db, "an interrupted schema migration")
-        return True
     _drop_tmp_tables(db, state)
-    _migrate(uri, db)
+    _migrate(db)
     log.warning("repaired the MLflow store %s: dropped %s left by an interrupted schema migration and migrated "
                 "it again", db, ", ".join(state.tmp_tables) or "nothing")
     return True
@@ -207,19 +201,16 @@ def _drop_tmp_tables(db: Path, state: StoreState) -> None:
         con.close()
 
 
-def _migrate(uri: str, db: Path) -> None:
-    """Run MLflow's schema migration on ``uri`` (what ``mlflow db upgrade`` does)."""
+def _migrate(db: Path) -> None:
+    """Run MLflow's schema migration on the store (``mlflow db upgrade``, in a child process)."""
+    cmd = [sys.executable, "-m", "mlflow", "db", "upgrade", "sqlite:///" + db.as_posix()]
     try:
-        import sqlalchemy
-        from mlflow.store.db.utils import _upgrade_db  # the function behind `mlflow db upgrade`
-
-        engine = sqlalchemy.create_engine(uri)
-        try:
-            _upgrade_db(engine)
-        finally:
-            engine.dispose()
-    except Exception as exc:
-        text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=MIGRATE_TIMEOUT_S, check=False)
+        lines = proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"]
+        failure = None if proc.returncode == 0 else lines[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        failure = one_line(exc)
+    if failure is not None:
         raise TrackingError(
             f"the MLflow store {db} was left half-migrated with its runs inside and migrating it again failed "
-            f"({text}); restore a backup, or move the file away to start a new store") from exc
+            f"({failure[:300]}); restore a backup, or move the file away to start a new store")
