@@ -20,6 +20,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import torch
 
 from potion.config.compose import compose_config
+from potion.data.defender import defender_view
 from potion.data.poisoned import load_data, poison
 from potion.evaluation.backdoor import evaluate_backdoor
 from potion.pipelines.unlearn import make_task, trained_inputs
@@ -41,7 +42,8 @@ def main() -> None:
     run, discovery = trained_inputs(cfg)
     data = poison(load_data(run.cfg.dataset), run.plan, run.poison_images)
     model = run.build_model(data.num_classes, data.channels).eval()
-    task = make_task(model, data, discovery, torch.device("cpu"), int(cfg.seed), run.cfg.model, run.cfg.train)
+    task = make_task(model, defender_view(data), discovery, torch.device("cpu"), int(cfg.seed), run.cfg.model,
+                     run.cfg.train, cfg.get("attack"))
     m = cfg.method
     task, synth, found = with_synthesis(task, m.get("synthesis"))
     loss = potion_loss(task, str(m.get("loss", "auto")))

@@ -28,18 +28,18 @@ def main() -> None:
 
     import torch
 
-    from potion.config.compose import compose_config, method_arguments, model_kwargs, to_dict
+    from potion.config.compose import compose_config, method_arguments
     from potion.core.schedule import cpu_threads
+    from potion.data.defender import defender_view
     from potion.data.discovery import discover
     from potion.data.poisoned import load_data, poison
     from potion.evaluation import metrics
     from potion.evaluation.backdoor import evaluate_backdoor
-    from potion.models import build_model
     from potion.pipelines.run_folders import load_trained_run
+    from potion.pipelines.unlearn import make_task
     from potion.unlearning import training_based as tb
     from potion.unlearning.iterative import with_forget
     from potion.unlearning.methods import get_method
-    from potion.unlearning.task import UnlearnTask
 
     torch.set_num_threads(cpu_threads())
     run = load_trained_run(args.train_run)
@@ -47,10 +47,7 @@ def main() -> None:
     model = run.build_model(data.num_classes, data.channels).eval()
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     disc = discover(run.plan, share=1.0, seed=0)
-    task = UnlearnTask(model=model, data=data, discovery=disc, device=torch.device("cpu"), seed=0,
-                       model_factory=lambda: build_model(run.cfg.model.name, data.num_classes, data.channels,
-                                                         **model_kwargs(run.cfg.model)),
-                       train_cfg=to_dict(run.cfg.train))
+    task = make_task(model, defender_view(data), disc, torch.device("cpu"), 0, run.cfg.model, run.cfg.train)
 
     def evaluate(m: torch.nn.Module) -> dict[str, float]:
         return evaluate_backdoor(m.eval(), data.bundle.test.images, data.bundle.test.labels, data.normalizer,

@@ -18,6 +18,7 @@ from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_pla
 from potion.data.triggers import KINDS
 from potion.data.triggers.additive import RGB_TO_YUV, dct_matrix
 from potion.evaluation import metrics
+from potion.unlearning.attack import infer_attack
 from potion.unlearning.ssd_family import grouped_forget_acc, potion_loss, ptn_criterion
 from potion.unlearning.synthesis import invert_additive, synthesize_additive, synthesize_forget
 
@@ -237,19 +238,20 @@ def test_all_to_all_synthesis_finds_nothing_in_a_clean_sample() -> None:
                              target=None) is None
 
 
-@pytest.mark.parametrize(("all_to_all", "asked", "used"), [(False, "auto", "logit_norm"), (True, "auto", "ce"),
-                                                           (True, "logit_norm", "logit_norm"), (False, "ce", "ce")])
-def test_potion_follows_the_mapping_unless_told_otherwise(all_to_all: bool, asked: str, used: str) -> None:
-    task = SimpleNamespace(data=SimpleNamespace(plan=SimpleNamespace(all_to_all=all_to_all)))
+@pytest.mark.parametrize(("labels", "asked", "used"), [([3, 3], "auto", "logit_norm"), ([3, 5], "auto", "ce"),
+                                                       ([3, 5], "logit_norm", "logit_norm"), ([3], "ce", "ce")])
+def test_potion_follows_the_inferred_mapping_unless_told_otherwise(labels: list[int], asked: str, used: str) -> None:
+    task = SimpleNamespace(attack=infer_attack(torch.tensor(labels), None, 10))
     assert potion_loss(task, asked) == used  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("clean_label", "asked", "used"), [
-    (True, "auto", "exclude_natural_target"), (False, "auto", "all"), (True, "all", "all"),
-    (False, "exclude_true_target", "exclude_true_target")])
-def test_ptn_leaves_natural_target_samples_out_for_clean_label_attacks(clean_label: bool, asked: str, used: str
-                                                                       ) -> None:
-    task = SimpleNamespace(data=SimpleNamespace(plan=SimpleNamespace(clean_label=clean_label)))
+@pytest.mark.parametrize(("labels", "declared", "asked", "used"), [
+    ([3, 3], None, "auto", "exclude_natural_target"), ([3, 5], None, "auto", "all"),
+    ([3], {"clean_label": False}, "auto", "all"), ([3], {"clean_label": True}, "auto", "exclude_natural_target"),
+    ([3], None, "all", "all")])
+def test_ptn_leaves_natural_target_samples_out_when_the_attack_has_one_target(
+        labels: list[int], declared: dict | None, asked: str, used: str) -> None:
+    task = SimpleNamespace(attack=infer_attack(torch.tensor(labels), declared, 10))
     assert ptn_criterion(task, asked) == used  # type: ignore[arg-type]
 
 

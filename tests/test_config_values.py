@@ -93,7 +93,7 @@ UNLEARN_CASES = [
     ([RUN, "method.ptn.s_step=1.0"], "method.ptn.s_step=1.0: must be a finite number > 1"),
     ([RUN, "method.ptn.max_steps=0"], "method.ptn.max_steps=0: must be an integer >= 1"),
     ([RUN, "method.ptn.criterion=some"],
-     "method.ptn.criterion='some': must be one of ['auto', 'all', 'exclude_true_target',"),
+     "method.ptn.criterion='some': must be one of ['auto', 'all', 'exclude_natural_target']"),
     ([RUN, "method.ptn.fixed_step=500"], "method.ptn.fixed_step=500: must be below method.ptn.max_steps=500"),
     ([RUN, "method.ptn.fixed_step=[]"], "method.ptn.fixed_step: an empty list of steps"),
     ([RUN, "method.importance.order=random"], "method.importance.order='random': must be one of ['by_label',"),

@@ -36,6 +36,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_world import defender_task
 
 from potion.config.compose import compose_config
 from potion.core.errors import CheckpointError, ConfigError, DataError
@@ -404,8 +405,13 @@ def test_importance_key_covers_every_input(trained: Path, monkeypatch: pytest.Mo
         return keys[0], keys[1]  # (retain, forget)
 
     def task(**changes: Any) -> UnlearnTask:
-        parts = {"model": model, "data": data, "discovery": discovery, "device": torch.device("cpu"), **changes}
-        return UnlearnTask(**parts)
+        parts = {"model": model, "data": data, "discovery": discovery, **changes}
+        return defender_task(**parts)
+
+    def one_pixel(b: Any) -> Any:  # the same data set but for one pixel of one training image
+        images = b.train.images.clone()
+        images[0, 0, 0, 0] ^= 1
+        return dataclasses.replace(b, train=dataclasses.replace(b.train, images=images))
 
     base = keys_of(task())
     assert keys_of(task()) == base and base[0] != base[1]
@@ -415,7 +421,7 @@ def test_importance_key_covers_every_input(trained: Path, monkeypatch: pytest.Mo
     trigger = dataclasses.replace(run.plan, trigger=dataclasses.replace(run.plan.trigger, size=2))
     variants = {
         "weights": keys_of(task(model=moved)),
-        "data fingerprint": keys_of(task(data=poison(dataclasses.replace(bundle, fingerprint="0" * 64), run.plan))),
+        "training images": keys_of(task(data=poison(one_pixel(bundle), run.plan))),
         "normalisation": keys_of(task(data=poison(dataclasses.replace(bundle, mean=(0.5,), std=(0.25,)), run.plan))),
         "trigger": keys_of(task(data=poison(bundle, trigger))),
         "forget/retain indices": keys_of(task(discovery=discover(run.plan, share=0.5, seed=1))),

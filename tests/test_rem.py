@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_world import pattern
+from tiny_world import defender_task, pattern
 
 from potion.core.errors import ConfigError
 from potion.data.discovery import discover
@@ -27,6 +28,7 @@ from potion.unlearning.training_based import seeded
 TRAIN_CFG = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False, "batch_size": 16,
              "warmup": 0.0, "crop_padding": 1, "flip": False, "epochs": 1}
 TARGET = 0
+DATA: list = []  # the poisoned data of the module's task: its plan is for evaluation only
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,9 +56,9 @@ def untrained() -> UnlearnTask:
     plan = make_poison_plan(bundle.train.labels, target=TARGET, num_classes=4, trigger=TriggerSpec(size=3), seed=0,
                             count=16)
     torch.manual_seed(0)
-    return UnlearnTask(model=SmallCNN(num_classes=4, in_channels=3, width=8).eval(), data=poison(bundle, plan),
-                       discovery=discover(plan, share=0.5, seed=0), device=torch.device("cpu"), seed=0,
-                       train_cfg=dict(TRAIN_CFG))
+    DATA.append(poison(bundle, plan))
+    return defender_task(SmallCNN(num_classes=4, in_channels=3, width=8).eval(), DATA[-1],
+                         discover(plan, share=0.5, seed=0), seed=0, train_cfg=dict(TRAIN_CFG))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +68,7 @@ def poisoned(untrained: UnlearnTask) -> UnlearnTask:
     Trained to near-certainty on the poison (small batches, learning rate decayed to 0, as the pipeline trains).
     """
     model = copy.deepcopy(untrained.model)
-    task = UnlearnTask(model=model, data=untrained.data, discovery=untrained.discovery, device=untrained.device,
-                       seed=0, train_cfg=dict(TRAIN_CFG))
+    task = replace(untrained, model=model, train_cfg=dict(TRAIN_CFG))
     torch.manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, 0.0, total_iters=8 * 20)
@@ -84,13 +85,13 @@ def poisoned(untrained: UnlearnTask) -> UnlearnTask:
 
 @pytest.fixture()
 def task(poisoned: UnlearnTask) -> UnlearnTask:
-    return UnlearnTask(model=copy.deepcopy(poisoned.model), data=poisoned.data, discovery=poisoned.discovery,
-                       device=poisoned.device, seed=poisoned.seed, train_cfg=dict(poisoned.train_cfg))
+    return replace(poisoned, model=copy.deepcopy(poisoned.model), train_cfg=dict(poisoned.train_cfg))
 
 
 def _backdoor(task: UnlearnTask, model: torch.nn.Module) -> dict[str, float]:
-    test = task.data.bundle.test
-    return evaluate_backdoor(model, test.images, test.labels, task.data.normalizer, task.data.trigger, TARGET)
+    data = DATA[-1]  # the plan: evaluation only
+    test = data.bundle.test
+    return evaluate_backdoor(model, test.images, test.labels, data.normalizer, data.trigger, TARGET)
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

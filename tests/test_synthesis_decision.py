@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import full_method_args
+from tiny_world import defender_task
 
 from potion.data.discovery import discover
 from potion.data.poison import TriggerSpec, make_poison_plan, patch_origin
@@ -44,8 +45,8 @@ def _task(model: nn.Module, share: float) -> UnlearnTask:
 
     bundle = DatasetBundle("tiny", split(240), split(40), ("a", "b", "c", "d"), (0.5,), (0.25,), "tiny-fp")
     plan = make_poison_plan(bundle.train.labels, target=TARGET, num_classes=4, trigger=SPEC, seed=0, count=20)
-    return UnlearnTask(model=model.eval(), data=poison(bundle, plan), discovery=discover(plan, share=share, seed=0),
-                       device=torch.device("cpu"), seed=0, model_factory=lambda: model, train_cfg={})
+    return defender_task(model.eval(), poison(bundle, plan), discover(plan, share=share, seed=0), seed=0,
+                         model_factory=lambda: model, train_cfg={})
 
 
 def _fail(*_args: object, **_kwargs: object) -> None:
@@ -77,7 +78,7 @@ def test_patch_present_answers_as_synthesize_forget(where: str) -> None:
     model = WindowDetector(row, col) if where == "trigger" else WindowDetector(0, 0)  # elsewhere: no backdoor
     task = _task(model, share=0.6)
     forget_x, _ = task.forget_tensors()
-    probes = task.data.normalizer(task.data.bundle.train.images[task.retain_idx[:200]])
+    probes = task.train.normalised(task.retain_idx[:200])
     present = synthesis.patch_present(model, forget_x, probes, TARGET)
     assert present == (synthesis.synthesize_forget(model, forget_x, probes, TARGET) is not None)
     assert present == (where == "trigger")
@@ -89,7 +90,7 @@ def test_each_refinement_window_is_measured_once(monkeypatch: pytest.MonkeyPatch
     model = WindowDetector(row, col)
     task = _task(model, share=0.25)
     forget_x, _ = task.forget_tensors()
-    probes = task.data.normalizer(task.data.bundle.train.images[task.retain_idx[:200]])
+    probes = task.train.normalised(task.retain_idx[:200])
     calls = {"n": 0}
     measured = synthesis.strength
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 from conftest import full_method_args
+from tiny_world import defender_task
 
 from potion.config.compose import check_node
 from potion.config.schema import Method
@@ -49,16 +51,14 @@ def base() -> UnlearnTask:
                             count=20)
     torch.manual_seed(0)
     model = _factory().eval()
-    return UnlearnTask(model=model, data=poison(bundle, plan), discovery=discover(plan, share=0.5, seed=0),
-                       device=torch.device("cpu"), seed=0, model_factory=_factory, train_cfg=dict(TRAIN_CFG))
+    return defender_task(model, poison(bundle, plan), discover(plan, share=0.5, seed=0), seed=0,
+                         model_factory=_factory, train_cfg=dict(TRAIN_CFG))
 
 
 @pytest.fixture()
 def task(base: UnlearnTask) -> UnlearnTask:
     """A fresh task per test whose model is a private copy (methods must not touch it anyway)."""
-    return UnlearnTask(model=copy.deepcopy(base.model), data=base.data, discovery=base.discovery,
-                       device=base.device, seed=base.seed, model_factory=base.model_factory,
-                       train_cfg=dict(base.train_cfg))
+    return replace(base, model=copy.deepcopy(base.model), train_cfg=dict(base.train_cfg))
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

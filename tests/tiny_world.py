@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -58,3 +59,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def defender_task(model: Any, data: Any, discovery: Any, *, attack: dict | None = None, **parts: Any) -> Any:
+    """The UnlearnTask the pipelines build for ``data`` (the defender's view and the inferred attack facts)."""
+    import torch
+
+    from potion.data.defender import defender_view
+    from potion.unlearning.attack import infer_attack
+    from potion.unlearning.task import UnlearnTask
+
+    view = defender_view(data)
+    facts = infer_attack(view.labels[discovery.forget_idx], attack, view.num_classes)
+    parts.setdefault("device", torch.device("cpu"))
+    return UnlearnTask(model=model, train=view, discovery=discovery, attack=facts, **parts)

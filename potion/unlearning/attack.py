@@ -51,7 +51,10 @@ def infer_attack(discovered_labels: torch.Tensor, declared: Mapping[str, Any] | 
     labels = sorted({int(y) for y in discovered_labels.tolist()})
     source: dict[str, str] = {}
     mapping = d.get("mapping")
-    if mapping is None:
+    if mapping is None and d.get("target") is not None:  # a declared target is a declared all-to-one attack
+        all_to_all = False
+        source["mapping"] = DECLARED
+    elif mapping is None:
         all_to_all = len(labels) > 1
         source["mapping"] = INFERRED
     else:
