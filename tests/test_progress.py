@@ -1,6 +1,6 @@
-"""Progress on long work (potion/core/progress.py): rate-limited stderr lines where Lightning's bar is not, one switch
-(``trainer.progress_bar``: true / false / auto), quiet in multirun jobs, and a sweep console with a line per round
-and none of the launcher's per-job override lines or reprs."""
+"""Progress on long work (potion/core/progress.py): tqdm bars on stderr where Lightning's bar is not, one switch
+(``trainer.progress_bar``: true / false / auto), on in a grid of Hydra's basic launcher and quiet where jobs share a
+console, and a sweep console with a line per round and none of the launcher's per-job override lines or reprs."""
 
 from __future__ import annotations
 
@@ -19,19 +19,16 @@ from omegaconf import OmegaConf
 from tiny_world import QUICK_PTN, train_overrides
 
 from potion.core import progress
-from potion.core.progress import Progress, duration
+from potion.core.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
+BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 
 
-class Clock:
-    """A hand-driven clock for Progress."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
 
 
 @pytest.fixture()
@@ -43,65 +40,52 @@ def switch() -> Iterator[None]:
 
 @pytest.fixture()
 def every_step(monkeypatch: pytest.MonkeyPatch, switch: None) -> None:
-    """Progress on, a line for every step (no rate limit): what a tiny loop shows."""
+    """Progress on, shown from the first step and a note every step: what a tiny loop shows."""
     progress.configure(True)
-    monkeypatch.setattr(progress, "INTERVAL_S", 0.0)
+    monkeypatch.setattr(progress, "DELAY_S", 0.0)
 
 
-def test_lines_are_rate_limited_with_done_total_rate_and_time_left() -> None:
-    clock, out = Clock(), io.StringIO()
-    bar = Progress("retrain", 100, show=True, every_s=5.0, stream=out, clock=clock)
-    for _ in range(10):  # 10 steps in 4 s: within the interval, no line
-        clock.now += 0.4
-        bar.advance()
-    assert out.getvalue() == ""
-    clock.now += 1.0  # 11 steps in 5 s
-    bar.advance(note=lambda: "retain loss 0.5000")
-    clock.now += 1.0  # 1 s after the line: none
-    bar.advance()
-    lines = out.getvalue().splitlines()
-    assert lines == ["retrain: 11 of 100 steps (11 %), 2.2 steps/s, 40 s left; retain loss 0.5000"]
-    bar.done = 100
-    clock.now = 50.0
+def _job(monkeypatch: pytest.MonkeyPatch, launcher: str) -> None:
+    """Run as a Hydra multirun job of ``launcher``."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "launcher": {"_target_": launcher}}})
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", cfg)
+
+
+def test_a_bar_shows_done_of_total_and_the_note() -> None:
+    out = io.StringIO()
+    bar = Progress("retrain", 100, show=True, every_s=0.0, stream=out)
+    for _ in range(11):
+        bar.advance(note=lambda: "retain loss 0.5000")
     bar.finish()
-    assert out.getvalue().splitlines()[-1] == "retrain: 100 steps done in 50 s (2 steps/s)"
+    last = out.getvalue().split("\r")[-1]
+    assert last.startswith("retrain:  11%") and "11/100" in last and "retain loss 0.5000" in last
 
 
 def test_a_short_loop_prints_nothing_and_off_prints_nothing() -> None:
-    clock, out = Clock(), io.StringIO()
-    with Progress("importance pass", 3, "batches", show=True, stream=out, clock=clock) as bar:
+    out = io.StringIO()
+    with Progress("importance pass", 3, "batches", show=True, stream=out) as bar:
         for _ in range(3):
-            clock.now += 0.1
             bar.advance()
-    assert out.getvalue() == ""  # no progress line, so no closing line either
+    assert out.getvalue() == ""  # done before the bar's delay
     off = Progress("x", 3, show=False, every_s=0.0, stream=out)
-    off.advance()
+    off.advance(note="never shown")
     off.finish()
     assert out.getvalue() == ""
 
 
-def test_a_search_shows_upper_bounds() -> None:
-    clock, out = Clock(), io.StringIO()
-    bar = Progress("PTN search", 500, bound=True, show=True, every_s=0.0, stream=out, clock=clock)
-    clock.now = 120.0
+def test_a_search_says_it_may_stop_early() -> None:
+    out = io.StringIO()
+    bar = Progress("PTN search", 500, bound=True, show=True, every_s=0.0, stream=out)
     bar.advance(60)
-    assert out.getvalue().strip() == ("PTN search: 60 of at most 500 steps (12 %), 2 s each, "
-                                      "at most 14 min 40 s left")
-
-
-def test_durations_read_naturally() -> None:
-    assert [duration(x) for x in (0.4, 42, 185, 7620, float("nan"))] == ["0 s", "42 s", "3 min 05 s", "2 h 07 min",
-                                                                        "?"]
+    bar.finish("stopped at step k=59")
+    last = out.getvalue().split("\r")[-1]
+    assert last.startswith("PTN search (may stop early):") and "60/500" in last and "stopped at step k=59" in last
 
 
 def test_the_switch_explicit_then_command_then_auto(monkeypatch: pytest.MonkeyPatch, switch: None) -> None:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert not progress.enabled()  # auto: stderr is a file or a pipe
     monkeypatch.setattr(sys, "stderr", Terminal())
@@ -110,8 +94,24 @@ def test_the_switch_explicit_then_command_then_auto(monkeypatch: pytest.MonkeyPa
     progress.configure(False)
     assert not progress.enabled() and progress.enabled(True)  # an explicit value wins over the command's switch
     progress.configure("auto")
-    monkeypatch.setattr(HydraConfig.instance(), "cfg", OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN}}))
-    assert progress.in_multirun_job() and not progress.enabled()  # auto: quiet in a multirun or sweep job
+    with progress.quiet_auto():
+        assert not progress.enabled() and progress.enabled(True)  # a sweep's candidate job: quiet unless asked
+
+
+def test_auto_shows_a_grid_of_the_basic_launcher_and_not_jobs_sharing_a_console(
+        monkeypatch: pytest.MonkeyPatch, switch: None) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress, "_told", False)
+    _job(monkeypatch, BASIC)
+    progress.configure("auto")
+    assert progress.own_console() and progress.enabled()  # one job at a time: the console is this job's
+    assert terminal.getvalue() == ""
+    _job(monkeypatch, JOBLIB)
+    progress.configure("auto")
+    progress.configure("auto")  # the next job in the same worker
+    assert not progress.own_console() and not progress.enabled()  # jobs side by side share one console
+    assert terminal.getvalue().count("trainer.progress_bar=true") == 1  # said once, with how to turn bars on
     progress.configure(True)
     assert progress.enabled()  # the switch turns it on there too
 
@@ -130,9 +130,8 @@ def test_the_training_loop_reports_with_the_switch_on_and_not_off(every_step: No
             yield "retain", F.cross_entropy(model(x), y)
 
     train_steps(model, list(model.parameters()), losses(), 3, sgd, torch.device("cpu"), "retrain")
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("retrain: 1 of 3 steps (33 %), ") and "retain loss" in err[0]
-    assert err[-1].startswith("retrain: 3 steps done in ")
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("retrain: 100%") and "3/3" in last and "retain loss" in last
     progress.configure(False)
     train_steps(model, list(model.parameters()), losses(), 3, sgd, torch.device("cpu"), "retrain")
     assert capsys.readouterr().err == ""
@@ -147,17 +146,14 @@ def test_importance_passes_and_the_ptn_search_report(every_step: None, capsys: p
     model = nn.Linear(4, 3)
     batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,))) for _ in range(3)]
     imp = compute_importance(model, batches, loss="logit_norm", power=1, what="retain importance", total=3)
-    err = capsys.readouterr().err
-    assert "retain importance: 2 of 3 batches (67 %)" in err and "retain importance: 3 batches done" in err
+    assert "retain importance: 100%" in capsys.readouterr().err
     originals = snapshot(model)
     schedule = PTNSchedule(s_start=1e-3, s_step=1.5, max_steps=5, rho=0.5)
     script = iter([0.9, 0.8, 0.2])
     ptn_search(model, originals, imp, {k: v * 2 for k, v in imp.items()}, schedule, lambda m: next(script), a0=1.0)
-    err = capsys.readouterr().err.splitlines()
-    assert err[0].startswith("PTN search: 1 of at most 5 steps (20 %), ")
-    assert "step k=0 (s=0.001), forget_acc 0.9000 (stops at <= 0.5000)" in err[0]
-    assert err[-1].startswith("PTN search: 3 steps done in ") and err[-1].endswith("stopped at step k=2, "
-                                                                                  "forget_acc 0.2000")
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert last.startswith("PTN search (may stop early):") and "3/5" in last
+    assert "stopped at step k=2, forget_acc 0.2000" in last
 
 
 # ------------------------------------------------------------------------------- commands (subprocesses)

@@ -1,32 +1,38 @@
-"""Progress of long work on the console: a rate-limited line on stderr where Lightning's bar does not run.
+"""Progress of long work on the console: a tqdm bar on stderr where Lightning's bar does not run.
 
 Importance passes, the SGD loops of the training-based methods (retrain, EU-k, fine-tune, SCRUB, Bad
-Teacher, repair), REM and the in-process PTN search report through :class:`Progress`: at most one line
-every :data:`INTERVAL_S` seconds with done/total, rate and time left, then one closing line, so a loop
-that finishes within the interval prints nothing. Lightning's own progress bar shows training.
+Teacher, repair), REM and the in-process PTN search report through :class:`Progress`: a bar with done/total,
+rate, time left and a note (a loss, the search's step), shown once a loop has run :data:`DELAY_S` seconds, so a
+loop that finishes sooner prints nothing. Lightning's own progress bar shows training.
 
 One switch, ``trainer.progress_bar`` (every command has a ``trainer`` group): ``true`` / ``false``, or
-``auto`` (the default): on when stderr is a terminal, off inside a Hydra multirun or sweep job (many jobs
-share one console there; a sweep prints one line per round instead) and when stderr is a file or a pipe
-(tests, batch logs). The entry scripts hand the command's value to :func:`configure`.
+``auto`` (the default): on when stderr is a terminal that this process has to itself: a plain command, or a
+multirun job of Hydra's basic launcher (one job at a time, so a grid shows each cell's progress). Off where
+jobs share one console: jobs of launchers that run several at once (joblib, submitit, ...; one line says how to
+turn bars on) and a PTN sweep's prepare and candidate jobs (:func:`quiet_auto`; the sweep prints a line per
+round), and when stderr is a file or a pipe (tests, batch logs). The entry scripts hand the command's value to
+:func:`configure`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO
 
-INTERVAL_S = 5.0  # at most one progress line per this many seconds (per loop)
+from tqdm import tqdm
 
-T = TypeVar("T")
+DELAY_S = 5.0  # a loop that ends sooner shows no bar
+NOTE_S = 1.0  # a note (which may read a loss from the GPU) is computed at most this often
+
 Note = Callable[[], str] | str | None
 
 _switch: bool | None = None  # the command's trainer.progress_bar when it is true or false; None: auto
+_quiet = False  # inside quiet_auto(): auto is off
+_told = False  # the line saying bars are off in a shared console was printed
 
 
 def _as_switch(setting: Any) -> bool | None:
@@ -35,122 +41,100 @@ def _as_switch(setting: Any) -> bool | None:
 
 
 def configure(setting: Any) -> None:
-    """Set the command's switch (``trainer.progress_bar``: true, false or auto) for every loop it runs."""
-    global _switch
+    """Set the command's switch (``trainer.progress_bar``: true, false or auto) for every loop it runs.
+
+    With auto in a job of a launcher that runs jobs side by side, one line says that bars are off and how to turn
+    them on (once per process).
+    """
+    global _switch, _told
     _switch = _as_switch(setting)
+    if _switch is None and not _told and _terminal() and not own_console():
+        _told = True
+        print("progress bars are off: this job shares its console with other jobs (trainer.progress_bar=true "
+              "shows them anyway)", file=sys.stderr, flush=True)
 
 
-def in_multirun_job() -> bool:
-    """Whether this code runs as a job of a Hydra multirun (a grid, a sweep's candidate or final job)."""
+def own_console() -> bool:
+    """Whether this process has the console to itself: not a Hydra multirun job, or a job of the basic launcher
+    (which runs one job at a time in this process)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
     except ImportError:  # pragma: no cover - hydra is a dependency
-        return False
+        return True
     if not HydraConfig.initialized():
-        return False
-    return HydraConfig.get().mode == RunMode.MULTIRUN
+        return True
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN:
+        return True
+    launcher = hydra.get("launcher") or {}
+    return str(launcher.get("_target_", "")).endswith(".BasicLauncher")
+
+
+@contextmanager
+def quiet_auto() -> Iterator[None]:
+    """Within the block, ``auto`` shows no progress (jobs whose console the caller reports for, such as a PTN
+    sweep's candidate jobs); an explicit ``true`` still does."""
+    global _quiet
+    before, _quiet = _quiet, True
+    try:
+        yield
+    finally:
+        _quiet = before
+
+
+def _terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
 
 
 def enabled(setting: Any = None) -> bool:
-    """Whether to show progress: an explicit ``setting`` wins, then the command's switch, then auto.
-
-    Auto: stderr is a terminal and this is not a multirun job.
-    """
+    """Whether to show progress: an explicit ``setting`` wins, then the command's switch, then auto."""
     for choice in (_as_switch(setting), _switch):
         if choice is not None:
             return choice
-    isatty = getattr(sys.stderr, "isatty", None)
-    return bool(isatty and isatty()) and not in_multirun_job()
-
-
-def duration(seconds: float) -> str:
-    """``42 s``, ``3 min 05 s``, ``2 h 07 min``: short enough for a progress line."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(max(0.0, seconds)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    return _terminal() and own_console() and not _quiet
 
 
 class Progress:
-    """Counts the steps of one loop and prints a line to stderr at most every ``every_s`` seconds.
+    """A tqdm bar over the steps of one loop on stderr, shown once the loop has run ``every_s`` seconds.
 
-    ``total`` sizes the done/total part and the time left; ``bound=True`` says the loop may stop earlier
-    (a search), so the total and the time left are upper bounds. A ``note`` (text, or a function called only
-    when a line is printed, e.g. to read a loss from the GPU) ends the line.
+    ``total`` sizes the bar and the time left; ``bound=True`` says the loop may stop earlier (a search), so the
+    total and the time left are upper bounds. A ``note`` (text, or a function called at most every
+    :data:`NOTE_S` seconds, e.g. to read a loss from the GPU) ends the line.
     """
 
     def __init__(self, what: str, total: int | None = None, unit: str = "steps", *, bound: bool = False,
-                 show: bool | None = None, every_s: float | None = None, stream: TextIO | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.what, self.total, self.unit, self.bound = what, total, unit, bound
+                 show: bool | None = None, every_s: float | None = None, stream: TextIO | None = None) -> None:
         self.show = enabled() if show is None else show
-        self.every_s = INTERVAL_S if every_s is None else every_s
-        self.stream, self.clock = stream, clock
-        self.done = 0
-        self.lines = 0
-        self.start = self.last = clock()
+        delay = DELAY_S if every_s is None else every_s
+        self.note_s = min(NOTE_S, delay)
+        self.noted = float("-inf")
+        self.bar = tqdm(total=total, desc=f"{what} (may stop early)" if bound else what, unit=f" {unit}",
+                        file=stream or sys.stderr, disable=not self.show, delay=delay, dynamic_ncols=True)
 
     def advance(self, n: int = 1, note: Note = None) -> None:
-        """``n`` more steps done; print a line if the last one is at least ``every_s`` seconds old."""
-        self.done += n
-        if self.show and self.clock() - self.last >= self.every_s:
-            self._print(self._line(note))
+        """``n`` more steps done; the note is refreshed when the last one is at least :data:`NOTE_S` seconds old."""
+        if self.show and note is not None and time.monotonic() - self.noted >= self.note_s:
+            self.noted = time.monotonic()
+            self.bar.set_postfix_str(_text(note), refresh=False)
+        self.bar.update(n)
 
     def finish(self, note: Note = None) -> None:
-        """The closing line (steps, time taken, rate), printed only after at least one progress line."""
-        if self.show and self.lines:
-            elapsed = self.clock() - self.start
-            self._print(f"{self.what}: {self.done} {self.unit} done in {duration(elapsed)} "
-                        f"({self._rate(elapsed)}){_text(note)}")
+        """Close the bar (its last state stays on the console when it was shown), with a closing note."""
+        if self.show and note is not None:
+            self.bar.set_postfix_str(_text(note), refresh=False)
+        self.bar.close()
 
     def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None:
-            self.finish()
-
-    def _rate(self, elapsed: float) -> str:
-        per_s = self.done / elapsed if elapsed > 0 else float("inf")
-        if per_s >= 1 or per_s == 0:
-            return f"{per_s:.3g} {self.unit}/s"
-        return f"{elapsed / self.done:.3g} s each"
-
-    def _line(self, note: Note) -> str:
-        elapsed = self.clock() - self.start
-        if self.total:
-            of = f"of at most {self.total}" if self.bound else f"of {self.total}"
-            left = (self.total - self.done) * elapsed / self.done if self.done else float("nan")
-            eta = f", {'at most ' if self.bound else ''}{duration(left)} left"
-            head = f"{self.done} {of} {self.unit} ({100 * self.done / self.total:.0f} %)"
-        else:
-            head, eta = f"{self.done} {self.unit}", ""
-        return f"{self.what}: {head}, {self._rate(elapsed)}{eta}{_text(note)}"
-
-    def _print(self, line: str) -> None:
-        print(line, file=self.stream or sys.stderr, flush=True)
-        self.lines += 1
-        self.last = self.clock()
+        self.finish()
 
 
 def _text(note: Note) -> str:
-    text = note() if callable(note) else note
-    return f"; {text}" if text else ""
-
-
-def track(items: Iterable[T], what: str, total: int | None = None, unit: str = "steps", **kwargs: Any
-          ) -> Iterator[T]:
-    """``items`` one by one, counted by a :class:`Progress` (closed when the iteration ends)."""
-    bar = Progress(what, total, unit, **kwargs)
-    for item in items:
-        yield item
-        bar.advance()
-    bar.finish()
+    return (note() if callable(note) else note) or ""
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from potion.config.compose import method_arguments, to_dict
+from potion.core import progress
 from potion.core.errors import ConfigError
 from potion.core.schedule import cpu_threads
 from potion.data.defender import defender_view
@@ -48,12 +49,11 @@ def dispatch(cfg: DictConfig) -> Any:
     plain = copy.deepcopy(cfg)
     with open_dict(plain):
         plain.pop(JOB_KEY)  # the sweeper's node stays out of the run's identity hash
-    if role == PREPARE:
-        return prepare(plain)
-    if role == CANDIDATE:
-        if not job.get("steps"):
+    if role in (PREPARE, CANDIDATE):
+        if role == CANDIDATE and not job.get("steps"):
             raise ConfigError("a ptn candidate job needs ptn_job.steps (set by the ptn sweeper)")
-        return evaluate_steps(plain, [int(k) for k in job.steps])
+        with progress.quiet_auto():  # the sweep prints a line per round for these jobs
+            return prepare(plain) if role == PREPARE else evaluate_steps(plain, [int(k) for k in job.steps])
     if not tracking_enabled(plain.get("logger")):  # logger=none: nothing to record
         return run_unlearning(plain)
     # Recorded also when the sweeper could not create its run (no run_id: the server went away): the run
