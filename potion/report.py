@@ -130,6 +130,11 @@ def build_report(args: argparse.Namespace) -> tuple[list[Path], str, int, int]:
     return paths, uri, len(rows), left_out
 
 
+def _runs(n: int, what: str) -> str:
+    """``1 unlearning run``, ``2 unlearning runs``."""
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
 def _which(args: argparse.Namespace) -> str:
     return f"experiment {args.experiment}" if args.experiment else "all experiments"
 
@@ -171,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PotionError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
-    repeats = f"; {left_out} repeated runs of the same settings and seed left out" if left_out else ""
-    print(f"report of {n_runs} unlearning runs from {uri} ({_which(args)}{repeats}):")
+    repeats = f"; {_runs(left_out, 'repeated run')} of the same settings and seed left out" if left_out else ""
+    print(f"report of {_runs(n_runs, 'unlearning run')} from {uri} ({_which(args)}{repeats}):")
     for path in paths:
         print(f"  {path}")
     return 0
