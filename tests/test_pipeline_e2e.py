@@ -274,7 +274,8 @@ def test_exact_signature_without_matches_flags_nothing(tiny: TinyRun, tmp_path: 
 def test_iterative_stopping_test_watches_the_chosen_set(tiny: TinyRun, tmp_path: Path, stop_on: str) -> None:
     s = unlearn(tiny, tmp_path / stop_on, "method=potion_iterative", "method.rounds=2", "discovery.share=0.25",
                 f"method.stop_on={stop_on}", "method.signature=false", "method.cutoff_fraction=0.01",
-                "suspects.enabled=false", "method.synthesis.enabled=false", "method.repair.iterations=0")
+                "suspects.enabled=false", "method.synthesis.enabled=false", "method.repair.iterations=0",
+                "method.ptn.criterion=all")
     assert s["rounds_run"] == 2 and s["round2_forget_size"] > s["round1_forget_size"] == 4, s
     assert s["round1_criterion_samples"] == 4
     watched = s["round1_forget_size"] if stop_on == "discovered" else s["round2_forget_size"]
