@@ -133,12 +133,37 @@ TriggerKind = Literal["patch", "blend", "sig", "wanet", "ftrojan", "label_consis
 TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
 
 
+# A kind's amounts that do not depend on the image size, each in (0, most]: checked with the config, before any
+# data is read or the label-consistent attack's surrogate model is trained (the size-dependent ones, and these
+# again, are checked where the trigger is built: potion.data.poison.validate_trigger).
+TRIGGER_AMOUNTS: dict[str, dict[str, float]] = {
+    "blend": {"alpha": 1.0}, "sig": {"delta": 255.0}, "ftrojan": {"magnitude": 255.0 * 8},
+    "label_consistent": {"amplitude": 255.0, "eps": 255.0, "pgd_step": 255.0},
+}
+TRIGGER_COUNTS = {"pgd_steps", "noise_ratio"}  # >= 0 wherever given
+
+
 @dataclass(kw_only=True)
 class Trigger:
-    """poison.trigger: the kind is checked here; each kind's own fields are checked where the trigger is built."""
+    """poison.trigger: the kind and its size-free amounts are checked here; the rest where the trigger is built."""
 
     OPEN: ClassVar[bool] = True
     kind: TriggerKind
+
+    @staticmethod
+    def relations(d: Mapping[str, Any]) -> Iterator[str]:
+        for key, most in TRIGGER_AMOUNTS.get(str(d.get("kind")), {}).items():
+            value = d.get(key)
+            if value is not None and not (_is_number(value) and 0 < value <= most):
+                yield f"poison.trigger.{key}={value!r}: must be in (0, {most:g}]"
+        for key in TRIGGER_COUNTS & set(d):
+            value = d[key]
+            if value is not None and not (_is_number(value) and value >= 0):
+                yield f"poison.trigger.{key}={value!r}: must be >= 0"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 @dataclass(kw_only=True)
@@ -155,6 +180,8 @@ class Poison:
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
+        if d["trigger"]["kind"] == "none":
+            return  # nothing is poisoned: an experiment's count or fraction is reset (pipelines.reference)
         if (d.get("count") is None) == (d.get("fraction") is None):
             yield "poison: set exactly one of poison.count (e.g. 500) or poison.fraction (e.g. 0.01); null the other"
         elif d.get("count") == 0 and d["trigger"]["kind"] != "none":
