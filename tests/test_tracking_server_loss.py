@@ -126,8 +126,8 @@ def test_the_final_run_is_logged_once_the_server_is_back(lost: dict) -> None:
 
     server = _start_server(lost["root"], lost["port"])
     try:
-        proc = subprocess.run([sys.executable, "-m", "potion.relog", str(lost["final"])], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "potion.relog", str(lost["final"]), "--tracking-uri", lost["uri"]],
+                              cwd=lost["root"], capture_output=True, text=True, timeout=300)  # the printed command
         assert proc.returncode == 0, proc.stdout + proc.stderr
         client = MlflowClient(tracking_uri=lost["uri"])
         run_id = read_json(lost["final"] / "summary.json")["mlflow_run_id"]

@@ -34,6 +34,7 @@ from potion.core.io import (
     atomic_write_text,
     cache_dir,
     load_tensors,
+    one_line,
     read_json,
     save_tensors,
     storage_error,
@@ -75,7 +76,7 @@ class TrainedRun:
             model.load_state_dict(self.state_dict)
         except RuntimeError as exc:
             raise CheckpointError(f"weights in {self.path} do not fit model {self.cfg.model.name}: "
-                                  f"{str(exc).splitlines()[0]}") from exc
+                                  f"{one_line(exc, limit=1000)}") from exc
         return model
 
 
@@ -205,7 +206,7 @@ def read_run_config(path: Path) -> DictConfig:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise CheckpointError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        raise CheckpointError(f"cannot read {path}: {one_line(exc, limit=1000)}"
                               ) from exc
     if not isinstance(raw, dict):
         what = "empty" if raw is None else f"a {type(raw).__name__}"
