@@ -194,12 +194,21 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every loader failure means the same thing to the user
         msg = one_line(exc, limit=1000)
+        if _raw_pickle(path):
+            raise CheckpointError(
+                f"refused to load {path}: it is a plain Python pickle (pickle.dump), not a torch.save or safetensors "
+                "file, and unpickling it could run code; re-save the weights with torch.save(model.state_dict(), "
+                "path) or as .safetensors"
+            ) from None
         if refused_pickle(exc):
             raise CheckpointError(
                 f"refused to load {path}: it contains pickled objects, not plain tensors "
                 "(only state dicts of tensors are accepted; re-save with torch.save(model.state_dict()) "
                 "or as .safetensors)"
             ) from exc
+        if "Weights only load failed" in msg:  # torch's text advises weights_only=False: never repeat that
+            msg = msg.split("WeightsUnpickler error:")[-1].split("Check the documentation")[0].strip()
+            msg = msg if len(msg) < 100 else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path}: corrupt or truncated ({msg[:160]})") from exc
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
@@ -217,6 +226,22 @@ def read_tensor_metadata(path: str | os.PathLike) -> dict[str, str]:
             return dict(fh.metadata() or {})
     except Exception as exc:  # noqa: BLE001 - any reader failure means a damaged file
         raise CheckpointError(f"cannot read {path}: corrupt or truncated ({type(exc).__name__})") from exc
+
+
+def _raw_pickle(path: Path) -> bool:
+    """Whether a file torch.load refused is a pickle stream of its own (``pickle.dump``): not torch.save's zip
+    archive nor its legacy format (a pickled magic number first), and opening with a pickle protocol 2+ header
+    (PROTO opcode 0x80, then the protocol number)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(len(_LEGACY_TORCH_HEAD))
+    except OSError:
+        return False
+    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5 and head != _LEGACY_TORCH_HEAD
+
+
+# torch.save(..., _use_new_zipfile_serialization=False) starts with pickle.dump(0x1950a86a20f9469cfc6c, protocol 2)
+_LEGACY_TORCH_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 
 
 def refused_pickle(exc: BaseException) -> bool:
