@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
@@ -48,8 +47,9 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 
 
-class Tracker(ABC):
-    """What the pipeline logs to: params, metrics, artifacts and tags of one run.
+class Tracker:
+    """What the pipeline logs to: params, metrics, artifacts and tags of one run. Every call does nothing here
+    (``logger=none``: :class:`NullTracker`); the MLflow and recording trackers override them.
 
     Use as a context manager to finish the run with FINISHED, FAILED or KILLED (SIGTERM, Ctrl+C) automatically
     (:func:`potion.pipelines.lifecycle.run_lifecycle` does).
@@ -59,47 +59,38 @@ class Tracker(ABC):
     tracking_uri: str | None = None
     experiment_id: str | None = None
 
-    @abstractmethod
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log a (possibly nested) config as flat params."""
 
-    @abstractmethod
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at a step; None values are skipped."""
 
-    @abstractmethod
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Copy a file or folder into the run's artifacts."""
 
-    @abstractmethod
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set string tags on the run."""
 
-    @abstractmethod
     def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
                    source_run_id: str | None = None) -> None:
         """Log a data set (a :class:`~potion.tracking.extras.DatasetRef` as a dict) as the run's dataset input,
         and the logged model of run ``source_run_id`` (the training run an unlearning run healed) as a model input.
         """
 
-    @abstractmethod
     def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
         """Register ``files`` (artifact name -> local path: ``model.safetensors``, ``config.yaml``) and ``spec``
         (written as ``model.json``) as an MLflow logged model this run produced."""
 
-    @abstractmethod
     def log_text(self, text: str, artifact_file: str) -> None:
         """Write ``text`` as the run's artifact ``artifact_file``."""
 
-    @abstractmethod
     def finish(self, status: str = "FINISHED") -> None:
         """End the run; never raises."""
 
-    @abstractmethod
     def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
         """Start a nested run (tag ``mlflow.parentRunId``) in the same store and experiment; never raises."""
+        return NullTracker()
 
-    @abstractmethod
     def discard(self) -> None:
         """Delete the run (a placeholder that got no content); never raises."""
 
@@ -115,38 +106,6 @@ class Tracker(ABC):
 
 class NullTracker(Tracker):
     """``logger=none``: tracking switched off; every call does nothing."""
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        """Do nothing."""
-
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Do nothing."""
-
-    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        """Do nothing."""
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        """Do nothing."""
-
-    def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
-                   source_run_id: str | None = None) -> None:
-        """Do nothing."""
-
-    def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
-        """Do nothing."""
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        """Do nothing."""
-
-    def finish(self, status: str = "FINISHED") -> None:
-        """Do nothing."""
-
-    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
-        """Another tracker that does nothing."""
-        return NullTracker()
-
-    def discard(self) -> None:
-        """Do nothing."""
 
 
 class RecordingTracker(Tracker):
@@ -200,10 +159,6 @@ class RecordingTracker(Tracker):
         """Record the final status (the first one given)."""
         if self.status is None:
             self.status = status
-
-    def child(self, run_name: str, tags: Mapping[str, Any] | None = None) -> Tracker:
-        """Nested runs are not recorded: a tracker that does nothing."""
-        return NullTracker()
 
     def discard(self) -> None:
         """Forget the recorded calls."""
