@@ -194,8 +194,9 @@ def test_bad_inputs_are_one_clear_error(world: World, tmp_path: Path) -> None:
         heal(compose_config("heal", _overrides(world, f"discovered={bad}", f"out_dir={tmp_path / 'o'}")))
     mixed = tmp_path / "mixed.csv"
     mixed.write_text(f"rank,path\n1,{world.poisoned[0]}\n2,train/bird/0050.png\n")
-    with pytest.raises(ConfigError, match="class folders"):
-        heal(compose_config("heal", _overrides(world, f"discovered={mixed}")))
+    # files from two class folders are an all-to-all attack unless the user declares one target: then refused
+    with pytest.raises(ConfigError, match="attack.target=0: the discovered samples are labelled \\[0, 1\\]"):
+        heal(compose_config("heal", _overrides(world, f"discovered={mixed}", "attack.target=0")))
     empty = tmp_path / "empty.txt"
     empty.write_text("# nothing found yet\n")
     with pytest.raises(ConfigError, match="empty"):
