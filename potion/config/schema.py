@@ -59,6 +59,9 @@ class Dataset:
     archive_max_member_mb: float | None = num(None, gt=0)
     archive_max_total_gb: float | None = num(None, gt=0)
     archive_max_members: int | None = num(None, ge=1)
+    # a seeded, class-balanced subset of the training split (the study's CPU tier); null = all of it
+    train_size: int | None = num(None, ge=2)
+    subset_seed: int = num(0, ge=0)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:

@@ -46,12 +46,34 @@ class PoisonedData:
 
 
 def load_data(dataset_cfg: Mapping[str, Any]) -> DatasetBundle:
-    """Load (or fetch from the content-addressed cache) the configured data set."""
+    """Load (or fetch from the content-addressed cache) the configured data set; ``train_size``: a seeded,
+    class-balanced subset of its training split (``subset_seed``), the test split whole."""
     d = {k: dataset_cfg.get(k) for k in dataset_cfg}  # a missing (???) value reads as None, not a traceback
-    return load_dataset(
+    bundle = load_dataset(
         str(d.get("source", d.get("name"))), d.get("path"), download=bool(d.get("download", False)),
         mean=d.get("mean"), std=d.get("std"), image_size=d.get("image_size"), archive_limits=d,
     )
+    size = d.get("train_size")
+    return bundle if size is None else train_subset(bundle, int(size), int(d.get("subset_seed") or 0))
+
+
+def train_subset(bundle: DatasetBundle, size: int, seed: int) -> DatasetBundle:
+    """``size`` training samples, each class in its share of the split (largest remainders first), drawn by one
+    seeded permutation and kept in the split's order; the same size and seed always give the same samples."""
+    labels = bundle.train.labels
+    n = int(labels.numel())
+    if size >= n:
+        return bundle
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    counts = torch.bincount(labels, minlength=bundle.num_classes)
+    exact = counts.double() * size / n
+    quota = exact.floor().long()
+    for c in torch.argsort(exact - quota.double(), descending=True, stable=True)[:size - int(quota.sum())]:
+        quota[c] += 1
+    keep = torch.cat([order[labels[order] == c][:int(quota[c])] for c in range(bundle.num_classes)]).sort().values
+    paths = None if bundle.train.paths is None else tuple(bundle.train.paths[i] for i in keep.tolist())
+    train = replace(bundle.train, images=bundle.train.images[keep], labels=labels[keep], paths=paths)
+    return replace(bundle, train=train, fingerprint=sha256_json([bundle.fingerprint, "train_size", size, seed])[:16])
 
 
 def plan_from_config(bundle: DatasetBundle, poison_cfg: Mapping[str, Any]) -> PoisonPlan:

@@ -188,7 +188,9 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     tracker.log_params({**params, **task.attack.summary()})
     outputs.uses_data(bundle, run.cfg.dataset, context="unlearning", train_run_id=run.summary.get("mlflow_run_id"))
 
+    task.meter.samples = 0  # what the method streams from here on
     out, unlearn_seconds = run_timed(method_fn, task, method_args)
+    passes = task.meter.samples / task.num_train
 
     t1 = time.perf_counter()
     healed_model = out.model.eval()
@@ -207,6 +209,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
         "poisoned_train_acc": poisoned_train_accuracy(healed_model, data, bs),
         "poisoned_train_acc_before": poisoned_train_accuracy(poisoned_model, data, bs),
         "unlearn_seconds": unlearn_seconds,
+        "data_passes": passes,  # training-set samples the method streamed, in passes over the training set
         **{k: float(v) for k, v in out.timings.items()},
     }
     ranking = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from potion.evaluation import metrics
 from potion.evaluation.backdoor import predict
 from potion.unlearning.ptn import PTNResult
 from potion.unlearning.ptn_candidates import Candidate
-from potion.unlearning.task import UnlearnTask
+from potion.unlearning.task import DataMeter, UnlearnTask
 
 log = logging.getLogger("potion.ptn")
 
@@ -39,6 +39,7 @@ class AccuracyLoss:
     images: torch.Tensor  # uint8 retain images as stored (undiscovered poison among them, as a defender has it) ...
     labels: torch.Tensor  # ... and their given labels, kept where the undampened model is right
     normalizer: Normalizer
+    meter: DataMeter = field(default_factory=DataMeter)  # the task's: every evaluation streams these images
 
     @classmethod
     def of(cls, task: UnlearnTask, samples: int, seed: int) -> AccuracyLoss:
@@ -47,11 +48,13 @@ class AccuracyLoss:
         pick = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:int(samples)]]
         images, labels = task.train.images[pick], task.train.labels[pick]
         right = predict(task.model, images, task.train.normalizer) == labels
-        return cls(images[right], labels[right], task.train.normalizer)
+        task.meter.samples += int(pick.numel())
+        return cls(images[right], labels[right], task.train.normalizer, task.meter)
 
     def __call__(self, model: nn.Module) -> float:
         if self.labels.numel() == 0:
             return 0.0
+        self.meter.samples += int(self.labels.numel())
         return 100.0 * (1.0 - metrics.accuracy(predict(model, self.images, self.normalizer), self.labels))
 
 

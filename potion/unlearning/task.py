@@ -17,6 +17,14 @@ from potion.unlearning.attack import AttackFacts
 
 
 @dataclass
+class DataMeter:
+    """Training-set samples a method streamed (forward passes over stored images): its data cost, in passes when
+    divided by the training-set size. Shared by every copy of a task, so sub-tasks (iterative rounds) add up."""
+
+    samples: int = 0
+
+
+@dataclass
 class UnlearnTask:
     """The poisoned model plus the training set (as stored, labels as given) split into forget and retain sets."""
 
@@ -30,6 +38,7 @@ class UnlearnTask:
     train_cfg: dict = field(default_factory=dict)  # the training run's `train` section (schedules of baselines)
     # synthetic forget samples (normalised images on the device, labels), e.g. from trigger synthesis
     extra_forget: tuple[torch.Tensor, torch.Tensor] | None = None
+    meter: DataMeter = field(default_factory=DataMeter)
 
     @property
     def forget_idx(self) -> torch.Tensor:
@@ -65,6 +74,7 @@ class UnlearnTask:
                 if augment:
                     x = random_crop_flip(x, int(self.train_cfg.get("crop_padding", 4)),
                                          bool(self.train_cfg.get("flip", True)))
+                self.meter.samples += int(sel.numel())
                 yield self.train.normalizer(x), labels[sel].to(self.device)
                 produced += 1
 
@@ -72,6 +82,7 @@ class UnlearnTask:
         """Accuracy of ``model`` on training samples ``idx`` against their given labels."""
         if idx.numel() == 0:
             return float("nan")
+        self.meter.samples += int(idx.numel())
         preds = predict(model, self.train.images[idx], self.train.normalizer)
         return float((preds == self.train.labels[idx]).float().mean())
 
