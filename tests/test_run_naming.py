@@ -61,12 +61,12 @@ def test_run_names_tell_a_grid_apart() -> None:
              for m in ("potion", "ssd", "retrain") for d in (["discovery.share=0.1"], ["discovery=single"])
              for s in (0, 1)]
     assert len(set(names)) == len(names) == 12
-    assert names[0] == "potion d=10% p=16 s=0 resnet9 badnets"
-    assert "ssd d=1 p=16 s=1 resnet9 badnets" in names
+    assert names[0] == "potion d=10% p=5% s=0 resnet9 badnets"  # the quickstart's poison.fraction, as in its name
+    assert "ssd d=1 p=5% s=1 resnet9 badnets" in names
     rho = [naming.unlearn_run_name(_unlearn_cfg(f"method.ptn.rho={r}"), train, 3, 16,
                                    naming.grid_extras([f"method.ptn.rho={r}", "discovery.share=0.1", "logger=none"]))
            for r in (0.1, 0.2)]
-    assert rho == ["potion d=10% p=16 s=0 resnet9 badnets rho=0.1", "potion d=10% p=16 s=0 resnet9 badnets rho=0.2"]
+    assert rho == ["potion d=10% p=5% s=0 resnet9 badnets rho=0.1", "potion d=10% p=5% s=0 resnet9 badnets rho=0.2"]
     final = naming.unlearn_run_name(_unlearn_cfg("method.ptn.fixed_step=7"), train, 3, 16)
     assert final.endswith(" k=7")
     assert naming.candidate_run_name(12, names[0]).startswith("k=12 ")  # the step first: never cut off
@@ -78,7 +78,50 @@ def test_run_names_tell_a_grid_apart() -> None:
     assert naming.grid_extras(["+train.poison.count=100", "+train.lr=0.1"]) == []  # an unlearning run's training
 
 
+def test_the_poison_size_reads_the_same_in_training_and_unlearning_run_names() -> None:
+    """The issue: ``p=5%`` in the training run's name, ``p=72`` in its unlearning runs'."""
+    for poison in (["experiment=quickstart"], ["poison.count=72"]):
+        train = _train_cfg(*poison)
+        label = re.search(r" (p=\S+) ", naming.train_run_name(train)).group(1)
+        assert f" {label} " in naming.unlearn_run_name(_unlearn_cfg(), train, 7, 72)
+    assert " p=72 " in naming.unlearn_run_name(_unlearn_cfg(), {"poison": {}, "model": {"name": "m"}}, 7, 72)
+
+
 # --------------------------------------------------------------------------- params and metrics
+
+
+def test_synthesis_and_loop_settings_are_params_not_metrics() -> None:
+    """synth_samples, synth_size (and the recovered window) and a training loop's retain_steps are settings."""
+    values = {"synth_samples": 140, "synth_size": 3, "synth_row": 13, "synth_col": 13, "synth_additive": 0.0,
+              "synth_flip_rate": 0.9, "retain_steps": 200, "iterations": 200, "ptn_steps": 12, "clean_acc": 0.9}
+    metrics = naming.measurements(values, {"name": "retrain", "iterations": 200})
+    assert metrics == {"synth_flip_rate": 0.9, "ptn_steps": 12.0, "clean_acc": 0.9}
+    assert naming.resolved_settings(values) == {
+        "method.synthesis.samples_used": 140, "method.synthesis.window_size": 3, "method.synthesis.window_row": 13,
+        "method.synthesis.window_col": 13, "method.synthesis.additive_used": 0.0, "method.sgd.retain_steps": 200}
+
+
+def test_resolved_loss_and_criterion_are_params_never_auto() -> None:
+    """method.loss / method.ptn.criterion: the value the method resolved, logged once (not ``auto``, not a tag)."""
+    from potion.tracking.tracker import flatten_params
+
+    train = _train_cfg("experiment=quickstart")
+    params = flatten_params(naming.unlearn_params(_unlearn_cfg(), train, 3, 16))
+    assert "method.loss" not in params and "method.ptn.criterion" not in params  # auto: logged once resolved
+    assert params["method.ptn.rho"] == "0.1"
+    given = flatten_params(naming.unlearn_params(_unlearn_cfg("method.loss=ce", "method.ptn.criterion=all"), train,
+                                                 3, 16))
+    assert given["method.loss"] == "ce" and given["method.ptn.criterion"] == "all"
+    resolved = naming.resolved_settings({"importance_loss": "logit_norm", "ptn_criterion": "exclude_natural_target",
+                                         "ptn_threshold": 0.1})
+    assert resolved == {"method.loss": "logit_norm", "method.ptn.criterion": "exclude_natural_target",
+                        "method.ptn.threshold": 0.1}
+    heal = flatten_params(naming.heal_params(compose_config("heal", ["checkpoint=c", "discovered=d"]), 3, 0))
+    assert "method.loss" not in heal and "method.ptn.criterion" not in heal
+    cfg = _unlearn_cfg()
+    assert cfg.method.loss == "auto"  # the caller's config is left as it was
+
+
 
 
 def test_settings_are_params_and_measurements_metrics() -> None:

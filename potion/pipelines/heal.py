@@ -407,7 +407,7 @@ def _heal(d: dict[str, Any], task: UnlearnTask, bundle: DatasetBundle, trigger: 
     }
     summary.update(_next_steps(out_dir, summary, args, ranking, discovery, bundle, outputs))
     outputs.add(atomic_write_text(out_dir / "report.md", format_report(summary, plot is not None)))
-    tracker.log_params(naming.resolved_settings({**numeric, **(suspects or {})}))
+    tracker.log_params(naming.resolved_settings({**numeric, **notes, **(suspects or {})}))
     return outputs.complete(summary, naming.heal_measurements({**result, **numeric}, d["method"]))
 
 
@@ -473,6 +473,10 @@ def _suspect_rows(ranking: SuspectRanking, bundle: DatasetBundle, target: int | 
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _frac(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _counts(hist: Mapping[str, int]) -> str:
@@ -560,10 +564,11 @@ def _rounds_section(s: Mapping[str, Any]) -> list[str]:
 def format_result(s: Mapping[str, Any]) -> str:
     """The console lines of ``python -m potion.heal``."""
     lines = [f"out folder: {s['out_dir']}",
+             # fractions and percentage points, as unlearn.py prints them and MLflow stores them (README, Metrics)
              f"{s['method']}: n_f={s['n_f']}  clean_acc {s['clean_acc_before']:.4f} -> {s['clean_acc_after']:.4f}  "
-             f"discovered still '{s['target_class']}' {_pct(s['discovered_given_label_before'])} -> "
-             f"{_pct(s['discovered_given_label_after'])}"
-             + (f"  asr {_pct(s['asr_before'])} -> {_pct(s['asr_after'])}" if s.get("trigger_known") else "")]
+             f"forget_acc {_frac(s['discovered_given_label_before'])} -> {_frac(s['discovered_given_label_after'])}"
+             + (f"  asr {_frac(s['asr_before'])} -> {_frac(s['asr_after'])}" if s.get("trigger_known") else "")
+             + f"  acc_drop={'n/a' if s.get('acc_drop') is None else format(s['acc_drop'], '.2f')}"]
     if "suspects_flagged" in s:
         lines.append(f"suspects above the cut-off: {s['suspects_flagged']} (ranking in suspects.csv)")
     if s.get("rounds_run"):

@@ -6,7 +6,8 @@ the same setting has the same key everywhere and runs of one study compare colum
 - **experiment**: one per study, the training config's ``name`` (``${dataset.name}-${model.name}`` unless an
   ``experiment=`` overlay names it: ``quickstart``, ``cpu_bench``, ...); ``logger.experiment`` overrides it.
 - **run name**: what tells the runs of a grid apart, ``potion d=10% p=16 s=0 resnet9 badnets`` (method,
-  discovered share or count, poison size, seed, model, attack, then the method settings a grid varies).
+  discovered share or count, poison size as the training config gives it (``p=16`` or ``p=5%``, the same in the
+  training run's name), seed, model, attack, then the method settings a grid varies).
 - **params**: settings only, under their config path (``dataset.name``, ``poison.n_p``, ``method.ptn.rho``,
   ``discovery.share``, ``discovery.n_f``, ``trainer.*``, ``suspects.*``); settings a method resolved at run time
   (its SGD settings, PTN's threshold, the suspects' cut-off) are params too. No bookkeeping keys (where the
@@ -44,9 +45,18 @@ NOISE_KEYS = ("logger", "force", "resume", "out_dir", "hydra", "print_table", "n
 
 # Numeric method diagnostics that are settings (resolved at run time), as the param key they are logged under.
 SETTING_DIAGNOSTICS = {"ptn_threshold": "method.ptn.threshold", "suspect_cutoff": "suspects.cutoff",
-                       "retain_importance_samples": "method.importance.retain_samples_used"}
+                       "retain_importance_samples": "method.importance.retain_samples_used",
+                       # the synthetic forget samples a method made and the trigger window it recovered
+                       "synth_samples": "method.synthesis.samples_used", "synth_size": "method.synthesis.window_size",
+                       "synth_row": "method.synthesis.window_row", "synth_col": "method.synthesis.window_col",
+                       "synth_additive": "method.synthesis.additive_used",
+                       # the SGD steps of each kind a training-based method ran (its iterations, split)
+                       **{f"{k}_steps": f"method.sgd.{k}_steps" for k in ("retain", "max", "min", "distill")}}
 SGD_PREFIX, SGD_PARAMS = "sgd_", "method.sgd"  # the SGD settings a training-based method ran with (sgd_lr)
 # -> method.sgd.lr
+# Method settings whose config value ``auto`` a method resolves at run time, as the diagnostic that reports the
+# value it chose: the param is logged once, with the resolved value (never ``auto``).
+RESOLVED_AT_RUN = {"method.loss": "importance_loss", "method.ptn.criterion": "ptn_criterion"}
 
 # Summary entries that are bookkeeping or counts logged as params, never metrics (a folder logged from its summary).
 SUMMARY_ONLY = ("n_f", "n_p", "target", "num_classes", "channels", "steps", "epochs", "resumed", "reused",
@@ -146,7 +156,10 @@ def unlearn_run_name(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: 
     """``potion d=10% p=16 s=0 resnet9 badnets``: method, discovery, poison size, seed, model, attack, then
     ``extra`` (the settings a grid varies, ``rho=0.2``) and, for a fixed PTN step (a sweep's final run), ``k=7``."""
     method = cfg.get("method") or {}
-    parts = [str(method.get("name")), discovery_label(cfg.get("discovery"), n_f), poison_label(None, n_p),
+    # the poison size as the training run's name gives it (p=5% or p=500): one spelling per training run
+    poison = poison_label(train_cfg.get("poison"))
+    parts = [str(method.get("name")), discovery_label(cfg.get("discovery"), n_f),
+             poison if poison != "p=?" else poison_label(None, n_p),
              f"s={cfg.get('seed')}", str(_get(train_cfg, "model.name")), attack_label(train_cfg.get("poison")),
              *extra]
     fixed = _get(method, "ptn.fixed_step")
@@ -228,7 +241,7 @@ def unlearn_params(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: in
     for key in ("trainer", "suspects", "reference", "eval_batch_size"):
         if c.get(key) is not None:
             params[key] = c[key]
-    return params
+    return without_auto(params)
 
 
 def heal_params(cfg: Mapping[str, Any], n_f: int, target: int) -> dict[str, Any]:
@@ -240,18 +253,43 @@ def heal_params(cfg: Mapping[str, Any], n_f: int, target: int) -> dict[str, Any]
     for key in ("trainer", "suspects"):
         if c.get(key) is not None:
             params[key] = c[key]
-    return params
+    return without_auto(params)
 
 
 def resolved_settings(diagnostics: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings among a run's numbers (see :data:`SETTING_DIAGNOSTICS`), as flat params."""
+    """The settings among a run's diagnostics (see :data:`SETTING_DIAGNOSTICS`, :data:`RESOLVED_AT_RUN`), as flat
+    params; give the text diagnostics too (``importance_loss``), or ``method.loss`` is never logged."""
     out: dict[str, Any] = {}
     for key, value in diagnostics.items():
         if key in SETTING_DIAGNOSTICS and _is_number(value):
             out[SETTING_DIAGNOSTICS[key]] = value
         elif key.startswith(SGD_PREFIX):
             out[f"{SGD_PARAMS}.{key[len(SGD_PREFIX):]}"] = value
+    for param, key in RESOLVED_AT_RUN.items():
+        if isinstance(diagnostics.get(key), str) and diagnostics[key]:
+            out[param] = diagnostics[key]
     return out
+
+
+def without_auto(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without the ``auto`` values a method resolves (:data:`RESOLVED_AT_RUN`): logged resolved later
+    (an MLflow param cannot change its value once logged)."""
+    for dotted in RESOLVED_AT_RUN:
+        *path, last = dotted.split(".")
+        node: Any = params
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(last) == "auto":
+            node = dict(node)
+            _set(params, path, {k: v for k, v in node.items() if k != last})
+    return params
+
+
+def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    for part in path[:-1]:
+        tree[part] = dict(tree[part])
+        tree = tree[part]
+    tree[path[-1]] = value
 
 
 def measurements(values: Mapping[str, Any], method_cfg: Mapping[str, Any] | None = None) -> dict[str, float]:
