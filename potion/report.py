@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from potion.cli import EXIT_USER_ERROR, fast_exit, quiet_third_party
-from potion.core.errors import PotionError, TrackingError
-from potion.core.io import atomic_write_text
+from potion.core.errors import ConfigError, PotionError, TrackingError
+from potion.core.io import StorageError, atomic_write_text
 from potion.reporting.aggregate import (
     ALL,
     aggregate,
@@ -115,6 +115,8 @@ def read_measurements(client: Any, experiments: Sequence[str], uri: str, filters
 
 def build_report(args: argparse.Namespace) -> tuple[list[Path], str, int, int]:
     """Read, aggregate and write; (paths written, store URI, runs counted, repeated runs left out)."""
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ConfigError(f"--out {args.out} is a file, not a folder; give --out a folder (created if missing)")
     client, uri = open_store(args.tracking_uri)
     exp_ids = [experiment_id(client, args.experiment, uri)] if args.experiment else experiment_ids(client, uri)
     filters = {"methods": _split(args.methods), "datasets": _split(args.dataset)}
@@ -124,7 +126,11 @@ def build_report(args: argparse.Namespace) -> tuple[list[Path], str, int, int]:
         which = f" matching {chosen}" if chosen else ""
         raise NoRunsError(f"no finished unlearning runs{which} in {uri} ({_which(args)}); run unlearn.py first")
     out = Path(args.out) if args.out else Path("reports") / safe_name(args.experiment or "all")
-    paths = write_report(rows, out, filters["methods"] or None)
+    try:
+        paths = write_report(rows, out, filters["methods"] or None)
+    except StorageError as exc:  # its hint names the pipelines' settings; the report's is --out
+        hint = str(exc).replace("(out_dir=..., POTION_CACHE_DIR=...)", "(--out <folder>)")
+        raise StorageError(exc.errno, hint if "--out" in hint else f"{hint}; give --out another folder") from None
     if args.log_run:
         _log_report_run(uri, args, filters, len(rows), rows, paths)
     return paths, uri, len(rows), left_out

@@ -390,7 +390,7 @@ def test_healed_attainable_sits_next_to_healed_and_missing_values_read_n_a() -> 
                    logged_run(config_hash="b", seed=1, healed=62.0, acc_drop=1.0, healed_attainable=94.0),
                    logged_run(config_hash="c", method="ssd", healed=50.0, acc_drop=2.0))
     md = markdown_tables(aggregate(rows))
-    assert "Cells: healed / healed_attainable / acc_drop." in md
+    assert "Cells: healed / healed_attainable / acc_drop; each cell states its n (runs: one per seed)." in md
     assert "| 100 | 10% | 61.00 ± 1.41 / 92.00 ± 2.83 / 1.00 ± 0.00 (n=2) | 50.00 / n/a / 2.00 (n=1) |" in md
     assert "| all | mean | 61.00 / 92.00 / 1.00 | 50.00 / n/a / 2.00 |" in md
     plain = markdown_tables(aggregate(rows_of(logged_run(config_hash="d"))))  # no run has it: left out
@@ -448,3 +448,55 @@ def test_figures_use_plain_words_and_readable_upright_ticks(tmp_path: Path, monk
     assert "72 poisoned training images" in words and "500 poisoned training images" in words
     assert "1 image" in words and "100%" in words and not any("n_p" in w for w in words)
     assert min(size for _, size, _ in texts) >= 9 and {rot for _, _, rot in texts} == {0.0}  # ticks upright
+
+
+# --------------------------------------------------------------------------- a swept cell's cost, n, --out
+
+
+@pytest.mark.slow
+def test_a_swept_cell_costs_its_whole_sweep(template: Path, tmp_path: Path) -> None:
+    """The issue's store: the final job took 21.8 s, its sweep 271.7 s; the cell's time is the sweep's."""
+    uri, client, exp_id = new_store(template, tmp_path / "swept")
+    parent = store_run(client, exp_id, {"tags": {"potion.task": "ptn_sweep", "potion.method": "potion"},
+                                        "metrics": {"ptn_wall_seconds": 271.7}}, run_name="ptn-sweep")
+    final = logged_run(config_hash="sweep-final", fixed_step=3, n_p=72, share=0.1)
+    final["tags"]["potion.sweep_id"] = parent
+    final["metrics"]["unlearn_seconds"] = 21.8
+    store_run(client, exp_id, final, parent=parent)
+    standalone = logged_run(method="ssd", config_hash="ssd", n_p=72, share=0.1)
+    standalone["metrics"]["unlearn_seconds"] = 39.6
+    store_run(client, exp_id, standalone)
+    out = tmp_path / "out"
+    assert main(["--tracking-uri", uri, "--out", str(out)]) == 0
+    cells = {r["method"]: r for r in read_csv(out / "table.csv") if r["discovery"] == "10%"}
+    assert float(cells["potion"]["unlearn_seconds_mean"]) == pytest.approx(271.7)  # was 21.8: the final job's
+    assert float(cells["ssd"]["unlearn_seconds_mean"]) == pytest.approx(39.6)
+    runs = {r["method"]: r for r in read_csv(out / "runs.csv")}
+    assert runs["potion"]["swept"] == "True" and float(runs["potion"]["final_job_seconds"]) == pytest.approx(21.8)
+    assert runs["ssd"]["swept"] == "False"
+    md = (out / "table.md").read_text()
+    assert "whole sweep's wall clock" in md and "n=1 run per cell" in md
+
+
+def test_every_table_states_n() -> None:
+    base = {"dataset": "d", "model": "m", "attack": "patch", "mapping": "all_to_one", "method_params": (),
+            "n_p": 100, "n_f": 10, "share": 0.1, "acc_drop": 1.0, "clean_acc": 0.9, "asr": 0.0, "unlearn_seconds": 1.0}
+    two = markdown_tables(aggregate([{**base, "method": "a", "healed": h} for h in (90, 92)]))
+    assert "Cells: healed / acc_drop; n=2 runs per cell (one per seed)." in two
+    one = markdown_tables(aggregate([{**base, "method": "a", "healed": 90}]))
+    assert "n=1 run per cell (one seed: no ± spread)" in one
+
+
+def test_out_naming_a_file_is_one_error_about_out(template: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    uri, client, exp_id = new_store(template, tmp_path / "store")
+    add_run(client, exp_id)
+    a_file = tmp_path / "report.md"
+    a_file.write_text("mine\n")
+    assert main(["--tracking-uri", uri, "--out", str(a_file)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out ") and "out_dir=" not in err and "POTION_CACHE_DIR" not in err
+    assert a_file.read_text() == "mine\n"
+    assert main(["--tracking-uri", uri, "--out", str(a_file / "sub")]) == 2  # a folder below a file
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err and "out_dir=" not in err, err

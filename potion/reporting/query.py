@@ -15,11 +15,14 @@ from typing import Any
 from potion.core.errors import PotionError, TrackingError
 from potion.core.io import one_line
 from potion.tracking.client import check_reachable, import_mlflow
-from potion.tracking.naming import SETTING_DIAGNOSTICS, SGD_PARAMS, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
+from potion.tracking.naming import SETTING_DIAGNOSTICS, SGD_PARAMS, SWEEP_ID, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
 from potion.tracking.uris import resolve_tracking_uri, sqlite_path
 
 PAGE_SIZE = 5000
 UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISHED'"
+SWEEP_FILTER = "tags.`potion.task` = 'ptn_sweep'"
+# A PTN sweep's whole cost, on its parent run: the wall clock from its prepare job to the end of its final job.
+SWEEP_SECONDS = "ptn_wall_seconds"
 METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
 # The params that name a measurement's settings (a key or a dotted prefix), and those the PTN sweeper sets per
 # job, never the user (potion.sweep.driver.SWEEPER_KEYS; a test keeps the two equal).
@@ -102,16 +105,32 @@ def select(rows: Iterable[Mapping[str, Any]], filters: Mapping[str, Any] | None)
 
 
 def search_rows(client: Any, experiment_ids: Sequence[str]) -> list[dict]:
-    """Every finished unlearning run as a row, newest first: one paged ``search_runs``, no per-run calls."""
-    rows: list[dict] = []
+    """Every finished unlearning run as a row, newest first: one paged ``search_runs``, no per-run calls.
+
+    A PTN sweep's final run costs its whole sweep: its ``unlearn_seconds`` becomes the sweep's wall clock (prepare
+    job, candidate rounds and final job; its parent's ``ptn_wall_seconds``, read in one more paged search), and its
+    row is marked ``swept``. The final job alone evaluates one fixed step and would read as the cheapest method.
+    """
+    rows = [row for run in _paged(client, experiment_ids, UNLEARN_FILTER) if (row := run_row(run)) is not None]
+    if any(row["sweep_id"] for row in rows):
+        costs = {run.info.run_id: run.data.metrics.get(SWEEP_SECONDS)
+                 for run in _paged(client, experiment_ids, SWEEP_FILTER)}
+        for row in rows:
+            whole = costs.get(row["sweep_id"]) if row["sweep_id"] else None
+            if whole is not None:
+                row.update(unlearn_seconds=float(whole), final_job_seconds=row["unlearn_seconds"], swept=True)
+    return rows
+
+
+def _paged(client: Any, experiment_ids: Sequence[str], filter_string: str) -> Iterable[Any]:
     token: str | None = None
     while True:
-        page = client.search_runs(list(experiment_ids), filter_string=UNLEARN_FILTER, max_results=PAGE_SIZE,
+        page = client.search_runs(list(experiment_ids), filter_string=filter_string, max_results=PAGE_SIZE,
                                   order_by=["attributes.start_time DESC"], page_token=token)
-        rows.extend(row for row in map(run_row, page) if row is not None)
+        yield from page
         token = page.token
         if not token:
-            return rows
+            return
 
 
 def measurements(rows: Iterable[Mapping[str, Any]]) -> tuple[list[dict], int]:
@@ -171,6 +190,8 @@ def run_row(run: Any) -> dict | None:
         "share": float(share),
         "seed": _text(params.get("seed")),
         "settings_key": settings_key(params),
+        "sweep_id": _text(tags.get(SWEEP_ID)),  # a PTN sweep's final run: its parent run's id
+        "swept": False,
         **{name: _float(metrics.get(name)) for name in METRICS},
     }
 

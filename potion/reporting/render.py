@@ -24,15 +24,19 @@ CSV_COLUMNS = ("dataset", "model", "attack", "mapping", "n_p", "discovery", "met
                "healed_std", "healed_attainable_mean", "healed_attainable_std", "acc_drop_mean", "acc_drop_std",
                "clean_acc_mean", "asr_mean", "unlearn_seconds_mean")
 RUN_COLUMNS = ("run_id", "train_run", "method", "config_hash", "seed", "dataset", "model", "attack", "mapping", "n_p",
-               "n_f", "discovery", "healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
+               "n_f", "discovery", "healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds",
+               "swept", "final_job_seconds")
 NOTE = (
     "healed (%): the share of the accuracy that the trigger took away on triggered test images and that unlearning "
     "gave back (100: as accurate as on clean images). healed_attainable (%): the same, measured against a clean model "
     "of the same recipe trained without poison, which image-wide triggers also fool (README, *Clean reference and "
     "healed_attainable*); n/a where a run had no clean reference model. acc_drop: clean test accuracy lost, in "
-    "percentage points. Cells hold the mean ± sample standard deviation over seeds; a run repeating the settings and "
-    "seed of a newer one (a rerun, or a standalone run and a sweep's final run) is left out. Mean rows: the mean "
-    "over the cells of each method; the last row (all) is the headline aggregate of the study."
+    "percentage points. Cells hold the mean ± sample standard deviation over seeds (n: the runs, one per seed, "
+    "a cell holds); a run repeating the settings and seed of a newer one (a rerun, or a standalone run and a "
+    "sweep's final run) is left out. Mean rows: the mean over the cells of each method; the last row (all) is the "
+    "headline aggregate of the study. unlearn_seconds (table.csv, runs.csv): the wall clock of the unlearning step; "
+    "for a run a PTN sweep (sweep.py) made, the whole sweep's wall clock from its prepare job to the end of its "
+    "final job (every candidate round included; runs.csv: swept=True, final_job_seconds the final job alone)."
 )
 
 
@@ -56,10 +60,12 @@ def _study_table(study: tuple[str, ...], cells: Sequence[Mapping[str, Any]], mea
     cols = columns(cells, methods)
     metrics = ("healed", "healed_attainable", "acc_drop") if has_metric(cells, "healed_attainable") else (
         "healed", "acc_drop")
-    show_n = len({c["n_runs"] for c in cells}) > 1
+    counts = sorted({c["n_runs"] for c in cells})
+    show_n = len(counts) > 1
+    n_text = "each cell states its n (runs: one per seed)" if show_n else _runs_per_cell(counts[0])
     by_key = {(c["n_p"], c["share"], c["method"]): c for c in cells}
     grid = sorted({(c["n_p"], c["share"], c["discovery"]) for c in cells})
-    lines = [f"## {study_title(study)}", "", f"Cells: {' / '.join(metrics)}.", "",
+    lines = [f"## {study_title(study)}", "", f"Cells: {' / '.join(metrics)}; {n_text}.", "",
              "| poisoned images | discovered | " + " | ".join(cols) + " |", "|---:|---|" + "---|" * len(cols)]
     for n_p in sorted({g[0] for g in grid}):
         block = [g for g in grid if g[0] == n_p]
@@ -69,6 +75,11 @@ def _study_table(study: tuple[str, ...], cells: Sequence[Mapping[str, Any]], mea
         lines.append(_mean_line(str(n_p), means, n_p, cols, metrics, len(block)))
     lines += [_mean_line(ALL, means, ALL, cols, metrics, len(grid)), ""]
     return lines
+
+
+def _runs_per_cell(n: int) -> str:
+    """The n every cell shares, in words: ``n=3 runs per cell (one per seed)``, ``n=1 run per cell (no spread)``."""
+    return f"n={n} run per cell (one seed: no ± spread)" if n == 1 else f"n={n} runs per cell (one per seed)"
 
 
 def _fmt(mean: float | None, std: float | None) -> str:
