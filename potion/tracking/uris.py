@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from potion.core.errors import ConfigError, TrackingError
+from potion.core.errors import TrackingError
 from potion.core.io import one_line
 
 DEFAULT_TIMEOUT_S = 60.0  # logger.timeout_s when a config has none: how long one call to a server may try
@@ -87,51 +87,27 @@ class LoggerSettings:
 
 
 def logger_settings(logger_cfg: Mapping[str, Any] | None) -> LoggerSettings | None:
-    """The checked ``logger`` config, None for ``logger=none`` (or no config); a bad value raises one line.
+    """The ``logger`` config as settings, None for ``logger=none`` (or no config).
 
-    Keys: ``name`` (mlflow or none), ``tracking_uri``, ``fallback`` (none or local), ``experiment``,
-    ``timeout_s``, ``system_metrics`` and ``system_metrics_interval_s``. Used before a run starts and also when a
-    finished run is reused, so that a wrong URI or fallback never passes silently.
+    Its values were checked once, by the schema (:mod:`potion.config.schema`), before the command started; only
+    the tracking URI is made explicit here (a file store is one TrackingError line). Used before a run starts and
+    also when a finished run is reused.
     """
-    cfg = dict(logger_cfg or {"name": "none"})
-    if not tracking_enabled(cfg):
+    if not tracking_enabled(logger_cfg):
         return None
-    name = str(cfg.get("name")).lower()
-    if name != "mlflow":
-        raise ConfigError(f"unknown logger.name {name!r}; use mlflow or none")
-    fallback = str(cfg.get("fallback") or "none").lower()
-    if fallback not in ("none", "local"):
-        raise ConfigError(f"unknown logger.fallback {fallback!r}; use none or local")
-    timeout = _seconds(cfg.get("timeout_s", DEFAULT_TIMEOUT_S))
+    cfg = dict(logger_cfg or {})
+    timeout = cfg.get("timeout_s", DEFAULT_TIMEOUT_S)
     experiment = cfg.get("experiment")
-    system = cfg.get("system_metrics", False)
-    if not isinstance(system, bool):
-        raise ConfigError(f"logger.system_metrics={system!r}: must be true or false")
-    interval = _seconds(cfg.get("system_metrics_interval_s", DEFAULT_SYSTEM_METRICS_INTERVAL_S),
-                        "logger.system_metrics_interval_s", "how often system metrics are sampled")
-    return LoggerSettings(resolve_tracking_uri(cfg.get("tracking_uri")), fallback,
-                          str(experiment) if experiment not in (None, "") else None, timeout, system,
-                          interval or DEFAULT_SYSTEM_METRICS_INTERVAL_S)
+    return LoggerSettings(resolve_tracking_uri(cfg.get("tracking_uri")), str(cfg.get("fallback") or "none"),
+                          str(experiment) if experiment not in (None, "") else None,
+                          None if timeout is None else float(timeout), bool(cfg.get("system_metrics", False)),
+                          float(cfg.get("system_metrics_interval_s") or DEFAULT_SYSTEM_METRICS_INTERVAL_S))
 
 
 def tracking_enabled(logger_cfg: Mapping[str, Any] | None) -> bool:
-    """Whether the ``logger`` config asks for tracking at all (``logger=none`` does not); values unchecked."""
+    """Whether the ``logger`` config asks for tracking at all (``logger=none`` does not)."""
     name = str((logger_cfg or {}).get("name") or "none").lower()
     return name not in ("none", "null", "off")
-
-
-def _seconds(value: Any, key: str = "logger.timeout_s",
-             meaning: str = "how long one call to a tracking server may try") -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = float(value) if not isinstance(value, bool) else float("nan")
-    except (TypeError, ValueError):
-        seconds = float("nan")
-    if not (seconds > 0 and seconds != float("inf")):
-        null = ", or null for MLflow's own retries" if key == "logger.timeout_s" else ""
-        raise ConfigError(f"{key}={value!r}: must be a positive number of seconds ({meaning}){null}")
-    return seconds
 
 
 def http_settings(timeout_s: float) -> dict[str, str]:
