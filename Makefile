@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-fast lint bench-cpu clean
+.PHONY: quickstart test test-fast lint bench-cpu study-cpu study-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,18 @@ test: $(STAMP)
 # The inner loop while editing: everything not marked slow (no training, no pipeline runs, no heavy subprocess).
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
+
+# The study's CPU tier (benchmarks/study.md): resumable; the tier's models and store travel with the repository.
+STUDY_DB := sqlite:///benchmarks/study/cpu_tier/mlflow.db
+study-cpu: $(STAMP)
+	$(PY) benchmarks/study_models.py restore
+	$(PY) unlearn.py -m +study=cpu_overview
+	$(PY) unlearn.py -m +study=cpu_extras
+	$(PY) benchmarks/study_models.py save
+	$(MAKE) study-report
+
+study-report: $(STAMP)
+	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --out benchmarks/study/cpu_tier/report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -32,6 +32,9 @@ def main(cfg: DictConfig) -> Any:
             s = dispatch(cfg)
     if role in (PREPARE, CANDIDATE):
         return s
+    if s.get("logged"):
+        print(f"{s['method']}: already in the store at this commit (MLflow run {s['mlflow_run_id']}); skipped")
+        return s
     print(f"run folder: {s['run_dir']}" + ("  (already finished; reused)" if s.get("reused") else ""))
     print(f"{s['method']}: n_f={s['n_f']}/{s['n_p']}  clean_acc {s['clean_acc_before']:.4f} -> {s['clean_acc']:.4f}  "
           f"asr {s['asr_before']:.4f} -> {s['asr']:.4f}  healed={_f(s['healed'])}  acc_drop={_f(s['acc_drop'])}  "

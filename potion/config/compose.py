@@ -28,7 +28,7 @@ from potion.core.io import sha256_json
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Keys that do not change what a run computes: excluded from a run's identity.
-NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "print_table")
+NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "print_table", "skip_logged")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -557,6 +557,7 @@ class UnlearnConfig:
     trainer: Trainer
     logger: Logger
     ptn_job: dict[str, Any] | None = None  # added by the PTN sweeper to its jobs
+    skip_logged: bool = False  # a study's cells: skip one whose finished run of this commit is in the store
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:

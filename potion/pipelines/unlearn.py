@@ -41,6 +41,7 @@ from potion.pipelines.run_folders import (
     remove_stale_temp_files,
     run_lock,
 )
+from potion.pipelines.study_cells import COMMIT_TAG, current_commit, logged_cell
 from potion.pipelines.train import run_training, train_run_dir
 from potion.tracking import naming
 from potion.tracking.runs import FolderRun, unlearn_folder_run
@@ -134,6 +135,10 @@ def run_unlearning(cfg: DictConfig, parent_run_id: str | None = None, tracker: T
     validate_unlearn_config(cfg)  # static values fail here, before the training run is read
     run, discovery = trained_inputs(cfg)
     run_dir, key = unlearn_run_dir(cfg, run)
+    if cfg.get("skip_logged") and tracker is None:  # a study resumed elsewhere: this cell may be in its store
+        logged = logged_cell(cfg.get("logger"), unlearn_spec(cfg, run, discovery, key).experiment, key)
+        if logged is not None:
+            return logged
     with run_lock(run_dir):  # a second identical command waits, then reuses the result
         return _unlearn_locked(cfg, run, discovery, method_fn, run_dir, key, parent_run_id, tracker)
 
@@ -162,7 +167,7 @@ def unlearn_spec(cfg: DictConfig, run: TrainedRun, discovery: Discovery, key: st
     method = str(cfg.method.name)
     tags = {**naming.study_tags(naming.UNLEARN, study), naming.METHOD: method, naming.CONFIG_HASH: key,
             **naming.train_link_tags(run.summary), "potion.train_run_dir": str(Path(run.path).resolve()),
-            **naming.grid_tags(grid)}
+            **naming.grid_tags(grid), **({COMMIT_TAG: commit} if (commit := current_commit()) else {})}
     name = naming.unlearn_run_name(to_dict(cfg), run.cfg, discovery.n_f, run.plan.count,
                                    naming.grid_extras(overrides))
     params = naming.unlearn_params(cfg, run.cfg, discovery.n_f, run.plan.count)

@@ -1,0 +1,56 @@
+"""The study's machinery: the tier's training subset, and a study resumed on a fresh machine skipping the cells
+already in its store at this commit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TinyRun
+
+from potion.config.compose import compose_config
+from potion.data.poisoned import train_subset
+from potion.data.sources import DatasetBundle, ImageSplit
+
+
+def _bundle(n: int = 100) -> DatasetBundle:
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)[:n]
+    images = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 1, 2, 2).contiguous()
+    return DatasetBundle("toy", ImageSplit(images, labels), ImageSplit(images[:4], labels[:4]), ("a", "b", "c"),
+                         (0.5,), (0.25,), "toy-fp")
+
+
+def test_the_training_subset_is_class_balanced_seeded_and_in_order() -> None:
+    b = _bundle()
+    sub = train_subset(b, 10, seed=3)
+    assert torch.bincount(sub.train.labels).tolist() == [5, 3, 2]  # each class its share of the split
+    picked = sub.train.images[:, 0, 0, 0].long()
+    assert torch.equal(picked, picked.sort().values)  # kept in the split's order
+    assert torch.equal(sub.train.labels, b.train.labels[picked])  # images and labels stay paired
+    assert torch.equal(train_subset(b, 10, seed=3).train.images, sub.train.images)  # same seed, same samples
+    assert not torch.equal(train_subset(b, 10, seed=4).train.images, sub.train.images)
+    assert sub.fingerprint != b.fingerprint and sub.test is b.test
+    assert train_subset(b, 1000, seed=0) is b  # asking for more than there is keeps the split
+
+
+@pytest.mark.slow  # two unlearning runs on the shared model, logged to a store
+def test_a_study_cell_already_in_the_store_at_this_commit_is_skipped(tiny: TinyRun, tmp_path: Path) -> None:
+    from potion.pipelines.study_cells import current_commit
+    from potion.pipelines.unlearn import run_unlearning
+
+    if current_commit() is None:
+        pytest.skip("not in a git checkout: no commit to match cells by")
+    uri = f"sqlite:///{tmp_path / 'study.db'}"
+
+    def cell(out: str) -> dict:
+        return run_unlearning(compose_config("unlearn", [
+            f"train_run={tiny.run}", "method=ssd", "discovery.share=0.5", f"logger.tracking_uri={uri}",
+            f"out_dir={tmp_path / out}", "suspects.enabled=false", "+skip_logged=true"]))
+
+    first = cell("a")
+    second = cell("b")  # another machine: no run folder, the same store
+    assert not first.get("logged") and second["logged"] is True
+    assert second["mlflow_run_id"] == first["mlflow_run_id"] and second["commit"] == current_commit()
+    assert second["asr"] == pytest.approx(first["asr"])
+    assert not (tmp_path / "b").exists()  # nothing was run
