@@ -1,7 +1,7 @@
 """The study tier's trained models travel with the repository: save finished run folders, restore them on a new machine.
 
-    python benchmarks/study_models.py save    [--tier cpu_tier]   # runs/train/study_cpu-* -> benchmarks/study/<tier>/models
-    python benchmarks/study_models.py restore [--tier cpu_tier]   # and back, where runs/train lacks them
+    python benchmarks/study_models.py save      # runs/train/study_cpu-* -> benchmarks/study/cpu_tier/models
+    python benchmarks/study_models.py restore   # and back, where runs/train lacks them
 
 Only what a finished run is made of is kept: weights (safetensors), the resolved config, the poison plan, the
 perturbed images of a label-consistent attack, run.json and summary.json (written last: a folder without it is
