@@ -129,8 +129,8 @@ class RecordingTracker(Tracker):
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Record the metrics as plain numbers (tensors and numpy scalars unwrapped)."""
-        plain = {str(k): v.item() if hasattr(v, "item") else v for k, v in metrics.items() if v is not None}
-        self.calls.append(("metrics", (plain, step)))
+        values = {str(k): v.item() if hasattr(v, "item") else v for k, v in metrics.items() if v is not None}
+        self.calls.append(("metrics", (values, step)))
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         """Record the artifact's absolute path."""
