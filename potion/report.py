@@ -42,6 +42,7 @@ from potion.reporting.aggregate import (
     study_title,
     summary_rows,
 )
+from potion.reporting.compare import comparisons, comparisons_markdown
 from potion.reporting.figures import plot_metric
 from potion.reporting.query import (
     NoRunsError,
@@ -73,6 +74,8 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
     paths = [atomic_write_text(out / "table.md", markdown_tables(cells, methods)),
              atomic_write_text(out / "table.csv", csv_text(cells)),
              atomic_write_text(out / "runs.csv", runs_csv_text(rows))]
+    if any(r["method"] == "potion" for r in rows):  # potion against each competitor, paired by seed
+        paths.append(atomic_write_text(out / "comparisons.md", comparisons_markdown(comparisons(rows))))
     suffixes = study_suffixes(study_of(c) for c in cells)
     for study, suffix in suffixes.items():
         own = [c for c in cells if study_of(c) == study]

@@ -54,3 +54,25 @@ def test_a_study_cell_already_in_the_store_at_this_commit_is_skipped(tiny: TinyR
     assert second["mlflow_run_id"] == first["mlflow_run_id"] and second["commit"] == current_commit()
     assert second["asr"] == pytest.approx(first["asr"])
     assert not (tmp_path / "b").exists()  # nothing was run
+
+
+def _row(method: str, seed: int, healed: float, drop: float) -> dict:
+    return {"dataset": "d", "model": "m", "attack": "patch", "mapping": "all_to_one", "n_p": 100, "n_f": 10,
+            "share": 0.1, "method": method, "seed": str(seed), "healed_attainable": healed, "acc_drop": drop,
+            "asr": 0.05}
+
+
+def test_better_is_said_only_where_the_paired_seeds_show_it() -> None:
+    from potion.reporting.compare import comparisons, paired_verdict
+
+    assert paired_verdict([1.0, 2.0, 3.0]) == (2.0, False)  # t = 3.46, below the 4.30 of two degrees of freedom
+    assert paired_verdict([1.0, 1.1, 0.9]) == (pytest.approx(1.0), True)  # t = 17.3
+    assert paired_verdict([2.0]) == (2.0, False)  # one pair says nothing
+    rows = [_row("potion", s, h, 1.0) for s, h in enumerate((95.0, 96.0, 97.0))]
+    rows += [_row("ssd", s, h, 1.0 + d) for s, (h, d) in enumerate(((50.0, 0.5), (60.0, -0.5), (40.0, 0.2)))]
+    rows += [_row("rem", s, h, 1.0) for s, h in enumerate((96.0, 95.0, 97.5))]
+    by = {e["method"]: e for e in comparisons(rows)}
+    assert by["ssd"]["healed_attainable_verdict"] == "better" and by["ssd"]["n_pairs"] == 3
+    assert by["ssd"]["acc_drop_verdict"] == "no difference shown"  # differences of both signs
+    assert by["rem"]["healed_attainable_verdict"] == "no difference shown"  # within the seeds' spread
+    assert by["rem"]["healed_attainable_diff"] == pytest.approx((-1 + 1 - 0.5) / 3)

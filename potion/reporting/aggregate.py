@@ -19,8 +19,8 @@ SINGLE = "1 image"
 MEAN = "mean"
 ALL = "all"
 STUDY_KEYS = ("dataset", "model", "attack", "mapping")
-CELL_METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds")
-SPREAD_METRICS = ("healed", "healed_attainable", "acc_drop")  # the ones shown as mean ± std
+CELL_METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds", "data_passes")
+SPREAD_METRICS = ("healed", "healed_attainable", "acc_drop", "asr")  # the ones with a std
 ATTACK_NAMES = {"patch": "patch trigger (BadNets)", "blend": "blended trigger", "sig": "SIG sinusoid (clean-label)",
                 "wanet": "WaNet warp", "ftrojan": "FTrojan (frequency domain)",
                 "label_consistent": "label-consistent (clean-label)", "none": "no poison"}

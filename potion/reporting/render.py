@@ -22,10 +22,10 @@ from potion.reporting.aggregate import (
 
 CSV_COLUMNS = ("dataset", "model", "attack", "mapping", "n_p", "discovery", "method", "n_runs", "healed_mean",
                "healed_std", "healed_attainable_mean", "healed_attainable_std", "acc_drop_mean", "acc_drop_std",
-               "clean_acc_mean", "asr_mean", "unlearn_seconds_mean")
-RUN_COLUMNS = ("run_id", "train_run", "method", "config_hash", "seed", "dataset", "model", "attack", "mapping", "n_p",
-               "n_f", "discovery", "healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds",
-               "swept", "final_job_seconds")
+               "clean_acc_mean", "asr_mean", "asr_std", "unlearn_seconds_mean", "data_passes_mean")
+RUN_COLUMNS = ("run_id", "commit", "train_run", "method", "config_hash", "seed", "dataset", "model", "attack",
+               "mapping", "n_p", "n_f", "discovery", "healed", "healed_attainable", "acc_drop", "clean_acc", "asr",
+               "unlearn_seconds", "data_passes", "swept", "final_job_seconds")
 NOTE = (
     "healed (%): the share of the accuracy that the trigger took away on triggered test images and that unlearning "
     "gave back (100: as accurate as on clean images). healed_attainable (%): the same, measured against a clean model "
