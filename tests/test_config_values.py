@@ -83,7 +83,7 @@ UNLEARN_CASES = [
     ([RUN, "suspects.enabled=maybe"], "suspects.enabled='maybe': must be true or false"),
     ([RUN, "out_dir=/proc/foo"], "out_dir=/proc/foo: cannot write in /proc"),
     ([RUN, "+train=5"], "train=5: must be a mapping or a list of strings or null"),
-    ([RUN, "discovery=nosuch"], "discovery=nosuch: no such option in group 'discovery'; choose one of share, single"),
+    ([RUN, "discovery=nosuch"], "discovery=nosuch: no such option in group 'discovery'; choose one of half, share,"),
     ([RUN, "discovery.share=0"], "discovery.share=0: must be a finite number > 0 and <= 1 or null"),
     ([RUN, "discovery.share=null"], "discovery: set discovery.share (in (0, 1]) or discovery.count"),
     ([RUN, "discovery.count=0"], "discovery.count=0: must be an integer >= 1 or null"),

@@ -27,8 +27,8 @@ from potion.core.errors import ConfigError
 from potion.core.io import sha256_json
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# Keys that do not change what a run computes: excluded from a run's identity.
-NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "print_table", "skip_logged")
+# Top-level keys that say how a command runs, not what it computes: excluded from a run's identity and params.
+NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "skip_logged")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

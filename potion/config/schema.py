@@ -147,7 +147,7 @@ TRIGGER_COUNTS = {"pgd_steps", "noise_ratio"}  # >= 0 wherever given
 
 
 @dataclass(kw_only=True)
-class Trigger:
+class TriggerConfig:
     """poison.trigger: the kind and its size-free amounts are checked here; the rest where the trigger is built."""
 
     OPEN: ClassVar[bool] = True
@@ -179,7 +179,7 @@ class Poison:
     seed: int = num(ge=0)
     exclude_target: bool
     mapping: Literal["all_to_one", "all_to_all"] = "all_to_one"
-    trigger: Trigger
+    trigger: TriggerConfig
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
@@ -275,7 +275,7 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
-class Discovery:
+class DiscoveryConfig:
     """conf/discovery: how many of the poisoned samples were found."""
 
     share: float | None = num(gt=0, le=1)
@@ -552,7 +552,7 @@ class UnlearnConfig:
     reference: Literal["auto", "train", "off"] = "auto"  # the clean reference model for healed_attainable
     attack: Attack
     suspects: Suspects
-    discovery: Discovery
+    discovery: DiscoveryConfig
     method: Method
     trainer: Trainer
     logger: Logger
@@ -581,7 +581,7 @@ class HealConfig:
                                 "or a CSV with a `path` column")
     out_dir: str | None = text(directory=True)
     force: bool = False  # start over in another heal's out_dir
-    trigger: Trigger | None
+    trigger: TriggerConfig | None
     attack: Attack
     seed: int = num(ge=0)
     eval_batch_size: int = num(ge=1)

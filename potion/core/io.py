@@ -98,7 +98,14 @@ def one_line(exc: object, limit: int = 300) -> str:
 
 
 def plain(value: Any) -> Any:
-    """Nested mappings and sequences (OmegaConf containers included) as dicts and lists, for JSON and YAML."""
+    """Nested mappings and sequences (OmegaConf containers included) as dicts and lists, for JSON and YAML.
+
+    An OmegaConf container is resolved as a whole, so a mandatory value left unset stays ``"???"``.
+    """
+    from omegaconf import Container, OmegaConf
+
+    if isinstance(value, Container):
+        value = OmegaConf.to_container(value, resolve=True)
     if isinstance(value, Mapping):
         return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray):

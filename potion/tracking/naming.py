@@ -25,6 +25,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from potion.config.compose import NON_IDENTITY_KEYS
+from potion.core.io import plain
+
 # --------------------------------------------------------------------------- tags
 
 TASK = "potion.task"
@@ -39,9 +42,9 @@ TRAIN, UNLEARN, SWEEP, CANDIDATE, HEAL = "train", "unlearn", "ptn_sweep", "ptn_c
 
 TRAJECTORY_PREFIX = "ptn_traj_"  # the PTN trajectory series, in process and on a sweep's parent run
 
-# Top-level keys of a training config that say how the command runs, not what it computes: never params (the
-# name is the study, i.e. the experiment).
-NOISE_KEYS = ("logger", "force", "resume", "out_dir", "hydra", "print_table", "name", "run_dir")
+# Top-level keys of a training config that are never params: those outside a run's identity, and the name (the
+# study, i.e. the experiment).
+NOISE_KEYS = (*NON_IDENTITY_KEYS, "name")
 
 # Numeric method diagnostics that are settings (resolved at run time), as the param key they are logged under.
 SETTING_DIAGNOSTICS = {"ptn_threshold": "method.ptn.threshold", "suspect_cutoff": "suspects.cutoff",
@@ -109,7 +112,7 @@ def logger_for(logger_cfg: Mapping[str, Any] | None, study: str) -> dict[str, An
     """The ``logger`` config with its experiment filled in (the study's unless set); None stays None."""
     if logger_cfg is None:
         return None
-    return {**_plain(logger_cfg), "experiment": experiment_name(logger_cfg, study)}
+    return {**plain(logger_cfg), "experiment": experiment_name(logger_cfg, study)}
 
 
 # --------------------------------------------------------------------------- run names
@@ -222,7 +225,7 @@ def grid_extras(overrides: Sequence[str], unnamed: Sequence[str] = UNNAMED_PREFI
 
 def train_params(cfg: Mapping[str, Any], n_p: int | None) -> dict[str, Any]:
     """A training run's params: its config without the bookkeeping keys, plus ``poison.n_p``."""
-    params = {k: v for k, v in _plain(cfg).items() if k not in NOISE_KEYS}
+    params = {k: v for k, v in plain(cfg).items() if k not in NOISE_KEYS}
     params["poison"] = {**(params.get("poison") or {}), "n_p": n_p}
     return params
 
@@ -231,7 +234,7 @@ def unlearn_params(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: in
                    ) -> dict[str, Any]:
     """An unlearning run's params (also a sweep's parent, candidates and final run): the training run's data,
     model and poison, and this run's method, discovery, seed, trainer and suspects settings."""
-    c, t = _plain(cfg), _plain(train_cfg)
+    c, t = plain(cfg), plain(train_cfg)
     params: dict[str, Any] = {
         "dataset": t.get("dataset") or {}, "model": t.get("model") or {},
         "poison": {**(t.get("poison") or {}), "n_p": n_p},
@@ -246,7 +249,7 @@ def unlearn_params(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: in
 
 def heal_params(cfg: Mapping[str, Any], n_f: int, target: int) -> dict[str, Any]:
     """A practitioner's heal run: data set, model, method, discovered count, target class, seed, trainer, suspects."""
-    c = _plain(cfg)
+    c = plain(cfg)
     params: dict[str, Any] = {"dataset": c.get("dataset") or {}, "model": c.get("model") or {},
                               "method": c.get("method") or {}, "discovery": {"n_f": n_f}, "poison": {"target": target},
                               "checkpoint": c.get("checkpoint"), "seed": c.get("seed")}
@@ -372,25 +375,6 @@ def grid_tags(sweep_dir: str | None) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _plain(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A resolved plain dict of a DictConfig or mapping."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf ships with hydra
-        return dict(cfg)
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    return {k: _plain(v) if _is_config(v) else v for k, v in dict(cfg).items()}
-
-
-def _is_config(value: Any) -> bool:
-    try:
-        from omegaconf import DictConfig
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(value, DictConfig)
 
 
 def _get(cfg: Mapping[str, Any], dotted: str) -> Any:

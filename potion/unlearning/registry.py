@@ -77,15 +77,19 @@ def method_names(**capabilities: bool) -> list[str]:
     return sorted(n for n, info in METHODS.items() if all(getattr(info, k) == v for k, v in capabilities.items()))
 
 
+def sync(device: torch.device | None) -> None:
+    """Wait for the device's queued work, so a wall-clock split counts the work and not just its launch."""
+    if device is not None and device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str, Any]) -> tuple[MethodOutput, float]:
     """Run a method and measure its wall-clock seconds (GPU work synchronised before and after)."""
-    import torch
-
-    cuda = getattr(task, "device", None) is not None and task.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
+    device = getattr(task, "device", None)
+    sync(device)
     t0 = time.perf_counter()
     out = method_fn(task, **args)
-    if cuda:
-        torch.cuda.synchronize()
+    sync(device)
     return out, time.perf_counter() - t0

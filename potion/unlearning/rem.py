@@ -66,7 +66,7 @@ from potion.core.errors import ConfigError
 from potion.core.progress import Progress
 from potion.evaluation.backdoor import autocast_for
 from potion.unlearning import training_based as tb
-from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.registry import MethodOutput, register, sync
 from potion.unlearning.task import UnlearnTask
 
 SELECT = ("proxy", "last")
@@ -367,11 +367,6 @@ def retain_accuracy(task: UnlearnTask, model: nn.Module) -> float:
 # --------------------------------------------------------------------------------------- the method
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class REMRun:
     """The objects one REM run trains: the model, its added units, the frozen reference and the masks."""
@@ -478,7 +473,7 @@ def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float 
                      mask_share=mask_share, taps=taps, tap_modules=tap_modules, augment=augment, select=select)
     if task.forget_idx.numel() == 0:
         raise ConfigError("rem: the forget set is empty: nothing to remove")
-    _sync(task.device)
+    sync(task.device)
     t_start = time.perf_counter()
     everything = torch.cat([task.forget_idx, task.retain_idx])
     with tb.seeded(task):
@@ -507,7 +502,7 @@ def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float 
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()
-    _sync(task.device)
+    sync(task.device)
     diagnostics = {
         "epochs": s.epochs, "iterations": steps + flush_steps, "redirect_steps": steps,
         "flush_steps": flush_steps, "flush_passes": sum(flush_passes), "flush_passes_first_epoch": flush_passes[0],

@@ -44,7 +44,7 @@ from potion.core.errors import ConfigError
 from potion.core.progress import Progress
 from potion.core.schedule import total_steps_for, warmup_linear_decay
 from potion.evaluation.backdoor import autocast_for
-from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.registry import MethodOutput, register, sync
 from potion.unlearning.task import UnlearnTask
 
 # Fallbacks when the training run's ``train`` section lacks a key (method.md §2 values).
@@ -121,11 +121,6 @@ def _factory(task: UnlearnTask, method: str) -> Callable[[], nn.Module]:
 # --------------------------------------------------------------------------------------- the shared loop
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextmanager
 def seeded(task: UnlearnTask) -> Iterator[None]:
     """Run under the global torch RNG seeded with ``task.seed``; the caller's RNG state is restored afterwards."""
@@ -177,7 +172,7 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
     recent: dict[str, deque[torch.Tensor]] = defaultdict(lambda: deque(maxlen=_LOSS_WINDOW))
     counts: dict[str, int] = defaultdict(int)
     bar = Progress(what, total_steps)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for kind, loss in islice(losses, total_steps):
         opt.zero_grad(set_to_none=True)
@@ -187,7 +182,7 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
         recent[kind].append(loss.detach())
         counts[kind] += 1
         bar.advance(note=lambda kind=kind: f"{kind} loss {float(recent[kind][-1]):.4f}")
-    _sync(device)
+    sync(device)
     bar.finish()
     seconds = time.perf_counter() - t0
     final = {k: float(torch.stack(list(v)).float().mean()) for k, v in recent.items()}
@@ -203,7 +198,7 @@ def _finish(model: nn.Module) -> nn.Module:
 
 def _output(model: nn.Module, result: LoopResult, sgd: SGDSettings, t_start: float, device: torch.device,
             **extra: Any) -> MethodOutput:
-    _sync(device)
+    sync(device)
     diagnostics: dict[str, Any] = {"iterations": sum(result.steps.values())}
     diagnostics.update({f"{k}_steps": v for k, v in result.steps.items()})
     diagnostics.update({f"final_{k}_loss": v for k, v in result.final_loss.items()})
@@ -330,7 +325,7 @@ def retrain(task: UnlearnTask, *, iterations: int | None, lr: float | None, mome
                               "epochs; set method.iterations")
         iterations = total_steps_for(int(retain.numel()), bs, run_iters, epochs)
     factory = _factory(task, "retrain")
-    _sync(task.device)
+    sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
         model = factory().to(task.device)
@@ -362,7 +357,7 @@ def eu_k(task: UnlearnTask, *, k: int, iterations: int, lr: float | None, moment
                                               weight_decay=weight_decay, nesterov=nesterov, warmup=warmup,
                                               schedule=schedule)
     factory = _factory(task, "eu_k")
-    _sync(task.device)
+    sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
         model = copy.deepcopy(task.model)
@@ -388,7 +383,7 @@ def finetune(task: UnlearnTask, *, k: int, iterations: int, lr: float | None, mo
     sgd, bs, smoothing = _last_layer_settings(task, batch_size, label_smoothing, lr=lr, momentum=momentum,
                                               weight_decay=weight_decay, nesterov=nesterov, warmup=warmup,
                                               schedule=schedule)
-    _sync(task.device)
+    sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
         model = copy.deepcopy(task.model)
@@ -415,7 +410,7 @@ def scrub(task: UnlearnTask, *, alpha: float, gamma: float, temperature: float, 
     bs = batch_size_for(task, batch_size)
     fbs = bs if forget_batch_size is None else forget_batch_size
     every = max(1, iterations // max_steps) if max_steps else 0
-    _sync(task.device)
+    sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
         teacher = task.model.eval()
@@ -466,7 +461,7 @@ def bad_teacher(task: UnlearnTask, *, iterations: int, lr: float, temperature: f
     sgd = sgd_settings(task, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                        warmup=warmup, schedule=schedule)
     factory = _factory(task, "bad_teacher")
-    _sync(task.device)
+    sync(task.device)
     t_start = time.perf_counter()
     with seeded(task):
         competent = task.model.eval()
