@@ -72,12 +72,17 @@ def test_train_option_composes_and_validates(group: str, option: str) -> None:
     cfg = _compose("train", _train_overrides(group, option))
     own = OmegaConf.load(CONF / group / f"{option}.yaml")
     if group == "experiment":
-        assert cfg.name == own.name
-        for entry in own.get("defaults", []):  # e.g. {"override /dataset": "cifar10_jpg"}
+        assert cfg.name == own.get("name", cfg.name)
+        defaults = own.get("defaults", [])
+        parent = any(isinstance(entry, str) for entry in defaults)  # e.g. "study_cpu": it extends that experiment
+        for entry in (e for e in defaults if not isinstance(e, str)):  # e.g. {"override /dataset": "cifar10_jpg"}
             for key, value in entry.items():
                 target = key.split("/")[-1]
                 chosen = OmegaConf.merge(OmegaConf.load(CONF / target / f"{value}.yaml"), own.get(target, {}))
-                assert _raw(cfg[target]) == _raw(chosen), key
+                if parent:  # the parent's values sit between the option's file and its own: its own must hold
+                    assert _raw(OmegaConf.merge(cfg[target], own.get(target, {}))) == _raw(cfg[target]), key
+                else:
+                    assert _raw(cfg[target]) == _raw(chosen), key
     else:
         expected = _raw(own)
         if group == "dataset" and option in NEEDS_PATH:
