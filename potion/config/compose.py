@@ -109,19 +109,6 @@ def check_field(schema: type, name: str, value: Any, path: str) -> None:
     check_value(spec.type, value, path, spec.meta.get("range", {}))
 
 
-def number(cfg: Mapping[str, Any], key: str, path: str, *, lo: float | None = None, hi: float | None = None,
-           lo_open: bool = False, hi_open: bool = False, integer: bool = False, allow_none: bool = False) -> Any:
-    """``cfg[key]`` checked by the schema's rules as one number (for values computed at run time)."""
-    value = cfg.get(key)
-    if value is None:
-        if not allow_none:
-            raise ConfigError(f"{path}: required (got null)")
-        return None
-    bounds = {"gt" if lo_open else "ge": lo, "lt" if hi_open else "le": hi}
-    check_value(int if integer else float, value, path, {k: v for k, v in bounds.items() if v is not None})
-    return value
-
-
 def check_node(schema: type, value: Any, path: str) -> None:
     """Check a mapping against a schema class: known keys, required keys, each value, then the relations."""
     if not isinstance(value, Mapping):

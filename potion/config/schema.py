@@ -508,6 +508,11 @@ class REM(Method):
     augment: bool = True
     select: Literal["proxy", "last"] = "proxy"
 
+    @staticmethod
+    def relations(d: Mapping[str, Any]) -> Iterator[str]:
+        if d.get("tap_modules") == []:
+            yield "method.tap_modules=[]: name at least one module, or null for the stage outputs"
+
 
 Method.VARIANTS.update(
     none=NoMethod, ssd=SSD, potion=Potion, assd=PTNMethod, lfssd=PTNMethod, potion_iterative=PotionIterative,
@@ -563,6 +568,14 @@ class UnlearnConfig:
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
         if _unset(d.get("train_run")) and not d.get("train"):
             yield f"train_run: required; {TRAIN_RUN_HELP}"
+
+
+@dataclass(kw_only=True)
+class SweeperConfig:
+    """hydra/sweeper=ptn (hydra_plugins/potion_ptn): candidate steps launched per round, and per job."""
+
+    batch_size: int = num(ge=1)
+    steps_per_job: int | None = num(ge=1)  # null: a whole round per job
 
 
 # The registry's heal_ok methods (``@register(..., heal_ok=True)``: nothing but the model and the data needed),

@@ -34,7 +34,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from potion.config.compose import identity_hash, to_dict
+from potion.config.compose import check_node, identity_hash, to_dict
+from potion.config.schema import SweeperConfig
 from potion.core.errors import ConfigError
 from potion.core.io import atomic_write_json, read_json
 from potion.pipelines.lifecycle import complete_sweep_parent, write_rows_csv
@@ -87,14 +88,8 @@ class SweepSettings:
 
 
 def check_sizes(batch_size: Any, steps_per_job: Any) -> int:
-    """Check ``hydra.sweeper.batch_size`` / ``steps_per_job``; the steps per job (null: the whole round)."""
-    for key, value in (("batch_size", batch_size), ("steps_per_job", steps_per_job)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConfigError(f"hydra.sweeper.{key}={value}: must be a positive integer"
-                              + (" (candidate steps launched per round)" if key == "batch_size"
-                                 else " or null (a whole round per job)"))
-    if batch_size is None:
-        raise ConfigError("hydra.sweeper.batch_size=null: must be a positive integer")
+    """``hydra.sweeper.batch_size`` / ``steps_per_job`` checked by the schema; the steps per job (null: a round)."""
+    check_node(SweeperConfig, {"batch_size": batch_size, "steps_per_job": steps_per_job}, "hydra.sweeper")
     return int(steps_per_job or batch_size)
 
 

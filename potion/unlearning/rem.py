@@ -61,16 +61,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from potion.config.compose import number
 from potion.core.errors import ConfigError
 from potion.core.progress import Progress
 from potion.evaluation.backdoor import autocast_for
 from potion.unlearning import training_based as tb
 from potion.unlearning.registry import MethodOutput, register, sync
 from potion.unlearning.task import UnlearnTask
-
-SELECT = ("proxy", "last")
-
 
 # --------------------------------------------------------------------------------------- settings
 
@@ -95,41 +91,11 @@ class REMSettings:
     select: str
 
 
-def _num(value: Any, path: str, **bounds: Any) -> Any:
-    return number({"v": value}, "v", path, **bounds)
-
-
-def _tap_names(value: Any) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value \
-            or not all(isinstance(v, str) and v for v in value):
-        raise ConfigError(f"method.tap_modules={value!r}: must be a non-empty list of module names or null")
-    return tuple(value)
-
-
 def rem_settings(task: UnlearnTask, **args: Any) -> REMSettings:
-    """Check every argument (one ConfigError line each); batch_size null = the training run's."""
-    if not isinstance(args["augment"], bool):
-        raise ConfigError(f"method.augment={args['augment']!r}: must be true or false")
-    if args["select"] not in SELECT:
-        raise ConfigError(f"method.select={args['select']!r}: choose one of {list(SELECT)}")
-    return REMSettings(
-        epochs=int(_num(args["epochs"], "method.epochs", lo=1, integer=True)),
-        lr=float(_num(args["lr"], "method.lr", lo=0, lo_open=True)),
-        momentum=float(_num(args["momentum"], "method.momentum", lo=0, hi=1, hi_open=True)),
-        weight_decay=float(_num(args["weight_decay"], "method.weight_decay", lo=0)),
-        batch_size=tb.batch_size_for(task, args["batch_size"]),
-        beta=float(_num(args["beta"], "method.beta", lo=0, lo_open=True)),
-        threshold=float(_num(args["threshold"], "method.threshold", lo=0, hi=1)),
-        max_flush=int(_num(args["max_flush"], "method.max_flush", lo=0, integer=True)),
-        width=float(_num(args["width"], "method.width", lo=0, lo_open=True)),
-        mask_share=float(_num(args["mask_share"], "method.mask_share", lo=0, lo_open=True, hi=1)),
-        taps=int(_num(args["taps"], "method.taps", lo=1, integer=True)),
-        tap_modules=_tap_names(args["tap_modules"]),
-        augment=args["augment"],
-        select=str(args["select"]),
-    )
+    """The arguments as one object (the schema's REM class checked them); batch_size null = the training run's."""
+    names = args["tap_modules"]
+    return REMSettings(**{**args, "batch_size": tb.batch_size_for(task, args["batch_size"]),
+                          "tap_modules": None if names is None else tuple(names)})
 
 
 # --------------------------------------------------------------------------------------- taps
