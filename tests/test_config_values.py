@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from potion.config.compose import check_command_line, check_creatable_dir, method_arguments
-from potion.config.schema import Method
+from potion.config.compose import check_command_line, check_creatable_dir, method_arguments, variant_of
+from potion.config.schema import Method, heal_methods
 from potion.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +139,7 @@ HEAL_CASES = [
     ([], "checkpoint: required; your model's weights"),
     (["checkpoint=model.pt", "dataset.path=data"], "discovered: required; a text file with one discovered"),
     ([*HEAL, "method=retrain"],
-     "method=retrain: heal runs one of ['potion', 'assd', 'lfssd', 'ssd', 'potion_iterative']"),
+     "method=retrain: heal runs one of ['assd', 'lfssd', 'potion', 'potion_iterative', 'ssd']"),
     ([*HEAL, "trigger={kind: star}"], "trigger.kind='star': must be one of ['patch', 'blend',"),
     ([*HEAL, "eval_batch_size=0"], "eval_batch_size=0: must be an integer >= 1"),
     ([*HEAL, "model=resnet9", "model.width=0"], "model.width=0: must be a finite number > 0"),
@@ -184,30 +184,30 @@ def test_the_out_dir_probe_leaves_nothing_behind(tmp_path: Path) -> None:
 
 
 def test_every_registered_method_has_a_schema_of_its_arguments() -> None:
-    """The schema and the registry agree: a method's schema fields are exactly its keyword arguments, and its
-    defaults live in the YAML and the schema only (a default in the signature would be a second copy)."""
+    """A method's schema (its class in the schema, else one made from its signature) has exactly its keyword
+    arguments, and its defaults live in the YAML and the schema only (a default in the signature would be a second
+    copy)."""
     from potion.unlearning.methods import METHODS
 
-    assert set(Method.VARIANTS) == set(METHODS)
     for name, info in METHODS.items():
         params = dict(inspect.signature(info.fn).parameters)
         params.pop("task")
-        fields = set(inspect.signature(Method.VARIANTS[name]).parameters) - {"name"}
+        fields = set(inspect.signature(variant_of(Method, {"name": name})).parameters) - {"name"}
         assert fields == set(params), name
         if name != "rem":  # potion/unlearning/rem.py: its author's to convert
             assert [p for p, v in params.items() if v.default is not inspect.Parameter.empty] == [], name
 
 
-def test_the_torch_free_checks_ask_what_the_registry_says() -> None:
-    """heal's method check (before torch) and the PTN sweeper name the methods the registry marks heal_ok / ptn."""
-    from potion.config.schema import HEAL_METHODS
-    from potion.sweep.driver import PTN_METHODS
+@pytest.mark.parametrize("capability", ["ptn", "heal_ok", "changes_model", "dampens", "iterative", "trains"])
+def test_the_torch_free_checks_read_what_the_registry_holds(capability: str) -> None:
+    """heal's method check and the PTN sweeper read the ``@register`` lines (no torch); importing the methods
+    registers the same names with the same capabilities."""
     from potion.unlearning.methods import method_names
+    from potion.unlearning.registry import declared_names
 
-    assert sorted(HEAL_METHODS) == method_names(heal_ok=True) == ["assd", "lfssd", "potion", "potion_iterative", "ssd"]
-    assert sorted(PTN_METHODS) == method_names(ptn=True)
-    assert method_names(changes_model=False) == ["none"]
-    assert set(method_names(dampens=True)) == set(HEAL_METHODS) - {"potion_iterative"}  # it also repairs
+    assert declared_names(**{capability: True}) == method_names(**{capability: True})
+    assert declared_names(**{capability: False}) == method_names(**{capability: False})
+    assert heal_methods() == method_names(heal_ok=True) == ["assd", "lfssd", "potion", "potion_iterative", "ssd"]
 
 
 def test_every_registered_model_has_a_schema_and_is_checked_by_it() -> None:

@@ -8,6 +8,8 @@ turns Hydra's own composition errors (unknown option, unknown key, unparsable ov
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
 import math
 import os
@@ -22,7 +24,8 @@ from typing import Any, Literal, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from potion.config.schema import ROOTS, Method, Named
+from potion.config.schema import ROOTS, Method, Named, num, text
+from potion.core.declared import declared
 from potion.core.errors import ConfigError
 from potion.core.io import sha256_json
 
@@ -88,7 +91,7 @@ def method_arguments(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The registered method's keyword arguments: the config's values, the schema's for optional keys not given
     (in nested blocks too: ``synthesis.additive`` of a config written before the key existed)."""
     d = to_dict(method_cfg)
-    args = _with_defaults(Method.variant(d.get("name")) or Method, d)
+    args = _with_defaults(variant_of(Method, d) or Method, d)
     args.pop("name", None)
     return args
 
@@ -171,14 +174,60 @@ def _fields(schema: type) -> dict[str, _Spec]:
 
 
 def _variant(schema: type, value: Mapping[str, Any], path: str) -> type:
-    """A group with differently shaped options (model, method): the class registered for ``name``."""
-    if not (isinstance(schema, type) and issubclass(schema, Named)) or not schema.VARIANTS:
+    """A group with differently shaped options (model, method, trigger): the class of the chosen one."""
+    if not (isinstance(schema, type) and issubclass(schema, Named)) or not (schema.VARIANTS or schema.DECLARED):
         return schema
-    chosen = schema.variant(value.get("name"))
+    chosen = variant_of(schema, value)
     if chosen is None:
-        raise ConfigError(f"{path}.name={value.get('name')}: unknown {path}; choose one of "
-                          f"{sorted(schema.VARIANTS)}{schema.HINT}")
+        names = sorted({*schema.VARIANTS, *(declared(*schema.DECLARED) if schema.DECLARED else ())})
+        raise ConfigError(f"{_key(path, schema.KEY)}={value.get(schema.KEY)}: unknown {path}; choose one of "
+                          f"{names}{schema.HINT}")
     return chosen
+
+
+def variant_of(schema: type[Named], value: Mapping[str, Any]) -> type | None:
+    """The class of a group's chosen option: the schema's own, else one made from the option's declaration."""
+    name = value.get(schema.KEY)
+    chosen = schema.variant(name)
+    if chosen is None and schema.DECLARED and isinstance(name, str):
+        item = declared(*schema.DECLARED).get(name)
+        if item is not None:
+            chosen = declared_class(schema, item.name, item.fields)
+    return chosen
+
+
+@cache
+def declared_class(base: type, name: str, fields: tuple[tuple[str, str, str | None], ...]) -> type:
+    """A schema class for a declared option: its fields typed by their annotations (Any where the checker has no
+    such type), required unless they have a default; a default written ``num(...)`` carries its range."""
+    specs = []
+    for key, annotation, default in fields:
+        try:
+            tp = eval(annotation, {"__builtins__": {}}, _TYPES)  # noqa: S307 - the package's own annotations
+            _matching(tp, object())  # raises for a type the checker does not know
+        except (NameError, SyntaxError, TypeError):  # the key is still checked, its value is not
+            tp = Any
+        specs.append((key, tp, _default(default)))
+    return dataclasses.make_dataclass(name, specs, bases=(base,), kw_only=True)
+
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict, "Any": Any,
+          "Literal": Literal, "None": None, "Sequence": list}
+
+
+def _default(source: str | None) -> Any:
+    """A dataclass field for a declared default: ``num(...)`` / ``text(...)`` as the schema's, else a literal."""
+    if source is None:
+        return dataclasses.field()
+    node = ast.parse(source, mode="eval").body
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("num", "text"):
+        make = num if node.func.id == "num" else text  # type: ignore[attr-defined]
+        return make(*(ast.literal_eval(a) for a in node.args), **{k.arg: ast.literal_eval(k.value)
+                                                                   for k in node.keywords if k.arg})
+    value = ast.literal_eval(node)
+    if isinstance(value, list | dict):
+        return dataclasses.field(default_factory=lambda: copy.deepcopy(value))
+    return dataclasses.field(default=value)
 
 
 def _relations(schema: type, value: Mapping[str, Any]) -> Iterator[str]:

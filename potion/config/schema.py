@@ -14,8 +14,9 @@ How to read a class:
   a list.
 * ``relations`` (optional) checks what involves more than one value and yields one message per problem.
 * ``OPEN = True`` lets a class hold keys it does not list (loosely typed, checked by their owner).
-* Groups whose options are different shapes (``model``, ``method``) derive from :class:`Named` and pick their
-  class by ``name`` from ``VARIANTS``.
+* Groups whose options are different shapes (``model``, ``method``, ``poison.trigger``) derive from :class:`Named`
+  and pick their class by ``name`` (``kind``) from ``VARIANTS``, else from what the modules of ``DECLARED`` declare
+  (:mod:`potion.core.declared`: a method's parameters, a trigger kind's fields), read without importing them.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from dataclasses import MISSING, dataclass, field
 from typing import Any, ClassVar, Literal, get_args
+
+from potion.core.declared import declared
 
 
 def num(default: Any = MISSING, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -78,6 +81,8 @@ class Named:
 
     VARIANTS: ClassVar[dict[str, type]] = {}  # each group sets its own
     HINT: ClassVar[str] = ""  # what else ``name`` accepts, for the error message
+    KEY: ClassVar[str] = "name"  # the key that picks the class
+    DECLARED: ClassVar[tuple[str, str] | None] = None  # (package, decorator) declaring the other options
     name: str
 
     @classmethod
@@ -356,14 +361,13 @@ class Repair:
 
 @dataclass(kw_only=True)
 class Method(Named):
-    """conf/method: a registered method's name and its arguments; the class is picked by ``method.name``."""
+    """conf/method: a registered method's name and its arguments; the class is picked by ``method.name``.
+
+    A method with a class here gets its ranges checked; any other gets its keys and types from its signature.
+    """
 
     VARIANTS: ClassVar[dict[str, type]] = {}
-
-
-@dataclass(kw_only=True)
-class NoMethod(Method):
-    pass
+    DECLARED: ClassVar[tuple[str, str] | None] = ("potion.unlearning", "register")
 
 
 @dataclass(kw_only=True)
@@ -515,7 +519,7 @@ class REM(Method):
 
 
 Method.VARIANTS.update(
-    none=NoMethod, ssd=SSD, potion=Potion, assd=PTNMethod, lfssd=PTNMethod, potion_iterative=PotionIterative,
+    ssd=SSD, potion=Potion, assd=PTNMethod, lfssd=PTNMethod, potion_iterative=PotionIterative,
     discover_retrain=DiscoverRetrain, retrain=Retrain, eu_k=EUk, finetune=Finetune, scrub=Scrub,
     bad_teacher=BadTeacher, rem=REM)
 
@@ -578,12 +582,6 @@ class SweeperConfig:
     steps_per_job: int | None = num(ge=1)  # null: a whole round per job
 
 
-# The registry's heal_ok methods (``@register(..., heal_ok=True)``: nothing but the model and the data needed),
-# named here too because heal's values are checked before torch (and so the method modules) is imported; a test
-# keeps the two equal.
-HEAL_METHODS = ("potion", "assd", "lfssd", "ssd", "potion_iterative")
-
-
 @dataclass(kw_only=True)
 class HealConfig:
     """conf/heal.yaml: heal a model trained anywhere with a list of discovered files."""
@@ -608,9 +606,14 @@ class HealConfig:
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
         name = d["method"]["name"]
-        if name not in HEAL_METHODS:
-            yield (f"method={name}: heal runs one of {list(HEAL_METHODS)} (training-based baselines need the "
+        if name not in (heal := heal_methods()):
+            yield (f"method={name}: heal runs one of {heal} (training-based baselines need the "
                    "original training recipe; use unlearn.py for those)")
+
+
+def heal_methods() -> list[str]:
+    """The methods declared ``heal_ok`` (``@register(..., heal_ok=True)``: the model and the data are enough)."""
+    return sorted(n for n, d in declared(*Method.DECLARED).items() if d.options.get("heal_ok"))
 
 
 ROOTS: dict[str, type] = {"train": TrainConfig, "unlearn": UnlearnConfig, "heal": HealConfig}

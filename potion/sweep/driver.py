@@ -55,13 +55,13 @@ from potion.tracking.runs import (
 from potion.tracking.tracker import RecordingTracker, Tracker, start_tracker
 from potion.tracking.uris import logger_settings
 from potion.unlearning.ptn_candidates import Candidate, first_qualifying
+from potion.unlearning.registry import declared_names
 
 log = logging.getLogger(__name__)
 
 JOB_KEY = "ptn_job"  # config node the sweeper adds to its jobs: {role, steps, parent_run_id, run_id}
 PREPARE, CANDIDATE, FINAL = "prepare", "candidate", "final"
 ROLES = (PREPARE, CANDIDATE, FINAL)
-PTN_METHODS = ("potion", "assd", "lfssd")  # one PTN search over one importance pair: what the sweeper splits
 SWEEPER_KEYS = ("method.ptn.fixed_step", JOB_KEY)  # set by the sweeper per job, never by the user
 TRACKING_KEY = "ptn_tracking"  # in a final job's return value: its recorded tracking calls and final status
 TRAIN_INFO = "train_run"  # in the prepare job's return value: the training run's config, MLflow id, hash, folder
@@ -148,9 +148,10 @@ def job_role(cfg: DictConfig) -> str | None:
 def check_ptn_config(cfg: DictConfig) -> None:
     """The configured method must be one PTN search (no fixed step) using the importance cache the jobs share."""
     name = str(cfg.method.get("name"))
-    if name not in PTN_METHODS or cfg.method.get("ptn") is None:
+    ptn_methods = declared_names(ptn=True)  # one PTN search over one importance pair: what the sweeper splits
+    if name not in ptn_methods or cfg.method.get("ptn") is None:
         raise ConfigError(f"method={name}: the ptn sweeper runs the single PTN search of "
-                          f"{', '.join(PTN_METHODS)} (use unlearn.py for other methods)")
+                          f"{', '.join(ptn_methods)} (use unlearn.py for other methods)")
     if cfg.method.ptn.get("fixed_step") is not None:
         raise ConfigError("method.ptn.fixed_step is what the ptn sweeper searches over; drop it")
     imp = cfg.method.get("importance")

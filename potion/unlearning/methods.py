@@ -1,13 +1,18 @@
 """Every built-in method, registered: import names from here to look methods up.
 
-The method modules' ``@register`` decorators fill :mod:`potion.unlearning.registry` when they are imported;
-importing this module imports them all, so ``get_method("potion")`` finds it. A new method module is added
-to the import line below.
+Importing this module imports every module of :mod:`potion.unlearning` that declares a method
+(``@register(...)``, found by :func:`potion.core.declared.declared`), so their decorators fill the registry:
+a new method module needs no line here.
 """
 
 from __future__ import annotations
 
-from potion.unlearning import iterative, rem, ssd_family, training_based  # noqa: F401  (their decorators register)
+from importlib import import_module
+
+from potion.core.declared import declared
 from potion.unlearning.registry import METHODS, get_method, method_info, method_names
+
+for _module in sorted({item.module for item in declared("potion.unlearning", "register").values()}):
+    import_module(_module)
 
 __all__ = ["METHODS", "get_method", "method_info", "method_names"]

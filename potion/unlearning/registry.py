@@ -3,16 +3,18 @@
 A method is a function ``(task, **args) -> MethodOutput`` whose keyword arguments are its schema class's fields
 (:mod:`potion.config.schema`; a test checks that they agree). Callers ask the registry what a method can do
 instead of keeping lists of names. This module is the bottom of the method layer (no method module, no torch):
-import :mod:`potion.unlearning.methods` to have every built-in method registered.
+import :mod:`potion.unlearning.methods` to have every built-in method registered, or ask
+:func:`declared_names` (read from the modules' source) where torch must not be imported.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+from potion.core.declared import declared
 from potion.core.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -83,6 +85,13 @@ def sync(device: torch.device | None) -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+def declared_names(**capabilities: bool) -> list[str]:
+    """:func:`method_names` without importing a method module (no torch): read from the ``@register`` lines."""
+    info = {f.name: f.default for f in fields(MethodInfo) if f.name not in ("name", "fn")}
+    return sorted(n for n, d in declared("potion.unlearning", "register").items()
+                  if all({**info, **d.options}[k] == v for k, v in capabilities.items()))
 
 
 def run_timed(method_fn: Callable[..., MethodOutput], task: Any, args: dict[str, Any]) -> tuple[MethodOutput, float]:
