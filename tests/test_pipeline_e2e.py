@@ -312,6 +312,29 @@ def test_one_discovered_sample_reveals_the_trigger_pixels(tiny: TinyRun) -> None
     assert single_sample_mask(view, noise, sig.row, sig.col, retain, run.plan.target) is None
 
 
+def test_a_repair_that_teaches_the_backdoor_back_is_rejected(tiny: TinyRun, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repair after which more discovered samples carry their given (poisoned) label again is not kept: the
+    model before repair is returned, and the summary says so."""
+    import copy
+
+    import potion.unlearning.iterative as iterative
+
+    kept: dict = {}
+
+    def reviving_repair(task, forget, original, healed, **kw):  # noqa: ANN001, ANN003, ANN202
+        kept["healed"] = copy.deepcopy(healed)
+        return copy.deepcopy(original), {"repair_seconds": 0.0}  # the backdoor entirely back
+
+    monkeypatch.setattr(iterative, "repair_model", reviving_repair)
+    s = unlearn(tiny, tmp_path / "r", "method=potion_iterative", "method.rounds=1", "discovery.share=0.25",
+                "method.repair.iterations=5", "suspects.enabled=false")
+    assert s["repair_rejected"] == 1.0 and "repair rejected" in s["iteration_note"]
+    assert s["repair_forget_acc_after"] > s["repair_forget_acc_before"]
+    saved = load_tensors(tmp_path / "r" / "model.safetensors")
+    assert all(torch.equal(saved[k], v) for k, v in kept["healed"].state_dict().items())
+
+
 def test_iterative_repair_fine_tunes_without_any_found_poison(tiny: TinyRun, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Repair trains only on samples outside the final forget set and never regrows a dampened weight."""
