@@ -32,6 +32,7 @@ study-cpu: $(STAMP)
 
 study-report: $(STAMP)
 	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --out benchmarks/study/cpu_tier/report
+	$(PY) benchmarks/study_page.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
