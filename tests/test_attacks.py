@@ -16,7 +16,7 @@ from potion.data.adversarial import pgd_away
 from potion.data.augment import Normalizer
 from potion.data.poison import PoisonPlan, Trigger, TriggerSpec, make_poison_plan
 from potion.data.triggers import KINDS
-from potion.data.triggers.additive import RGB_TO_YUV, dct_matrix
+from potion.data.triggers.ftrojan import RGB_TO_YUV, dct_matrix
 from potion.evaluation import metrics
 from potion.unlearning.attack import infer_attack
 from potion.unlearning.ssd_family import grouped_forget_acc, potion_loss, ptn_criterion

@@ -1,5 +1,5 @@
-"""A trigger's size-free amounts are checked with the config: ``poison=label_consistent poison.trigger.eps=-1`` fails
-before any data is read or the surrogate model trained (it was refused only after 66 s of surrogate training)."""
+"""A trigger's settings are checked with the config, by the types and ranges its kind's module declares:
+``poison=label_consistent poison.trigger.eps=-1`` fails before any data is read or the surrogate model trained."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from potion.core.errors import ConfigError
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["poison=label_consistent", "poison.trigger.eps=-1"], r"poison.trigger.eps=-1: must be in \(0, 255\]"),
+    (["poison=label_consistent", "poison.trigger.eps=-1"], r"poison.trigger.eps=-1: must be a finite number > 0"),
     (["poison=label_consistent", "poison.trigger.eps=0"], r"poison.trigger.eps=0"),
     (["poison=label_consistent", "poison.trigger.amplitude=300"], r"poison.trigger.amplitude=300"),
-    (["poison=label_consistent", "poison.trigger.pgd_steps=-2"], r"poison.trigger.pgd_steps=-2: must be >= 0"),
-    (["poison=blend", "poison.trigger.alpha=1.5"], r"poison.trigger.alpha=1.5: must be in \(0, 1\]"),
+    (["poison=label_consistent", "poison.trigger.pgd_steps=-2"], r"pgd_steps=-2: must be an integer >= 0"),
+    (["poison=blend", "poison.trigger.alpha=1.5"], r"poison.trigger.alpha=1.5: must be a finite number > 0 and <= 1"),
     (["poison=sig", "poison.trigger.delta=-3"], r"poison.trigger.delta=-3"),
     (["poison=ftrojan", "poison.trigger.magnitude=0"], r"poison.trigger.magnitude=0"),
 ])

@@ -60,7 +60,8 @@ TRAIN_CASES = [
     (["poison.count=0", "poison.fraction=null"], "poison.count=0: must be >= 1"),
     (["poison.target=-1"], "poison.target=-1: must be an integer >= 0"),
     (["poison.mapping=some_to_one"], "poison.mapping='some_to_one': must be one of ['all_to_one', 'all_to_all']"),
-    (["poison.trigger.kind=checkerboard"], "poison.trigger.kind='checkerboard': must be one of ['patch', 'blend',"),
+    (["poison.trigger.kind=checkerboard"], "poison.trigger.kind=checkerboard: unknown poison.trigger; choose one of"),
+    (["poison=blend", "+poison.trigger.size=3"], "poison.trigger.size: unknown key; valid keys: kind, alpha"),
     (["poison.exclude_target=1"], "poison.exclude_target=1: must be true or false"),
     (["trainer=nosuch"], "trainer=nosuch: no such option in group 'trainer'; choose one of cpu, ddp, gpu"),
     (["trainer.devices=abc"], "trainer.devices='abc': give a device count >= 1, -1 (all devices) or auto"),
@@ -140,7 +141,7 @@ HEAL_CASES = [
     (["checkpoint=model.pt", "dataset.path=data"], "discovered: required; a text file with one discovered"),
     ([*HEAL, "method=retrain"],
      "method=retrain: heal runs one of ['assd', 'lfssd', 'potion', 'potion_iterative', 'ssd']"),
-    ([*HEAL, "trigger={kind: star}"], "trigger.kind='star': must be one of ['patch', 'blend',"),
+    ([*HEAL, "trigger={kind: star}"], "trigger.kind=star: unknown trigger; choose one of ['blend', 'ftrojan',"),
     ([*HEAL, "eval_batch_size=0"], "eval_batch_size=0: must be an integer >= 1"),
     ([*HEAL, "model=resnet9", "model.width=0"], "model.width=0: must be a finite number > 0"),
 ]

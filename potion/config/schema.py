@@ -83,7 +83,6 @@ class Named:
     HINT: ClassVar[str] = ""  # what else ``name`` accepts, for the error message
     KEY: ClassVar[str] = "name"  # the key that picks the class
     DECLARED: ClassVar[tuple[str, str] | None] = None  # (package, decorator) declaring the other options
-    name: str
 
     @classmethod
     def variant(cls, name: Any) -> type | None:
@@ -97,6 +96,7 @@ class Model(Named):
 
     VARIANTS: ClassVar[dict[str, type]] = {}
     HINT: ClassVar[str] = " or torchvision:<name>"
+    name: str
 
     @classmethod
     def variant(cls, name: Any) -> type | None:
@@ -137,41 +137,14 @@ class TorchvisionModel(Model):
 
 Model.VARIANTS.update(resnet9=ResNet9, small_cnn=SmallCNN, wrn=WideResNet, wrn28x10=WideResNet)
 
-TriggerKind = Literal["patch", "blend", "sig", "wanet", "ftrojan", "label_consistent", "none"]
-TRIGGER_KINDS: tuple[str, ...] = get_args(TriggerKind)
-
-
-# A kind's amounts that do not depend on the image size, each in (0, most]: checked with the config, before any
-# data is read or the label-consistent attack's surrogate model is trained (the size-dependent ones, and these
-# again, are checked where the trigger is built: potion.data.poison.validate_trigger).
-TRIGGER_AMOUNTS: dict[str, dict[str, float]] = {
-    "blend": {"alpha": 1.0}, "sig": {"delta": 255.0}, "ftrojan": {"magnitude": 255.0 * 8},
-    "label_consistent": {"amplitude": 255.0, "eps": 255.0, "pgd_step": 255.0},
-}
-TRIGGER_COUNTS = {"pgd_steps", "noise_ratio"}  # >= 0 wherever given
-
-
 @dataclass(kw_only=True)
-class TriggerConfig:
-    """poison.trigger: the kind and its size-free amounts are checked here; the rest where the trigger is built."""
+class TriggerConfig(Named):
+    """poison.trigger: the class is picked by ``kind`` from the kinds potion/data/triggers/<kind>.py declare
+    (their settings, defaults and size-free ranges); the rules that need the image size run where it is known."""
 
-    OPEN: ClassVar[bool] = True
-    kind: TriggerKind
-
-    @staticmethod
-    def relations(d: Mapping[str, Any]) -> Iterator[str]:
-        for key, most in TRIGGER_AMOUNTS.get(str(d.get("kind")), {}).items():
-            value = d.get(key)
-            if value is not None and not (_is_number(value) and 0 < value <= most):
-                yield f"poison.trigger.{key}={value!r}: must be in (0, {most:g}]"
-        for key in TRIGGER_COUNTS & set(d):
-            value = d[key]
-            if value is not None and not (_is_number(value) and value >= 0):
-                yield f"poison.trigger.{key}={value!r}: must be >= 0"
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    KEY: ClassVar[str] = "kind"
+    DECLARED: ClassVar[tuple[str, str] | None] = ("potion.data.triggers", "trigger_kind")
+    kind: str
 
 
 @dataclass(kw_only=True)
@@ -368,6 +341,7 @@ class Method(Named):
 
     VARIANTS: ClassVar[dict[str, type]] = {}
     DECLARED: ClassVar[tuple[str, str] | None] = ("potion.unlearning", "register")
+    name: str
 
 
 @dataclass(kw_only=True)

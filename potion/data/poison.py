@@ -2,8 +2,8 @@
 
 One function, :meth:`Trigger.apply`, pastes the trigger for training, forget sets and evaluation, on
 normalised image batches (after augmentation and normalisation, so a patch's position is fixed). The
-trigger families live one per module in ``potion/data/triggers`` (registry: ``KINDS``); this module
-turns a config into a validated :class:`TriggerSpec` and a :class:`PoisonPlan`.
+trigger kinds live one per module in ``potion/data/triggers`` (registry: ``KINDS``); this module
+turns a config into a :class:`TriggerSpec`, checks it against an image size, and draws a :class:`PoisonPlan`.
 
 How many samples are poisoned: ``poison.count``, or ``poison.fraction`` of the WHOLE training set, for
 every attack. Clean-label attacks (sig, label_consistent) draw them from the target class only (they
@@ -12,105 +12,74 @@ keep their label), so the count cannot exceed the target class's size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 
+from potion.config.compose import check_node
 from potion.core.errors import ConfigError
-from potion.data.triggers import KINDS, build_trigger, kind_of
-from potion.data.triggers.additive import ftrojan_block_size
-from potion.data.triggers.weighted import patch_origin as _origin
+from potion.core.io import plain
+from potion.data.triggers import KINDS, TriggerFields, kind_of
+from potion.data.triggers.patch import patch_origin as _origin
 
-CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
-TRIGGER_KINDS = tuple(KINDS)
-
-# the fields every plan file has carried since the first release; the others are written only for their kind
+# The fields every plan file has carried since the first release (the patch's and the blend's): written for every
+# kind, at their defaults where the kind has no such setting, so that a plan's bytes (and the keys made from them)
+# stay as they were; read back, they are dropped for a kind that does not declare them.
 BASE_FIELDS = ("kind", "size", "position", "offset", "value", "color", "alpha", "pattern_seed")
-KIND_FIELDS = {
-    "sig": ("delta", "frequency"),
-    "wanet": ("grid_size", "strength", "warp_seed", "noise_ratio"),
-    "ftrojan": ("magnitude", "frequencies", "block"),
-    "label_consistent": ("amplitude", "eps", "pgd_steps", "pgd_step"),
-}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class TriggerSpec:
-    """What the trigger looks like; resolved against a data set's shape and normalisation by :class:`Trigger`.
+    """What the trigger looks like: its kind and the kind's settings (``TriggerSpec(kind="sig", delta=10)``; the
+    settings, their defaults and ranges are declared in the kind's module, potion/data/triggers/<kind>.py).
 
-    Pixel amounts of the image-wide kinds (``delta``, ``magnitude``, ``amplitude``, ``eps``, ``pgd_step``)
-    are on the 0-255 scale, as the papers give them.
+    Settings read as attributes (``spec.delta``); resolved against a data set's shape by :class:`Trigger`. Pixel
+    amounts of the image-wide kinds are on the 0-255 scale, as the papers give them.
     """
 
-    kind: str = "patch"
-    size: int = 3  # patch side (patch), corner checkerboard side (label_consistent)
-    position: str = "bottom_right"
-    offset: tuple[int, int] | None = None  # explicit (row, col) of the patch's top-left pixel
-    value: float | None = None  # normalised value for every channel; None = the data set's max normalised value
-    color: tuple[float, ...] | None = None  # pixel-space colour in [0, 1] (one value or one per channel)
-    alpha: float = 0.1  # blend weight
-    pattern_seed: int = 0  # blend pattern
-    delta: float = 20.0  # sig: amplitude
-    frequency: float = 6.0  # sig: periods across the image width
-    grid_size: int = 4  # wanet: control grid k
-    strength: float = 0.5  # wanet: warp strength s
-    warp_seed: int = 0  # wanet: the random control grid
-    noise_ratio: float = 2.0  # wanet: noise-mode samples per poisoned sample (0 = no noise mode)
-    magnitude: float = 30.0  # ftrojan: added to each chosen DCT coefficient
-    frequencies: tuple[tuple[int, int], ...] | None = None  # ftrojan: (u, v) pairs; None = mid and highest
-    block: int = 32  # ftrojan: DCT block side (clipped to the image)
-    amplitude: float = 64.0  # label_consistent: corner checkerboard amplitude
-    eps: float = 8.0  # label_consistent: L-inf PGD budget
-    pgd_steps: int = 10  # label_consistent: PGD iterations
-    pgd_step: float = 2.0  # label_consistent: PGD step size
+    kind: str
+    settings: TriggerFields | None  # None: an unknown kind, refused by validate_trigger
+
+    def __init__(self, kind: str = "patch", **values: Any) -> None:
+        declared = KINDS.get(kind)
+        if declared is not None:
+            known = [f.name for f in fields(declared.fields)]
+            unknown = sorted(set(values) - set(known))
+            if unknown:
+                raise ConfigError(f"poison.trigger.{unknown[0]}: not a setting of kind {kind}; known: {known}")
+        object.__setattr__(self, "kind", str(kind))
+        object.__setattr__(self, "settings", None if declared is None else declared.fields(**values))
+
+    def __getattr__(self, name: str) -> Any:
+        settings = self.__dict__.get("settings")
+        if name.startswith("__") or settings is None:
+            raise AttributeError(name)
+        return getattr(settings, name)
 
     @staticmethod
-    def from_config(cfg: Any) -> TriggerSpec:
-        """Build from a mapping (e.g. the ``poison.trigger`` config group); absent keys take the defaults."""
-        d = {k: v for k, v in dict(cfg).items() if v is not None or k in ("offset", "value", "color", "frequencies")}
-        known = {f.name: f for f in fields(TriggerSpec)}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise ConfigError(f"poison.trigger.{unknown[0]}: unknown trigger setting; known: {sorted(known)}")
-        out: dict[str, Any] = {}
-        try:
-            for key, raw in d.items():
-                out[key] = _convert(key, raw)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"poison.trigger.{key}={raw!r}: {exc}") from None
-        return TriggerSpec(**out)
+    def from_config(cfg: Mapping[str, Any]) -> TriggerSpec:
+        """Build from a mapping (the ``poison.trigger`` config group, a plan file's ``trigger``); absent keys and
+        nulls of settings that are not nullable take the defaults."""
+        d = dict(cfg)
+        kind = str(d.pop("kind", "patch"))
+        declared = KINDS.get(kind)
+        if declared is not None:
+            defaults = {f.name: f.default for f in fields(declared.fields)}
+            d = {k: v for k, v in d.items() if not (k in BASE_FIELDS and k not in defaults)
+                 and (v is not None or defaults.get(k, 0) is None)}
+        return TriggerSpec(kind, **d)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-ready dict: the base fields plus those of this kind."""
-        d = asdict(self)
-        d["offset"] = None if self.offset is None else list(self.offset)
-        d["color"] = None if self.color is None else list(self.color)
-        d["frequencies"] = None if self.frequencies is None else [list(f) for f in self.frequencies]
-        keep = BASE_FIELDS + KIND_FIELDS.get(self.kind, ())
-        return {k: d[k] for k in keep}
+        """Plain JSON-ready dict: the base fields, then the kind's own settings."""
+        own = plain(asdict(self.settings)) if self.settings is not None else {}
+        base = {**_BASE_DEFAULTS, **{k: v for k, v in own.items() if k in BASE_FIELDS}}
+        return {"kind": self.kind, **{k: base[k] for k in BASE_FIELDS[1:]},
+                **{k: v for k, v in own.items() if k not in BASE_FIELDS}}
 
 
-def _convert(key: str, raw: Any) -> Any:
-    """One config value to the spec's type (raises TypeError/ValueError with a short reason)."""
-    if key in ("kind", "position"):
-        return str(raw)
-    if key in ("size", "pattern_seed", "grid_size", "warp_seed", "block", "pgd_steps"):
-        if isinstance(raw, bool) or int(raw) != raw:
-            raise ValueError("must be an integer")
-        return int(raw)
-    if key == "offset":
-        return None if raw is None else (int(raw[0]), int(raw[1]))
-    if key == "color":
-        if raw is None:
-            return None
-        return tuple(float(c) for c in (raw if hasattr(raw, "__iter__") else [raw]))
-    if key == "frequencies":
-        return None if raw is None else tuple((int(f[0]), int(f[1])) for f in raw)
-    if key == "value":
-        return None if raw is None else float(raw)
-    return float(raw)
+_BASE_DEFAULTS = {k: v for name in ("patch", "blend") for k, v in plain(asdict(KINDS[name].fields())).items()}
 
 
 class Trigger:
@@ -121,7 +90,7 @@ class Trigger:
         validate_trigger(spec, channels, height, width)
         self.spec = spec
         self.kind = kind_of(spec.kind)
-        self._impl = build_trigger(spec, channels, height, width, mean, std)
+        self._impl = spec.settings.build(channels, height, width, mean, std)  # type: ignore[union-attr]
 
     def apply(self, x: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
         """Paste the trigger into normalised images ``x`` [B, C, H, W].
@@ -137,61 +106,12 @@ def patch_origin(spec: TriggerSpec, height: int, width: int) -> tuple[int, int]:
 
 
 def validate_trigger(spec: TriggerSpec, channels: int, height: int, width: int) -> None:
-    """Raise ConfigError naming the bad value and what is allowed."""
-    if spec.kind not in TRIGGER_KINDS:
-        raise ConfigError(f"poison.trigger.kind={spec.kind}: unknown; choose one of {list(TRIGGER_KINDS)}")
-    if spec.kind in ("patch", "label_consistent") and not 1 <= spec.size <= min(height, width) // (
-            2 if spec.kind == "label_consistent" else 1):
-        raise ConfigError(f"poison.trigger.size={spec.size}: must be between 1 and "
-                          f"{min(height, width) // (2 if spec.kind == 'label_consistent' else 1)} for a "
-                          f"{height}x{width} image")
-    if spec.kind == "patch":
-        _validate_patch(spec, channels, height, width)
-    elif spec.kind == "blend" and not 0.0 < spec.alpha <= 1.0:
-        raise ConfigError(f"poison.trigger.alpha={spec.alpha}: must be in (0, 1]")
-    elif spec.kind == "sig":
-        _positive(spec.delta, "delta", 255)
-        _positive(spec.frequency, "frequency", width / 2)
-    elif spec.kind == "wanet":
-        if not 2 <= spec.grid_size <= min(height, width):
-            raise ConfigError(f"poison.trigger.grid_size={spec.grid_size}: must be in [2, {min(height, width)}]")
-        _positive(spec.strength, "strength", max(height, width))
-        if not spec.noise_ratio >= 0:
-            raise ConfigError(f"poison.trigger.noise_ratio={spec.noise_ratio}: must be >= 0 (0 = no noise mode)")
-    elif spec.kind == "ftrojan":
-        _positive(spec.magnitude, "magnitude", 255 * 8)
-        block = ftrojan_block_size(spec, height, width)
-        if block < 2:
-            raise ConfigError(f"poison.trigger.block={spec.block}: must be >= 2")
-        for u, v in spec.frequencies or ():
-            if not (0 <= u < block and 0 <= v < block):
-                raise ConfigError(f"poison.trigger.frequencies: ({u}, {v}) is outside the {block}x{block} DCT block "
-                                  f"of this {height}x{width} image; use frequencies below {block}")
-    elif spec.kind == "label_consistent":
-        _positive(spec.amplitude, "amplitude", 255)
-        _positive(spec.eps, "eps", 255)
-        _positive(spec.pgd_step, "pgd_step", 255)
-        if spec.pgd_steps < 0:
-            raise ConfigError(f"poison.trigger.pgd_steps={spec.pgd_steps}: must be >= 0")
-
-
-def _positive(value: float, name: str, hi: float) -> None:
-    if not 0.0 < value <= hi:
-        raise ConfigError(f"poison.trigger.{name}={value}: must be in (0, {hi:g}]")
-
-
-def _validate_patch(spec: TriggerSpec, channels: int, height: int, width: int) -> None:
-    if spec.offset is None and spec.position not in CORNERS:
-        raise ConfigError(f"poison.trigger.position={spec.position}: choose one of {list(CORNERS)} "
-                          "or set poison.trigger.offset=[row,col]")
-    if spec.offset is not None:
-        r, c = spec.offset
-        if not (0 <= r <= height - spec.size and 0 <= c <= width - spec.size):
-            raise ConfigError(f"poison.trigger.offset={list(spec.offset)}: the {spec.size}x{spec.size} patch "
-                              f"must fit inside the {height}x{width} image")
-    if spec.color is not None:
-        if len(spec.color) not in (1, channels) or not all(0.0 <= c <= 1.0 for c in spec.color):
-            raise ConfigError(f"poison.trigger.color={list(spec.color)}: give 1 or {channels} values in [0, 1]")
+    """Raise one ConfigError line naming the bad value and what is allowed: the schema's rules for the kind's
+    settings (types, ranges), then the kind's own for this image size."""
+    if spec.settings is None:
+        raise ConfigError(f"poison.trigger.kind={spec.kind}: unknown; choose one of {sorted(KINDS)}")
+    check_node(type(spec.settings), plain(asdict(spec.settings)), "poison.trigger")
+    spec.settings.check(channels, height, width)
 
 
 @dataclass(frozen=True)
@@ -306,9 +226,9 @@ def make_poison_plan(labels: torch.Tensor, *, target: int, num_classes: int, tri
     """
     if target >= num_classes:  # >= 0 and the mapping's name: the config schema; the classes: the data
         raise ConfigError(f"poison.target={target}: must be a class index in [0, {num_classes - 1}]")
-    kind = kind_of(trigger.kind) if trigger.kind in KINDS else None
-    if kind is None:
-        raise ConfigError(f"poison.trigger.kind={trigger.kind}: unknown; choose one of {list(TRIGGER_KINDS)}")
+    if trigger.kind not in KINDS:
+        raise ConfigError(f"poison.trigger.kind={trigger.kind}: unknown; choose one of {sorted(KINDS)}")
+    kind = kind_of(trigger.kind)
     num_train = int(labels.numel())
     if kind.name == "none":
         return PoisonPlan(indices=(), true_labels=(), target=target, trigger=trigger, seed=int(seed),

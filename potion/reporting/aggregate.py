@@ -15,15 +15,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from potion.core.declared import declared
+
 SINGLE = "1 image"
 MEAN = "mean"
 ALL = "all"
 STUDY_KEYS = ("dataset", "model", "attack", "mapping")
 CELL_METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds", "data_passes")
 SPREAD_METRICS = ("healed", "healed_attainable", "acc_drop", "asr")  # the ones with a std
-ATTACK_NAMES = {"patch": "patch trigger (BadNets)", "blend": "blended trigger", "sig": "SIG sinusoid (clean-label)",
-                "wanet": "WaNet warp", "ftrojan": "FTrojan (frequency domain)",
-                "label_consistent": "label-consistent (clean-label)", "none": "no poison"}
 
 
 # --------------------------------------------------------------------------- labels
@@ -43,7 +42,8 @@ def study_of(row: Mapping[str, Any]) -> tuple[str, ...]:
 
 def attack_label(attack: str, mapping: str) -> str:
     """An attack in plain words; the mapping only when it is not the usual all-to-one."""
-    name = ATTACK_NAMES.get(attack, attack)
+    kind = declared("potion.data.triggers", "trigger_kind").get(attack)  # the kind's title, read without torch
+    name = kind.options.get("title", attack) if kind is not None else attack
     return name if mapping in ("all_to_one", "") else f"{name}, {mapping.replace('_', '-')} labels"
 
 

@@ -8,12 +8,15 @@ true label, which teaches the network that *other* warps mean nothing.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from potion.data.triggers.base import PixelSpace, PixelTrigger
+from potion.config.schema import num
+from potion.core.errors import ConfigError
+from potion.data.triggers.base import PixelSpace, PixelTrigger, TriggerFields, trigger_kind
 
 
 def warp_grid(height: int, width: int, grid_size: int, strength: float, seed: int) -> torch.Tensor:
@@ -61,5 +64,19 @@ class Warp(PixelTrigger):
         return self._sample(p, (self._grid(p) + jitter).clamp(-1, 1))
 
 
-def build_wanet(spec: Any, channels: int, height: int, width: int, space: PixelSpace) -> Warp:
-    return Warp(space, warp_grid(height, width, spec.grid_size, spec.strength, spec.warp_seed))
+@trigger_kind("wanet", noise_mode=True, title="WaNet warp")
+@dataclass(frozen=True)
+class WaNet(TriggerFields):
+    grid_size: int = num(4, ge=2)  # the control grid's side k
+    strength: float = num(0.5, gt=0)  # s: offsets of up to about s pixels
+    warp_seed: int = 0  # the random control grid
+    noise_ratio: float = num(2.0, ge=0)  # noise-mode samples per poisoned sample; 0 = no noise mode
+
+    def check(self, channels: int, height: int, width: int) -> None:
+        if self.grid_size > min(height, width):
+            raise ConfigError(f"poison.trigger.grid_size={self.grid_size}: must be in [2, {min(height, width)}]")
+        if self.strength > max(height, width):
+            raise ConfigError(f"poison.trigger.strength={self.strength}: must be in (0, {max(height, width)}]")
+
+    def build(self, channels: int, height: int, width: int, mean: Sequence[float], std: Sequence[float]) -> Warp:
+        return Warp(PixelSpace(mean, std), warp_grid(height, width, self.grid_size, self.strength, self.warp_seed))
