@@ -48,7 +48,7 @@ def test_files_outside_the_data_root_are_refused(data: Path, tmp_path: Path, whe
     monkeypatch.chdir(tmp_path)
     entry = {"absolute": str(other / "train" / "b" / "0.png"), "relative": "elsewhere/train/b/0.png",
              "parent": os.path.join("..", "elsewhere", "train", "b", "0.png")}[where]
-    with pytest.raises(DataError, match="not training images"):  # before: matched by its train/... suffix
+    with pytest.raises(DataError, match="not training images"):  # the whole path counts, not its train/... suffix
         resolve_discovered([entry], bundle, "found.txt", str(data))
 
 

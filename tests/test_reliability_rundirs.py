@@ -97,7 +97,7 @@ def test_out_dir_with_another_config_is_refused(trained: Path, tmp_path: Path, n
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     before = _fingerprint(run)
-    for change in ("train.lr=0.01", "model.width=4"):  # before: resumed the old checkpoint / a Lightning traceback
+    for change in ("train.lr=0.01", "model.width=4"):  # refused in one line, nothing resumed
         with pytest.raises(ConfigError, match="another config|not of this config") as info:
             _train(run, change)
         assert "force=true" in _one_line(info.value) and str(run) in str(info.value)
@@ -121,7 +121,7 @@ def test_force_trains_from_scratch_never_resumes(trained: Path, tmp_path: Path) 
     assert read_summary(run)["config_hash"] == summary["config_hash"] != read_json(trained / "summary.json")[
         "config_hash"]
     assert "lr: 0.01" in (run / "config.yaml").read_text()
-    # the same config with force: retrained from scratch too (before: resumed from the final checkpoint)
+    # the same config with force: retrained from scratch too, not resumed from the final checkpoint
     again = _train(run, "train.lr=0.01", "force=true")
     assert again["resumed"] is False and again.get("reused") is None
     assert _train(run, "train.lr=0.01")["reused"] is True
@@ -148,7 +148,7 @@ def test_unlearn_never_writes_over_a_training_run(trained: Path, tmp_path: Path,
     before = _fingerprint(run)
     for force in ("force=false", "force=true"):
         with pytest.raises(ConfigError, match="holds a training run") as info:
-            _unlearn(run, run, force)  # before: the training run's model was replaced by the healed one
+            _unlearn(run, run, force)  # the training run's model stays as it was
         _one_line(info.value)
     assert _fingerprint(run) == before
 
@@ -242,7 +242,7 @@ def test_summary_that_is_not_an_object_is_one_line(trained: Path, tmp_path: Path
         load_trained_run(run)
     _one_line(info.value)
     with pytest.raises(CheckpointError, match="not a run summary"):
-        _train(run)  # before: AttributeError 'list' object has no attribute 'get'
+        _train(run)  # one line naming the file
 
 
 # ------------------------------------------------------------------------------------------------ config.yaml
@@ -304,7 +304,7 @@ def _edit_plan(run: Path, **changes: Any) -> None:
 
 
 PLAN_PROBES = [
-    ({"indices": lambda p: [-1, *p["indices"][1:]]}, "outside"),  # before: -1 wrapped to the last sample
+    ({"indices": lambda p: [-1, *p["indices"][1:]]}, "outside"),  # a negative index is outside, never wrapped
     ({"indices": lambda p: [p["indices"][0], *p["indices"][:-1]]}, "listed twice"),
     ({"indices": lambda p: [*p["indices"][:-1], p["num_train"]]}, "outside"),
     ({"true_labels": lambda p: p["true_labels"][:-1]}, "true_labels for"),

@@ -47,7 +47,7 @@ def test_same_shape_replacement_of_a_cache_entry_is_recomputed(tmp_path: Path) -
     forged = {k: torch.zeros_like(v) for k, v in first.items()}
     save_tensors(path, forged, metadata=read_tensor_metadata(path))
     value, hit = cache.cached_tensors(path, compute)
-    assert not hit and len(calls) == 2  # before: trusted, so the metrics were computed from zeros
+    assert not hit and len(calls) == 2  # the digest does not match: recomputed, not trusted
     assert all(torch.equal(value[k], first[k]) for k in first)
     assert all(torch.equal(load_tensors(path)[k], first[k]) for k in first)  # rewritten with the true values
 
@@ -141,5 +141,5 @@ def test_same_shape_replacement_of_the_dataset_cache_is_rebuilt(_cache: Path) ->
     entry.write_bytes(buf.getvalue())
 
     again = sources.load_dataset("digits")
-    assert torch.equal(again.train.labels, reference.train.labels)  # before: all labels read as class 0
+    assert torch.equal(again.train.labels, reference.train.labels)  # the entry is recomputed: labels as decoded
     assert again.fingerprint == reference.fingerprint
