@@ -1,14 +1,14 @@
 """Shared fixtures: an isolated cache folder, a method's full arguments, and one tiny trained model for the session.
 
-``make test-fast`` runs ``pytest -m "not slow"``: tests marked ``slow`` (a subprocess that imports the heavy
-stack, training beyond the shared tiny model, a multirun) run in ``make test`` only.
+``make test-fast`` runs ``pytest -m "not slow"``: a test is marked ``slow`` (on itself, or a module's
+``pytestmark`` when every test there is) when it trains, runs a pipeline or starts a subprocess that imports
+the heavy stack; those run in ``make test`` only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from fnmatch import fnmatch
 from functools import cache as memo
 from pathlib import Path
 from typing import Any
@@ -17,17 +17,6 @@ import pytest
 from tiny_world import train_overrides, write_pattern_folder
 
 from potion.config.compose import compose_config, method_arguments
-
-# Modules that train models or start pipelines throughout but carry no ``pytestmark = pytest.mark.slow`` line yet
-# (their owners were editing them when the marker came): marked here so that ``make test-fast`` leaves them out.
-UNMARKED_SLOW_MODULES = ("test_ddp", "test_mlflow_server", "test_ptn_sweep", "test_reliability*", "test_rem",
-                         "test_slurm_cluster", "test_tracking*")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if any(fnmatch(item.path.stem, pattern) for pattern in UNMARKED_SLOW_MODULES):
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture()

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from tiny_world import QUICK_PTN, free_port, train_overrides, write_pattern_folder
 
+pytestmark = pytest.mark.slow  # a server process, a trained model, a sweep
+
 ROOT = Path(__file__).resolve().parent.parent
 PTN = QUICK_PTN
 

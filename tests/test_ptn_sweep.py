@@ -173,10 +173,10 @@ def test_an_unknown_job_role_is_a_config_error() -> None:
         dispatch(cfg)
 
 
-def test_a_sweep_override_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_sweep_override_is_refused_in_one_line(tmp_path: Path, cache: Path) -> None:
     proc = subprocess.run([sys.executable, "sweep.py", "train_run=x", "logger=none", "method.ptn.rho=0.1,0.2",
                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "POTION_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
+                          timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: method.ptn.rho: the ptn sweeper runs one")
 
@@ -184,6 +184,7 @@ def test_a_sweep_override_is_refused_in_one_line(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- the sweep
 
 
+@pytest.mark.slow  # a trained model and a sweep
 def test_the_sweep_chooses_the_in_process_step(basic: dict[str, Any], inproc: dict[str, Any]) -> None:
     assert basic["ptn_chosen_step"] == inproc["chosen"]
     assert basic["ptn_reached"] == bool(inproc["ptn_reached"])
@@ -200,6 +201,7 @@ def test_the_sweep_chooses_the_in_process_step(basic: dict[str, Any], inproc: di
     assert f"k={inproc['chosen']}" in basic["stdout"]
 
 
+@pytest.mark.slow  # a trained model and a sweep
 def test_jobs_read_the_importances_the_prepare_job_computed(work: Path, basic: dict[str, Any], client: Any) -> None:
     assert len(list((work / "cache_basic" / "importance").glob("*.safetensors"))) == 2  # Omega_r, Omega_f once
     assert basic["ptn_jobs_recomputed_importance"] == 0
@@ -214,6 +216,7 @@ def test_jobs_read_the_importances_the_prepare_job_computed(work: Path, basic: d
     assert jobs and all(r.data.metrics["importance_cache_hit"] == 1 for r in jobs)
 
 
+@pytest.mark.slow  # a trained model and a sweep
 def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any, inproc: dict[str, Any]) -> None:
     from potion.tracking.tracker import PARENT_TAG
 
@@ -239,6 +242,7 @@ def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any
     assert parent.data.params["sweeper.batch_size"] == str(inproc["batch"])
 
 
+@pytest.mark.slow  # a trained model and a sweep
 def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
                                                  client: Any) -> None:
     from potion.tracking.tracker import PARENT_TAG
@@ -255,6 +259,7 @@ def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, A
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow  # a trained model and a sweep
 def test_a_rerun_of_a_finished_sweep_logs_nothing_new(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
                                                       client: Any) -> None:
     before = {r.info.run_id for r in _runs(client, "basic")}
@@ -268,6 +273,7 @@ def test_a_rerun_of_a_finished_sweep_logs_nothing_new(work: Path, inproc: dict[s
     assert jobs == [0]  # the prepare job only
 
 
+@pytest.mark.slow  # a trained model and a sweep
 def test_the_submitit_launcher_runs_the_cluster_path(work: Path, inproc: dict[str, Any], basic: dict[str, Any],
                                                      client: Any) -> None:
     """hydra/launcher=submitit_local: each job in a process of its own, results pickled back, as on SLURM."""

@@ -201,6 +201,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert control.exists()
 
 
+@pytest.mark.slow  # the module's trained model
 def test_malicious_weights_in_a_run_folder_end_unlearn_in_one_line(trained: Path, tmp_path: Path,
                                                                     shared_cache: Path) -> None:
     marker = tmp_path / "pwned"
@@ -225,10 +226,8 @@ def test_truncated_checkpoint_is_one_line_error(tmp_path: Path, name: str) -> No
     assert name in str(info.value) and "\n" not in str(info.value)
 
 
-def test_corrupt_importance_cache_entry_is_rebuilt(trained: Path, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
+@pytest.mark.slow  # the module's trained model
+def test_corrupt_importance_cache_entry_is_rebuilt(trained: Path, tmp_path: Path, cache: Path) -> None:
     first = _unlearn_in_process(trained, tmp_path / "u1")
     entries = sorted((cache / "importance").glob("*.safetensors"))
     assert len(entries) == 2 and first["importance_cache_hit"] == 0.0
@@ -241,6 +240,7 @@ def test_corrupt_importance_cache_entry_is_rebuilt(trained: Path, tmp_path: Path
         assert load_tensors(entry)
 
 
+@pytest.mark.slow  # the module's trained model
 @pytest.mark.parametrize("content", ['{"indices": [1, 2', "{}", "\udcff"])
 def test_corrupt_poison_plan_is_a_clear_error(trained: Path, tmp_path: Path, content: str) -> None:
     run = _copy_run(trained, tmp_path / "run")
@@ -250,6 +250,7 @@ def test_corrupt_poison_plan_is_a_clear_error(trained: Path, tmp_path: Path, con
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow  # the module's trained model
 def test_corrupt_summary_means_unfinished(trained: Path, tmp_path: Path) -> None:
     run = _copy_run(trained, tmp_path / "run")
     (run / "summary.json").write_text('{"clean_acc": 0.')
@@ -261,6 +262,7 @@ def test_corrupt_summary_means_unfinished(trained: Path, tmp_path: Path) -> None
     assert read_summary(run) is None
 
 
+@pytest.mark.slow  # the module's trained model
 def test_corrupt_plan_of_a_resumable_training_run_is_a_clear_error(trained: Path, tmp_path: Path) -> None:
     from potion.pipelines.train import run_training
 
@@ -297,6 +299,7 @@ pio.atomic_write_bytes(dest, b"N" * (50 << 20))
 """
 
 
+@pytest.mark.slow  # a subprocess
 @pytest.mark.parametrize(("point", "old"), [("write", False), ("fsync", True), ("replace", True)])
 def test_killed_writer_leaves_old_file_or_none(tmp_path: Path, shared_cache: Path, point: str, old: bool) -> None:
     run = tmp_path / "run"
@@ -343,6 +346,7 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+@pytest.mark.slow  # the module's trained model
 def test_killed_training_resumes_to_the_same_result(trained: Path, tmp_path: Path, shared_cache: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "run"
@@ -367,6 +371,7 @@ def test_killed_training_resumes_to_the_same_result(trained: Path, tmp_path: Pat
 # ------------------------------------------------------------------------------------------------ 4. multirun restart
 
 
+@pytest.mark.slow  # the module's trained model
 def test_restarted_multirun_skips_finished_jobs(trained: Path, tmp_path: Path, shared_cache: Path) -> None:
     args = [str(ROOT / "unlearn.py"), "-m", f"train_run={trained}", "method=none,potion", "discovery.share=0.5",
             "logger=none"]
@@ -385,6 +390,7 @@ def test_restarted_multirun_skips_finished_jobs(trained: Path, tmp_path: Path, s
 # ------------------------------------------------------------------------------------------------ 5. caches
 
 
+@pytest.mark.slow  # the module's trained model
 def test_importance_key_covers_every_input(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = load_trained_run(trained)
     bundle = load_data(run.cfg.dataset)
@@ -443,9 +449,8 @@ def _write_images(root: Path, layout: dict[str, int], seed: int = 0) -> None:
             Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / rel / f"{i}.png")
 
 
-def test_dataset_fingerprint_is_content_not_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dataset_fingerprint_is_content_not_path(tmp_path: Path, cache: Path) -> None:
     # (a changed image is covered by test_sources.test_cache_hit_corrupt_and_content)
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
     layout = {"train/a": 2, "train/b": 2, "test/a": 1, "test/b": 1}
     _write_images(tmp_path / "d", layout)
     first = sources.load_dataset("imagefolder", tmp_path / "d").fingerprint
@@ -463,8 +468,7 @@ def _importances() -> dict[str, torch.Tensor]:
     return {"w": torch.linspace(0, 1, 4096).view(64, 64), "b": torch.ones(3)}  # small: no intra-op threads
 
 
-def test_parallel_writers_of_one_cache_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path))
+def test_parallel_writers_of_one_cache_entry(cache: Path) -> None:
     key = importance_cache.importance_key(test="parallel writers")
     ctx = multiprocessing.get_context("fork")  # fork: no second interpreter start-up on a busy machine
     barrier = ctx.Barrier(2)
@@ -484,7 +488,7 @@ def test_parallel_writers_of_one_cache_entry(tmp_path: Path, monkeypatch: pytest
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
-    entry = tmp_path / "importance" / f"{key}.safetensors"
+    entry = cache / "importance" / f"{key}.safetensors"
     value = load_tensors(entry)
     assert all(torch.equal(value[k], v) for k, v in _importances().items()) and set(value) == {"w", "b"}
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp file left behind
@@ -493,6 +497,7 @@ def test_parallel_writers_of_one_cache_entry(tmp_path: Path, monkeypatch: pytest
 # ------------------------------------------------------------------------------------------------ 6. tracking failures
 
 
+@pytest.mark.slow  # a subprocess
 def test_unreachable_tracking_server_fails_before_training(tmp_path: Path, shared_cache: Path) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
     out = tmp_path / "run"
@@ -507,6 +512,7 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path: Path, share
     assert not out.exists()  # nothing trained, nothing written
 
 
+@pytest.mark.slow  # trains
 def test_unreachable_tracking_server_with_local_fallback_goes_on(tmp_path: Path, shared_cache: Path,
                                                                    tracking_dir: Path) -> None:
     uri = f"http://127.0.0.1:{_closed_port()}"
@@ -521,6 +527,7 @@ def test_unreachable_tracking_server_with_local_fallback_goes_on(tmp_path: Path,
     assert (tracking_dir / "mlflow.db").is_file()
 
 
+@pytest.mark.slow  # trains
 def test_tracking_failure_after_training_loses_nothing(tmp_path: Path, tracking_dir: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from potion.pipelines.train import run_training
@@ -635,6 +642,7 @@ def test_bad_static_unlearn_value_fails_before_the_run_is_read(overrides: list[s
         assert "'potion'" in str(info.value) and "'ssd'" in str(info.value)
 
 
+@pytest.mark.slow  # the module's trained model
 def test_discovery_count_above_n_p_names_the_key(trained: Path, tmp_path: Path) -> None:
     n_p = read_json(trained / "summary.json")["n_p"]
     with pytest.raises(ConfigError, match=rf"discovery.count={n_p + 1}: .*\[1, {n_p}\]"):
@@ -645,6 +653,7 @@ def test_discovery_count_above_n_p_names_the_key(trained: Path, tmp_path: Path) 
 # ------------------------------------------------------------------------------------------------ 8. determinism
 
 
+@pytest.mark.slow  # the module's trained model
 def test_same_seed_same_poison_plan_and_discovered_set(trained: Path, tmp_path: Path) -> None:
     cfg = compose_config("train", TRAIN_ARGS)
     bundle = load_data(cfg.dataset)
@@ -664,6 +673,7 @@ def test_same_seed_same_poison_plan_and_discovered_set(trained: Path, tmp_path: 
     assert torch.equal(smaller.forget_idx, a.forget_idx[: smaller.n_f])  # nested sets
 
 
+@pytest.mark.slow  # the module's trained model
 def test_two_cpu_unlearning_runs_give_identical_metrics(trained: Path, tmp_path: Path) -> None:
     runs = [_unlearn_in_process(trained, tmp_path / f"u{i}", "method.importance.cache=false") for i in range(2)]
     assert runs[0]["run_dir"] != runs[1]["run_dir"]

@@ -26,8 +26,7 @@ def _folder(root: Path) -> Path:
 
 
 @pytest.fixture
-def data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
+def data(tmp_path: Path, cache: Path) -> Path:
     return _folder(tmp_path / "set")
 
 
@@ -52,10 +51,9 @@ def test_files_outside_the_data_root_are_refused(data: Path, tmp_path: Path, whe
         resolve_discovered([entry], bundle, "found.txt", str(data))
 
 
-def test_archive_entries_may_name_only_its_top_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_archive_entries_may_name_only_its_top_folder(tmp_path: Path, cache: Path) -> None:
     import tarfile
 
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
     data = _folder(tmp_path / "set")
     archive = tmp_path / "set.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:

@@ -12,6 +12,8 @@ import pytest
 
 from potion.pipelines.run_folders import run_lock
 
+pytestmark = pytest.mark.slow  # a holder process that imports the heavy stack
+
 ROOT = Path(__file__).resolve().parents[1]
 HOLD = ("import sys, time; from pathlib import Path; from potion.pipelines.run_folders import run_lock\n"
         "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(float(sys.argv[2]))")
@@ -25,10 +27,8 @@ def _hold(folder: Path, seconds: float, cache: Path) -> subprocess.Popen[str]:
     return proc
 
 
-def test_another_spelling_of_the_same_folder_waits_for_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_another_spelling_of_the_same_folder_waits_for_the_lock(tmp_path: Path, cache: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
     (tmp_path / "other").mkdir()
     holder = _hold(tmp_path / "out", 2.0, cache)
     try:
@@ -42,10 +42,7 @@ def test_another_spelling_of_the_same_folder_waits_for_the_lock(tmp_path: Path, 
     assert any("waiting for it to finish" in r.getMessage() for r in caplog.records)
 
 
-def test_a_dead_holders_lock_is_released_and_other_folders_never_wait(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "cache"
-    monkeypatch.setenv("POTION_CACHE_DIR", str(cache))
+def test_a_dead_holders_lock_is_released_and_other_folders_never_wait(tmp_path: Path, cache: Path) -> None:
     holder = _hold(tmp_path / "out", 30.0, cache)
     try:
         started = time.monotonic()

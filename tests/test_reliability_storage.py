@@ -17,11 +17,7 @@ from potion.core.io import StorageError, load_tensors, read_tensor_metadata, sav
 from potion.data import sources
 from potion.unlearning import cache
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+pytestmark = pytest.mark.usefixtures("cache")  # every test in its own cache folder (tests/conftest.py)
 
 
 def _logits() -> dict[str, torch.Tensor]:
@@ -130,8 +126,8 @@ def _digits_entry(cache_root: Path) -> Path:
     return entry
 
 
-def test_same_shape_replacement_of_the_dataset_cache_is_rebuilt(_cache: Path) -> None:
-    entry = _digits_entry(_cache)
+def test_same_shape_replacement_of_the_dataset_cache_is_rebuilt() -> None:
+    entry = _digits_entry(pio.cache_dir())
     reference = sources.load_dataset("digits")
     with np.load(entry, allow_pickle=False) as npz:
         arrays = {k: npz[k] for k in npz.files}

@@ -38,6 +38,7 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+@pytest.mark.slow  # pipeline runs on the session's trained model
 def test_an_interrupted_training_run_is_logged_when_reused(tiny: TinyRun, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from potion.pipelines.train import run_training
@@ -57,6 +58,7 @@ def test_an_interrupted_training_run_is_logged_when_reused(tiny: TinyRun, tmp_pa
     assert run_training(cfg)["mlflow_run_id"] == summary["mlflow_run_id"]  # logged once
 
 
+@pytest.mark.slow  # pipeline runs on the session's trained model
 def test_an_interrupted_unlearning_run_is_logged_when_reused_and_reaches_the_report(
         tiny: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from potion.pipelines.unlearn import run_unlearning
@@ -85,6 +87,7 @@ def test_an_interrupted_unlearning_run_is_logged_when_reused_and_reaches_the_rep
                                                                             client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow  # pipeline runs on the session's trained model
 def test_a_reused_unlearning_run_checks_its_tracking_uri(tiny: TinyRun, tmp_path: Path) -> None:
     from potion.pipelines.unlearn import run_unlearning
 
