@@ -195,8 +195,7 @@ def test_every_registered_method_has_a_schema_of_its_arguments() -> None:
         params.pop("task")
         fields = set(inspect.signature(variant_of(Method, {"name": name})).parameters) - {"name"}
         assert fields == set(params), name
-        if name != "rem":  # potion/unlearning/rem.py: its author's to convert
-            assert [p for p, v in params.items() if v.default is not inspect.Parameter.empty] == [], name
+        assert [p for p, v in params.items() if v.default is not inspect.Parameter.empty] == [], name
 
 
 @pytest.mark.parametrize("capability", ["ptn", "heal_ok", "changes_model", "dampens", "iterative", "trains"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import numpy as np
@@ -99,10 +99,11 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow  # trains the tiny model, then runs REM
-def test_rem_removes_the_backdoor_keeps_clean_accuracy_and_drops_the_added_units(task: UnlearnTask) -> None:
+def test_rem_removes_the_backdoor_keeps_clean_accuracy_and_drops_the_added_units(task: UnlearnTask,
+                                                                                  method_args: Callable) -> None:
     before, original = _backdoor(task, task.model), _state(task.model)
     assert before["asr"] >= 0.9 and before["clean_acc"] >= 0.95 and task.forget_accuracy(task.model) == 1.0
-    out = get_method("rem")(task, epochs=3)
+    out = get_method("rem")(task, **method_args("rem", epochs=3))
     after = _backdoor(task, out.model)
     # the original architecture, nothing attached: the added units and their hooks are gone
     assert type(out.model) is SmallCNN and out.model is not task.model
@@ -139,9 +140,9 @@ def test_removal_passes_keep_the_batch_norm_statistics(task: UnlearnTask) -> Non
 
 
 @pytest.mark.slow  # trains the tiny model, then runs REM
-def test_rem_is_deterministic_on_cpu(task: UnlearnTask) -> None:
-    a = get_method("rem")(task, epochs=1, select="last").model
-    b = get_method("rem")(task, epochs=1, select="last").model
+def test_rem_is_deterministic_on_cpu(task: UnlearnTask, method_args: Callable) -> None:
+    a = get_method("rem")(task, **method_args("rem", epochs=1, select="last")).model
+    b = get_method("rem")(task, **method_args("rem", epochs=1, select="last")).model
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
@@ -186,7 +187,8 @@ def test_taps_on_resnet9_are_the_papers_four_stage_outputs() -> None:
     ({"tap_modules": ["features.99"]}, r"^method\.tap_modules: 'features\.99' is not a module of the model"),
     ({"tap_modules": ["features.2", "features.2"]}, r"^method\.tap_modules: a module is named twice"),
 ])
-def test_bad_arguments_are_one_line_config_errors(untrained: UnlearnTask, args: dict, message: str) -> None:
+def test_bad_arguments_are_one_line_config_errors(untrained: UnlearnTask, args: dict, message: str,
+                                                  method_args: Callable) -> None:
     with pytest.raises(ConfigError, match=message) as err:
-        get_method("rem")(untrained, **{"epochs": 1, **args})
+        get_method("rem")(untrained, **method_args("rem", epochs=1, **args))
     assert "\n" not in str(err.value)

@@ -425,10 +425,9 @@ def build_run(task: UnlearnTask, s: REMSettings) -> tuple[REMRun, list[Tap], int
 
 
 @register("rem", trains=True)
-def rem(task: UnlearnTask, epochs: int = 10, lr: float = 0.005, momentum: float = 0.9, weight_decay: float = 5e-4,
-        batch_size: int | None = None, beta: float = 1.0, threshold: float = 0.2, max_flush: int = 100,
-        width: float = 1.0, mask_share: float = 0.2, taps: int = 4, tap_modules: Sequence[str] | None = None,
-        augment: bool = True, select: str = "proxy") -> MethodOutput:
+def rem(task: UnlearnTask, *, epochs: int, lr: float, momentum: float, weight_decay: float, batch_size: int | None,
+        beta: float, threshold: float, max_flush: int, width: float, mask_share: float, taps: int,
+        tap_modules: Sequence[str] | None, augment: bool, select: str) -> MethodOutput:
     """REM: NPO removal on the discovered samples, redirection of what the training set re-teaches into added units.
 
     See the module docstring for the algorithm. The poisoned ``task.model`` is not modified; the returned
