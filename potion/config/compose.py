@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from potion.config.schema import ROOTS, Method, Named, num, text
 from potion.core.declared import declared
 from potion.core.errors import ConfigError
-from potion.core.io import sha256_json
+from potion.core.io import plain, sha256_json
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Top-level keys that say how a command runs, not what it computes: excluded from a run's identity and params.
@@ -382,8 +382,8 @@ def train_overrides(train: Any, logger: Mapping[str, Any] | None = None) -> list
     A mapping is flattened (``{experiment: x, poison: {count: 5}}``), a list taken verbatim (needed when a
     group choice also gets nested values: ``['dataset=imagefolder', 'dataset.path=/x']``).
     """
-    plain = OmegaConf.to_container(train, resolve=True) if isinstance(train, (DictConfig, ListConfig)) else train
-    flat = [str(o) for o in plain] if isinstance(plain, list) else flatten_overrides(dict(plain))
+    given = plain(train)
+    flat = [str(o) for o in given] if isinstance(given, list) else flatten_overrides(given)
     if logger is not None:
         flat += [f"logger.{k}={v}" for k, v in to_dict(logger).items() if v is not None and k != "name"]
         flat.append(f"logger={logger.get('name', 'mlflow')}")
