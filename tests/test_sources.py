@@ -138,21 +138,21 @@ def test_imagefolder_sizes(tmp_path: Path) -> None:
 
 
 def test_imagefolder_bad_image_named(tmp_path: Path) -> None:
-    _write_folder(tmp_path / "d", {"a": (1, 1)})
+    _write_folder(tmp_path / "d", {"a": (1, 1), "b": (1, 1)})
     (tmp_path / "d" / "train" / "a" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"train/a/broken.png"):
         load_dataset("imagefolder", tmp_path / "d")
 
 
 def test_archive_skips_unsafe_members(tmp_path: Path) -> None:
-    written = _write_folder(tmp_path / "d", {"a": (1, 1)})
+    written = _write_folder(tmp_path / "d", {"a": (1, 1), "b": (1, 1)})
     archive = _tar(tmp_path / "d", tmp_path / "p.tar")
     with tarfile.open(archive, "a") as tar:
         tar.add(tmp_path / "d" / "train" / "a" / "000.png", arcname="../train/a/evil.png")
         tar.add(tmp_path / "d" / "train" / "a" / "000.png", arcname="train/a/._000.png")
     bundle = load_dataset("imagefolder", archive)
-    assert bundle.train.paths == ("train/a/000.png",)
-    _check_roundtrip(bundle, written, ["a"])
+    assert bundle.train.paths == ("train/a/000.png", "train/b/000.png")
+    _check_roundtrip(bundle, written, ["a", "b"])
 
 
 def test_corrupt_archive(tmp_path: Path) -> None:
@@ -384,7 +384,7 @@ def test_cache_hit_corrupt_and_content(
 
 
 def test_use_cache_false_writes_nothing(tmp_path: Path, cache: Path) -> None:
-    _write_folder(tmp_path / "d", {"a": (1, 1)})
+    _write_folder(tmp_path / "d", {"a": (1, 1), "b": (1, 1)})
     load_dataset("imagefolder", tmp_path / "d", use_cache=False)
     assert not (cache / "datasets").exists()
 
