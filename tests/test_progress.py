@@ -194,10 +194,10 @@ def test_the_sweep_console_has_a_line_per_round_and_no_internals(tiny_run, tmp_p
 
 
 @pytest.mark.slow
-def test_a_failed_sweep_job_is_one_error_line_without_internals(tmp_path: Path) -> None:
+def test_a_failed_sweep_job_is_one_error_line_without_internals(tmp_path: Path, cache: Path) -> None:
     cmd = [sys.executable, "sweep.py", f"train_run={tmp_path / 'no_such_run'}", *QUICK_PTN, "logger=none",
            f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={tmp_path / 'final'}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path / "cache"), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(cache), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.splitlines() == [f"error: train_run={tmp_path / 'no_such_run'}: no such run folder (give the "
                                         "folder train.py printed, or mlflow:<run id>)"]

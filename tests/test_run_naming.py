@@ -357,13 +357,12 @@ def test_a_multirun_job_is_grouped_and_named_by_its_overrides(tmp_path: Path) ->
 
 
 @pytest.mark.slow  # a small model trained, then healed
-def test_a_heal_run_reads_as_an_unlearning_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_heal_run_reads_as_an_unlearning_run(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
     from test_practitioner import N_FOUND, _build_world, _overrides
 
     from potion.pipelines.heal import heal
 
-    monkeypatch.setenv("POTION_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("POTION_THREADS", "1")
     world = _build_world(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
