@@ -15,6 +15,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from potion.core.errors import PotionError
 from potion.core.io import read_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +27,7 @@ def finished(folder: Path) -> bool:
     """A training run folder whose summary was written (the last file a finished run writes)."""
     try:
         return "config_hash" in read_json(folder / "summary.json")
-    except (OSError, ValueError):
+    except (OSError, ValueError, PotionError):
         return False
 
 

@@ -76,3 +76,25 @@ def test_better_is_said_only_where_the_paired_seeds_show_it() -> None:
     assert by["ssd"]["acc_drop_verdict"] == "no difference shown"  # differences of both signs
     assert by["rem"]["healed_attainable_verdict"] == "no difference shown"  # within the seeds' spread
     assert by["rem"]["healed_attainable_diff"] == pytest.approx((-1 + 1 - 0.5) / 3)
+
+
+def test_the_tier_models_travel_as_finished_run_folders_only(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("study_models", Path(__file__).parent.parent / "benchmarks"
+                                                  / "study_models.py")
+    assert spec is not None and spec.loader is not None
+    study_models = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study_models)
+    done, half = tmp_path / "runs" / "study_cpu-a", tmp_path / "runs" / "study_cpu-b"
+    for folder in (done, half):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"w")
+        (folder / "checkpoints").mkdir()
+        (folder / "checkpoints" / "last.ckpt").write_bytes(b"pickle")
+    (done / "summary.json").write_text('{"config_hash": "a"}')
+    kept = tmp_path / "kept"
+    assert study_models.copy_run(done, kept / done.name)
+    assert not study_models.copy_run(half, kept / half.name)  # unfinished: no summary.json
+    assert not study_models.copy_run(done, kept / done.name)  # already there
+    assert sorted(p.name for p in (kept / done.name).iterdir()) == ["model.safetensors", "summary.json"]
