@@ -246,7 +246,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
         "config_hash": key, "run_dir": str(run_dir), "train_run": str(run.path), "device": device.type,
         "mlflow_run_id": tracker.run_id, "train_mlflow_run_id": run.summary.get("mlflow_run_id"),
     }
-    tracker.log_params(naming.resolved_settings({**result, **numeric}))
+    tracker.log_params(naming.resolved_settings({**result, **numeric, **notes}))
     return outputs.complete(summary, naming.measurements({**result, **numeric}, to_dict(cfg.method)),
                             {f"potion.{k}": str(v) for k, v in notes.items()})
 

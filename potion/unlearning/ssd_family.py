@@ -27,7 +27,7 @@ from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
 from potion.unlearning.ptn_guard import AccuracyLoss, guard_step
-from potion.unlearning.registry import MethodOutput, register
+from potion.unlearning.registry import MethodOutput, register, sync
 from potion.unlearning.synthesis import (
     SynthesisResult,
     invert_additive,
@@ -38,12 +38,6 @@ from potion.unlearning.synthesis import (
 from potion.unlearning.task import UnlearnTask
 
 log = logging.getLogger("potion.ssd")
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued GPU work so wall-clock splits are honest."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int, retain_samples: int | None = None,
