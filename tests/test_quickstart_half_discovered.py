@@ -1,7 +1,8 @@
 """The issue's finding: potion at 50 % discovered cost the quickstart 7.52 points of clean accuracy (10.58 measured
 here on an AMD EPYC), the README's headline 1.39. The quickstart's BadNets poisons images of every class, so some
 discovered files are true target-class images; PTN's paper test (``criterion=all``) then dampens the target class
-away within the guard's 15 %. The default test leaves them out (docs/guide.md, *A development measurement: the quickstart by discovered share*)."""
+away within the guard's 15 %. The default test leaves them out
+(docs/guide.md, *A development measurement: the quickstart by discovered share*)."""
 
 from __future__ import annotations
 

@@ -29,8 +29,8 @@ RUN_COLUMNS = ("run_id", "commit", "train_run", "method", "config_hash", "seed",
 NOTE = (
     "healed (%): the share of the accuracy that the trigger took away on triggered test images and that unlearning "
     "gave back (100: as accurate as on clean images). healed_attainable (%): the same, measured against a clean model "
-    "of the same recipe trained without poison, which image-wide triggers also fool (docs/guide.md, *Clean reference and "
-    "healed_attainable*); n/a where a run had no clean reference model. acc_drop: clean test accuracy lost, in "
+    "of the same recipe trained without poison, which image-wide triggers also fool (docs/guide.md, *Clean reference "
+    "and healed_attainable*); n/a where a run had no clean reference model. acc_drop: clean test accuracy lost, in "
     "percentage points. Cells hold the mean ± sample standard deviation over seeds (n: the runs, one per seed, "
     "a cell holds); a run repeating the settings and seed of a newer one (a rerun, or a standalone run and a "
     "sweep's final run) is left out. Mean rows: the mean over the cells of each method; the last row (all) is the "
