@@ -20,7 +20,8 @@ def main(cfg: DictConfig) -> dict[str, Any]:
     run_guarded(lambda: check_config("heal", cfg))  # every value, before torch is imported
     progress.configure(cfg.trainer.progress_bar)
     from potion.core.interrupt import exit_when_interrupted
-    from potion.pipelines.heal import format_result, heal
+    from potion.pipelines.heal import heal
+    from potion.pipelines.heal_report import format_result
 
     command = list(HydraConfig.get().overrides.task)  # the report's next steps repeat the command line
     # SIGTERM: one line, exit 143, the MLflow run marked KILLED (as unlearn.py)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from potion.pipelines.heal import format_result
+from potion.pipelines.heal_report import format_result
 
 
 def test_heal_prints_fractions_and_acc_drop_like_unlearn() -> None:

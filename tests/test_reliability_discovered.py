@@ -12,7 +12,7 @@ from PIL import Image
 
 from potion.core.errors import DataError
 from potion.data.sources import load_dataset
-from potion.pipelines.heal import resolve_discovered
+from potion.pipelines.heal_inputs import resolve_discovered
 
 
 def _folder(root: Path) -> Path:
