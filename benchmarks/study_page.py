@@ -32,7 +32,7 @@ def page(report: Path) -> str:
     status = ROOT / "benchmarks" / "study" / "cpu_tier" / "STATUS.md"
     if status.is_file():
         parts.append(demoted(status.read_text()))
-    tables = [demoted((report / name).read_text()) for name in ("table.md", "comparisons.md")
+    tables = [demoted((report / name).read_text()) for name in ("targets.md", "table.md", "comparisons.md")
               if (report / name).is_file()]
     parts += tables or ["The study's store holds no finished cell yet."]
     return "\n\n".join(p.strip() for p in parts) + "\n"

@@ -56,6 +56,7 @@ from potion.reporting.query import (
     select,
 )
 from potion.reporting.render import CSV_COLUMNS, csv_text, markdown_tables, runs_csv_text
+from potion.reporting.targets import target_rows, targets_markdown
 from potion.tracking.tracker import MlflowTracker
 
 __all__ = ["CSV_COLUMNS", "NoRunsError", "aggregate", "build_report", "collect_runs", "main", "markdown_tables",
@@ -74,8 +75,10 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
     paths = [atomic_write_text(out / "table.md", markdown_tables(cells, methods)),
              atomic_write_text(out / "table.csv", csv_text(cells)),
              atomic_write_text(out / "runs.csv", runs_csv_text(rows))]
-    if any(r["method"] == "potion" for r in rows):  # potion against each competitor, paired by seed
-        paths.append(atomic_write_text(out / "comparisons.md", comparisons_markdown(comparisons(rows))))
+    if any(r["method"] == "potion" for r in rows):  # potion against each competitor, paired by seed; the targets
+        compared = comparisons(rows)
+        paths.append(atomic_write_text(out / "comparisons.md", comparisons_markdown(compared)))
+        paths.append(atomic_write_text(out / "targets.md", targets_markdown(target_rows(cells, compared))))
     suffixes = study_suffixes(study_of(c) for c in cells)
     for study, suffix in suffixes.items():
         own = [c for c in cells if study_of(c) == study]

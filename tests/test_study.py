@@ -98,3 +98,23 @@ def test_the_tier_models_travel_as_finished_run_folders_only(tmp_path: Path) -> 
     assert not study_models.copy_run(half, kept / half.name)  # unfinished: no summary.json
     assert not study_models.copy_run(done, kept / done.name)  # already there
     assert sorted(p.name for p in (kept / done.name).iterdir()) == ["model.safetensors", "summary.json"]
+
+
+def test_the_targets_are_checked_from_the_cells_and_a_miss_is_kept() -> None:
+    from potion.reporting.aggregate import aggregate
+    from potion.reporting.compare import comparisons
+    from potion.reporting.targets import target_rows, targets_markdown
+
+    rows = [{**_row("potion", s, h, d), "asr": a, "unlearn_seconds": 10.0, "n_p": 100, "n_f": 10, "share": 0.1,
+             "column": "potion", "method_params": ()}
+            for s, (h, d, a) in enumerate(((95.0, 1.0, 0.02), (93.0, 2.5, 0.04), (94.0, 3.1, 0.03)))]
+    rows += [{**_row("rem", s, 96.0, 1.0), "unlearn_seconds": 30.0, "n_p": 100, "n_f": 10, "share": 0.1,
+              "column": "rem", "method_params": ()} for s in range(3)]
+    out = {r["target"]: r for r in target_rows(aggregate(rows), comparisons(rows))}
+    assert out["potion at 10%: healed_attainable >= 90"]["met"]
+    assert out["potion at 10%: asr <= 0.05"]["met"]
+    assert not out["potion at 10%: acc_drop <= 2"]["met"]  # mean 2.2: a miss is a row, not dropped
+    assert out["potion at 10% not worse than rem"]["met"]  # 94 vs 96 within the seeds: no difference shown
+    assert out["potion at 10%: time <= 0.2 x rem's"]["value"] == pytest.approx(1 / 3)
+    assert not out["potion at 10%: time <= 0.2 x rem's"]["met"]
+    assert "**no**" in targets_markdown(list(out.values()))
