@@ -22,7 +22,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"
 
 # The study's CPU tier (benchmarks/study.md): resumable; the tier's models and store travel with the repository.
-STUDY_DB := sqlite:///benchmarks/study/cpu_tier/mlflow.db
+STUDY ?= cpu_tier
+STUDY_DB := sqlite:///benchmarks/study/$(STUDY)/mlflow.db
 study-cpu: $(STAMP)
 	$(PY) benchmarks/study_models.py restore
 	$(PY) unlearn.py -m +study=cpu_overview
@@ -31,8 +32,8 @@ study-cpu: $(STAMP)
 	$(MAKE) study-report
 
 study-report: $(STAMP)
-	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --out benchmarks/study/cpu_tier/report
-	$(PY) benchmarks/study_page.py
+	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --out benchmarks/study/$(STUDY)/report
+	$(PY) benchmarks/study_page.py --report benchmarks/study/$(STUDY)/report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -29,7 +29,7 @@ def demoted(markdown: str) -> str:
 def page(report: Path) -> str:
     """The page for a report folder (its tables, or a line saying the store holds no cell yet)."""
     parts = [HEADER]
-    status = ROOT / "benchmarks" / "study" / "cpu_tier" / "STATUS.md"
+    status = report.parent / "STATUS.md"  # the tier's own notes, written by the sessions that ran it
     if status.is_file():
         parts.append(demoted(status.read_text()))
     tables = [demoted((report / name).read_text()) for name in ("targets.md", "table.md", "comparisons.md")
