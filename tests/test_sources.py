@@ -14,9 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
+from potion.config.compose import check_node
+from potion.config.schema import Dataset
 from potion.core.errors import ConfigError, DataError
 from potion.data import sources
 from potion.data.sources import DatasetBundle, load_dataset
+from potion.data.sources.cache import read_cache
+from potion.data.sources.cifar import LAYOUTS
 
 pytestmark = pytest.mark.usefixtures("cache")  # every test decodes into its own cache folder (tests/conftest.py)
 
@@ -110,8 +114,6 @@ def test_imagefolder_empty_or_missing(tmp_path: Path) -> None:
         load_dataset("imagefolder", tmp_path / "empty")
     with pytest.raises(DataError, match="not found"):
         load_dataset("imagefolder", tmp_path / "nowhere")
-    with pytest.raises(ConfigError, match=r"dataset.path"):
-        load_dataset("imagefolder")
     _write_folder(tmp_path / "d", {"a": (1, 1), "b": (1, 1)})
     (tmp_path / "d" / "test" / "c").mkdir()
     (tmp_path / "d" / "train" / "c").mkdir()
@@ -234,10 +236,17 @@ def test_oversized_tar_header_is_refused(tmp_path: Path) -> None:
         load_dataset("imagefolder", archive, archive_limits={"archive_max_member_mb": 1})
 
 
+def _check_dataset(**values: object) -> None:
+    """The schema's check of a dataset config: the one place its values are checked before data is read."""
+    base = {"name": "digits", "source": "digits", "path": None, "download": False, "image_size": None,
+            "mean": None, "std": None}
+    check_node(Dataset, {**base, **values}, "dataset")
+
+
 @pytest.mark.parametrize("bad", [0, -1, "abc", True, float("nan")])
-def test_bad_archive_limit_is_a_config_error(tmp_path: Path, bad: object) -> None:
+def test_bad_archive_limit_is_a_config_error(bad: object) -> None:
     with pytest.raises(ConfigError, match="dataset.archive_max_member_mb"):
-        load_dataset("digits", archive_limits={"archive_max_member_mb": bad})
+        _check_dataset(archive_max_member_mb=bad)
 
 
 def test_archive_within_limits_still_loads(tmp_path: Path) -> None:
@@ -254,7 +263,7 @@ def test_archive_within_limits_still_loads(tmp_path: Path) -> None:
 def _write_cifar(root: Path, source: str, n: int = 4, num_classes: int = 3, key_type: type = str) -> Path:
     rng = np.random.default_rng(1)
     k = (lambda s: s.encode()) if key_type is bytes else (lambda s: s)
-    layout = sources._CIFAR[source]
+    layout = LAYOUTS[source]
     folder = root / layout.folder
     folder.mkdir(parents=True)
     names = [f"class{i}" for i in range(num_classes)]
@@ -280,9 +289,9 @@ def test_cifar_pickles(tmp_path: Path, source: str, n_train_files: int, key_type
     assert bundle.name == source and bundle.classes == ("class0", "class1", "class2")
     assert bundle.train.images.shape == (4 * n_train_files, 3, 32, 32) and bundle.test.images.shape == (4, 3, 32, 32)
     assert bundle.train.paths is None
-    with open(folder / sources._CIFAR[source].test[0], "rb") as fh:
+    with open(folder / LAYOUTS[source].test[0], "rb") as fh:
         raw = pickle.load(fh)
-    label_key = sources._CIFAR[source].label_key
+    label_key = LAYOUTS[source].label_key
     raw = {(key.decode() if isinstance(key, bytes) else key): v for key, v in raw.items()}
     assert bundle.test.labels.tolist() == raw[label_key]
     assert np.array_equal(bundle.test.images.numpy(), raw["data"].reshape(-1, 3, 32, 32))
@@ -376,7 +385,7 @@ def test_cache_hit_corrupt_and_content(
         third = load_dataset("imagefolder", tmp_path / "d")
     assert "unreadable" in caplog.text
     assert torch.equal(third.train.images, first.train.images)
-    assert sources._read_cache(cache_file) is not None  # rebuilt and valid again
+    assert read_cache(cache_file) is not None  # rebuilt and valid again
 
     pixels = np.zeros((8, 8, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(tmp_path / "d" / "test" / "b" / "000.png")
@@ -404,11 +413,13 @@ def test_mean_std_computed_and_given(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="3 channel"):
         load_dataset("imagefolder", tmp_path / "d", mean=[0.5], std=[0.2])
     with pytest.raises(ConfigError, match="> 0"):
-        load_dataset("imagefolder", tmp_path / "d", std=[0.2, 0.0, 0.2])
+        _check_dataset(std=[0.2, 0.0, 0.2])
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ConfigError, match="cifar10, cifar100, digits, imagefolder"):
-        load_dataset("mnist")
+    with pytest.raises(ConfigError, match="must be one of"):
+        _check_dataset(source="mnist")
     with pytest.raises(ConfigError, match="image_size"):
-        load_dataset("digits", image_size=0)
+        _check_dataset(image_size=0)
+    with pytest.raises(ConfigError, match="dataset.path"):
+        _check_dataset(source="imagefolder")
