@@ -15,8 +15,8 @@ def main(cfg: DictConfig) -> Any:
     """Run one unlearning (or, inside `python sweep.py`, one PTN job); return its summary (Hydra's JobReturn)."""
     from potion.core import progress
     from potion.core.interrupt import exit_when_interrupted
-    from potion.sweep.driver import CANDIDATE, PREPARE, job_role
     from potion.sweep.jobs import dispatch
+    from potion.sweep.protocol import CANDIDATE, PREPARE, job_role
 
     quiet_third_party()
     fast_exit()

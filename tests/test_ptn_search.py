@@ -17,7 +17,8 @@ import pytest
 
 from potion.config.compose import compose_config
 from potion.core.errors import ConfigError
-from potion.sweep.driver import SweepSettings, check_sizes, run_sweep
+from potion.sweep.driver import SweepSettings, run_sweep
+from potion.sweep.protocol import check_sizes
 
 A0, THRESHOLD = 0.9, 0.09
 

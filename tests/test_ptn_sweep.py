@@ -22,7 +22,7 @@ import pytest
 
 from potion.config.compose import compose_config
 from potion.core.errors import ConfigError
-from potion.sweep.driver import (
+from potion.sweep.protocol import (
     CANDIDATE,
     FINAL,
     PREPARE,

@@ -362,7 +362,7 @@ def test_repeats_of_one_measurement_count_once_and_the_newest_wins() -> None:
 
 
 def test_the_sweeper_keys_left_out_are_the_sweepers() -> None:
-    from potion.sweep.driver import SWEEPER_KEYS
+    from potion.sweep.protocol import SWEEPER_KEYS
 
     assert SWEEPER_PARAMS == SWEEPER_KEYS
 

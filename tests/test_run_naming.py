@@ -189,7 +189,7 @@ class FakeJobs:
         return [SimpleNamespace(return_value=self.value(job)) for job in jobs]
 
     def value(self, job: list[str]) -> Any:
-        from potion.sweep.driver import TRACKING_KEY, TRAIN_INFO
+        from potion.sweep.protocol import TRACKING_KEY, TRAIN_INFO
 
         opts = dict(o.lstrip("+").split("=", 1) for o in job)
         role = opts["ptn_job.role"]
@@ -214,7 +214,8 @@ class FakeJobs:
 
 
 def _sweep(tmp_path: Path, uri: str, sweep: str) -> tuple[dict[str, Any], FakeJobs]:
-    from potion.sweep.driver import SweepSettings, check_sizes, run_sweep
+    from potion.sweep.driver import SweepSettings, run_sweep
+    from potion.sweep.protocol import check_sizes
 
     cfg = compose_config("unlearn", ["train_run=x", "method=potion", f"logger.tracking_uri={uri}",
                                      "method.ptn.max_steps=30", f"out_dir={tmp_path / 'final'}"])

@@ -75,18 +75,19 @@ class PTNSweeper(Sweeper):
         return module.rpartition(".")[0] or module
 
     def _sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
-        from potion.sweep import driver as ptn_sweep
+        from potion.sweep.driver import SweepSettings, run_sweep
+        from potion.sweep.protocol import check_ptn_config, check_sizes
 
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
-        steps_per_job = ptn_sweep.check_sizes(self.batch_size, self.steps_per_job)
+        steps_per_job = check_sizes(self.batch_size, self.steps_per_job)
         given = self._user_overrides(arguments)
         cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(arguments))
-        ptn_sweep.check_ptn_config(cfg)
+        check_ptn_config(cfg)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
-        settings = ptn_sweep.SweepSettings(self.batch_size, steps_per_job, type(self.launcher).__name__, given)
-        return ptn_sweep.run_sweep(cfg, arguments, self._launch, settings, sweep_dir)
+        settings = SweepSettings(self.batch_size, steps_per_job, type(self.launcher).__name__, given)
+        return run_sweep(cfg, arguments, self._launch, settings, sweep_dir)
 
     def _launch(self, batch: list[list[str]]) -> Sequence[JobReturn]:
         """One launch of jobs, numbered on from the previous launch's."""
@@ -99,7 +100,7 @@ class PTNSweeper(Sweeper):
     def _user_overrides(self, arguments: list[str]) -> dict[str, Any]:
         """The command line's overrides as {key: value}; sweeps and the sweeper's own keys are refused."""
         from potion.core.errors import ConfigError
-        from potion.sweep.driver import SWEEPER_KEYS
+        from potion.sweep.protocol import SWEEPER_KEYS
 
         assert self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)

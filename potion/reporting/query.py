@@ -26,7 +26,7 @@ SWEEP_SECONDS = "ptn_wall_seconds"
 METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds", "data_passes")
 COMMIT_TAG = "mlflow.source.git.commit"
 # The params that name a measurement's settings (a key or a dotted prefix), and those the PTN sweeper sets per
-# job, never the user (potion.sweep.driver.SWEEPER_KEYS; a test keeps the two equal).
+# job, never the user (potion.sweep.protocol.SWEEPER_KEYS; a test keeps the two equal).
 SETTING_PARAMS = ("method", "discovery", "poison", "dataset", "model", "seed")
 SWEEPER_PARAMS = ("method.ptn.fixed_step", "ptn_job")
 # Settings a run resolved itself (PTN's threshold, the SGD settings a method fell back to): not the user's, so they

@@ -1,5 +1,5 @@
 """PTN as a Hydra multirun, the jobs' side: unlearn.py's work for each ``ptn_job.role`` the ``ptn`` sweeper sets
-(see :mod:`potion.sweep.driver`), and a plain unlearning run without one.
+(see :mod:`potion.sweep.driver`, :mod:`potion.sweep.protocol`), and a plain unlearning run without one.
 
 Jobs return plain values and never open the tracking store: the sweeper writes every run.
 """
@@ -22,7 +22,7 @@ from potion.core.schedule import cpu_threads
 from potion.data.defender import defender_view
 from potion.data.poisoned import load_data, poison
 from potion.pipelines.unlearn import make_task, resolve_device, run_unlearning, trained_inputs
-from potion.sweep.driver import (
+from potion.sweep.protocol import (
     CANDIDATE,
     JOB_KEY,
     PREPARE,
