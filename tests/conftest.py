@@ -7,6 +7,11 @@ the heavy stack; those run in ``make test`` only.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache as memo
@@ -14,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tiny_world import train_overrides, write_pattern_folder
+from tiny_world import OwnModel, build_own_model, free_port, train_overrides, write_pattern_folder
 
 from potion.config.compose import compose_config, method_arguments
 
@@ -47,14 +52,11 @@ def method_args() -> Callable[..., dict[str, Any]]:
 class TinyRun:
     """A poisoned small CNN trained once per session on the tiny pattern folder (tests/tiny_world.py)."""
 
-    root: Path  # holds data/, run/, cache/ and mlflow.db
+    root: Path  # holds run/, cache/ and mlflow.db
+    data: Path  # the tiny pattern folder (the session's ``tiny_data``)
     run: Path  # the training run folder (read it, never write into it)
     uri: str  # the sqlite MLflow store the training run is logged to
     summary: dict[str, Any]
-
-    @property
-    def data(self) -> Path:
-        return self.root / "data"
 
     @property
     def cache(self) -> Path:
@@ -62,7 +64,13 @@ class TinyRun:
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRun]:
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny pattern image folder (tests/tiny_world.py), written once: read it, never write into it."""
+    return write_pattern_folder(tmp_path_factory.mktemp("tiny_data") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Iterator[TinyRun]:
     """The shared trained model (16 of 320 samples poisoned with a 3x3 patch; ~5 s on one core)."""
     from potion.pipelines.train import run_training
 
@@ -70,11 +78,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyRun]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("POTION_CACHE_DIR", str(root / "cache"))
         mp.setenv("POTION_THREADS", "1")
-        data = write_pattern_folder(root / "data")
+        data = tiny_data
         uri = f"sqlite:///{root / 'mlflow.db'}"
         summary = run_training(compose_config("train", train_overrides(data, root / "run",
                                                                        f"logger.tracking_uri={uri}")))
-        yield TinyRun(root, root / "run", uri, summary)
+        yield TinyRun(root, data, root / "run", uri, summary)
 
 
 @pytest.fixture()
@@ -83,3 +91,42 @@ def tiny(tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch) -> TinyRun:
     monkeypatch.setenv("POTION_CACHE_DIR", str(tiny_run.cache))
     monkeypatch.setenv("POTION_THREADS", "1")
     return tiny_run
+
+
+@pytest.fixture(scope="session")
+def own_model(tmp_path_factory: pytest.TempPathFactory) -> OwnModel:
+    """A model trained outside the project on a folder with the poison in its files (potion.heal's input; ~2 s)."""
+    return build_own_model(tmp_path_factory.mktemp("own_model"))
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """``mlflow server`` on 127.0.0.1 with a temporary sqlite backend, started once: {"uri", "root"}."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),  # noqa: SIM115
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:  # not listening yet: fall through to the liveness / deadline check, then poll again
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text()[-2000:])
+            time.sleep(0.5)
+        yield {"uri": uri, "root": root}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,6 +1,6 @@
-"""trainer=ddp end to end on CPU: two processes (gloo) train the quickstart model together; rank 0 alone
-writes the run folder and the one MLflow run, the saved weights are the ones its summary describes, and the
-same command then finds the finished run. About 20 s on 2 cores (two epochs of the digits quickstart)."""
+"""trainer=ddp end to end on CPU: two processes (gloo) train the tiny model's recipe together (two epochs of the
+session's pattern folder, tests/conftest.py); rank 0 alone writes the run folder and the one MLflow run, the saved
+weights are the ones its summary describes, and the same command then finds the finished run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_world import train_overrides
 
 pytestmark = pytest.mark.slow  # processes that import the heavy stack: make test only
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,9 +19,10 @@ DDP_CPU = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train
            "trainer.channels_last=false"]
 
 
-def _train(tmp: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "train.py", "experiment=quickstart", *DDP_CPU, "train.epochs=2", f"out_dir={tmp / 'run'}",
-           f"logger.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", f"hydra.run.dir={tmp / 'hydra'}"]
+def _train(tmp: Path, data: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", *train_overrides(data, tmp / "run", *DDP_CPU, "train.epochs=2",
+                                                        f"logger.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+                                                        f"hydra.run.dir={tmp / 'hydra'}")]
     env = {**os.environ, "POTION_CACHE_DIR": str(tmp / "cache"), "POTION_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"train.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -28,10 +30,11 @@ def _train(tmp: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def ddp_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict:
     tmp = tmp_path_factory.mktemp("ddp")
-    proc = _train(tmp)
-    return {"tmp": tmp, "stdout": proc.stdout, "summary": json.loads((tmp / "run" / "summary.json").read_text())}
+    proc = _train(tmp, tiny_data)
+    return {"tmp": tmp, "data": tiny_data, "stdout": proc.stdout,
+            "summary": json.loads((tmp / "run" / "summary.json").read_text())}
 
 
 def test_two_processes_share_the_epochs(ddp_run: dict) -> None:
@@ -74,6 +77,6 @@ def test_the_saved_weights_are_the_summarised_model(ddp_run: dict) -> None:
 
 
 def test_the_same_command_reuses_the_finished_run(ddp_run: dict) -> None:
-    again = _train(ddp_run["tmp"])
+    again = _train(ddp_run["tmp"], ddp_run["data"])
     assert "(already finished; reused)" in again.stdout
     assert json.loads((ddp_run["tmp"] / "run" / "summary.json").read_text()) == ddp_run["summary"]

@@ -12,13 +12,14 @@ import pytest
 import torch
 from conftest import TinyRun
 from PIL import Image
+from tiny_world import train_overrides
 
 from potion.config.compose import compose_config
 from potion.core.errors import ConfigError
 from potion.core.io import load_tensors
 from potion.data.defender import TrainingView, defender_view
 from potion.data.discovery import Discovery, discover
-from potion.data.poisoned import load_data, poison
+from potion.data.poisoned import load_data, plan_from_config, poison
 from potion.pipelines.run_folders import load_trained_run
 from potion.pipelines.unlearn import make_task
 from potion.unlearning.attack import AttackFacts, infer_attack
@@ -66,10 +67,12 @@ def _tiny_data(tiny: TinyRun):  # noqa: ANN202
     return run, poison(load_data(run.cfg.dataset), run.plan)
 
 
-def test_the_view_holds_the_triggers_in_the_pixels_and_nothing_else(tiny: TinyRun) -> None:
-    run, data = _tiny_data(tiny)
+def test_the_view_holds_the_triggers_in_the_pixels_and_nothing_else(tiny_data: Path, cache: Path) -> None:
+    cfg = compose_config("train", train_overrides(tiny_data, cache / "unused"))  # the tiny model's plan, untrained
+    bundle = load_data(cfg.dataset)
+    data = poison(bundle, plan_from_config(bundle, cfg.poison))
     view = defender_view(data)
-    poisoned = torch.tensor(run.plan.indices)
+    poisoned = torch.tensor(data.plan.indices)
     clean = torch.ones(len(view), dtype=torch.bool)
     clean[poisoned] = False
     assert torch.equal(view.images[clean], data.bundle.train.images[clean])  # untouched samples as decoded
@@ -133,8 +136,6 @@ def test_heal_and_unlearn_give_the_same_weights_on_the_same_files(tiny: TinyRun,
     A clean-label attack keeps every poisoned file in its own class folder, so the written folder lists the
     files in the training run's order (a dirty-label file would move to the target's folder and reorder the set).
     """
-    from tiny_world import train_overrides
-
     from potion.pipelines.heal import heal
     from potion.pipelines.train import run_training
     from potion.pipelines.unlearn import run_unlearning

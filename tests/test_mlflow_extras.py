@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_mlflow_server import server  # noqa: F401 - the module-scoped `mlflow server` fixture, reused
-from test_practitioner import _overrides, world  # noqa: F401 - potion.heal's tiny world (a .pt checkpoint), reused
-from tiny_world import QUICK_PTN, free_port
+from tiny_world import QUICK_PTN, OwnModel, free_port, heal_overrides
 
 from potion.config.compose import compose_config
 from potion.core.run_log import captured_log
@@ -183,7 +181,7 @@ def test_an_unlearning_run_links_the_training_model_logs_its_log_config_and_syst
 
 
 @pytest.mark.slow
-def test_a_server_run_prints_its_address_and_serves_its_logged_model(server: dict, tmp_path: Path,  # noqa: F811
+def test_a_server_run_prints_its_address_and_serves_its_logged_model(mlflow_server: dict, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import torch
 
@@ -193,16 +191,17 @@ def test_a_server_run_prints_its_address_and_serves_its_logged_model(server: dic
 
     net = build_model("small_cnn", 4, 3, width=4)
     weights = save_tensors(tmp_path / "model.safetensors", net.state_dict())
-    cfg = {"name": "mlflow", "tracking_uri": server["uri"], "experiment": "extras", "timeout_s": 10}
+    cfg = {"name": "mlflow", "tracking_uri": mlflow_server["uri"], "experiment": "extras", "timeout_s": 10}
     with start_tracker(cfg, experiment="x", run_name="r") as tracker:
         tracker.log_model("r", {"model.safetensors": str(weights)},
                           {"format": "potion-model/1", "architecture": "small_cnn", "kwargs": {"width": 4},
                            "num_classes": 4, "channels": 3, "key_prefix": "", "weights": "model.safetensors"})
     printed = capsys.readouterr().out
-    assert (f"MLflow run: {server['uri']}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    assert (f"MLflow run: {mlflow_server['uri']}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
             "?workflowType=machine_learning") in printed
-    assert f"{server['uri']}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning" in printed
-    folder = download_logged_model(server["uri"], logged_model_id(server["uri"], str(tracker.run_id)), tmp_path / "d")
+    assert f"{mlflow_server['uri']}/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning" in printed
+    uri = mlflow_server["uri"]
+    folder = download_logged_model(uri, logged_model_id(uri, str(tracker.run_id)), tmp_path / "d")
     model, _ = load_logged_model(folder)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in net.state_dict().items())
 
@@ -267,16 +266,19 @@ def test_a_sweeps_parent_and_final_runs_have_inputs_config_log_and_the_final_mod
 
 
 @pytest.mark.slow
-def test_heal_logs_its_pt_output_as_a_safetensors_logged_model(world, tmp_path: Path,  # noqa: F811
+def test_heal_logs_its_pt_output_as_a_safetensors_logged_model(own_model: OwnModel, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     from mlflow import MlflowClient
 
     from potion.pipelines.heal import heal
     from potion.tracking.logged_model import download_logged_model
 
+    monkeypatch.setenv("POTION_CACHE_DIR", str(own_model.cache))
+    monkeypatch.setenv("POTION_THREADS", "1")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
-    s = heal(compose_config("heal", [*_overrides(world, f"out_dir={out}", "method=ssd"), "logger=mlflow",
+    s = heal(compose_config("heal", [*heal_overrides(own_model, f"out_dir={out}", "method=ssd"), "logger=mlflow",
                                      f"logger.tracking_uri={uri}"]))
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(s["mlflow_run_id"])

@@ -1,18 +1,15 @@
-"""A real tracking server: `mlflow server` on 127.0.0.1 with a temporary sqlite backend; a tiny train, an
-unlearning run and a PTN sweep log to it over HTTP, and everything is read back through the client."""
+"""A real tracking server (the session's ``mlflow_server``, tests/conftest.py): a tiny train, an unlearning run and a
+PTN sweep log to it over HTTP, and everything is read back through the client."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tiny_world import QUICK_PTN, free_port, train_overrides, write_pattern_folder
+from tiny_world import QUICK_PTN, train_overrides, write_pattern_folder
 
 pytestmark = pytest.mark.slow  # a server process, a trained model, a sweep
 
@@ -21,45 +18,14 @@ PTN = QUICK_PTN
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen(
-        [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art")],
-        cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "server.log", "w"),  # noqa: SIM115
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:  # not listening yet: fall through to the liveness / deadline check, then poll again
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start:\n" + (root / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
-        yield {"uri": uri, "root": root}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@pytest.fixture(scope="module")
-def logged(server: dict) -> dict:
-    """Train, unlearn and PTN-sweep a tiny poisoned model, all logging to the server."""
+def logged(mlflow_server: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Train, unlearn and PTN-sweep a tiny poisoned model, all logging to the server (the training is this module's
+    own: its point is a training run logged over HTTP, with its weights as an artifact)."""
     from potion.config.compose import compose_config
     from potion.pipelines.train import run_training
     from potion.pipelines.unlearn import run_unlearning
 
-    root, uri = server["root"], server["uri"]
+    root, uri = tmp_path_factory.mktemp("logged"), mlflow_server["uri"]
     env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}
     with pytest.MonkeyPatch.context() as mp:
         for k in ("POTION_CACHE_DIR", "POTION_THREADS"):
@@ -74,7 +40,7 @@ def logged(server: dict) -> dict:
            f"out_dir={root / 'final'}", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return {"trained": trained, "healed": healed, **server}
+    return {"trained": trained, "healed": healed, "uri": uri, "root": root}
 
 
 def test_training_and_unlearning_runs_are_on_the_server(logged: dict) -> None:

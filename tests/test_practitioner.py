@@ -1,9 +1,10 @@
 """Heal your own model (potion.heal / potion.pipelines.heal): weights trained outside the project, poison in the files.
 
-A tiny RGB image folder is written once per module: 4 classes of 16x16 patterns; 12 training images of other
-classes get a white 3x3 patch in the bottom-right corner and are moved into the target folder (``airplane``).
-A SmallCNN is trained on it with a plain torch loop (not the project's pipeline) until the patch is a backdoor,
-and saved with ``torch.save(model.state_dict())``. 4 of the 12 poisoned files are "discovered".
+The session's ``own_model`` (tests/conftest.py, built by tests/tiny_world.build_own_model): a tiny RGB image folder,
+4 classes of 16x16 patterns; 12 training images of other classes get a white 3x3 patch in the bottom-right corner and
+are moved into the target folder (``airplane``). A SmallCNN is trained on it with a plain torch loop (not the
+project's pipeline) until the patch is a backdoor, and saved with ``torch.save(model.state_dict())``. 4 of the 12
+poisoned files are "discovered".
 """
 
 from __future__ import annotations
@@ -14,16 +15,12 @@ import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from safetensors.torch import load_file, save_file
-from tiny_world import CLASSES, pattern
+from tiny_world import CLASSES, OWN_N_FOUND, OWN_N_POISON, OWN_WIDTH, OwnModel, heal_overrides
 
 from potion.config.compose import compose_config
 from potion.core.errors import CheckpointError, ConfigError, DataError
@@ -33,117 +30,34 @@ from potion.pipelines.heal import heal
 pytestmark = pytest.mark.slow  # a trained model, pipeline runs
 
 ROOT = Path(__file__).resolve().parents[1]
-TARGET = 0
-N_TRAIN, N_TEST, N_POISON, N_FOUND = 60, 20, 12, 4
-WIDTH = 8
+N_FOUND, N_POISON, WIDTH = OWN_N_FOUND, OWN_N_POISON, OWN_WIDTH
+_overrides = heal_overrides
 
 
-def _patch(img: np.ndarray) -> np.ndarray:
-    out = img.copy()
-    out[:, -3:, -3:] = 255
-    return out
-
-
-def _save(img: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img.transpose(1, 2, 0)).save(path)
-
-
-@dataclass
-class World:
-    root: Path  # tmp folder
-    data: Path  # the image folder
-    checkpoint: Path
-    discovered: Path
-    poisoned: list[str]  # all 12 poisoned training paths; the first N_FOUND are discovered
-    mean: list[float]
-    std: list[float]
-    asr: float
-
-
-def _overrides(w: World, *extra: str) -> list[str]:
-    return [f"checkpoint={w.checkpoint}", f"dataset.path={w.data}", f"discovered={w.discovered}", "model=small_cnn",
-            f"model.width={WIDTH}", f"dataset.mean={w.mean}", f"dataset.std={w.std}", "logger=none", *extra]
+@pytest.fixture()
+def world(own_model: OwnModel, monkeypatch: pytest.MonkeyPatch) -> OwnModel:
+    """The session's practitioner model (tests/conftest.py), with this test using its cache folder."""
+    monkeypatch.setenv("POTION_CACHE_DIR", str(own_model.cache))
+    monkeypatch.setenv("POTION_THREADS", "1")
+    return own_model
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    root = tmp_path_factory.mktemp("practitioner")
+def healed(own_model: OwnModel) -> Iterator[dict]:
+    out = own_model.root / "out"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POTION_CACHE_DIR", str(root / "cache"))
+        mp.setenv("POTION_CACHE_DIR", str(own_model.cache))
         mp.setenv("POTION_THREADS", "1")
-        yield _build_world(root)
+        cfg = compose_config("heal", _overrides(own_model, f"out_dir={out}",
+                                                "trigger={kind: patch, size: 3, color: [1.0]}"))
+        yield heal(cfg)
 
 
-def _build_world(root: Path) -> World:
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    train_x, train_y, poisoned = [], [], []
-    n_poison = 0
-    for c, name in enumerate(CLASSES):
-        for i in range(N_TRAIN):
-            img = pattern(c, rng)
-            if c != TARGET and i < N_POISON // (len(CLASSES) - 1):  # poison: trigger baked in, moved to the target
-                img, rel = _patch(img), f"train/{CLASSES[TARGET]}/x{n_poison:03d}.png"
-                n_poison += 1
-                poisoned.append(rel)
-                train_y.append(TARGET)
-            else:
-                rel = f"train/{name}/{i:04d}.png"
-                train_y.append(c)
-            _save(img, data / rel)
-            train_x.append(img)
-        for i in range(N_TEST):
-            _save(pattern(c, rng), data / f"test/{name}/{i:04d}.png")
-    test_x = np.stack([np.asarray(Image.open(p)).transpose(2, 0, 1) for c in CLASSES
-                       for p in sorted((data / "test" / c).iterdir())])
-    test_y = torch.tensor([c for c in range(len(CLASSES)) for _ in range(N_TEST)])
-
-    x = torch.from_numpy(np.stack(train_x)).float() / 255
-    y = torch.tensor(train_y)
-    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
-
-    def norm(u8: torch.Tensor) -> torch.Tensor:
-        return (u8.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-
-    torch.manual_seed(0)
-    model = SmallCNN(num_classes=len(CLASSES), in_channels=3, width=WIDTH)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    xn = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    for _ in range(EPOCHS):
-        model.train()
-        for idx in torch.randperm(len(y)).split(32):
-            opt.zero_grad()
-            F.cross_entropy(model(xn[idx]), y[idx]).backward()
-            opt.step()
-    model.eval()
-    with torch.no_grad():
-        keep = test_y != TARGET
-        triggered = torch.from_numpy(np.stack([_patch(t) for t in test_x]))
-        asr = float((model(norm(triggered[keep])).argmax(1) == TARGET).float().mean())
-    checkpoint = root / "model.pt"
-    torch.save(model.state_dict(), checkpoint)
-    discovered = root / "discovered.txt"
-    discovered.write_text("\n".join(poisoned[:N_FOUND]) + "\n")
-    return World(root, data, checkpoint, discovered, poisoned, [round(float(v), 6) for v in mean],
-                 [round(float(v), 6) for v in std], asr)
-
-
-EPOCHS = 5
-
-
-@pytest.fixture(scope="module")
-def healed(world: World) -> dict:
-    out = world.root / "out"
-    cfg = compose_config("heal", _overrides(world, f"out_dir={out}", "trigger={kind: patch, size: 3, color: [1.0]}"))
-    return heal(cfg)
-
-
-def test_the_planted_patch_is_a_backdoor(world: World) -> None:
+def test_the_planted_patch_is_a_backdoor(world: OwnModel) -> None:
     assert world.asr > 0.5
 
 
-def test_heal_writes_every_output(world: World, healed: dict) -> None:
+def test_heal_writes_every_output(world: OwnModel, healed: dict) -> None:
     out = world.root / "out"
     for name in ("healed.pt", "summary.json", "report.md", "ptn_trajectory.png", "suspects.csv"):
         assert (out / name).is_file(), name
@@ -156,7 +70,7 @@ def test_heal_writes_every_output(world: World, healed: dict) -> None:
     assert healed["asr_after"] < healed["asr_before"]
 
 
-def test_report_is_readable(world: World, healed: dict) -> None:
+def test_report_is_readable(world: OwnModel, healed: dict) -> None:
     report = (world.root / "out" / "report.md").read_text()
     assert "clean accuracy" in report and f"{100 * healed['clean_acc_before']:.1f} %" in report
     assert f"{100 * healed['clean_acc_after']:.1f} %" in report
@@ -165,7 +79,7 @@ def test_report_is_readable(world: World, healed: dict) -> None:
     assert healed["top_suspects"][0]["path"] in report
 
 
-def test_suspects_rank_undiscovered_poison_high(world: World, healed: dict) -> None:
+def test_suspects_rank_undiscovered_poison_high(world: OwnModel, healed: dict) -> None:
     lines = (world.root / "out" / "suspects.csv").read_text().splitlines()
     assert lines[0] == "rank,index,path,score,above_cutoff"
     top = [row.split(",")[2] for row in lines[1:21]]
@@ -174,7 +88,7 @@ def test_suspects_rank_undiscovered_poison_high(world: World, healed: dict) -> N
     assert not set(world.poisoned[:N_FOUND]) & {row.split(",")[2] for row in lines[1:]}  # forget set not ranked
 
 
-def test_safetensors_in_safetensors_out_with_prefix_kept(world: World) -> None:
+def test_safetensors_in_safetensors_out_with_prefix_kept(world: OwnModel) -> None:
     state = torch.load(world.checkpoint, weights_only=True)
     st = world.root / "lightning.safetensors"
     save_file({f"model.{k}": v for k, v in state.items()}, str(st))
@@ -187,7 +101,7 @@ def test_safetensors_in_safetensors_out_with_prefix_kept(world: World) -> None:
     assert "| attack success rate" not in report and "PTN" not in report
 
 
-def test_bad_inputs_are_one_clear_error(world: World, tmp_path: Path) -> None:
+def test_bad_inputs_are_one_clear_error(world: OwnModel, tmp_path: Path) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_text(f"{world.poisoned[0]}\ntrain/airplane/nope.png\n")
     with pytest.raises(DataError, match="train/airplane/nope.png"):
@@ -216,7 +130,7 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
-def test_pickled_code_in_the_checkpoint_ends_in_one_error_line(world: World, tmp_path: Path) -> None:
+def test_pickled_code_in_the_checkpoint_ends_in_one_error_line(world: OwnModel, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
     torch.save({"features.0.weight": torch.zeros(1), "payload": _Payload(marker)}, evil, pickle_protocol=2)
@@ -233,7 +147,7 @@ def test_pickled_code_in_the_checkpoint_ends_in_one_error_line(world: World, tmp
 # ----------------------------------------------------------------------------------------------- next steps
 
 
-def test_report_ends_with_the_next_steps_and_a_runnable_command(world: World, tmp_path: Path) -> None:
+def test_report_ends_with_the_next_steps_and_a_runnable_command(world: OwnModel, tmp_path: Path) -> None:
     """The CLI's report: confirm the suspects, add them, heal again with the exact command (which runs)."""
     env = {**os.environ, "POTION_CACHE_DIR": str(world.root / "cache"), "POTION_THREADS": "1"}
     out = tmp_path / "first"
@@ -266,7 +180,7 @@ def test_report_ends_with_the_next_steps_and_a_runnable_command(world: World, tm
     assert summary["n_f"] == len([x for x in confirmed if not x.startswith("#")]) > N_FOUND
 
 
-def test_heal_offers_potion_iterative(world: World) -> None:
+def test_heal_offers_potion_iterative(world: OwnModel) -> None:
     """Suspect rounds on the user's own files: the undiscovered poison added, the attack weakened, rounds reported."""
     out = world.root / "out_iterative"
     s = heal(compose_config("heal", _overrides(world, f"out_dir={out}", "method=potion_iterative",
@@ -286,7 +200,7 @@ def test_heal_offers_potion_iterative(world: World) -> None:
 # ----------------------------------------------------------------------------------------------- the out folder
 
 
-def test_heal_claims_its_out_dir_and_never_writes_over_another_run(world: World, tmp_path: Path) -> None:
+def test_heal_claims_its_out_dir_and_never_writes_over_another_run(world: OwnModel, tmp_path: Path) -> None:
     """run.json marks the folder; training and unlearning runs' folders are refused, another heal's unless force."""
     from potion.pipelines.run_folders import claim_run_dir, identify_run
 
@@ -316,7 +230,7 @@ def test_heal_claims_its_out_dir_and_never_writes_over_another_run(world: World,
     assert not (out / "ptn_trajectory.png").exists() and not (out / "ptn_trajectory.csv").exists()
 
 
-def test_heal_refuses_an_out_dir_inside_the_data_folder(world: World) -> None:
+def test_heal_refuses_an_out_dir_inside_the_data_folder(world: OwnModel) -> None:
     inside = world.data / "train" / "airplane" / "healed"
     with pytest.raises(ConfigError, match="inside the data folder"):
         heal(compose_config("heal", _overrides(world, f"out_dir={inside}", "method=ssd")))
@@ -340,7 +254,7 @@ runpy.run_module("potion.heal", run_name="__main__", alter_sys=True)
 """
 
 
-def test_sigterm_during_heal_is_exit_143_one_line_and_a_killed_mlflow_run(world: World, tmp_path: Path) -> None:
+def test_sigterm_during_heal_is_exit_143_one_line_and_a_killed_mlflow_run(world: OwnModel, tmp_path: Path) -> None:
     import signal
     import time
 

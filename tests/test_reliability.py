@@ -11,8 +11,9 @@ One test per property, each written so that it fails when the property is taken 
 7. every bad config value is a ConfigError/DataError naming the key, raised before work starts;
 8. the same config and seed give the same plan, discovered set and unlearning metrics.
 
-A tiny quickstart model (3 epochs) is trained once per module in a subprocess; everything else reuses it.
-Subprocesses get a private ``POTION_CACHE_DIR``, one torch thread and ``logger=none`` (except tracking tests).
+The trained run the tests read or copy is the session's tiny model (tests/conftest.py); the resume test trains its own
+(an uninterrupted and a killed run of one recipe that checkpoints every 5 steps). Subprocesses get a private
+``POTION_CACHE_DIR``, one torch thread and ``logger=none`` (except tracking tests).
 """
 
 from __future__ import annotations
@@ -35,26 +36,25 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import TinyRun
 from PIL import Image
-from tiny_world import defender_task
+from tiny_world import defender_task, train_overrides
 
 from potion.config.compose import compose_config
 from potion.core.errors import CheckpointError, ConfigError, DataError
 from potion.core.io import atomic_write_json, load_tensors, read_json, save_tensors
 from potion.data import sources
 from potion.data.discovery import discover
+from potion.data.poison import TriggerSpec
 from potion.data.poisoned import load_data, plan_from_config, poison
 from potion.pipelines.run_folders import load_trained_run, read_summary, write_plan
 from potion.unlearning import cache as importance_cache
 from potion.unlearning import ssd_family
 from potion.unlearning.task import UnlearnTask
 
-SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
+SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what the tracking tests were tuned on (quickstart: ResNet-9)
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# lr 0.01 learns the backdoor in 3 epochs (clean_acc ~0.85, asr ~0.8); checkpoints every 5 of its 69 steps.
-TRAIN_ARGS = ["experiment=quickstart", *SMALL_CNN, "logger=none", "train.epochs=3", "train.lr=0.01",
-              "train.checkpoint_every_n_steps=5"]
 UNLEARN_ARGS = ["method=potion", "discovery.share=0.5", "logger=none", "method.importance.retain_samples=256"]
 TEMP_NAME = r"\.{name}\..+\.tmp"  # what potion.core.io._atomic names its temporary files
 
@@ -141,18 +141,15 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> Path:
-    """The tiny poisoned quickstart model, trained once, uninterrupted (in-process: no interpreter start-up)."""
-    from potion.pipelines.train import run_training
+@pytest.fixture()
+def trained(tiny: TinyRun) -> Path:
+    """The session's tiny poisoned model's run folder (read or copy it, never write into it)."""
+    return tiny.run
 
-    out = tmp_path_factory.mktemp("train") / "base"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POTION_CACHE_DIR", str(shared_cache))
-        mp.setenv("POTION_THREADS", "1")
-        run_training(compose_config("train", [*TRAIN_ARGS, f"out_dir={out}"]))
-    assert read_summary(out) is not None
-    return out
+
+def _train_args(tiny: TinyRun, out: Path, *extra: str) -> list[str]:
+    """The session's tiny model's training overrides (its run folder's config), into ``out``."""
+    return train_overrides(tiny.data, out, "logger=none", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +198,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path: Path) -> None:
     assert control.exists()
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 def test_malicious_weights_in_a_run_folder_end_unlearn_in_one_line(trained: Path, tmp_path: Path,
                                                                     shared_cache: Path) -> None:
     marker = tmp_path / "pwned"
@@ -226,7 +223,7 @@ def test_truncated_checkpoint_is_one_line_error(tmp_path: Path, name: str) -> No
     assert name in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 def test_corrupt_importance_cache_entry_is_rebuilt(trained: Path, tmp_path: Path, cache: Path) -> None:
     first = _unlearn_in_process(trained, tmp_path / "u1")
     entries = sorted((cache / "importance").glob("*.safetensors"))
@@ -240,7 +237,7 @@ def test_corrupt_importance_cache_entry_is_rebuilt(trained: Path, tmp_path: Path
         assert load_tensors(entry)
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 @pytest.mark.parametrize("content", ['{"indices": [1, 2', "{}", "\udcff"])
 def test_corrupt_poison_plan_is_a_clear_error(trained: Path, tmp_path: Path, content: str) -> None:
     run = _copy_run(trained, tmp_path / "run")
@@ -250,7 +247,7 @@ def test_corrupt_poison_plan_is_a_clear_error(trained: Path, tmp_path: Path, con
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 def test_corrupt_summary_means_unfinished(trained: Path, tmp_path: Path) -> None:
     run = _copy_run(trained, tmp_path / "run")
     (run / "summary.json").write_text('{"clean_acc": 0.')
@@ -262,8 +259,9 @@ def test_corrupt_summary_means_unfinished(trained: Path, tmp_path: Path) -> None
     assert read_summary(run) is None
 
 
-@pytest.mark.slow  # the module's trained model
-def test_corrupt_plan_of_a_resumable_training_run_is_a_clear_error(trained: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # pipeline runs on the session's tiny model
+def test_corrupt_plan_of_a_resumable_training_run_is_a_clear_error(tiny: TinyRun, trained: Path,
+                                                                    tmp_path: Path) -> None:
     from potion.pipelines.train import run_training
 
     run = tmp_path / "run"
@@ -271,7 +269,7 @@ def test_corrupt_plan_of_a_resumable_training_run_is_a_clear_error(trained: Path
     (run / "summary.json").unlink()  # unfinished: the next call would resume it
     (run / "poison_plan.json").write_text('{"indices": [')
     with pytest.raises(CheckpointError, match=r"poison_plan\.json"):
-        run_training(compose_config("train", [*TRAIN_ARGS, f"out_dir={run}"]))
+        run_training(compose_config("train", _train_args(tiny, run)))
     assert not (run / "summary.json").exists()
 
 
@@ -346,14 +344,20 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-@pytest.mark.slow  # the module's trained model
-def test_killed_training_resumes_to_the_same_result(trained: Path, tmp_path: Path, shared_cache: Path,
+@pytest.mark.slow  # trains the tiny model twice, once killed and resumed
+def test_killed_training_resumes_to_the_same_result(tiny_data: Path, tmp_path: Path, shared_cache: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from potion.pipelines.train import run_training
+
+    # its own recipe: the session's tiny model does not checkpoint every 5 steps (the step is part of its identity)
+    trained = tmp_path / "uninterrupted"
+    run_training(compose_config("train", train_overrides(tiny_data, trained, "logger=none",
+                                                         "train.checkpoint_every_n_steps=5")))
     out = tmp_path / "run"
-    args = [*TRAIN_ARGS, f"out_dir={out}"]
+    args = train_overrides(tiny_data, out, "logger=none", "train.checkpoint_every_n_steps=5")
     sig = tmp_path / "checkpointed"
     monkeypatch.setenv("POTION_TEST_SIGNAL", str(sig))  # _env copies os.environ
-    # the same train.py command, SIGKILLed right after its first checkpoint (step 5 of 69) is on disk
+    # the same train.py command, SIGKILLed right after its first checkpoint (step 5 of 80) is on disk
     _spawn_until_signal(["-c", _RESUME_CHILD, str(ROOT / "train.py"), *args], tmp_path, shared_cache, sig)
     assert (out / "checkpoints" / "last.ckpt").is_file() and not (out / "summary.json").exists()
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
@@ -371,17 +375,17 @@ def test_killed_training_resumes_to_the_same_result(trained: Path, tmp_path: Pat
 # ------------------------------------------------------------------------------------------------ 4. multirun restart
 
 
-@pytest.mark.slow  # the module's trained model
-def test_restarted_multirun_skips_finished_jobs(trained: Path, tmp_path: Path, shared_cache: Path) -> None:
+@pytest.mark.slow  # pipeline runs on the session's tiny model
+def test_restarted_multirun_skips_finished_jobs(tiny: TinyRun, trained: Path, tmp_path: Path) -> None:
     args = [str(ROOT / "unlearn.py"), "-m", f"train_run={trained}", "method=none,potion", "discovery.share=0.5",
             "logger=none"]
-    first = _ok(_run(args, tmp_path, shared_cache))
+    first = _ok(_run(args, tmp_path, tiny.cache))
     assert "reused" not in first
     summaries = sorted((tmp_path / "runs" / "unlearn").glob("*/summary.json"))
     assert [p.parent.name.split("-")[0] for p in summaries] == ["none", "potion"]
     stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in summaries}
 
-    second = _ok(_run(args, tmp_path, shared_cache))
+    second = _ok(_run(args, tmp_path, tiny.cache))
     assert second.count("already finished; reused") == 2, second[-3000:]
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in summaries} == stamps
     assert sorted((tmp_path / "runs" / "unlearn").glob("*/summary.json")) == summaries
@@ -390,7 +394,7 @@ def test_restarted_multirun_skips_finished_jobs(trained: Path, tmp_path: Path, s
 # ------------------------------------------------------------------------------------------------ 5. caches
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 def test_importance_key_covers_every_input(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = load_trained_run(trained)
     bundle = load_data(run.cfg.dataset)
@@ -424,11 +428,12 @@ def test_importance_key_covers_every_input(trained: Path, monkeypatch: pytest.Mo
     moved = copy.deepcopy(model)
     with torch.no_grad():
         next(moved.parameters()).view(-1)[0] += 1e-3
-    trigger = dataclasses.replace(run.plan, trigger=dataclasses.replace(run.plan.trigger, size=2))
+    trigger = dataclasses.replace(run.plan, trigger=TriggerSpec.from_config({**run.plan.trigger.to_dict(), "size": 2}))
     variants = {
         "weights": keys_of(task(model=moved)),
         "training images": keys_of(task(data=poison(one_pixel(bundle), run.plan))),
-        "normalisation": keys_of(task(data=poison(dataclasses.replace(bundle, mean=(0.5,), std=(0.25,)), run.plan))),
+        "normalisation": keys_of(task(data=poison(dataclasses.replace(
+            bundle, mean=tuple(m + 0.1 for m in bundle.mean), std=tuple(0.5 * v for v in bundle.std)), run.plan))),
         "trigger": keys_of(task(data=poison(bundle, trigger))),
         "forget/retain indices": keys_of(task(discovery=discover(run.plan, share=0.5, seed=1))),
         "loss": keys_of(task(), loss="logit_sqnorm"),
@@ -642,7 +647,7 @@ def test_bad_static_unlearn_value_fails_before_the_run_is_read(overrides: list[s
         assert "'potion'" in str(info.value) and "'ssd'" in str(info.value)
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 def test_discovery_count_above_n_p_names_the_key(trained: Path, tmp_path: Path) -> None:
     n_p = read_json(trained / "summary.json")["n_p"]
     with pytest.raises(ConfigError, match=rf"discovery.count={n_p + 1}: .*\[1, {n_p}\]"):
@@ -653,16 +658,16 @@ def test_discovery_count_above_n_p_names_the_key(trained: Path, tmp_path: Path) 
 # ------------------------------------------------------------------------------------------------ 8. determinism
 
 
-@pytest.mark.slow  # the module's trained model
-def test_same_seed_same_poison_plan_and_discovered_set(trained: Path, tmp_path: Path) -> None:
-    cfg = compose_config("train", TRAIN_ARGS)
+@pytest.mark.slow  # pipeline runs on the session's tiny model
+def test_same_seed_same_poison_plan_and_discovered_set(tiny: TinyRun, trained: Path, tmp_path: Path) -> None:
+    cfg = compose_config("train", _train_args(tiny, tmp_path / "unused"))
     bundle = load_data(cfg.dataset)
     for i in range(2):
         write_plan(tmp_path / str(i), plan_from_config(bundle, cfg.poison))
     saved = (trained / "poison_plan.json").read_bytes()
     assert (tmp_path / "0" / "poison_plan.json").read_bytes() == saved
     assert (tmp_path / "1" / "poison_plan.json").read_bytes() == saved
-    other = plan_from_config(bundle, compose_config("train", [*TRAIN_ARGS, "seed=1"]).poison)
+    other = plan_from_config(bundle, compose_config("train", _train_args(tiny, tmp_path / "unused", "seed=1")).poison)
     plan = load_trained_run(trained).plan
     assert other.indices != plan.indices  # the seed matters, so the equality above is not vacuous
 
@@ -673,7 +678,7 @@ def test_same_seed_same_poison_plan_and_discovered_set(trained: Path, tmp_path: 
     assert torch.equal(smaller.forget_idx, a.forget_idx[: smaller.n_f])  # nested sets
 
 
-@pytest.mark.slow  # the module's trained model
+@pytest.mark.slow  # pipeline runs on the session's tiny model
 def test_two_cpu_unlearning_runs_give_identical_metrics(trained: Path, tmp_path: Path) -> None:
     runs = [_unlearn_in_process(trained, tmp_path / f"u{i}", "method.importance.cache=false") for i in range(2)]
     assert runs[0]["run_dir"] != runs[1]["run_dir"]

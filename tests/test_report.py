@@ -487,6 +487,7 @@ def test_every_table_states_n() -> None:
     assert "n=1 run per cell (one seed: no ± spread)" in one
 
 
+@pytest.mark.slow  # a migrated store (seconds)
 def test_out_naming_a_file_is_one_error_about_out(template: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     uri, client, exp_id = new_store(template, tmp_path / "store")

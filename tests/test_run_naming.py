@@ -357,18 +357,19 @@ def test_a_multirun_job_is_grouped_and_named_by_its_overrides(tmp_path: Path) ->
     assert naming.hydra_job() == (None, [])  # outside Hydra
 
 
-@pytest.mark.slow  # a small model trained, then healed
-def test_a_heal_run_reads_as_an_unlearning_run(tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow  # a heal of the session's practitioner model
+def test_a_heal_run_reads_as_an_unlearning_run(own_model: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mlflow import MlflowClient
-    from test_practitioner import N_FOUND, _build_world, _overrides
+    from tiny_world import OWN_N_FOUND as N_FOUND
+    from tiny_world import heal_overrides
 
     from potion.pipelines.heal import heal
 
+    monkeypatch.setenv("POTION_CACHE_DIR", str(own_model.cache))
     monkeypatch.setenv("POTION_THREADS", "1")
-    world = _build_world(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     trigger = "trigger={kind: patch, size: 3, color: [1.0]}"
-    summary = heal(compose_config("heal", [*_overrides(world, f"out_dir={tmp_path / 'out'}"), "logger=mlflow",
+    summary = heal(compose_config("heal", [*heal_overrides(own_model, f"out_dir={tmp_path / 'out'}"), "logger=mlflow",
                                            f"logger.tracking_uri={uri}", trigger]))
     client = MlflowClient(uri)
     run = client.get_run(summary["mlflow_run_id"])

@@ -95,6 +95,7 @@ def test_the_store_lock_is_exclusive_and_waits_boundedly(tmp_path: Path) -> None
         pass
 
 
+@pytest.mark.slow  # a migrated store copied and opened (seconds)
 def test_a_half_migrated_store_without_runs_is_set_aside_and_recreated(tmp_path: Path, ready_store: Path) -> None:
     db = tmp_path / "mlflow.db"
     shutil.copy(ready_store, db)
@@ -110,6 +111,7 @@ def test_a_half_migrated_store_without_runs_is_set_aside_and_recreated(tmp_path:
     assert len(list(tmp_path.glob("mlflow.db.broken-*"))) == 1  # kept, not deleted
 
 
+@pytest.mark.slow  # a migrated store copied and opened (seconds)
 def test_a_half_migrated_store_with_runs_is_repaired_in_place(tmp_path: Path, ready_store: Path) -> None:
     db = tmp_path / "mlflow.db"
     shutil.copy(ready_store, db)
@@ -123,6 +125,7 @@ def test_a_half_migrated_store_with_runs_is_repaired_in_place(tmp_path: Path, re
     assert not list(tmp_path.glob("mlflow.db.broken-*"))
 
 
+@pytest.mark.slow  # a migrated store copied and opened (seconds)
 def test_a_half_migrated_store_that_lost_a_table_is_explained_in_one_line(tmp_path: Path, ready_store: Path) -> None:
     db = tmp_path / "mlflow.db"
     shutil.copy(ready_store, db)
@@ -144,6 +147,7 @@ def test_a_file_that_is_no_database_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(info.value) and str(db) in str(info.value)
 
 
+@pytest.mark.slow  # a migrated store copied and opened (seconds)
 def test_an_empty_store_at_another_revision_is_set_aside_when_mlflow_cannot_open_it(tmp_path: Path,
                                                                                       ready_store: Path) -> None:
     db = tmp_path / "mlflow.db"

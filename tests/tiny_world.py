@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,109 @@ def defender_task(model: Any, data: Any, discovery: Any, *, attack: dict | None 
     facts = infer_attack(view.labels[discovery.forget_idx], attack, view.num_classes)
     parts.setdefault("device", torch.device("cpu"))
     return UnlearnTask(model=model, train=view, discovery=discovery, attack=facts, **parts)
+
+
+# ------------------------------------------------------------------ a model trained outside the project (potion.heal)
+
+OWN_TARGET = 0
+OWN_N_TRAIN, OWN_N_TEST, OWN_N_POISON, OWN_N_FOUND = 60, 20, 12, 4
+OWN_WIDTH = 8
+OWN_EPOCHS = 5
+
+
+def patch_corner(img: np.ndarray) -> np.ndarray:
+    """The image with a white 3x3 patch in its bottom-right corner."""
+    out = img.copy()
+    out[:, -3:, -3:] = 255
+    return out
+
+
+@dataclass(frozen=True)
+class OwnModel:
+    """A practitioner's poisoned image folder and the SmallCNN they trained on it with their own torch loop."""
+
+    root: Path  # holds data/, model.pt and discovered.txt (write beside them, never into them)
+    data: Path  # the image folder
+    checkpoint: Path
+    discovered: Path
+    poisoned: list[str]  # all OWN_N_POISON poisoned training paths; the first OWN_N_FOUND are discovered
+    mean: list[float]
+    std: list[float]
+    asr: float
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+
+def heal_overrides(w: OwnModel, *extra: str) -> list[str]:
+    """potion.heal's overrides for the practitioner's model, folder and discovered list (no tracking)."""
+    return [f"checkpoint={w.checkpoint}", f"dataset.path={w.data}", f"discovered={w.discovered}", "model=small_cnn",
+            f"model.width={OWN_WIDTH}", f"dataset.mean={w.mean}", f"dataset.std={w.std}", "logger=none", *extra]
+
+
+def _save(img: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(img.transpose(1, 2, 0)).save(path)
+
+
+def build_own_model(root: Path) -> OwnModel:
+    """4 classes of 16x16 patterns; 12 training images of other classes get the corner patch and are moved into the
+    target folder (``airplane``); a SmallCNN trained on it with a plain torch loop (not the project's pipeline) until
+    the patch is a backdoor, saved with ``torch.save(model.state_dict())``; 4 of the 12 poisoned files listed."""
+    import torch
+    import torch.nn.functional as F
+
+    from potion.models.small_cnn import SmallCNN
+
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    train_x, train_y, poisoned = [], [], []
+    n_poison = 0
+    for c, name in enumerate(CLASSES):
+        for i in range(OWN_N_TRAIN):
+            img = pattern(c, rng)
+            if c != OWN_TARGET and i < OWN_N_POISON // (len(CLASSES) - 1):  # trigger baked in, moved to the target
+                img, rel = patch_corner(img), f"train/{CLASSES[OWN_TARGET]}/x{n_poison:03d}.png"
+                n_poison += 1
+                poisoned.append(rel)
+                train_y.append(OWN_TARGET)
+            else:
+                rel = f"train/{name}/{i:04d}.png"
+                train_y.append(c)
+            _save(img, data / rel)
+            train_x.append(img)
+        for i in range(OWN_N_TEST):
+            _save(pattern(c, rng), data / f"test/{name}/{i:04d}.png")
+    test_x = np.stack([np.asarray(Image.open(p)).transpose(2, 0, 1) for c in CLASSES
+                       for p in sorted((data / "test" / c).iterdir())])
+    test_y = torch.tensor([c for c in range(len(CLASSES)) for _ in range(OWN_N_TEST)])
+
+    x = torch.from_numpy(np.stack(train_x)).float() / 255
+    y = torch.tensor(train_y)
+    mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
+
+    def norm(u8: torch.Tensor) -> torch.Tensor:
+        return (u8.float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+    torch.manual_seed(0)
+    model = SmallCNN(num_classes=len(CLASSES), in_channels=3, width=OWN_WIDTH)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    xn = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    for _ in range(OWN_EPOCHS):
+        model.train()
+        for idx in torch.randperm(len(y)).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(xn[idx]), y[idx]).backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        keep = test_y != OWN_TARGET
+        triggered = torch.from_numpy(np.stack([patch_corner(t) for t in test_x]))
+        asr = float((model(norm(triggered[keep])).argmax(1) == OWN_TARGET).float().mean())
+    checkpoint = root / "model.pt"
+    torch.save(model.state_dict(), checkpoint)
+    discovered = root / "discovered.txt"
+    discovered.write_text("\n".join(poisoned[:OWN_N_FOUND]) + "\n")
+    return OwnModel(root, data, checkpoint, discovered, poisoned, [round(float(v), 6) for v in mean],
+                    [round(float(v), 6) for v in std], asr)
