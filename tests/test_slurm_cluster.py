@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_mlflow_server import server as mlflow_server  # noqa: F401 - a module fixture: mlflow server on 127.0.0.1
 
 from potion.config.compose import compose_config
 
@@ -77,7 +76,7 @@ def cluster() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def work(cluster: dict[str, str], mlflow_server: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:  # noqa: F811
+def work(cluster: dict[str, str], mlflow_server: dict, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A tiny poisoned digits model and the in-process PTN search on it (the answer the sweep must give)."""
     from potion.pipelines.train import run_training
     from potion.pipelines.unlearn import run_unlearning
