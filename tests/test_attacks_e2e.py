@@ -4,6 +4,7 @@ potion, potion_iterative, ssd, finetune and retrain all heal it with healed_atta
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,15 @@ COSTLY = {"potion_iterative": ("sig", "blend", "all_to_all"), "retrain": ("wanet
 PTN = ["method.ptn.max_steps=60"]
 SMALL = {"potion": PTN, "finetune": ["method.iterations=20"],
          "potion_iterative": ["method.rounds=2", "method.repair.iterations=20", *PTN]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """One cache folder for the module (its decoded data sets and importances), one torch thread."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POTION_CACHE_DIR", str(tmp_path_factory.mktemp("attacks_cache")))
+        mp.setenv("POTION_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +97,11 @@ def test_the_reference_model_is_shared_by_every_attack(world: Path) -> None:
 @pytest.mark.parametrize("position", ["top_left", "bottom_left"])
 def test_one_discovered_sample_at_a_corner_is_healed_on_grey_data(tmp_path: Path, position: str) -> None:
     """The case that failed before: grey digits, a 3x3 patch at a corner other than bottom-right, target 3,
-    ONE discovered sample. PTN must not stop while that sample is still called the target."""
+    ONE discovered sample. PTN must not stop while that sample is still called the target. (The quickstart's data
+    and poison on a small CNN: it learns the patch as surely as ResNet-9, in a fraction of the time.)"""
     trained = run_training(compose_config("train", [
-        "experiment=quickstart", f"poison.trigger.position={position}", "poison.target=3", "seed=1",
-        "train.epochs=8", "logger=none", f"out_dir={tmp_path / 'model'}"]))
+        "experiment=quickstart", "model=small_cnn", "model.width=16", f"poison.trigger.position={position}",
+        "poison.target=3", "seed=1", "train.epochs=8", "logger=none", f"out_dir={tmp_path / 'model'}"]))
     assert trained["asr"] >= 0.8
     s = run_unlearning(compose_config("unlearn", [
         f"train_run={tmp_path / 'model'}", "method=potion", "discovery=single", "logger=none", "reference=off",
