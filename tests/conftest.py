@@ -23,6 +23,12 @@ from tiny_world import OwnModel, build_own_model, free_port, train_overrides, wr
 
 from potion.config.compose import compose_config, method_arguments
 
+# One CPU thread for torch, here and in the commands the tests start (they copy os.environ), unless the caller says
+# otherwise: the tests' tensors are tiny, and on a busy machine idle threads spinning for work cost several times
+# the CPU time of the work itself (tests/test_ptn_decisive.py: 28 CPU-s with 2 threads, 3 with one).
+for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "POTION_THREADS"):
+    os.environ.setdefault(_name, "1")
+
 
 @pytest.fixture()
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

@@ -24,7 +24,7 @@ ATTACKS = {
     "wanet": ["poison=wanet", "poison.count=24", "poison.trigger.strength=3", "poison.trigger.noise_ratio=0.5"],
     "ftrojan": ["poison=ftrojan", "poison.trigger.magnitude=80"],
     "label_consistent": ["poison=label_consistent", "poison.count=40", "poison.trigger.amplitude=128"],
-    "all_to_all": ["poison=badnets", "poison.count=32", "poison.mapping=all_to_all"],
+    "all_to_all": ["poison=badnets", "poison.count=48", "poison.mapping=all_to_all"],
 }
 # every method on every attack would cost minutes; each method runs on every attack in one of the two lists
 CHEAP = ("potion", "ssd", "finetune")
@@ -114,9 +114,11 @@ def test_one_discovered_sample_at_a_corner_is_healed_on_grey_data(tmp_path: Path
 
 
 def test_all_to_all_potion_synthesises_from_one_sample_and_uses_cross_entropy(world: Path) -> None:
+    """One discovered sample shows one label: a defender who knows the attack maps every class declares it."""
     trained = _train(world, "all_to_all")
     s = run_unlearning(compose_config("unlearn", [
-        f"train_run={world / 'all_to_all'}", "method=potion", "discovery.count=1", "logger=none", "reference=off",
+        f"train_run={world / 'all_to_all'}", "method=potion", "discovery.count=1", "attack.mapping=all_to_all",
+        "logger=none", "reference=off",
         f"out_dir={world / 'all_to_all-potion-one'}", "save_weights=false"]))
     assert s["importance_loss"] == "ce" and s["ptn_criterion"] == "all"
     assert s["synth_samples"] > 0 and s["synth_size"] > 0  # a window, found without a single target class

@@ -19,6 +19,7 @@ from potion.core.errors import ConfigError
 from potion.core.io import load_tensors
 from potion.data.defender import TrainingView, defender_view
 from potion.data.discovery import Discovery, discover
+from potion.data.poison import TriggerSpec
 from potion.data.poisoned import load_data, plan_from_config, poison
 from potion.pipelines.run_folders import load_trained_run
 from potion.pipelines.unlearn import make_task
@@ -89,7 +90,7 @@ def _scrambled(data):  # noqa: ANN001, ANN202
     true = tuple(int(v) for v in rng.permutation(list(plan.true_labels)))
     other = dataclasses.replace(plan, target=(plan.target + 1) % data.num_classes, true_labels=true,
                                 mapping="all_to_all" if plan.mapping == "all_to_one" else "all_to_one",
-                                trigger=dataclasses.replace(plan.trigger, kind="sig"), meta={"scrambled": True})
+                                trigger=TriggerSpec("sig"), meta={"scrambled": True})
     return dataclasses.replace(data, plan=other)
 
 

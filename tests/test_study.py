@@ -34,6 +34,32 @@ def test_the_training_subset_is_class_balanced_seeded_and_in_order() -> None:
     assert train_subset(b, 1000, seed=0) is b  # asking for more than there is keeps the split
 
 
+def test_a_cell_is_matched_by_the_commit_of_its_code_not_by_head(tmp_path: Path) -> None:
+    """Committing the study's store or a note moves HEAD but not the code commit; uncommitted code has none."""
+    import git
+
+    from potion.pipelines.study_cells import code_commit
+
+    repo = git.Repo.init(tmp_path)
+    with repo.config_writer() as c:
+        c.set_value("user", "name", "t").set_value("user", "email", "t@example.org")
+    (tmp_path / "potion").mkdir()
+    (tmp_path / "potion" / "m.py").write_text("x = 1\n")
+    repo.index.add(["potion/m.py"])
+    code = repo.index.commit("code").hexsha
+    (tmp_path / "notes.md").write_text("a figure\n")
+    repo.index.add(["notes.md"])
+    head = repo.index.commit("store").hexsha
+    assert code_commit(tmp_path / "potion") == code != head
+    (tmp_path / "potion" / "m.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) is None  # an edited module: the cell's code is no commit's
+    (tmp_path / "potion" / "m.py").write_text("x = 1\n")
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "new.yaml").write_text("a: 1\n")
+    assert code_commit(tmp_path) is None  # a new config not yet committed
+    assert code_commit(tmp_path.parent / "elsewhere") is None  # no checkout
+
+
 @pytest.mark.slow  # two unlearning runs on the shared model, logged to a store
 def test_a_study_cell_already_in_the_store_at_this_commit_is_skipped(tiny: TinyRun, tmp_path: Path) -> None:
     from potion.pipelines.study_cells import current_commit

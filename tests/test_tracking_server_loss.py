@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tiny_world import QUICK_PTN, free_port, train_overrides, write_pattern_folder
+from conftest import TinyRun
+from tiny_world import QUICK_PTN, free_port
 
 from potion.core.io import read_json
 
@@ -63,24 +64,17 @@ def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def lost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """Train a tiny model, start a server, sweep against it and kill the server once the prepare job is done."""
-    from potion.config.compose import compose_config
-    from potion.pipelines.train import run_training
-
+def lost(tmp_path_factory: pytest.TempPathFactory, tiny_run: TinyRun) -> Iterator[dict]:
+    """Start a server, sweep the session's tiny model against it (with an empty cache of its own, so the sweep
+    computes its importances) and kill the server once the prepare job is done."""
     root = tmp_path_factory.mktemp("lost")
     env = {**os.environ, "POTION_CACHE_DIR": str(root / "cache"), "POTION_THREADS": "1"}
     for key in [k for k in env if k.lower().endswith("_proxy")]:
         env.pop(key)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POTION_CACHE_DIR", env["POTION_CACHE_DIR"])
-        mp.setenv("POTION_THREADS", "1")
-        run_training(compose_config("train", train_overrides(write_pattern_folder(root / "data"), root / "run",
-                                                             "logger=none")))
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(root, port)
-    cmd = [sys.executable, "sweep.py", f"train_run={root / 'run'}", *PTN, f"logger.tracking_uri={uri}",
+    cmd = [sys.executable, "sweep.py", f"train_run={tiny_run.run}", *PTN, f"logger.tracking_uri={uri}",
            "logger.experiment=lost", "logger.timeout_s=5", "hydra.sweeper.batch_size=4",
            f"hydra.sweep.dir={root / 'sweep'}", f"out_dir={root / 'final'}"]
     started = time.monotonic()

@@ -1,12 +1,12 @@
-"""A study resumed on a fresh machine: a cell whose finished run of this config and this commit is already in the
+"""A study resumed on a fresh machine: a cell whose finished run of this config and this code is already in the
 store is not run again.
 
 A study (``python unlearn.py -m +study=<name>``, conf/study/) is hours of cells on a shared store that travels
 with the repository; a session may end half-way, and the next one starts without the run folders. With
 ``skip_logged: true`` (the study configs set it) every job first asks the store for a FINISHED unlearning run
-with the same config hash (``potion.config_hash``) and the same git commit (``mlflow.source.git.commit``): if
-there is one, the job prints it and ends. A changed commit runs the cell again, so the tables of one commit are
-never a mix of code versions.
+with the same config hash (``potion.config_hash``) and the same code commit (``potion.code_commit``,
+:func:`current_commit`): if there is one, the job prints it and ends. Changed code runs the cell again, so the
+tables of one code commit are never a mix of code versions.
 """
 
 from __future__ import annotations
@@ -18,21 +18,30 @@ from typing import Any
 from potion.tracking import naming
 from potion.tracking.tracker import resolve_tracking_uri
 
-COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own tag; set from the code's checkout, not from argv[0]
+CODE_PATHS = ("potion", "conf", "train.py", "unlearn.py", "sweep.py", "pyproject.toml")  # what computes a cell
+
+
+def code_commit(checkout: Path) -> str | None:
+    """The last commit that changed the code of the git checkout holding ``checkout`` (:data:`CODE_PATHS`); None
+    when that code has uncommitted changes, outside a git checkout, or without GitPython.
+
+    Not HEAD: the study commits its store and models as it goes, and those commits change no cell's code."""
+    try:
+        import git
+
+        repo = git.Repo(checkout, search_parent_directories=True)
+        paths = [p for p in CODE_PATHS if (Path(repo.working_tree_dir) / p).exists()]
+        if repo.git.status("--porcelain", "--", *paths):  # changed, staged or new files: not any commit's code
+            return None
+        return next(repo.iter_commits(paths=paths, max_count=1)).hexsha
+    except Exception:  # noqa: BLE001  no git, no repository, a detached worktree without objects: no commit
+        return None
 
 
 @functools.cache
 def current_commit() -> str | None:
-    """The commit of the checkout this package runs from (None outside a git checkout, or without GitPython).
-
-    MLflow resolves its git tag from the entry script's folder, which is no checkout for ``python -m`` or a
-    test runner; the code that computes a cell is this package, so its checkout is what a cell records."""
-    try:
-        import git
-
-        return git.Repo(Path(__file__).resolve().parent, search_parent_directories=True).head.commit.hexsha
-    except Exception:  # noqa: BLE001  no git, no repository, a detached worktree without objects: no commit
-        return None
+    """The code commit of the checkout this package runs from (:func:`code_commit`), once per process."""
+    return code_commit(Path(__file__).resolve().parent)
 
 
 def logged_cell(logger_cfg: Any, experiment: str, key: str) -> dict[str, Any] | None:
@@ -46,9 +55,10 @@ def logged_cell(logger_cfg: Any, experiment: str, key: str) -> dict[str, Any] | 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
+    wanted = (f"tags.`{naming.CONFIG_HASH}` = '{key}' and tags.`{naming.CODE_COMMIT}` = '{commit}' and "
+              "attributes.status = 'FINISHED'")
     runs = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`{naming.CONFIG_HASH}` = '{key}' and "
-                                            f"tags.`{COMMIT_TAG}` = '{commit}' and attributes.status = 'FINISHED'")
+                              filter_string=wanted)
     if not runs:
         return None
     run = runs[0]

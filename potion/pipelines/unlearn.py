@@ -41,7 +41,7 @@ from potion.pipelines.run_folders import (
     remove_stale_temp_files,
     run_lock,
 )
-from potion.pipelines.study_cells import COMMIT_TAG, current_commit, logged_cell
+from potion.pipelines.study_cells import current_commit, logged_cell
 from potion.pipelines.train import run_training, train_run_dir
 from potion.tracking import naming
 from potion.tracking.runs import FolderRun, unlearn_folder_run
@@ -167,7 +167,7 @@ def unlearn_spec(cfg: DictConfig, run: TrainedRun, discovery: Discovery, key: st
     method = str(cfg.method.name)
     tags = {**naming.study_tags(naming.UNLEARN, study), naming.METHOD: method, naming.CONFIG_HASH: key,
             **naming.train_link_tags(run.summary), "potion.train_run_dir": str(Path(run.path).resolve()),
-            **naming.grid_tags(grid), **({COMMIT_TAG: commit} if (commit := current_commit()) else {})}
+            **naming.grid_tags(grid), **({naming.CODE_COMMIT: commit} if (commit := current_commit()) else {})}
     name = naming.unlearn_run_name(to_dict(cfg), run.cfg, discovery.n_f, run.plan.count,
                                    naming.grid_extras(overrides))
     params = naming.unlearn_params(cfg, run.cfg, discovery.n_f, run.plan.count)

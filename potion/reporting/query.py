@@ -15,7 +15,14 @@ from typing import Any
 from potion.core.errors import PotionError, TrackingError
 from potion.core.io import one_line
 from potion.tracking.client import check_reachable, import_mlflow
-from potion.tracking.naming import SETTING_DIAGNOSTICS, SGD_PARAMS, SWEEP_ID, TRAIN_CONFIG_HASH, TRAIN_RUN_ID
+from potion.tracking.naming import (
+    CODE_COMMIT,
+    SETTING_DIAGNOSTICS,
+    SGD_PARAMS,
+    SWEEP_ID,
+    TRAIN_CONFIG_HASH,
+    TRAIN_RUN_ID,
+)
 from potion.tracking.uris import resolve_tracking_uri, sqlite_path
 
 PAGE_SIZE = 5000
@@ -24,7 +31,6 @@ SWEEP_FILTER = "tags.`potion.task` = 'ptn_sweep'"
 # A PTN sweep's whole cost, on its parent run: the wall clock from its prepare job to the end of its final job.
 SWEEP_SECONDS = "ptn_wall_seconds"
 METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds", "data_passes")
-COMMIT_TAG = "mlflow.source.git.commit"
 # The params that name a measurement's settings (a key or a dotted prefix), and those the PTN sweeper sets per
 # job, never the user (potion.sweep.protocol.SWEEPER_KEYS; a test keeps the two equal).
 SETTING_PARAMS = ("method", "discovery", "poison", "dataset", "model", "seed")
@@ -192,7 +198,7 @@ def run_row(run: Any) -> dict | None:
         "seed": _text(params.get("seed")),
         "settings_key": settings_key(params),
         "sweep_id": _text(tags.get(SWEEP_ID)),  # a PTN sweep's final run: its parent run's id
-        "commit": _text(tags.get(COMMIT_TAG)),
+        "commit": _text(tags.get(CODE_COMMIT)),
         "swept": False,
         **{name: _float(metrics.get(name)) for name in METRICS},
     }

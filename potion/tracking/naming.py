@@ -38,6 +38,9 @@ TRAIN_RUN_ID = "potion.train_run_id"
 TRAIN_CONFIG_HASH = "potion.train_config_hash"
 METHOD = "potion.method"
 CONFIG_HASH = "potion.config_hash"
+# the last commit that changed the code (potion/, conf/, the entry scripts, pyproject.toml), with that code unchanged
+# in the checkout: what a study cell is matched by (committing the study's store moves HEAD, not the code)
+CODE_COMMIT = "potion.code_commit"
 TRAIN, UNLEARN, SWEEP, CANDIDATE, HEAL = "train", "unlearn", "ptn_sweep", "ptn_candidate", "heal"
 
 TRAJECTORY_PREFIX = "ptn_traj_"  # the PTN trajectory series, in process and on a sweep's parent run
