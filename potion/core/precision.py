@@ -10,25 +10,14 @@ by giving the same concrete values.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from potion.core.machine import cpu_flags
+
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_flags(cpuinfo: str | Path = "/proc/cpuinfo") -> set[str]:
-    """The instruction-set flags of the first CPU (empty where /proc/cpuinfo does not exist)."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags") and ":" in line:
-            return set(line.split(":", 1)[1].split())
-    return set()
 
 
 def native_bf16_cpu(flags: set[str] | None = None) -> bool:

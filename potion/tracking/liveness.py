@@ -14,15 +14,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from potion.core.machine import cpu_description
+
 log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG, PID_START_TAG = "potion.host", "potion.pid", "potion.pid_start"  # who created a run
+CPU_TAG = "potion.cpu"  # the processor it computed on (CPU timings and bf16 numbers differ between machines)
 
 
 def process_tags() -> dict[str, str]:
-    """This process as run tags (host, pid and the pid's start time), so a later process can tell it died."""
+    """This process as run tags (host, pid and the pid's start time, so a later process can tell it died; the CPU)."""
     pid = os.getpid()
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid)}
+    if cpu := cpu_description():
+        tags[CPU_TAG] = cpu
     start = _process_start(pid)
     if start:
         tags[PID_START_TAG] = start
