@@ -32,7 +32,7 @@ def page(report: Path) -> str:
     status = report.parent / "STATUS.md"  # the tier's own notes, written by the sessions that ran it
     if status.is_file():
         parts.append(demoted(status.read_text()))
-    tables = [demoted((report / name).read_text()) for name in ("targets.md", "table.md", "comparisons.md")
+    tables = [demoted((report / name).read_text()) for name in ("targets.md", "table.md", "comparisons.md", "models.md")
               if (report / name).is_file()]
     parts += tables or ["The study's store holds no finished cell yet."]
     return "\n\n".join(p.strip() for p in parts) + "\n"

@@ -12,7 +12,10 @@ mapping), cells (poison size n_p, discovery share) and method columns, and writt
   mean row, the headline aggregate;
 * ``table.csv``: the same in long format, one row per (study, n_p, discovery, method), mean rows marked
   ``discovery=mean`` (and ``n_p=all`` for the overall mean);
-* ``runs.csv``: the runs the tables count, one per measurement, with their MLflow run ids;
+* ``runs.csv``: the runs the tables count, one per measurement, with their MLflow run ids, code commits and
+  processors;
+* ``models.md``: the finished training runs of those experiments (the models and clean references), with their
+  clean accuracy, asr, training time and processor;
 * ``healed_vs_discovery``, ``acc_drop_vs_discovery`` (and ``healed_attainable_vs_discovery`` where
   reported) as ``.png`` (300 dpi) and ``.pdf``: a panel per poison size, a line per method with std
   error bars (a suffix naming the study when there are several).
@@ -50,12 +53,13 @@ from potion.reporting.query import (
     experiment_id,
     experiment_ids,
     measurements,
+    model_rows,
     one_line,
     open_store,
     search_rows,
     select,
 )
-from potion.reporting.render import CSV_COLUMNS, csv_text, markdown_tables, runs_csv_text
+from potion.reporting.render import CSV_COLUMNS, csv_text, markdown_tables, models_markdown, runs_csv_text
 from potion.reporting.targets import target_rows, targets_markdown
 from potion.tracking.tracker import MlflowTracker
 
@@ -68,13 +72,16 @@ REPORT_EXPERIMENT = "potion-reports"  # where --log-run puts a report of every e
 
 
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
-                 methods: Sequence[str] | None = None) -> list[Path]:
-    """Write table.md, table.csv, runs.csv and the figures of every study atomically; return the paths."""
+                 methods: Sequence[str] | None = None, models: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
+    """Write table.md, table.csv, runs.csv, models.md (the training runs ``models``, where given) and the figures
+    of every study atomically; return the paths."""
     out = Path(out_dir)
     cells = aggregate(rows)
     paths = [atomic_write_text(out / "table.md", markdown_tables(cells, methods)),
              atomic_write_text(out / "table.csv", csv_text(cells)),
              atomic_write_text(out / "runs.csv", runs_csv_text(rows))]
+    if models:
+        paths.append(atomic_write_text(out / "models.md", models_markdown(models)))
     if any(r["method"] == "potion" for r in rows):  # potion against each competitor, paired by seed; the targets
         compared = comparisons(rows)
         paths.append(atomic_write_text(out / "comparisons.md", comparisons_markdown(compared)))
@@ -133,7 +140,7 @@ def build_report(args: argparse.Namespace) -> tuple[list[Path], str, int, int]:
         raise NoRunsError(f"no finished unlearning runs{which} in {uri} ({_which(args)}); run unlearn.py first")
     out = Path(args.out) if args.out else Path("reports") / safe_name(args.experiment or "all")
     try:
-        paths = write_report(rows, out, filters["methods"] or None)
+        paths = write_report(rows, out, filters["methods"] or None, model_rows(client, exp_ids))
     except StorageError as exc:  # its hint names the pipelines' settings; the report's is --out
         hint = str(exc).replace("(out_dir=..., POTION_CACHE_DIR=...)", "(--out <folder>)")
         raise StorageError(exc.errno, hint if "--out" in hint else f"{hint}; give --out another folder") from None

@@ -171,6 +171,10 @@ def report(template: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             config_hash="running")
     add_run(client, exp_id, "FAILED", method="ssd", n_p=500, share=0.5, seed=7, healed=-100.0, acc_drop=99.0,
             config_hash="failed")
+    store_run(client, exp_id, {"tags": {"potion.task": "train", "potion.cpu": "AMD EPYC (avx2 avx512f)"},
+                               "params": {"poison.trigger.kind": "patch", "poison.n_p": "100", "seed": "1"},
+                               "metrics": {"clean_acc": 0.7331, "asr": 0.9385, "train_seconds": 612.4}},
+              run_name="train")
     out = folder / "report"
     code = main(["--tracking-uri", uri, "--experiment", "potion", "--out", str(out), "--log-run"])
     return {"code": code, "out": out, "uri": uri, "client": client, "exp_id": exp_id}
@@ -220,6 +224,15 @@ def test_markdown_table_has_cell_mean_std_and_headline(report: dict) -> None:
     assert "| all | mean | 87.50 / 2.25 | 77.50 / 6.25 |" in md
     assert "(n=" not in md  # every cell holds its 2 seeds: the duplicate and unfinished runs did not count
     assert "method.md" not in md and "§" not in md  # the note cites nothing outside the repository
+
+
+@pytest.mark.slow
+def test_the_models_behind_the_cells_are_listed_with_their_processor(report: dict) -> None:
+    lines = (report["out"] / "models.md").read_text().splitlines()
+    (row,) = [line for line in lines if line.startswith("| patch trigger")]
+    assert row.split(" | ")[1:7] == ["1", "100", "0.733", "0.939", "612", "AMD EPYC (avx2 avx512f)"]
+    runs = read_csv(report["out"] / "runs.csv")
+    assert "cpu" in runs[0]  # and every cell says where it computed
 
 
 @pytest.mark.slow

@@ -15,6 +15,7 @@ from typing import Any
 from potion.core.errors import PotionError, TrackingError
 from potion.core.io import one_line
 from potion.tracking.client import check_reachable, import_mlflow
+from potion.tracking.liveness import CPU_TAG
 from potion.tracking.naming import (
     CODE_COMMIT,
     SETTING_DIAGNOSTICS,
@@ -28,6 +29,7 @@ from potion.tracking.uris import resolve_tracking_uri, sqlite_path
 PAGE_SIZE = 5000
 UNLEARN_FILTER = "tags.`potion.task` = 'unlearn' and attributes.status = 'FINISHED'"
 SWEEP_FILTER = "tags.`potion.task` = 'ptn_sweep'"
+TRAIN_FILTER = "tags.`potion.task` = 'train' and attributes.status = 'FINISHED'"
 # A PTN sweep's whole cost, on its parent run: the wall clock from its prepare job to the end of its final job.
 SWEEP_SECONDS = "ptn_wall_seconds"
 METRICS = ("healed", "healed_attainable", "acc_drop", "clean_acc", "asr", "unlearn_seconds", "data_passes")
@@ -129,6 +131,23 @@ def search_rows(client: Any, experiment_ids: Sequence[str]) -> list[dict]:
     return rows
 
 
+def model_rows(client: Any, experiment_ids: Sequence[str]) -> list[dict]:
+    """The finished training runs of the experiments (the models the cells heal and the clean references), one row
+    each, newest first: attack, seed, poison size, clean_acc, asr, train_seconds, the processor and commit."""
+    rows = []
+    for run in _paged(client, experiment_ids, TRAIN_FILTER):
+        tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
+        rows.append({"run_id": run.info.run_id, "config_hash": _text(tags.get("potion.config_hash")),
+                     "dataset": _first(params, "dataset.name") or "unknown",
+                     "model": _first(params, "model.name") or "unknown",
+                     "attack": _first(params, "poison.trigger.kind") or "unknown",
+                     "mapping": _first(params, "poison.mapping") or "all_to_one",
+                     "n_p": _int(_first(params, "poison.n_p")), "seed": _text(params.get("seed")),
+                     "cpu": _text(tags.get(CPU_TAG)), "commit": _text(tags.get("mlflow.source.git.commit")),
+                     **{name: _float(metrics.get(name)) for name in ("clean_acc", "asr", "train_seconds")}})
+    return rows
+
+
 def _paged(client: Any, experiment_ids: Sequence[str], filter_string: str) -> Iterable[Any]:
     token: str | None = None
     while True:
@@ -199,6 +218,7 @@ def run_row(run: Any) -> dict | None:
         "settings_key": settings_key(params),
         "sweep_id": _text(tags.get(SWEEP_ID)),  # a PTN sweep's final run: its parent run's id
         "commit": _text(tags.get(CODE_COMMIT)),
+        "cpu": _text(tags.get(CPU_TAG)),
         "swept": False,
         **{name: _float(metrics.get(name)) for name in METRICS},
     }

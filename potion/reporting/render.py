@@ -11,6 +11,7 @@ from typing import Any
 from potion.reporting.aggregate import (
     ALL,
     MEAN,
+    attack_label,
     columns,
     discovery_label,
     has_metric,
@@ -25,7 +26,7 @@ CSV_COLUMNS = ("dataset", "model", "attack", "mapping", "n_p", "discovery", "met
                "clean_acc_mean", "asr_mean", "asr_std", "unlearn_seconds_mean", "data_passes_mean")
 RUN_COLUMNS = ("run_id", "commit", "train_run", "method", "config_hash", "seed", "dataset", "model", "attack",
                "mapping", "n_p", "n_f", "discovery", "healed", "healed_attainable", "acc_drop", "clean_acc", "asr",
-               "unlearn_seconds", "data_passes", "swept", "final_job_seconds")
+               "unlearn_seconds", "data_passes", "swept", "final_job_seconds", "cpu")
 NOTE = (
     "healed (%): the share of the accuracy that the trigger took away on triggered test images and that unlearning "
     "gave back (100: as accurate as on clean images). healed_attainable (%): the same, measured against a clean model "
@@ -122,6 +123,22 @@ def runs_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
         out.append({**row, "method": row["column"], "discovery": discovery_label(row.get("n_f"), share)})
     out.sort(key=lambda r: (study_of(r), r["n_p"], r["share"], r["method"], r["seed"], r["run_id"]))
     return _csv(out, RUN_COLUMNS)
+
+
+def models_markdown(models: Sequence[Mapping[str, Any]]) -> str:
+    """The trained models behind the cells (training runs of the store), one line each, with the processor they
+    were trained on: a CPU time is a figure of its machine."""
+    lines = ["# The trained models", "", "| attack | seed | n_p | clean_acc | asr | train_seconds | processor | run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in sorted(models, key=lambda r: (attack_label(r["attack"], r["mapping"]), r["seed"], r["run_id"])):
+        lines.append(f"| {attack_label(m['attack'], m['mapping'])} | {m['seed']} | {m['n_p'] if m['n_p'] else 0} | "
+                     f"{_num(m['clean_acc'], 3)} | {_num(m['asr'], 3)} | {_num(m['train_seconds'], 0)} | "
+                     f"{m['cpu'] or 'not recorded'} | `{m['run_id']}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return f"{value:.{digits}f}" if value is not None and math.isfinite(value) else "n/a"
 
 
 def _csv(rows: Iterable[Mapping[str, Any]], fields: Sequence[str]) -> str:
