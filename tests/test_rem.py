@@ -19,9 +19,10 @@ from potion.data.poisoned import poison
 from potion.data.sources import DatasetBundle, ImageSplit
 from potion.evaluation.backdoor import evaluate_backdoor
 from potion.models.resnet9 import ResNet9
+from potion.models.side_paths import AddedUnits, Redirection, Tap, choose_taps
 from potion.models.small_cnn import SmallCNN
 from potion.unlearning.registry import get_method
-from potion.unlearning.rem import AddedUnits, MaskBank, Redirection, Tap, build_run, choose_taps, rem_settings
+from potion.unlearning.rem import MaskBank, build_run, rem_settings
 from potion.unlearning.task import UnlearnTask
 from potion.unlearning.training_based import seeded
 
