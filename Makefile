@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-fast lint bench-cpu study-cpu study-report clean
+.PHONY: quickstart test test-fast lint bench-cpu study-models study-cpu study-report clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +24,19 @@ test-fast: $(STAMP)
 # The study's CPU tier (benchmarks/study.md): resumable; the tier's models and store travel with the repository.
 STUDY ?= cpu_tier
 STUDY_DB := sqlite:///benchmarks/study/$(STUDY)/mlflow.db
-study-cpu: $(STAMP)
+# Two jobs at a time, one torch thread each (2 cores; a second thread per job mostly spins): Hydra's joblib launcher.
+STUDY_JOBS ?= 2
+PARALLEL := hydra/launcher=joblib hydra.launcher.n_jobs=$(STUDY_JOBS)
+STUDY_ATTACKS := badnets,blend,sig,wanet,ftrojan,label_consistent,all_to_all
+study-models: $(STAMP)
 	$(PY) benchmarks/study_models.py restore
-	$(PY) unlearn.py -m +study=cpu_overview
-	$(PY) unlearn.py -m +study=cpu_extras
+	POTION_THREADS=1 $(PY) train.py -m $(PARALLEL) experiment=study_cpu seed=0,1,2 study_attack=$(STUDY_ATTACKS) \
+		logger.tracking_uri=$(STUDY_DB)
 	$(PY) benchmarks/study_models.py save
+
+study-cpu: study-models
+	POTION_THREADS=1 $(PY) unlearn.py -m $(PARALLEL) +study=cpu_overview
+	POTION_THREADS=1 $(PY) unlearn.py -m $(PARALLEL) +study=cpu_extras
 	$(MAKE) study-report
 
 study-report: $(STAMP)
