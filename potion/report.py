@@ -81,7 +81,7 @@ def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
              atomic_write_text(out / "table.csv", csv_text(cells)),
              atomic_write_text(out / "runs.csv", runs_csv_text(rows))]
     if models:
-        paths.append(atomic_write_text(out / "models.md", models_markdown(models)))
+        paths.append(atomic_write_text(out / "models.md", models_markdown(models, rows)))
     if any(r["method"] == "potion" for r in rows):  # potion against each competitor, paired by seed; the targets
         compared = comparisons(rows)
         paths.append(atomic_write_text(out / "comparisons.md", comparisons_markdown(compared)))

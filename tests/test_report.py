@@ -231,6 +231,7 @@ def test_the_models_behind_the_cells_are_listed_with_their_processor(report: dic
     lines = (report["out"] / "models.md").read_text().splitlines()
     (row,) = [line for line in lines if line.startswith("| patch trigger")]
     assert row.split(" | ")[1:7] == ["1", "100", "0.733", "0.939", "612", "AMD EPYC (avx2 avx512f)"]
+    assert row.split(" | ")[8] == "0"  # no cell of the report heals it (the grid's cells name no training run)
     runs = read_csv(report["out"] / "runs.csv")
     assert "cpu" in runs[0]  # and every cell says where it computed
 

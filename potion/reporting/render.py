@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -125,15 +126,20 @@ def runs_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
     return _csv(out, RUN_COLUMNS)
 
 
-def models_markdown(models: Sequence[Mapping[str, Any]]) -> str:
-    """The trained models behind the cells (training runs of the store), one line each, with the processor they
-    were trained on: a CPU time is a figure of its machine."""
-    lines = ["# The trained models", "", "| attack | seed | n_p | clean_acc | asr | train_seconds | processor | run |",
-             "|---|---|---|---|---|---|---|---|"]
+def models_markdown(models: Sequence[Mapping[str, Any]], rows: Iterable[Mapping[str, Any]] = ()) -> str:
+    """The trained models of the store (training runs), one line each: their figures, the processor they were
+    trained on (a CPU time is a figure of its machine) and how many of the report's cells heal them (a model of a
+    retired config has none)."""
+    cells = Counter(r.get("train_run") for r in rows)
+    lines = ["# The trained models", "",
+             "| attack | seed | n_p | clean_acc | asr | train_seconds | processor | config | cells | run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m in sorted(models, key=lambda r: (attack_label(r["attack"], r["mapping"]), r["seed"], r["run_id"])):
         lines.append(f"| {attack_label(m['attack'], m['mapping'])} | {m['seed']} | {m['n_p'] if m['n_p'] else 0} | "
                      f"{_num(m['clean_acc'], 3)} | {_num(m['asr'], 3)} | {_num(m['train_seconds'], 0)} | "
-                     f"{m['cpu'] or 'not recorded'} | `{m['run_id']}` |")
+                     f"{m['cpu'] or 'not recorded'} | `{m['config_hash']}` | "
+                     f"{cells[m['config_hash']] or cells[m['run_id']]} | "
+                     f"`{m['run_id']}` |")
     return "\n".join(lines) + "\n"
 
 
