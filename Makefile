@@ -24,8 +24,9 @@ test-fast: $(STAMP)
 # The study's CPU tier (benchmarks/study.md): resumable; the tier's models and store travel with the repository.
 STUDY ?= cpu_tier
 STUDY_DB := sqlite:///benchmarks/study/$(STUDY)/mlflow.db
-# Two jobs at a time, one torch thread each (2 cores; a second thread per job mostly spins): Hydra's joblib launcher.
-STUDY_JOBS ?= 2
+# One job per core, one torch thread each (a second thread per job mostly spins on these small networks): Hydra's
+# joblib launcher.
+STUDY_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 PARALLEL := hydra/launcher=joblib hydra.launcher.n_jobs=$(STUDY_JOBS)
 STUDY_ATTACKS := badnets,blend,sig,wanet,ftrojan,label_consistent,all_to_all
 study-models: $(STAMP)
