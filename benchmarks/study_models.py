@@ -2,6 +2,7 @@
 
     python benchmarks/study_models.py save      # runs/train/study_cpu-* -> benchmarks/study/cpu_tier/models
     python benchmarks/study_models.py restore   # and back, where runs/train lacks them
+    python benchmarks/study_models.py restore --runs .study/<commit>/runs/train   # into the study's worktree
 
 Only what a finished run is made of is kept: weights (safetensors), the resolved config, the poison plan, the
 perturbed images of a label-consistent attack, run.json and summary.json (written last: a folder without it is
@@ -47,8 +48,10 @@ def main() -> None:
     ap.add_argument("action", choices=["save", "restore"])
     ap.add_argument("--tier", default="cpu_tier", help="benchmarks/study/<tier>")
     ap.add_argument("--prefix", default="study_cpu-", help="training run folders of the tier")
+    ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "train",
+                    help="the checkout's training run folders (the study's frozen worktree: .study/<commit>/runs/train)")
     args = ap.parse_args()
-    runs, kept = ROOT / "runs" / "train", ROOT / "benchmarks" / "study" / args.tier / "models"
+    runs, kept = args.runs, ROOT / "benchmarks" / "study" / args.tier / "models"
     src, dst = (runs, kept) if args.action == "save" else (kept, runs)
     copied = [p.name for p in sorted(src.glob(f"{args.prefix}*")) if copy_run(p, dst / p.name)]
     print(f"{args.action}: {len(copied)} run folder(s) {'into' if args.action == 'save' else 'from'} {kept}"
