@@ -1,10 +1,11 @@
 """PTN as a Hydra sweeper (sweep.py, hydra_plugins/potion_ptn): the in-process answer, importances computed
 once, MLflow parent/child runs, and the same answer through the joblib and submitit (local) launchers.
 
-One poisoned digits model is trained per module. It trains 8 epochs, not 4: after 4 the small CNN is at
-~19 % clean accuracy and no dampening moves its forget accuracy, so every search would run to max_steps.
-The PTN grid is compressed (s_start=0.01, s_step=1.5) so the search needs a handful of steps, and the
-sweeper's batch size is picked from the in-process answer so that the sweep takes several rounds.
+The session's shared tiny model is swept (a link to its run folder, read only). The PTN grid is compressed
+(s_start=0.01, s_step=1.5) so the search needs a handful of steps, and the sweeper's batch size is picked from the
+in-process answer so that the sweep takes several rounds. Trigger synthesis is off and the stopping test watches
+every discovered sample: what is checked here is how the sweep splits one search, and synthesis would repeat its
+window search in every job.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tiny_world import QUICK_PTN
 
 from potion.config.compose import compose_config
 from potion.core.errors import ConfigError
@@ -33,22 +35,14 @@ from potion.sweep.protocol import (
     round_steps,
 )
 
-SMALL_CNN = ["model=small_cnn", "model.width=32"]  # what these tests were tuned on (quickstart: ResNet-9)
 ROOT = Path(__file__).resolve().parent.parent
-PTN = ["method=potion", "discovery.share=0.2", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
-       "method.ptn.max_steps=30"]
+PTN = QUICK_PTN
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from potion.pipelines.train import run_training
-
+def work(tmp_path_factory: pytest.TempPathFactory, tiny_run: Any) -> Path:
     tmp = tmp_path_factory.mktemp("ptn_sweep")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("POTION_CACHE_DIR", str(tmp / "cache_train"))
-        mp.setenv("POTION_THREADS", "1")
-        run_training(compose_config("train", ["experiment=quickstart", *SMALL_CNN, "logger=none",
-                                              "train.epochs=8", f"out_dir={tmp / 'train'}"]))
+    (tmp / "train").symlink_to(tiny_run.run, target_is_directory=True)
     return tmp
 
 

@@ -50,9 +50,10 @@ def train_overrides(data: Path, out_dir: Path, *extra: str) -> list[str]:
             "poison.fraction=null", "train.epochs=8", "train.batch_size=32", "train.lr=0.05", "train.crop_padding=1",
             "train.flip=false", "train.epoch_eval_samples=80", f"out_dir={out_dir}", *extra]
 
-# a short PTN search for tests that sweep over a server or a cluster
+# a short PTN search for tests that sweep over a server or a cluster: a compressed grid; no trigger synthesis and
+# every discovered sample watched (a sweep would repeat synthesis's window search in each of its jobs)
 QUICK_PTN = ["method=potion", "discovery.share=0.5", "method.ptn.s_start=0.01", "method.ptn.s_step=1.5",
-             "method.ptn.max_steps=40"]
+             "method.ptn.max_steps=40", "method.synthesis.enabled=false", "method.ptn.criterion=all"]
 
 
 def free_port() -> int:
