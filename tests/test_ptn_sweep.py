@@ -143,6 +143,14 @@ def test_the_sweeper_process_never_imports_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
+def test_unlearning_and_its_jobs_start_without_lightning() -> None:
+    """Lightning (with the torchmetrics and torchvision models it pulls in: ~3 s of CPU) is loaded to fit a model
+    only: every unlearn.py run, heal and PTN job starts without it."""
+    code = ("import sys, potion.sweep.jobs, potion.pipelines.heal; "
+            "assert 'pytorch_lightning' not in sys.modules, 'unlearning imported Lightning'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
 def test_sweep_py_selects_the_ptn_sweeper_once() -> None:
     from sweep import ptn_argv
 

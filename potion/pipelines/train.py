@@ -11,9 +11,8 @@ import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig
 
@@ -31,14 +30,6 @@ from potion.data.triggers import kind_of
 from potion.evaluation.backdoor import evaluate_backdoor
 from potion.models import build_model
 from potion.pipelines.lifecycle import RunOutputs, reuse_finished, run_lifecycle
-from potion.pipelines.lightning_module import (
-    AtomicCheckpointIO,
-    EpochMetricsCallback,
-    PoisonTrainingModule,
-    StopOnSignal,
-    check_checkpoint_fits,
-    read_resume_checkpoint,
-)
 from potion.pipelines.reference import canonical_clean, reference_config
 from potion.pipelines.run_folders import (
     CHECKPOINTS,
@@ -60,6 +51,9 @@ from potion.pipelines.run_folders import (
 from potion.tracking import naming
 from potion.tracking.runs import train_folder_run
 from potion.tracking.tracker import NullTracker
+
+if TYPE_CHECKING:  # Lightning is imported where a model is fitted: unlearning and sweep jobs start without it
+    import pytorch_lightning as pl
 
 log = logging.getLogger("potion.train")
 
@@ -118,11 +112,17 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path, fresh: bool) -> tuple[Pat
     ckpt = run_dir / CHECKPOINTS / "last.ckpt"
     if fresh or not cfg.get("resume", True) or not ckpt.is_file():
         return None
+    from potion.pipelines.lightning_module import read_resume_checkpoint
+
     return ckpt, read_resume_checkpoint(ckpt)
 
 
 def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
            resume: tuple[Path, dict[str, Any]] | None) -> dict[str, Any]:
+    import pytorch_lightning as pl
+
+    from potion.pipelines.lightning_module import PoisonTrainingModule, StopOnSignal, check_checkpoint_fits
+
     run_dir, tracker = outputs.folder, outputs.tracker
     torch.set_num_threads(cpu_threads())
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -221,6 +221,10 @@ def _fit(trainer: pl.Trainer, module: pl.LightningModule, loader: Any, resume_fr
 
 def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData, tracker: Any,
                   resume: tuple[Path, dict[str, Any]] | None, stop: pl.Callback) -> pl.Trainer:
+    import pytorch_lightning as pl
+
+    from potion.pipelines.lightning_module import AtomicCheckpointIO, EpochMetricsCallback
+
     t, tr = cfg.train, cfg.trainer
     every = t.checkpoint_every_n_steps
     checkpoint = pl.callbacks.ModelCheckpoint(
