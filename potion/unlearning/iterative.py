@@ -172,7 +172,7 @@ def repair_model(task: UnlearnTask, forget: torch.Tensor, original: torch.nn.Mod
     try:
         with tb.seeded(sub):
             trainable = [m for _, m in tb.parameterised_layers(model)
-                         if not isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+                         if not isinstance(m, tb.BATCH_NORMS)]
             params = tb.freeze_all_but(model, trainable)
             tb.train_mode_partial(model, trainable)
             sgd = tb.sgd_settings(sub, lr=lr, schedule="linear")

@@ -126,7 +126,7 @@ def train_with_frozen_norm_statistics(model: nn.Module) -> None:
     """
     model.train()
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, tb.BATCH_NORMS):
             m.eval()
 
 

@@ -50,6 +50,7 @@ from potion.unlearning.task import UnlearnTask
 # Fallbacks when the training run's ``train`` section lacks a key (method.md §2 values).
 _TRAIN_DEFAULTS = {"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "nesterov": False, "batch_size": 512,
                    "warmup": 0.01, "label_smoothing": 0.0}
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)  # torch's public batch-norm layers
 _LOSS_WINDOW = 20  # final losses are averaged over the last this many steps of each kind
 
 
@@ -266,7 +267,7 @@ def train_mode_partial(model: nn.Module, trainable: Sequence[nn.Module]) -> None
     model.train()
     keep = {id(m) for m in trainable}
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in keep:
+        if isinstance(m, BATCH_NORMS) and id(m) not in keep:
             m.eval()
 
 
