@@ -144,3 +144,20 @@ def test_the_targets_are_checked_from_the_cells_and_a_miss_is_kept() -> None:
     assert out["potion at 10%: time <= 0.2 x rem's"]["value"] == pytest.approx(1 / 3)
     assert not out["potion at 10%: time <= 0.2 x rem's"]["met"]
     assert "**no**" in targets_markdown(list(out.values()))
+
+
+def test_a_column_named_by_a_resolved_setting_is_still_the_methods_target_cell() -> None:
+    """All-to-all: potion resolves loss=auto to ce at 10 % and to logit_norm at one sample (one label shows), so
+    the study's potion columns carry the loss; each is still potion's cell of its discovery setting."""
+    from potion.reporting.aggregate import aggregate
+    from potion.reporting.targets import target_rows
+
+    rows = [{**_row("potion", s, 50.0, 1.0), "asr": 0.2, "n_p": 100, "n_f": n_f, "share": n_f / 100,
+             "method_params": (("method.loss", loss),)}
+            for s in range(3) for n_f, loss in ((10, "ce"), (1, "logit_norm"))]
+    cells = aggregate(rows)
+    assert sorted(c["method"] for c in cells) == ["potion (method.loss=ce)", "potion (method.loss=logit_norm)"]
+    got = {r["target"]: r["value"] for r in target_rows(cells, [])}
+    assert got["potion at 10%: healed_attainable >= 90"] == 50.0
+    assert got["potion at 10%: asr <= 0.05"] == pytest.approx(0.2)
+    assert got["potion at 1 image: healed_attainable >= 80"] == 50.0
