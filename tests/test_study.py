@@ -66,7 +66,7 @@ def test_a_study_cell_already_in_the_store_at_this_commit_is_skipped(tiny: TinyR
     from potion.pipelines.unlearn import run_unlearning
 
     if current_commit() is None:
-        pytest.skip("not in a git checkout: no commit to match cells by")
+        pytest.skip("no code commit to match cells by (not a git checkout, or its code has uncommitted changes)")
     uri = f"sqlite:///{tmp_path / 'study.db'}"
 
     def cell(out: str) -> dict:
