@@ -62,7 +62,7 @@ def inproc(work: Path) -> dict[str, Any]:
     if s["chosen"] < 2:
         pytest.fail(f"the in-process search stopped at k={s['chosen']}: lower method.ptn.s_start so it needs "
                     "several steps, or this test checks nothing about rounds")
-    s["batch"] = max(1, s["chosen"] // 2)  # at least two rounds, the last one holding the answer
+    s["batch"] = (s["chosen"] + 2) // 2  # two rounds, the second one holding the answer
     return s
 
 
