@@ -49,7 +49,7 @@ def main() -> None:
     ap.add_argument("--tier", default="cpu_tier", help="benchmarks/study/<tier>")
     ap.add_argument("--prefix", default="study_cpu-", help="training run folders of the tier")
     ap.add_argument("--runs", type=Path, default=ROOT / "runs" / "train",
-                    help="the checkout's training run folders (the study's frozen worktree: .study/<commit>/runs/train)")
+                    help="the training run folders (the frozen study worktree: .study/<commit>/runs/train)")
     args = ap.parse_args()
     runs, kept = args.runs, ROOT / "benchmarks" / "study" / args.tier / "models"
     src, dst = (runs, kept) if args.action == "save" else (kept, runs)
