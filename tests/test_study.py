@@ -144,6 +144,9 @@ def test_the_targets_are_checked_from_the_cells_and_a_miss_is_kept() -> None:
     assert out["potion at 10%: time <= 0.2 x rem's"]["value"] == pytest.approx(1 / 3)
     assert not out["potion at 10%: time <= 0.2 x rem's"]["met"]
     assert "**no**" in targets_markdown(list(out.values()))
+    one = [r for r in rows if r["method"] == "potion" or r["seed"] == "0"]  # rem on one seed: nothing is tested
+    row = {r["target"]: r for r in target_rows(aggregate(one), comparisons(one))}["potion at 10% not worse than rem"]
+    assert row["value"] == "untested (1 seed pair)" and not row["met"] and row["n"] == 1
 
 
 def test_a_column_named_by_a_resolved_setting_is_still_the_methods_target_cell() -> None:
