@@ -3,6 +3,8 @@ nothing): that answer needs the candidate windows, not the refined location (``_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -13,7 +15,7 @@ from potion.data.discovery import discover
 from potion.data.poison import TriggerSpec, make_poison_plan, patch_origin
 from potion.data.poisoned import poison
 from potion.data.sources import DatasetBundle, ImageSplit
-from potion.unlearning import synthesis
+from potion.unlearning import ssd_family, synthesis
 from potion.unlearning.ssd_family import with_synthesis
 from potion.unlearning.task import UnlearnTask
 
@@ -111,3 +113,31 @@ def test_each_refinement_window_is_measured_once(monkeypatch: pytest.MonkeyPatch
     assert (once.row, once.col, once.size, once.flip_rate) == (every.row, every.col, every.size, every.flip_rate)
     assert torch.equal(once.images, every.images)
     assert n_once < calls["n"] * 0.7, (n_once, calls["n"])
+
+
+@pytest.mark.parametrize("share", [0.25, 0.6])
+def test_a_second_search_on_the_same_inputs_is_read_from_the_cache(share: float, cache: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jobs of a PTN sweep search the windows once: the outcome (a refined window, or 'a patch is there') is
+    stored content-addressed, and a later call with the same model and samples gets it back without searching."""
+    row, col = patch_origin(SPEC, 8, 8)
+    task = _task(WindowDetector(row, col), share=share)
+    block = full_method_args("potion")["synthesis"]
+    first_task, first, found = with_synthesis(task, block, cache=True)
+    assert list((cache / "synthesis").glob("*.safetensors"))
+    monkeypatch.setattr(synthesis, "synthesize_forget", _fail)
+    monkeypatch.setattr(synthesis, "patch_present", _fail)
+    monkeypatch.setattr(ssd_family, "synthesize_forget", _fail)
+    monkeypatch.setattr(ssd_family, "patch_present", _fail)
+    again_task, again, found_again = with_synthesis(task, block, cache=True)
+    assert again == first and (found is None) == (found_again is None)
+    if found is not None:
+        assert (found.row, found.col, found.size, found.flip_rate) == (found_again.row, found_again.col,
+                                                                       found_again.size, found_again.flip_rate)
+        assert torch.equal(first_task.extra_forget[0], again_task.extra_forget[0])
+        assert torch.equal(first_task.extra_forget[1], again_task.extra_forget[1])
+    other = WindowDetector(row, col)
+    with torch.no_grad():
+        other.scale.fill_(5.0)
+    with pytest.raises(AssertionError, match="located exactly"):  # other weights: a search of their own
+        with_synthesis(_task(other, share=share), block, cache=True)

@@ -79,7 +79,7 @@ def potion_iterative(task: UnlearnTask, *, rounds: int, importance: Mapping[str,
     original = copy.deepcopy(task.model).eval()
     forget = task.forget_idx
     # synthetic forget samples are found once, from the discovered samples, and kept in every round
-    task, synth_info, estimate = with_synthesis(task, synthesis)
+    task, synth_info, estimate = with_synthesis(task, synthesis, bool(importance.get("cache", True)))
     synthesis = None
     diagnostics: dict[str, Any] = dict(synth_info)
     timings = {"importance_seconds": 0.0, "search_seconds": 0.0}

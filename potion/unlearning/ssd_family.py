@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from potion.core.io import sha256_tensors
 from potion.evaluation.backdoor import autocast_for
-from potion.unlearning.cache import cached_importance, importance_key, indices_digest
+from potion.unlearning.cache import cached_importance, cached_tensors, entry_path, importance_key, indices_digest
 from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
@@ -85,8 +85,8 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
     return ({k: v.to(dev) for k, v in imp_r.items()}, {k: v.to(dev) for k, v in imp_f.items()}, info)
 
 
-def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisResult | None = None
-                       ) -> tuple[ForgetCriterion, dict[str, Any]]:
+def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisResult | None = None,
+                       cache: bool = False) -> tuple[ForgetCriterion, dict[str, Any]]:
     """forget_acc as PTN watches it (a :class:`ForgetCriterion`): the forget set prepared once on the device.
 
     Discovered and synthetic samples are two groups, and a step qualifies only when EVERY group has
@@ -104,7 +104,7 @@ def forget_accuracy_fn(task: UnlearnTask, criterion: str, estimate: SynthesisRes
     info: dict[str, Any] = {}
     natural = None
     if task.attack.target is not None and (criterion == "exclude_natural_target" or estimate is not None):
-        natural = natural_target_mask(task, estimate)
+        natural = natural_target_mask(task, estimate, cache)
         info["forget_natural_target"] = int(natural.sum())
     if natural is not None and bool(natural.all()):
         if task.extra_forget is None:
@@ -205,14 +205,15 @@ def _predict_batches(model: nn.Module, x: torch.Tensor, bs: int = 1024) -> torch
         torch.zeros(0, dtype=torch.long, device=x.device)
 
 
-def natural_target_mask(task: UnlearnTask, estimate: SynthesisResult | None = None) -> torch.Tensor:
+def natural_target_mask(task: UnlearnTask, estimate: SynthesisResult | None = None, cache: bool = False
+                        ) -> torch.Tensor:
     """Discovered samples that are the target class by nature, found without labels.
 
     The trigger is located from the discovered samples (``estimate``, or a patch window found as trigger
     synthesis does); taking it out (filling the window with clean images' pixels, or subtracting an additive
     estimate) leaves the host image, and a sample the poisoned model still assigns to the target is
     target-class by nature: PTN cannot and should not push it away from its label. No trigger found ->
-    nothing excluded.
+    nothing excluded. ``cache``: the window search is read from (and written to) the content-addressed cache.
     """
     idx = task.forget_idx
     x = task.train.normalised(idx, task.device)
@@ -220,13 +221,16 @@ def natural_target_mask(task: UnlearnTask, estimate: SynthesisResult | None = No
     pool = task.retain_idx[task.train.labels[task.retain_idx] != target]
     gen = torch.Generator().manual_seed(task.seed + 29)
     probes = task.train.normalised(pool[torch.randperm(pool.numel(), generator=gen)[:256]], task.device)
-    found = estimate if estimate is not None else synthesize_forget(task.model, x[:64], probes, target)
+    found = estimate
+    if found is None:
+        found = cached_synthesis(task, "natural-target", cache, lambda: ({}, synthesize_forget(
+            task.model, x[:64], probes, target)))[1]
     if found is None:
         return torch.zeros(idx.numel(), dtype=torch.bool)
     return (_predict_batches(task.model, found.remove_from(x, probes)) == target).cpu()
 
 
-def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
+def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None, cache: bool = False
                    ) -> tuple[UnlearnTask, dict[str, Any], SynthesisResult | None]:
     """The task with synthetic forget samples from the recovered trigger, when ``synthesis.enabled``.
 
@@ -235,10 +239,60 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     additive trigger is estimated instead; with fewer, and no patch, one is inverted (``invert_steps`` > 0).
     All-to-all attacks have no single target class: only a patch window is located there, judged by how
     many probe predictions it changes, and the synthetic samples carry their triggered predictions.
+    ``cache``: the outcome is read from (and written to) the content-addressed cache, so the jobs of a PTN
+    sweep search the windows once.
     """
     s = synthesis  # the method.synthesis block; None: synthesise nothing (later iterative rounds)
     if s is None or not s["enabled"]:
         return task, {}, None
+    info, result = cached_synthesis(task, "synthesis", cache, lambda: _synthesize(task, s), settings=dict(s))
+    if result is None:
+        if not info.get("synth_patch_found") and any(_searches(task, s)):
+            log.info("trigger synthesis: no patch window%s flips enough predictions; using the discovered samples "
+                     "only", "" if task.attack.target is None else " or additive estimate")
+        return task, info, None
+    if result.additive:
+        how = "estimate" if task.discovery.n_f >= int(s["additive_min_discovered"]) else "inversion"
+        log.info("trigger synthesis: an image-wide additive %s from %d samples flips %.1f%% of probes", how,
+                 task.discovery.n_f, 100 * result.flip_rate)
+    else:
+        log.info("trigger synthesis: %dx%d window at (%d, %d) flips %.1f%% of probes", result.size, result.size,
+                 result.row, result.col, 100 * result.flip_rate)
+    return replace(task, extra_forget=(result.images, result.labels)), info, result
+
+
+def cached_synthesis(task: UnlearnTask, kind: str, cache: bool,
+                     compute: Callable[[], tuple[dict[str, Any], SynthesisResult | None]], **parts: Any
+                     ) -> tuple[dict[str, Any], SynthesisResult | None]:
+    """(info, recovered trigger) of a window search on ``task``, from the cache when ``cache`` and an entry exists.
+
+    The key holds all the search reads: the weights, the data, the discovered and retain indices (probes are
+    drawn from the latter), the seed, the attack's target and the device, plus ``parts`` (the settings).
+    """
+    key = {"weights": sha256_tensors(task.model.state_dict()), "data": task.train.fingerprint,
+           "forget": indices_digest(task.forget_idx), "retain": indices_digest(task.retain_idx), "seed": task.seed,
+           "target": task.attack.target, "device": task.device.type, **parts}
+
+    def entry() -> dict[str, torch.Tensor]:
+        info, result = compute()
+        flat = {f"info.{k}": torch.tensor(v, dtype=torch.int64) if type(v) is int
+                else torch.tensor(float(v), dtype=torch.float64) for k, v in info.items()}
+        return flat if result is None else {**flat, **result.to_tensors()}
+
+    tensors, _ = cached_tensors(entry_path(kind, **key), entry, cache)
+    info = {k.removeprefix("info."): v.item() for k, v in tensors.items() if k.startswith("info.")}
+    return info, SynthesisResult.from_tensors(tensors, task.device)
+
+
+def _searches(task: UnlearnTask, s: Mapping[str, Any]) -> tuple[bool, bool]:
+    """Whether synthesis looks for a patch window (few discovered samples) and for an image-wide estimate."""
+    n_f = task.discovery.n_f
+    additive_ok = bool(s["additive"]) and n_f >= int(s["additive_min_discovered"]) and task.attack.target is not None
+    return n_f <= int(s["max_discovered"]), additive_ok
+
+
+def _synthesize(task: UnlearnTask, s: Mapping[str, Any]) -> tuple[dict[str, Any], SynthesisResult | None]:
+    """The window search of :func:`with_synthesis` (its info and recovered trigger)."""
     n = int(s["samples"])
     target = task.attack.target
     labels = task.train.labels[task.retain_idx]
@@ -247,19 +301,17 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     probe_idx = pool[torch.randperm(pool.numel(), generator=gen)[:n]]
     probes = task.train.normalised(probe_idx, task.device)
     forget_x, _ = task.forget_tensors()
-    n_f = task.discovery.n_f
     min_flip = float(s["min_flip_rate"])
-    small = n_f <= int(s["max_discovered"])
-    additive_ok = bool(s["additive"]) and n_f >= int(s["additive_min_discovered"]) and target is not None
+    small, additive_ok = _searches(task, s)
     if not small and not additive_ok:  # enough discovered samples and nothing image-wide to estimate
-        return task, {"synth_samples": 0}, None
+        return {"synth_samples": 0}, None
     result = None
     if small:
         result = synthesize_forget(task.model, forget_x[:64], probes, target, sizes=tuple(s["sizes"]),
                                    min_flip_rate=min_flip)
     elif additive_ok and patch_present(task.model, forget_x[:64], probes, target, sizes=tuple(s["sizes"]),
                                        min_flip_rate=min_flip):
-        return task, {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
+        return {"synth_samples": 0, "synth_patch_found": 1.0}, None  # a patch, and enough discovered
     if result is None and additive_ok:
         ref_idx = task.retain_idx[torch.randperm(task.retain_idx.numel(), generator=gen)[:max(n, 1000)]]
         reference = task.train.normalised(ref_idx, task.device)
@@ -267,18 +319,7 @@ def with_synthesis(task: UnlearnTask, synthesis: Mapping[str, Any] | None
     elif result is None and small and bool(s["additive"]) and int(s["invert_steps"]) > 0 and target is not None:
         result = invert_additive(task.model, forget_x[:64], probes, target, steps=int(s["invert_steps"]),
                                  min_flip_rate=min_flip, seed=task.seed + 23)
-    if result is None:
-        log.info("trigger synthesis: no patch window%s flips enough predictions; using the discovered samples only",
-                 "" if target is None else " or additive estimate")
-        return task, {"synth_samples": 0}, None
-    if result.additive:
-        how = "estimate" if additive_ok else "inversion"
-        log.info("trigger synthesis: an image-wide additive %s from %d samples flips %.1f%% of probes", how, n_f,
-                 100 * result.flip_rate)
-    else:
-        log.info("trigger synthesis: %dx%d window at (%d, %d) flips %.1f%% of probes", result.size, result.size,
-                 result.row, result.col, 100 * result.flip_rate)
-    return replace(task, extra_forget=(result.images, result.labels)), result.summary(), result
+    return ({"synth_samples": 0} if result is None else result.summary()), result
 
 
 def ptn_criterion(task: UnlearnTask, criterion: str) -> str:
@@ -301,12 +342,13 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     ``ptn.fixed_step``: evaluate only this step k instead of searching; a list of steps (how the PTN
     sweeper's candidate jobs call it) evaluates each from the undampened model and leaves the last.
     """
-    task, synth_info, found = with_synthesis(task, synthesis)
+    cache = bool(importance.get("cache", True))
+    task, synth_info, found = with_synthesis(task, synthesis, cache)
     estimate = found or estimate  # ``estimate``: a trigger recovered earlier (iterative rounds synthesise once)
     imp_r, imp_f, info = importance_pair(task, loss=loss, power=power, **importance)
     criterion = ptn_criterion(task, str(ptn["criterion"]))
     crit_task = task if criterion_task is None else replace(criterion_task, extra_forget=task.extra_forget)
-    forget_acc, crit_info = forget_accuracy_fn(crit_task, criterion, estimate)
+    forget_acc, crit_info = forget_accuracy_fn(crit_task, criterion, estimate, cache)
     schedule = PTNSchedule.from_config(ptn, task.discovery.n_f, task.num_train)
     sync(task.device)
     t0 = time.perf_counter()

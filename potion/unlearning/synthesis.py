@@ -29,7 +29,7 @@ the window leaves alone are not kept). Label-free: the mapping itself is never u
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +57,23 @@ class SynthesisResult:
         return {"synth_row": self.row, "synth_col": self.col, "synth_size": self.size,
                 "synth_flip_rate": self.flip_rate, "synth_samples": int(self.labels.numel()),
                 "synth_additive": float(self.additive)}
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        """The result as flat tensors (a cache entry); :meth:`from_tensors` reads it back."""
+        out = {"images": self.images, "labels": self.labels,
+               "flip_rate": torch.tensor(self.flip_rate, dtype=torch.float64),
+               "window": torch.tensor([self.row, self.col, self.size], dtype=torch.int64)}
+        return out if self.delta is None else {**out, "delta": self.delta}
+
+    @classmethod
+    def from_tensors(cls, t: Mapping[str, torch.Tensor], device: torch.device) -> SynthesisResult | None:
+        """A result stored by :meth:`to_tensors` (on ``device``), or None where the entry holds no trigger."""
+        if "window" not in t:
+            return None
+        row, col, size = (int(v) for v in t["window"].tolist())
+        delta = t.get("delta")
+        return cls(row, col, size, float(t["flip_rate"]), t["images"].to(device), t["labels"].to(device),
+                   None if delta is None else delta.to(device))
 
     def remove_from(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` with the recovered trigger taken out: the estimate subtracted, or the window filled with what clean
