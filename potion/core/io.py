@@ -144,6 +144,10 @@ def _json_default(obj: Any) -> Any:
         return str(obj)
     if hasattr(obj, "item"):
         return obj.item()
+    if isinstance(obj, Mapping):  # a DictConfig, or another mapping type
+        return dict(obj)
+    if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):  # a ListConfig, a tuple subclass
+        return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
