@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CELU(nn.CELU):
+    """``nn.CELU`` with a faster forward where no gradient is taken, on CPU in fp32.
+
+    torch's CELU goes through expm1, which runs without SIMD on CPU (measured ~6x slower than exp, torch 2.14,
+    AVX-512): in evaluation, trigger synthesis and PTN's forget-set tests it cost more than the convolutions.
+    relu(x) + alpha * (exp(min(x, 0) / alpha) - 1) is the same function (within 1e-8 here); with gradients the
+    built-in runs, so training and importances are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad or x.device.type != "cpu" or x.dtype != torch.float32:
+            return super().forward(x)
+        return F.relu(x) + self.alpha * (torch.exp(torch.clamp(x, max=0) / self.alpha) - 1)
 
 
 def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int | None = None) -> nn.Sequential:
@@ -12,7 +28,7 @@ def conv_bn(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: in
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=pad, bias=False),
         nn.BatchNorm2d(c_out),
-        nn.CELU(alpha=0.075),
+        CELU(alpha=0.075),
     )
 
 
