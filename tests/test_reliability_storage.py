@@ -28,7 +28,7 @@ def _logits() -> dict[str, torch.Tensor]:
 
 
 def test_same_shape_replacement_of_a_cache_entry_is_recomputed(tmp_path: Path) -> None:
-    path = cache.logits_path(weights="w", data="d")
+    path = cache.entry_path("logits", weights="w", data="d")
     calls: list[int] = []
 
     def compute() -> dict[str, torch.Tensor]:
@@ -61,7 +61,7 @@ def test_a_cache_that_cannot_be_written_costs_a_recomputation_only(monkeypatch: 
 
     monkeypatch.setattr(pio, "write_torch", lambda obj, p: full(p))
     monkeypatch.setattr("safetensors.torch.save_file", lambda *a, **k: full(Path("x")))
-    path = cache.logits_path(weights="full disk")
+    path = cache.entry_path("logits", weights="full disk")
     value, hit = cache.cached_tensors(path, _logits)
     assert not hit and torch.equal(value["train"], torch.ones(8, 3))
     assert not path.exists() and not list(path.parent.glob(".*.tmp"))

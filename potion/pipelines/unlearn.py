@@ -47,7 +47,7 @@ from potion.tracking import naming
 from potion.tracking.runs import FolderRun, unlearn_folder_run
 from potion.tracking.tracker import Tracker, download_run_artifacts, resolve_tracking_uri
 from potion.unlearning.attack import infer_attack
-from potion.unlearning.cache import cached_tensors, logits_path
+from potion.unlearning.cache import cached_tensors, entry_path
 from potion.unlearning.methods import get_method, method_info
 from potion.unlearning.registry import run_timed
 from potion.unlearning.suspects import find_suspects, suspects_summary, write_suspects_csv
@@ -287,7 +287,7 @@ def poisoned_logits(model: torch.nn.Module, data: PoisonedData, view: TrainingVi
     same model reuses them for its before-metrics and suspect scores instead of recomputing them.
     """
     device = model_device(model)
-    path = logits_path(weights=sha256_tensors(model.state_dict()), data=data.bundle.fingerprint,
+    path = entry_path("logits", weights=sha256_tensors(model.state_dict()), data=data.bundle.fingerprint,
                        trigger=data.plan.trigger.to_dict(), view=view.fingerprint,
                        norm=[list(data.bundle.mean), list(data.bundle.std)], device=device.type)
 

@@ -84,7 +84,3 @@ def entry_path(kind: str, **parts: Any) -> Path:
     """Where an entry of ``kind`` (its folder in the cache) keyed by everything it depends on (``parts``) lives."""
     return cache_dir() / kind / f"{sha256_json({'kind': f'{kind}-v1', **parts})}.safetensors"
 
-
-def logits_path(**parts: Any) -> Path:
-    """Where the poisoned model's logits for one data split live (keyed by weights, data, trigger, device)."""
-    return cache_dir() / "logits" / f"{sha256_json({'kind': 'logits-v1', **parts})}.safetensors"

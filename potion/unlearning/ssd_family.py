@@ -269,17 +269,19 @@ def cached_synthesis(task: UnlearnTask, kind: str, cache: bool,
     The key holds all the search reads: the weights, the data, the discovered and retain indices (probes are
     drawn from the latter), the seed, the attack's target and the device, plus ``parts`` (the settings).
     """
-    key = {"weights": sha256_tensors(task.model.state_dict()), "data": task.train.fingerprint,
-           "forget": indices_digest(task.forget_idx), "retain": indices_digest(task.retain_idx), "seed": task.seed,
-           "target": task.attack.target, "device": task.device.type, **parts}
-
     def entry() -> dict[str, torch.Tensor]:
         info, result = compute()
         flat = {f"info.{k}": torch.tensor(v, dtype=torch.int64) if type(v) is int
                 else torch.tensor(float(v), dtype=torch.float64) for k, v in info.items()}
         return flat if result is None else {**flat, **result.to_tensors()}
 
-    tensors, _ = cached_tensors(entry_path(kind, **key), entry, cache)
+    if not cache:  # no key to build (it hashes the weights)
+        tensors = entry()
+    else:
+        tensors, _ = cached_tensors(entry_path(
+            kind, weights=sha256_tensors(task.model.state_dict()), data=task.train.fingerprint,
+            forget=indices_digest(task.forget_idx), retain=indices_digest(task.retain_idx), seed=task.seed,
+            target=task.attack.target, device=task.device.type, **parts), entry)
     info = {k.removeprefix("info."): v.item() for k, v in tensors.items() if k.startswith("info.")}
     return info, SynthesisResult.from_tensors(tensors, task.device)
 
