@@ -404,11 +404,11 @@ def test_importance_key_covers_every_input(trained: Path, monkeypatch: pytest.Mo
     discovery = discover(run.plan, share=0.5, seed=0)
     keys: list[str] = []
 
-    def record(key: str, compute: Callable[[], Any], enabled: bool = True) -> tuple[dict, bool]:
-        keys.append(key)
+    def record(path: Path, compute: Callable[[], Any], enabled: bool = True) -> tuple[dict, bool]:
+        keys.append(path.name)
         return {}, False
 
-    monkeypatch.setattr(ssd_family, "cached_importance", record)
+    monkeypatch.setattr(ssd_family, "cached_tensors", record)
 
     def keys_of(task: UnlearnTask, **kw: Any) -> tuple[str, str]:
         keys.clear()
@@ -475,7 +475,7 @@ def _importances() -> dict[str, torch.Tensor]:
 
 
 def test_parallel_writers_of_one_cache_entry(cache: Path) -> None:
-    key = importance_cache.importance_key(test="parallel writers")
+    entry = importance_cache.entry_path("importance", test="parallel writers")
     ctx = multiprocessing.get_context("fork")  # fork: no second interpreter start-up on a busy machine
     barrier = ctx.Barrier(2)
 
@@ -484,7 +484,7 @@ def test_parallel_writers_of_one_cache_entry(cache: Path) -> None:
             barrier.wait(timeout=60)  # both processes have missed the cache and will both write the entry
             return _importances()
 
-        value, hit = importance_cache.cached_importance(key, compute)
+        value, hit = importance_cache.cached_tensors(entry, compute)
         if hit or not torch.equal(value["w"], _importances()["w"]):
             os._exit(3)
 
@@ -494,7 +494,7 @@ def test_parallel_writers_of_one_cache_entry(cache: Path) -> None:
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0, 0]
-    entry = cache / "importance" / f"{key}.safetensors"
+    assert entry.parent == cache / "importance"
     value = load_tensors(entry)
     assert all(torch.equal(value[k], v) for k, v in _importances().items()) and set(value) == {"w", "b"}
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temp file left behind

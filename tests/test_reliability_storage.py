@@ -49,9 +49,9 @@ def test_same_shape_replacement_of_a_cache_entry_is_recomputed(tmp_path: Path) -
 
 
 def test_cache_entry_without_a_digest_is_not_trusted() -> None:
-    path = cache.importance_path(cache.importance_key(test="no digest"))
+    path = cache.entry_path("importance", test="no digest")
     save_tensors(path, {k: torch.zeros_like(v) for k, v in _logits().items()})  # an older or foreign entry
-    value, hit = cache.cached_importance(cache.importance_key(test="no digest"), _logits)
+    value, hit = cache.cached_tensors(path, _logits)
     assert not hit and torch.equal(value["train"], torch.ones(8, 3))
 
 

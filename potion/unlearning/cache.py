@@ -1,4 +1,4 @@
-"""Content-addressed, atomic cache of importances and logits: keyed by everything they depend on.
+"""Content-addressed, atomic cache of importances, logits and trigger syntheses: keyed by everything they depend on.
 
 The key hashes the model's weights, the data set's fingerprint, the trigger and the exact sample
 indices, and the estimator settings; two runs with different inputs never share an entry. Each entry
@@ -27,21 +27,6 @@ DIGEST_KEY = "potion.sha256"  # safetensors header field: sha256_tensors of the 
 def indices_digest(idx: torch.Tensor) -> str:
     """sha256 of an index tensor's values (order matters: batches depend on it)."""
     return hashlib.sha256(idx.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
-
-
-def importance_key(**parts: Any) -> str:
-    """The cache key of one importance computation."""
-    return sha256_json({"kind": "importance-v1", **parts})
-
-
-def importance_path(key: str) -> Path:
-    return cache_dir() / "importance" / f"{key}.safetensors"
-
-
-def cached_importance(key: str, compute: Callable[[], dict[str, torch.Tensor]], enabled: bool = True
-                      ) -> tuple[dict[str, torch.Tensor], bool]:
-    """Return (importances, hit). Reads a finished entry or computes and writes it atomically."""
-    return cached_tensors(importance_path(key), compute, enabled)
 
 
 def cached_tensors(path: Path, compute: Callable[[], dict[str, torch.Tensor]], enabled: bool = True

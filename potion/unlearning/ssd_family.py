@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from potion.core.io import sha256_tensors
 from potion.evaluation.backdoor import autocast_for
-from potion.unlearning.cache import cached_importance, cached_tensors, entry_path, importance_key, indices_digest
+from potion.unlearning.cache import cached_tensors, entry_path, indices_digest
 from potion.unlearning.dampening import RatioPool, dampen_, snapshot
 from potion.unlearning.importance import compute_importance, importance_parameters
 from potion.unlearning.ptn import PTNResult, PTNSchedule, evaluate_candidate, ptn_search
@@ -70,12 +70,12 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
 
     sync(task.device)
     t0 = time.perf_counter()
-    imp_r, hit_r = cached_importance(importance_key(**common, idx=indices_digest(retain)), run(retain), cache)
+    imp_r, hit_r = cached_tensors(entry_path("importance", **common, idx=indices_digest(retain)), run(retain), cache)
     forget_key = {"idx": indices_digest(task.forget_idx)}
     if task.extra_forget is not None:
         forget_key["extra"] = sha256_tensors({"x": task.extra_forget[0], "y": task.extra_forget[1]})
-    imp_f, hit_f = cached_importance(
-        importance_key(**common, **forget_key),
+    imp_f, hit_f = cached_tensors(
+        entry_path("importance", **common, **forget_key),
         lambda: compute_importance(task.model, task.forget_batches(batch_size), loss=loss, power=power,
                                    what="forget importance"), cache)
     sync(task.device)
