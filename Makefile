@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: quickstart test test-fast lint bench-cpu study-tree study-models study-cpu study-report clean
+.PHONY: quickstart test test-fast lint bench-cpu study-tree study-models study-cpu study-report study-smoke clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,12 @@ study-cpu: study-models
 study-report: $(STAMP)
 	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --out benchmarks/study/$(STUDY)/report
 	$(PY) benchmarks/study_page.py --report benchmarks/study/$(STUDY)/report
+
+# The smoke tier: the same machinery (train.py models, unlearn.py multirun, MLflow, potion.report) in minutes, offline,
+# at this checkout's code, on the digits; store and report under runs/study_smoke/.
+study-smoke: $(STAMP)
+	POTION_THREADS=1 $(PY) unlearn.py -m $(PARALLEL) +study=smoke
+	$(PY) -m potion.report --tracking-uri sqlite:///$(CURDIR)/runs/study_smoke/mlflow.db --out runs/study_smoke/report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
