@@ -2,8 +2,8 @@
 
     python benchmarks/study_page.py [--report benchmarks/study/cpu_tier/report] [--out docs/results.md]
 
-Nothing on the page is typed in: it is ``potion.report``'s ``targets.md``, ``table.md``, ``comparisons.md`` and
-``models.md`` of the study's store (``make study-report`` writes them, then runs this).
+Nothing on the page is typed in: it is ``potion.report``'s ``targets.md``, ``table.md``, ``comparisons.md``,
+``compute.md`` and ``models.md`` of the study's store (``make study-report`` writes them, then runs this).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ def demoted(markdown: str) -> str:
 def page(report: Path) -> str:
     """The page for a report folder (its tables, or a line saying the store holds no cell yet)."""
     parts = [HEADER]
-    tables = [demoted((report / name).read_text()) for name in ("targets.md", "table.md", "comparisons.md", "models.md")
-              if (report / name).is_file()]
+    names = ("targets.md", "table.md", "comparisons.md", "compute.md", "models.md")
+    tables = [demoted((report / name).read_text()) for name in names if (report / name).is_file()]
     parts += tables or ["The study's store holds no finished cell yet."]
     return "\n\n".join(p.strip() for p in parts) + "\n"
 

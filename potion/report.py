@@ -59,7 +59,14 @@ from potion.reporting.query import (
     search_rows,
     select,
 )
-from potion.reporting.render import CSV_COLUMNS, csv_text, markdown_tables, models_markdown, runs_csv_text
+from potion.reporting.render import (
+    CSV_COLUMNS,
+    compute_markdown,
+    csv_text,
+    markdown_tables,
+    models_markdown,
+    runs_csv_text,
+)
 from potion.reporting.targets import target_rows, targets_markdown
 from potion.tracking.tracker import MlflowTracker
 
@@ -73,13 +80,14 @@ REPORT_EXPERIMENT = "potion-reports"  # where --log-run puts a report of every e
 
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: str | Path,
                  methods: Sequence[str] | None = None, models: Sequence[Mapping[str, Any]] = ()) -> list[Path]:
-    """Write table.md, table.csv, runs.csv, models.md (the training runs ``models``, where given) and the figures
-    of every study atomically; return the paths."""
+    """Write table.md, table.csv, runs.csv, compute.md, models.md (the training runs ``models``, where given) and
+    the figures of every study atomically; return the paths."""
     out = Path(out_dir)
     cells = aggregate(rows)
     paths = [atomic_write_text(out / "table.md", markdown_tables(cells, methods)),
              atomic_write_text(out / "table.csv", csv_text(cells)),
-             atomic_write_text(out / "runs.csv", runs_csv_text(rows))]
+             atomic_write_text(out / "runs.csv", runs_csv_text(rows)),
+             atomic_write_text(out / "compute.md", compute_markdown(rows, models))]
     if models:
         paths.append(atomic_write_text(out / "models.md", models_markdown(models, rows)))
     if any(r["method"] == "potion" for r in rows):  # potion against each competitor, paired by seed; the targets

@@ -515,3 +515,25 @@ def test_out_naming_a_file_is_one_error_about_out(template: Path, tmp_path: Path
     assert main(["--tracking-uri", uri, "--out", str(a_file / "sub")]) == 2  # a folder below a file
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--out" in err and "out_dir=" not in err, err
+
+
+def test_compute_sums_each_methods_seconds_per_processor_with_the_models() -> None:
+    from potion.reporting.render import compute_markdown
+
+    intel, amd = "Intel Xeon (avx512_bf16)", "AMD EPYC (avx2)"
+    rows = [{"method": "potion", "cpu": amd, "unlearn_seconds": 10.0, "data_passes": 3.0},
+            {"method": "potion", "cpu": amd, "unlearn_seconds": 20.0, "data_passes": 5.0},
+            {"method": "rem", "cpu": amd, "unlearn_seconds": 3600.0, "data_passes": float("nan")},
+            {"method": "potion", "cpu": intel, "unlearn_seconds": 7.0, "data_passes": 2.0}]
+    models = [{"cpu": amd, "train_seconds": 1800.0}, {"cpu": amd, "train_seconds": None}]
+    lines = compute_markdown(rows, models).splitlines()
+
+    def row(cpu: str, what: str) -> list[str]:
+        (line,) = [x for x in lines if x.startswith(f"| {cpu} | {what} |")]
+        return [cell.strip() for cell in line.strip("|").split("|")][2:]
+
+    assert row(amd, "potion") == ["2", "0.01", "15.0", "4.0"]  # 30 s; means over its two runs
+    assert row(amd, "rem") == ["1", "1.00", "3600.0", "n/a"]  # a missing figure is n/a, not a zero
+    assert row(amd, "trained models") == ["1", "0.50", "1800.0", ""]  # a model without seconds adds nothing
+    assert row(amd, "**all**") == ["4", "**1.51**", "", ""]  # 30 + 3600 + 1800 s
+    assert row(intel, "potion") == ["1", "0.00", "7.0", "2.0"]  # another processor: a total of its own

@@ -1,11 +1,11 @@
-"""Cells -> ``table.md`` (one table per study) and ``table.csv``; measurement rows -> ``runs.csv``."""
+"""Cells -> ``table.md`` (one table per study) and ``table.csv``; runs -> ``runs.csv`` and ``compute.md``."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -141,6 +141,46 @@ def models_markdown(models: Sequence[Mapping[str, Any]], rows: Iterable[Mapping[
                      f"{cells[m['config_hash']] or cells[m['run_id']]} | "
                      f"`{m['run_id']}` |")
     return "\n".join(lines) + "\n"
+
+
+def compute_markdown(rows: Iterable[Mapping[str, Any]], models: Sequence[Mapping[str, Any]] = ()) -> str:
+    """What the report's runs cost, per processor (a CPU time is a figure of its machine): each method's runs,
+    their summed and mean seconds and mean passes over the data, the trained models' seconds, and the total."""
+    groups: dict[str, dict[str, list[Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[r.get("cpu") or "not recorded"][r["method"]].append(r)
+    trained: dict[str, list[float]] = defaultdict(list)
+    for m in models:
+        if m.get("train_seconds") is not None and math.isfinite(m["train_seconds"]):
+            trained[m.get("cpu") or "not recorded"].append(m["train_seconds"])
+    lines = ["# The study's compute", "",
+             "Seconds are each run's wall clock on the processor it names (`unlearn_seconds`: the unlearning step, a "
+             "PTN sweep's from its prepare job to its final job; `train_seconds`: a model's training); passes: "
+             "`data_passes`, samples streamed through the model over the training set's size.", "",
+             "| processor | what | runs | hours | mean seconds | mean passes |", "|---|---|---:|---:|---:|---:|"]
+    for cpu in sorted(set(groups) | set(trained)):
+        total = 0.0
+        for method, own in sorted(groups[cpu].items()):
+            seconds = [r["unlearn_seconds"] for r in own if _finite(r.get("unlearn_seconds"))]
+            passes = [r["data_passes"] for r in own if _finite(r.get("data_passes"))]
+            total += sum(seconds)
+            lines.append(f"| {cpu} | {method} | {len(own)} | {sum(seconds) / 3600:.2f} | "
+                         f"{_num(_mean(seconds), 1)} | {_num(_mean(passes), 1)} |")
+        if trained[cpu]:
+            total += sum(trained[cpu])
+            lines.append(f"| {cpu} | trained models | {len(trained[cpu])} | {sum(trained[cpu]) / 3600:.2f} | "
+                         f"{_num(_mean(trained[cpu]), 1)} | |")
+        lines.append(f"| {cpu} | **all** | {sum(map(len, groups[cpu].values())) + len(trained[cpu])} | "
+                     f"**{total / 3600:.2f}** | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def _num(value: float | None, digits: int) -> str:
