@@ -14,6 +14,8 @@ mapping), cells (poison size n_p, discovery share) and method columns, and writt
   ``discovery=mean`` (and ``n_p=all`` for the overall mean);
 * ``runs.csv``: the runs the tables count, one per measurement, with their MLflow run ids, code commits and
   processors;
+* ``compute.md``: what those runs cost, per processor: each method's runs, hours, mean seconds and passes over
+  the data, the trained models' seconds and the total;
 * ``models.md``: the finished training runs of those experiments (the models and clean references), with their
   clean accuracy, asr, training time and processor;
 * ``healed_vs_discovery``, ``acc_drop_vs_discovery`` (and ``healed_attainable_vs_discovery`` where
