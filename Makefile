@@ -52,7 +52,7 @@ study-cpu: study-models
 	$(MAKE) study-report
 
 study-report: $(STAMP)
-	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --out benchmarks/study/$(STUDY)/report
+	$(PY) -m potion.report --tracking-uri $(STUDY_DB) --commit $(STUDY_COMMIT) --out benchmarks/study/$(STUDY)/report
 	$(PY) benchmarks/study_page.py --report benchmarks/study/$(STUDY)/report
 
 # The smoke tier: the same machinery (train.py models, unlearn.py multirun, MLflow, potion.report) in minutes, offline,

@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: reports/<experiment>, or reports/all)")
     p.add_argument("--methods", default=None, help="comma-separated methods, in column order (default: all)")
     p.add_argument("--dataset", default=None, help="comma-separated data sets (default: all)")
+    p.add_argument("--commit", default=None,
+                   help="comma-separated code commits (potion.code_commit, a prefix is enough): only their runs "
+                        "(default: all; a study reports its frozen commit)")
     p.add_argument("--log-run", action="store_true", help="log the outputs as artifacts of a potion.task=report run")
     return p
 
@@ -142,7 +145,7 @@ def build_report(args: argparse.Namespace) -> tuple[list[Path], str, int, int]:
         raise ConfigError(f"--out {args.out} is a file, not a folder; give --out a folder (created if missing)")
     client, uri = open_store(args.tracking_uri)
     exp_ids = [experiment_id(client, args.experiment, uri)] if args.experiment else experiment_ids(client, uri)
-    filters = {"methods": _split(args.methods), "datasets": _split(args.dataset)}
+    filters = {"methods": _split(args.methods), "datasets": _split(args.dataset), "commits": _split(args.commit)}
     rows, left_out = read_measurements(client, exp_ids, uri, filters) if exp_ids else ([], 0)
     if not rows:
         chosen = ", ".join(f"{k}={','.join(v)}" for k, v in filters.items() if v)
@@ -179,7 +182,8 @@ def _log_report_run(uri: str, args: argparse.Namespace, filters: Mapping[str, li
                                   tags={"potion.task": "report"})
     with tracker:
         tracker.log_params({"filters": {"methods": ",".join(filters["methods"]) or "all",
-                                        "datasets": ",".join(filters["datasets"]) or "all"},
+                                        "datasets": ",".join(filters["datasets"]) or "all",
+                                        "commits": ",".join(filters["commits"]) or "all"},
                             "experiment": args.experiment or "all", "n_runs": n_runs, "n_cells": len(cells)})
         headline = {_headline_key(r, name): r[f"{name}_mean"] for r in summary_rows(cells) if r["n_p"] == ALL
                     for name in ("healed", "healed_attainable", "acc_drop")}

@@ -21,7 +21,7 @@ import pytest
 
 from potion.report import CSV_COLUMNS, aggregate, main, markdown_tables
 from potion.reporting.aggregate import study_of, study_suffixes
-from potion.reporting.query import SWEEPER_PARAMS, measurements, run_row
+from potion.reporting.query import SWEEPER_PARAMS, measurements, run_row, select
 
 METHODS = ("potion", "ssd")
 SIZES = (100, 500)
@@ -537,3 +537,14 @@ def test_compute_sums_each_methods_seconds_per_processor_with_the_models() -> No
     assert row(amd, "trained models") == ["1", "0.50", "1800.0", ""]  # a model without seconds adds nothing
     assert row(amd, "**all**") == ["4", "**1.51**", "", ""]  # 30 + 3600 + 1800 s
     assert row(intel, "potion") == ["1", "0.00", "7.0", "2.0"]  # another processor: a total of its own
+
+
+def test_a_commit_filter_keeps_only_that_codes_runs() -> None:
+    """A study reports its frozen commit: a run of other code (or of uncommitted code, no commit) never stands in
+    for one of its cells, not even as the newer repeat of the same settings."""
+    rows = [{"run_id": "study", "method": "potion", "dataset": "d", "commit": "36a5cd458f2a"},
+            {"run_id": "newer", "method": "potion", "dataset": "d", "commit": "23cb1c7e0000"},
+            {"run_id": "edited", "method": "potion", "dataset": "d", "commit": None}]
+    assert [r["run_id"] for r in select(rows, {"commits": ["36a5cd4"]})] == ["study"]
+    assert [r["run_id"] for r in select(rows, {"commits": ["36a5cd4", "23cb"]})] == ["study", "newer"]
+    assert len(select(rows, {"commits": []})) == 3  # no filter: every run

@@ -102,15 +102,18 @@ def collect_runs(client: Any, experiment_ids: Sequence[str], filters: Mapping[st
 
 
 def select(rows: Iterable[Mapping[str, Any]], filters: Mapping[str, Any] | None) -> list[dict]:
-    """The rows of the ``methods`` and ``datasets`` in ``filters`` (all when a filter is empty or missing).
+    """The rows of the ``methods``, ``datasets`` and code ``commits`` (a prefix is enough) in ``filters`` (all when a
+    filter is empty or missing).
 
-    Safe before ``measurements``: repeats of one measurement share its method and data set.
+    Before ``measurements``: a run of another code commit must not stand in for a study's cell as its newer repeat.
     """
     filters = filters or {}
     methods = set(filters.get("methods") or ())
     datasets = set(filters.get("datasets") or ())
+    commits = tuple(filters.get("commits") or ())
     return [dict(r) for r in rows
-            if (not methods or r["method"] in methods) and (not datasets or r["dataset"] in datasets)]
+            if (not methods or r["method"] in methods) and (not datasets or r["dataset"] in datasets)
+            and (not commits or (r.get("commit") or "").startswith(commits))]
 
 
 def search_rows(client: Any, experiment_ids: Sequence[str]) -> list[dict]:
