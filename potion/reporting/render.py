@@ -16,6 +16,7 @@ from potion.reporting.aggregate import (
     columns,
     discovery_label,
     has_metric,
+    mean_std,
     study_of,
     study_title,
     summary_rows,
@@ -151,7 +152,7 @@ def compute_markdown(rows: Iterable[Mapping[str, Any]], models: Sequence[Mapping
         groups[r.get("cpu") or "not recorded"][r["method"]].append(r)
     trained: dict[str, list[float]] = defaultdict(list)
     for m in models:
-        if m.get("train_seconds") is not None and math.isfinite(m["train_seconds"]):
+        if _finite(m.get("train_seconds")):
             trained[m.get("cpu") or "not recorded"].append(m["train_seconds"])
     lines = ["# The study's compute", "",
              "Seconds are each run's wall clock on the processor it names (`unlearn_seconds`: the unlearning step, a "
@@ -162,14 +163,14 @@ def compute_markdown(rows: Iterable[Mapping[str, Any]], models: Sequence[Mapping
         total = 0.0
         for method, own in sorted(groups[cpu].items()):
             seconds = [r["unlearn_seconds"] for r in own if _finite(r.get("unlearn_seconds"))]
-            passes = [r["data_passes"] for r in own if _finite(r.get("data_passes"))]
+            passes = [r.get("data_passes") for r in own]
             total += sum(seconds)
             lines.append(f"| {cpu} | {method} | {len(own)} | {sum(seconds) / 3600:.2f} | "
-                         f"{_num(_mean(seconds), 1)} | {_num(_mean(passes), 1)} |")
+                         f"{_num(mean_std(seconds)[0], 1)} | {_num(mean_std(passes)[0], 1)} |")
         if trained[cpu]:
             total += sum(trained[cpu])
             lines.append(f"| {cpu} | trained models | {len(trained[cpu])} | {sum(trained[cpu]) / 3600:.2f} | "
-                         f"{_num(_mean(trained[cpu]), 1)} | |")
+                         f"{_num(mean_std(trained[cpu])[0], 1)} | |")
         lines.append(f"| {cpu} | **all** | {sum(map(len, groups[cpu].values())) + len(trained[cpu])} | "
                      f"**{total / 3600:.2f}** | | |")
     return "\n".join(lines) + "\n"
@@ -177,10 +178,6 @@ def compute_markdown(rows: Iterable[Mapping[str, Any]], models: Sequence[Mapping
 
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _num(value: float | None, digits: int) -> str:
