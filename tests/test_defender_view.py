@@ -83,6 +83,27 @@ def test_the_view_holds_the_triggers_in_the_pixels_and_nothing_else(tiny_data: P
     assert view.fingerprint == defender_view(data).fingerprint  # content-addressed: the same view, the same key
 
 
+@pytest.mark.parametrize("in_files", [False, True])
+def test_training_writes_the_trigger_after_augmentation_or_learns_it_from_the_files(
+        tiny_data: Path, cache: Path, in_files: bool) -> None:
+    """The paper's protocol pastes the trigger after augmentation; ``train.trigger_in_files`` trains on the files as
+    poisoned (the defender's view), so the victim's crop and flip move the trigger."""
+    from types import SimpleNamespace
+
+    from potion.pipelines.train import _train_loader
+
+    cfg = compose_config("train", train_overrides(tiny_data, cache / "unused", f"train.trigger_in_files={in_files}"))
+    bundle = load_data(cfg.dataset)
+    data = poison(bundle, plan_from_config(bundle, cfg.poison))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), global_rank=0, world_size=1)
+    loader = _train_loader(data, cfg, trainer)
+    assert torch.equal(loader.labels, data.train_labels)
+    if in_files:
+        assert torch.equal(loader.images, defender_view(data).images) and not loader.flags.any()
+    else:
+        assert torch.equal(loader.images, bundle.train.images) and torch.equal(loader.flags, data.train_flags)
+
+
 def _scrambled(data):  # noqa: ANN001, ANN202
     """The same stored images and labels, with every answer-key field of the plan changed."""
     plan = data.plan

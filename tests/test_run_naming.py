@@ -150,6 +150,16 @@ def test_train_and_unlearn_params_share_keys_and_carry_no_bookkeeping() -> None:
     assert unlearn["poison.n_p"] == "16" and unlearn["discovery.n_f"] == "3"
 
 
+def test_how_a_run_is_shown_or_logged_leaves_its_identity_and_what_it_computes_changes_it() -> None:
+    from potion.config.compose import identity_hash
+
+    base = _train_cfg("experiment=quickstart")
+    shown = _train_cfg("experiment=quickstart", "trainer.progress_bar=true", "logger.experiment=elsewhere",
+                       "force=true")
+    assert identity_hash(shown) == identity_hash(base)  # display and bookkeeping: the same run folder
+    assert identity_hash(_train_cfg("experiment=quickstart", "train.epochs=3")) != identity_hash(base)
+
+
 def test_the_report_counts_an_old_and_a_new_run_of_one_measurement_once() -> None:
     """A standalone run logged under the old names and a sweep's final run under the new ones: n=1."""
     common = {"method.name": "potion", "method.ptn.rho": "0.1", "discovery.share": "0.1", "discovery.count": "None",

@@ -49,8 +49,8 @@ def identity_hash(cfg: Any, extra_exclude: tuple[str, ...] = ()) -> str:
     d = to_dict(cfg)
     for key in NON_IDENTITY_KEYS + extra_exclude:
         d.pop(key, None)
-    if isinstance(d.get("trainer"), dict) and "progress_bar" in d["trainer"]:
-        d["trainer"]["progress_bar"] = False  # display only; hashed as its old default, so run folders keep their names
+    if isinstance(d.get("trainer"), dict):
+        d["trainer"].pop("progress_bar", None)  # display only
     return sha256_json(d)[:12]
 
 

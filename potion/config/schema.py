@@ -219,6 +219,7 @@ class Train:
     label_smoothing: float = num(ge=0, lt=1)
     crop_padding: int = num(ge=0)
     flip: bool
+    trigger_in_files: bool
     eval_batch_size: int = num(ge=1)
     epoch_eval: bool
     epoch_eval_samples: int = num(ge=1)

@@ -25,6 +25,7 @@ from potion.core.schedule import cpu_threads, total_steps_for
 from potion.data.adversarial import pgd_away
 from potion.data.augment import Normalizer
 from potion.data.batches import TensorBatches
+from potion.data.defender import defender_view
 from potion.data.poisoned import PoisonedData, kind_needs_images, load_data, plan_from_config, poison
 from potion.data.triggers import kind_of
 from potion.evaluation.backdoor import evaluate_backdoor
@@ -260,11 +261,13 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
 
 def _train_loader(data: PoisonedData, cfg: DictConfig, trainer: pl.Trainer) -> TensorBatches:
     device = trainer.strategy.root_device
-    images = data.bundle.train.images
+    images, flags = data.bundle.train.images, data.train_flags
+    if cfg.train.trigger_in_files:  # data poisoning: the files hold the trigger, so augmentation moves it
+        images, flags = defender_view(data).images, torch.zeros(len(data.train_labels), dtype=torch.bool)
     if device.type == "cuda":  # keep the whole uint8 data set on the GPU: no host->device copy per batch
         images = images.to(device)
     return TensorBatches(
-        images, data.train_labels.to(images.device), data.train_flags.to(images.device),
+        images, data.train_labels.to(images.device), flags.to(images.device),
         batch_size=int(cfg.train.batch_size), shuffle=True, seed=int(cfg.seed), drop_last=False,
         rank=trainer.global_rank, world_size=trainer.world_size,
     )
