@@ -41,7 +41,8 @@ def _raw(cfg: object) -> object:
 
 
 def _option(group: str, option: str) -> DictConfig:
-    """An option file as Hydra composes it: its shared blocks (``/blocks/<name>@<key>``), then its own values."""
+    """An option file as Hydra composes it: its shared blocks (``/blocks/<name>@<key>``, ``@_here_``: merged into the
+    option itself), then its own values."""
     own = OmegaConf.load(CONF / group / f"{option}.yaml")
     defaults = list(own.pop("defaults", ["_self_"]))
     assert "_self_" in defaults, f"{group}/{option}: put _self_ in its defaults list"
@@ -51,7 +52,8 @@ def _option(group: str, option: str) -> DictConfig:
             out = OmegaConf.merge(out, own)
         else:
             path, _, key = str(entry).lstrip("/").partition("@")
-            out = OmegaConf.merge(out, {key: OmegaConf.load(CONF / f"{path}.yaml")})
+            block = OmegaConf.load(CONF / f"{path}.yaml")
+            out = OmegaConf.merge(out, block if key == "_here_" else {key: block})
     return out  # type: ignore[return-value]
 
 
@@ -120,6 +122,21 @@ def test_method_blocks_are_written_once(block: str) -> None:
             users.append(option)
             assert _compose("unlearn", [f"method={option}"]).method[block].keys() >= shared
     assert len(users) >= 2, users
+
+
+def test_every_setting_of_every_method_is_in_its_config_and_overridable_without_a_plus() -> None:
+    """A method's YAML (with its blocks) holds every key its schema class checks, so ``method.<key>=`` works."""
+    import dataclasses
+
+    from potion.config.schema import Method
+    from potion.unlearning import methods  # noqa: F401 - registers the methods' schema classes
+
+    for option in set(_options("method")) & set(Method.VARIANTS):  # method=none has no settings and no class
+        composed = _compose("unlearn", [f"method={option}"]).method
+        schema = Method.VARIANTS[option]
+        assert {f.name for f in dataclasses.fields(schema)} == set(composed), option
+    cfg = _compose("unlearn", ["method=retrain", "method.augment=false", "method.momentum=0.5"])
+    assert cfg.method.augment is False and cfg.method.momentum == 0.5
 
 
 def test_the_hydra_block_is_written_once() -> None:

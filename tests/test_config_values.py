@@ -115,9 +115,9 @@ UNLEARN_CASES = [
     ([RUN, "method=scrub", "method.temperature=0"], "method.temperature=0: must be a finite number > 0"),
     ([RUN, "method=finetune", "method.k=0"], "method.k=0: must be a positive integer or -1 (all layers)"),
     ([RUN, "method=eu_k", "method.k=-1"], "method.k=-1: must be an integer >= 1"),
-    ([RUN, "method=bad_teacher", "+method.batch_size=1"], "method.batch_size=1: must be an integer >= 2 or null"),
-    ([RUN, "method=retrain", "+method.schedule=cosine"], "method.schedule='cosine': must be one of ['linear',"),
-    ([RUN, "method=retrain", "+method.momentum=0", "+method.nesterov=true"], "method.nesterov=true needs method"),
+    ([RUN, "method=bad_teacher", "method.batch_size=1"], "method.batch_size=1: must be an integer >= 2 or null"),
+    ([RUN, "method=retrain", "method.schedule=cosine"], "method.schedule='cosine': must be one of ['linear',"),
+    ([RUN, "method=retrain", "method.momentum=0", "method.nesterov=true"], "method.nesterov=true needs method"),
     ([RUN, "method=retrain", "+method.extra_forget=[-1]"], "method.extra_forget=[-1]: must be a list of integers"),
     ([RUN, "method=retrain", "+method.bogus=1"], "method.bogus: unknown key; valid keys: name, lr, momentum,"),
     ([RUN, "method=rem", "method.epochs=0"], "method.epochs=0: must be an integer >= 1"),
@@ -163,7 +163,7 @@ def test_good_command_lines_pass() -> None:
     check_command_line("train", ["experiment=cpu_bench", "trainer.devices=auto", "trainer.precision=32"])
     check_command_line("unlearn", ["+train.experiment=quickstart", "+train.poison.count=100",
                                    "+train.poison.fraction=null", "method=ssd"])
-    check_command_line("unlearn", [RUN, "method=retrain", "+method.momentum=0.5", "+method.schedule=constant"])
+    check_command_line("unlearn", [RUN, "method=retrain", "method.momentum=0.5", "method.schedule=constant"])
     check_command_line("heal", [*HEAL, "trigger={kind: patch, size: 3}", "method=ssd"])
     check_command_line("train", ["--cfg", "job", "train.epochs=abc"])  # Hydra's own flags: left to Hydra
 
@@ -224,10 +224,8 @@ def test_every_registered_model_has_a_schema_and_is_checked_by_it() -> None:
 
 def test_method_arguments_fill_what_the_yaml_leaves_out() -> None:
     args = method_arguments({"name": "scrub", "alpha": 1.0, "iterations": 5})
-    assert args["alpha"] == 1.0 and args["schedule"] == "constant" and args["momentum"] == 0.9
-    assert "name" not in args and "temperature" not in args  # a required key is the YAML's to give
-    assert method_arguments({"name": "retrain", "lr": 0.1})["lr"] == 0.1
-    assert method_arguments({"name": "retrain"})["augment"] is True
+    assert args == {"alpha": 1.0, "iterations": 5}  # required keys (conf/blocks/sgd.yaml's too) are the YAML's to give
+    assert method_arguments({"name": "rem", "epochs": 2})["select"] == "proxy"  # an optional one is filled in
     # nested blocks too: a run folder's config written before synthesis.additive existed
     older = {"enabled": True, "max_discovered": 10, "samples": 500, "min_flip_rate": 0.5, "sizes": [3]}
     synthesis = method_arguments({"name": "potion", "synthesis": older})["synthesis"]

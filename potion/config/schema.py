@@ -7,7 +7,7 @@ before any data is read or any heavy framework is imported.
 How to read a class:
 
 * A field without a default is required: the composed config must hold the key (the group's YAML sets it).
-  A field with a default is optional: a user may add it (``+method.momentum=0.5``); the default is the value
+  A field with a default is optional: a user may add it (``+dataset.train_size=10000``); the default is the value
   meaning "not given" that :func:`potion.config.compose.method_arguments` passes on.
 * Types are the annotations (``int`` means an integer, not a bool; ``float`` accepts integers; ``X | None``
   accepts null; ``Literal`` lists the choices). Ranges are :func:`num` bounds, applied to every element of
@@ -393,16 +393,16 @@ class DiscoverRetrain(SuspectCutoff):
 
 @dataclass(kw_only=True)
 class SGD(Method):
-    """SGD settings of the training-based baselines; null = the training run's value."""
+    """SGD settings of the training-based baselines (conf/blocks/sgd.yaml); null = the training run's value."""
 
-    lr: float | None = num(None, gt=0)
-    momentum: float | None = num(None, ge=0, lt=1)
-    weight_decay: float | None = num(None, ge=0)
-    nesterov: bool | None = None
-    warmup: float | None = num(None, ge=0, lt=1)
-    batch_size: int | None = num(None, ge=1)
-    schedule: Literal["linear", "constant"] = "linear"
-    augment: bool = True
+    lr: float | None = num(gt=0)
+    momentum: float | None = num(ge=0, lt=1)
+    weight_decay: float | None = num(ge=0)
+    nesterov: bool | None
+    warmup: float | None = num(ge=0, lt=1)
+    batch_size: int | None = num(ge=1)
+    schedule: Literal["linear", "constant"]
+    augment: bool
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
@@ -413,7 +413,7 @@ class SGD(Method):
 @dataclass(kw_only=True)
 class Retrain(SGD):
     iterations: int | None = num(ge=1)
-    label_smoothing: float | None = num(None, ge=0, lt=1)
+    label_smoothing: float | None = num(ge=0, lt=1)
     extra_forget: list[int] | None = num(ge=0)
 
 
@@ -421,14 +421,14 @@ class Retrain(SGD):
 class EUk(SGD):
     k: int = num(ge=1)
     iterations: int = num(ge=1)
-    label_smoothing: float | None = num(None, ge=0, lt=1)
+    label_smoothing: float | None = num(ge=0, lt=1)
 
 
 @dataclass(kw_only=True)
 class Finetune(SGD):
     k: int
     iterations: int = num(ge=1)
-    label_smoothing: float | None = num(None, ge=0, lt=1)
+    label_smoothing: float | None = num(ge=0, lt=1)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
@@ -445,11 +445,10 @@ class Scrub(SGD):
     max_steps: int = num(ge=0)
     iterations: int = num(ge=1)
     lr: float = num(gt=0)
-    momentum: float = num(0.9, ge=0, lt=1)
-    weight_decay: float = num(5e-4, ge=0)
-    nesterov: bool = False
-    schedule: Literal["linear", "constant"] = "constant"
-    forget_batch_size: int | None = num(None, ge=1)
+    momentum: float = num(ge=0, lt=1)
+    weight_decay: float = num(ge=0)
+    nesterov: bool
+    forget_batch_size: int | None = num(ge=1)
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
@@ -464,8 +463,8 @@ class BadTeacher(SGD):
     iterations: int = num(ge=1)
     lr: float = num(gt=0)
     temperature: float = num(gt=0)
-    forget_share: float | None = num(None, gt=0, lt=1)
-    batch_size: int | None = num(None, ge=2)
+    forget_share: float | None = num(gt=0, lt=1)
+    batch_size: int | None = num(ge=2)
 
 
 @dataclass(kw_only=True)
