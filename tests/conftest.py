@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from tiny_world import OwnModel, build_own_model, free_port, train_overrides, write_pattern_folder
 
-from potion.config.compose import compose_config, method_arguments
+from potion.config.compose import compose_config, method_defaults
 
 # One CPU thread for torch, here and in the commands the tests start (they copy os.environ), unless the caller says
 # otherwise: the tests' tensors are tiny, and on a busy machine idle threads spinning for work cost several times
@@ -40,7 +40,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @memo
 def _method_block(name: str) -> dict[str, Any]:
-    return method_arguments(compose_config("unlearn", ["train_run=x", f"method={name}"]).method)
+    return method_defaults(name)
 
 
 def full_method_args(name: str, **changes: Any) -> dict[str, Any]:

@@ -96,6 +96,13 @@ def method_arguments(method_cfg: Mapping[str, Any]) -> dict[str, Any]:
     return args
 
 
+def method_defaults(name: str, **changes: Any) -> dict[str, Any]:
+    """The keyword arguments ``method=<name>`` passes (its YAML and blocks: the one place of its defaults), with
+    ``changes``: how one method runs another (discover_retrain's retraining)."""
+    return {**method_arguments(compose_config("unlearn", ["train_run=-", f"method={name}", "logger=none"]).method),
+            **changes}
+
+
 def _with_defaults(schema: type, d: Mapping[str, Any]) -> dict[str, Any]:
     out = {f.name: f.default for f in dataclasses.fields(schema) if f.default is not dataclasses.MISSING}
     out.update(d)

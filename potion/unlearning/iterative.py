@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from potion.config.compose import method_arguments
+from potion.config.compose import method_defaults
 from potion.core.progress import Progress
 from potion.data.discovery import Discovery
 from potion.unlearning import training_based as tb
@@ -199,7 +199,7 @@ def discover_retrain(task: UnlearnTask, *, importance: Mapping[str, Any], ptn: M
     out, ranking = _potion_round(task, original, task.forget_idx, importance, ptn, cutoff, synthesis, loss=loss)
     flagged = ranking.flagged()
     search = time.perf_counter() - t0
-    args = method_arguments({"name": "retrain", "iterations": iterations, "extra_forget": flagged.tolist()})
+    args = method_defaults("retrain", iterations=iterations, extra_forget=flagged.tolist())
     result = retrain(replace(task, model=original), **args)
     result.diagnostics.update({"suspects_removed": int(flagged.numel()), "potion_ptn_steps":
                                out.diagnostics.get("ptn_steps")})
