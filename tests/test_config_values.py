@@ -225,7 +225,6 @@ def test_every_registered_model_has_a_schema_and_is_checked_by_it() -> None:
 def test_method_arguments_fill_what_the_yaml_leaves_out() -> None:
     args = method_arguments({"name": "scrub", "alpha": 1.0, "iterations": 5})
     assert args == {"alpha": 1.0, "iterations": 5}  # required keys (conf/blocks/sgd.yaml's too) are the YAML's to give
-    assert method_arguments({"name": "rem", "epochs": 2})["select"] == "proxy"  # an optional one is filled in
     # nested blocks too: a run folder's config written before synthesis.additive existed
     older = {"enabled": True, "max_discovered": 10, "samples": 500, "min_flip_rate": 0.5, "sizes": [3]}
     synthesis = method_arguments({"name": "potion", "synthesis": older})["synthesis"]

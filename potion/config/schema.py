@@ -368,7 +368,7 @@ PotionLoss = Literal["auto", "logit_norm", "ce"]
 class Potion(PTNMethod):
     """potion and the methods that run Potion rounds: the importance loss is a choice (potion.unlearning.ssd_family)."""
 
-    loss: PotionLoss = "auto"
+    loss: PotionLoss
 
 
 @dataclass(kw_only=True)
@@ -475,16 +475,16 @@ class REM(Method):
     lr: float = num(gt=0)
     momentum: float = num(ge=0, lt=1)
     weight_decay: float = num(ge=0)
-    batch_size: int | None = num(None, ge=1)
+    batch_size: int | None = num(ge=1)
     beta: float = num(gt=0)
     threshold: float = num(ge=0, le=1)
     max_flush: int = num(ge=0)
     width: float = num(gt=0)
     mask_share: float = num(gt=0, le=1)
     taps: int = num(ge=1)
-    tap_modules: list[str] | None = None
-    augment: bool = True
-    select: Literal["proxy", "last"] = "proxy"
+    tap_modules: list[str] | None
+    augment: bool
+    select: Literal["proxy", "last"]
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
