@@ -141,3 +141,16 @@ def test_a_second_search_on_the_same_inputs_is_read_from_the_cache(share: float,
         other.scale.fill_(5.0)
     with pytest.raises(AssertionError, match="located exactly"):  # other weights: a search of their own
         with_synthesis(_task(other, share=share), block, cache=True)
+
+
+def test_taking_the_trigger_out_fills_the_window_and_a_margin_with_clean_pixels() -> None:
+    """A model trained with crop augmentation answers to any part of a 3x3 patch, while the window that flips the
+    probes may be its 2x2 corner: the fill reaches one pixel around the window (clipped at the border)."""
+    found = synthesis.SynthesisResult(row=4, col=4, size=2, flip_rate=1.0, images=torch.zeros(0),
+                                      labels=torch.zeros(0))
+    x = torch.full((1, 1, 6, 6), 9.0)
+    clean = torch.stack([torch.full((1, 6, 6), v) for v in (1.0, 2.0, 3.0)])  # per-pixel median: 2
+    out = found.remove_from(x, clean)
+    assert torch.equal(out[0, 0, 3:, 3:], torch.full((3, 3), 2.0))  # rows/cols 3-5: the window and its margin
+    assert (out[0, 0, :3] == 9.0).all() and (out[0, 0, :, :3] == 9.0).all()  # nothing else touched
+    assert torch.equal(found.remove_from(x, clean, margin=0)[0, 0, 3], torch.full((6,), 9.0))

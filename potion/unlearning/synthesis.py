@@ -75,18 +75,21 @@ class SynthesisResult:
         return cls(row, col, size, float(t["flip_rate"]), t["images"].to(device), t["labels"].to(device),
                    None if delta is None else delta.to(device))
 
-    def remove_from(self, x: torch.Tensor, clean: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` with the recovered trigger taken out: the estimate subtracted, or the window filled with what clean
-        images hold there (the per-pixel median of ``clean``, normalised images; the mean colour without them).
+    def remove_from(self, x: torch.Tensor, clean: torch.Tensor | None = None, margin: int = 1) -> torch.Tensor:
+        """``x`` with the recovered trigger taken out: the estimate subtracted, or the window and ``margin`` pixels
+        around it filled with what clean images hold there (the per-pixel median of ``clean``, normalised images;
+        the mean colour without them).
 
-        A fill of the mean colour can itself read as a patch (a grey square in a black corner of a digit), and
-        the host image would then still look triggered; clean images' own pixels there do not."""
+        The window is the smallest that flips the probes; a model trained with crop augmentation also answers to
+        the rest of a larger patch, so the margin takes that out too. A fill of the mean colour can itself read
+        as a patch (a grey square in a black corner of a digit); clean images' own pixels there do not."""
         if self.delta is not None:
             return x - self.delta.to(x.device, x.dtype)
         out = x.clone()
-        r, c, k = self.row, self.col, self.size
-        fill = 0.0 if clean is None or not clean.shape[0] else clean[:, :, r:r + k, c:c + k].median(0).values
-        out[:, :, r:r + k, c:c + k] = fill
+        r0, c0 = max(0, self.row - margin), max(0, self.col - margin)
+        r1, c1 = self.row + self.size + margin, self.col + self.size + margin
+        fill = 0.0 if clean is None or not clean.shape[0] else clean[:, :, r0:r1, c0:c1].median(0).values
+        out[:, :, r0:r1, c0:c1] = fill
         return out
 
 
