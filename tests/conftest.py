@@ -29,6 +29,18 @@ from potion.config.compose import compose_config, method_defaults
 for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "POTION_THREADS"):
     os.environ.setdefault(_name, "1")
 
+# Fixtures that train a model or start a server: a test that uses one, directly or through another fixture, is slow.
+HEAVY_FIXTURES = {"tiny_run", "own_model", "mlflow_server"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test that trains (through a fixture) without the ``slow`` mark: ``make test-fast`` would train."""
+    unmarked = [item.nodeid for item in items if HEAVY_FIXTURES & set(getattr(item, "fixturenames", ()))
+                and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"mark these tests slow (they use {', '.join(sorted(HEAVY_FIXTURES))}): "
+                                + ", ".join(unmarked))
+
 
 @pytest.fixture()
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

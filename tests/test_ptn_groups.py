@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import ptn_groups  # noqa: E402
 
 
+@pytest.mark.slow  # the PTN study script on the shared model
 def test_it_prints_each_group_falling_with_the_step(tiny: TinyRun, monkeypatch: pytest.MonkeyPatch,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setattr(sys, "argv", ["ptn_groups.py", str(tiny.run), "--steps", "0,400",

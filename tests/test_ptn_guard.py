@@ -95,6 +95,7 @@ def test_potion_keeps_the_model_within_the_guard(tiny: TinyRun, tmp_path: Path) 
     assert search["ptn_guarded"] == 0.0 and search["ptn_acc_loss"] <= 15
 
 
+@pytest.mark.slow  # a potion_iterative run on the shared model
 def test_potion_iterative_does_not_trust_the_suspects_of_a_guarded_round(tiny: TinyRun, tmp_path: Path) -> None:
     """A round whose PTN the guard had to step back may not have healed the model, so samples it flags by how
     that model changed can be damage, not poison: without a trigger signature no further round grows the forget
