@@ -15,6 +15,8 @@ def test_poison_none_under_the_quickstart_is_accepted_and_is_its_reference() -> 
     ref = reference_config(compose_config("train", ["experiment=quickstart"]))
     assert identity_hash(own) == identity_hash(ref)
     assert train_run_dir(own) == train_run_dir(ref)
+    files = reference_config(compose_config("train", ["experiment=quickstart", "train.trigger_in_files=true"]))
+    assert identity_hash(files) == identity_hash(ref)  # with no trigger, where it is written changes nothing
 
 
 def test_a_poisoned_run_still_needs_exactly_one_size() -> None:

@@ -45,6 +45,8 @@ def canonical_clean(train_cfg: DictConfig) -> DictConfig:
     cfg = train_cfg.copy()
     with open_dict(cfg):
         cfg.poison = no_poison_block(cfg)
+        if "trigger_in_files" in cfg.get("train", {}):
+            cfg.train.trigger_in_files = False  # no trigger: where it would be written changes nothing
     return cfg
 
 
@@ -52,6 +54,8 @@ def reference_config(train_cfg: Any) -> DictConfig:
     """The training config of the clean reference for a (poisoned) training config."""
     d = OmegaConf.to_container(train_cfg, resolve=True) if isinstance(train_cfg, DictConfig) else dict(train_cfg)
     d["poison"] = no_poison_block(d)
+    if "trigger_in_files" in d.get("train", {}):
+        d["train"] = {**d["train"], "trigger_in_files": False}  # as canonical_clean: one clean model per recipe
     out_dir = d.get("out_dir")
     d.update(RUN_PLACE_KEYS)
     ref = OmegaConf.create(d)
