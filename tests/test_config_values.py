@@ -32,6 +32,7 @@ TRAIN_CASES = [
     (["train.momentum=1"], "train.momentum=1: must be a finite number >= 0 and < 1"),
     (["train.momentum=0", "train.nesterov=true"], "train.nesterov=true needs train.momentum > 0"),
     (["train.flip=yes"], "train.flip='yes': must be true or false"),
+    (["train.trigger_in_files=1"], "train.trigger_in_files=1: must be true or false"),
     (["train.lr=-1"], "train.lr=-1: must be a finite number > 0"),
     (["train.epochz=3"], "Could not override 'train.epochz'."),
     (["train.epochs=[1"], "cannot parse the override 'train.epochs=[1'"),
