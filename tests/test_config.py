@@ -124,6 +124,17 @@ def test_method_blocks_are_written_once(block: str) -> None:
     assert len(users) >= 2, users
 
 
+def test_a_method_yaml_changes_the_sgd_block_but_never_repeats_it() -> None:
+    block = OmegaConf.load(CONF / "blocks" / "sgd.yaml")
+    users = [o for o in _options("method")
+             if "/blocks/sgd@_here_" in list(OmegaConf.load(CONF / "method" / f"{o}.yaml").get("defaults", []))]
+    for option in users:
+        own = OmegaConf.load(CONF / "method" / f"{option}.yaml")
+        repeats = [k for k in block if k in own and own[k] == block[k]]
+        assert not repeats, f"method/{option}.yaml repeats {repeats} of conf/blocks/sgd.yaml"
+    assert len(users) == 5, users
+
+
 def test_every_setting_of_every_method_is_in_its_config_and_overridable_without_a_plus() -> None:
     """A method's YAML (with its blocks) holds every key its schema class checks, so ``method.<key>=`` works."""
     import dataclasses
