@@ -54,11 +54,9 @@ def reference_config(train_cfg: Any) -> DictConfig:
     """The training config of the clean reference for a (poisoned) training config."""
     d = OmegaConf.to_container(train_cfg, resolve=True) if isinstance(train_cfg, DictConfig) else dict(train_cfg)
     d["poison"] = no_poison_block(d)
-    if "trigger_in_files" in d.get("train", {}):
-        d["train"] = {**d["train"], "trigger_in_files": False}  # as canonical_clean: one clean model per recipe
     out_dir = d.get("out_dir")
     d.update(RUN_PLACE_KEYS)
-    ref = OmegaConf.create(d)
+    ref = canonical_clean(OmegaConf.create(d))
     if out_dir:
         ref.out_dir = str(Path(str(out_dir)).parent / f"reference-{identity_hash(ref)}")
     return ref
