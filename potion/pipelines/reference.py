@@ -23,8 +23,6 @@ NO_POISON = {"count": 0, "fraction": None, "target": 0, "exclude_target": False,
 # per-run settings that say where and how a run is kept, not what it is
 RUN_PLACE_KEYS = {"out_dir": None, "force": False, "resume": True}
 
-MODES = ("auto", "train", "off")
-
 
 def no_poison_block(train_cfg: Any) -> dict[str, Any]:
     """The poison block of a clean run: NO_POISON with the run's poison seed."""

@@ -12,7 +12,7 @@ the same setting has the same key everywhere and runs of one study compare colum
   ``discovery.share``, ``discovery.n_f``, ``trainer.*``, ``suspects.*``); settings a method resolved at run time
   (its SGD settings, PTN's threshold, the suspects' cut-off) are params too. No bookkeeping keys (where the
   run logs to, whether it may resume or overwrite).
-- **metrics**: measurements only, in one unit convention (:data:`UNITS`); the PTN trajectory is the series
+- **metrics**: measurements only, in one unit convention (README, Metrics); the PTN trajectory is the series
   ``ptn_traj_<column>`` (step = k) on every run that has one.
 - **tags**: ``potion.task``, ``potion.study``, ``potion.grid`` (a Hydra multirun), ``potion.sweep_id`` (a PTN
   sweep), ``potion.train_run_id`` (the training run's MLflow id, on every run derived from it).
@@ -67,15 +67,6 @@ RESOLVED_AT_RUN = {"method.loss": "importance_loss", "method.ptn.criterion": "pt
 # Summary entries that are bookkeeping or counts logged as params, never metrics (a folder logged from its summary).
 SUMMARY_ONLY = ("n_f", "n_p", "target", "num_classes", "channels", "steps", "epochs", "resumed", "reused",
                 "mlflow_run_id", "train_mlflow_run_id", "config_hash")
-
-# The unit convention of every metric (README table). Accuracies and rates are fractions, healed a percentage,
-# acc_drop percentage points; *_before / *_reference variants share their metric's unit.
-UNITS = {
-    "clean_acc": "fraction 0-1", "poison_acc": "fraction 0-1", "asr": "fraction 0-1", "forget_acc": "fraction 0-1",
-    "poisoned_train_acc": "fraction 0-1", "suspect_precision": "fraction 0-1", "suspect_recall": "fraction 0-1",
-    "suspect_ap": "fraction 0-1", "healed": "percent 0-100", "healed_attainable": "percent 0-100",
-    "acc_drop": "percentage points", "*_seconds": "seconds",
-}
 
 # Heal's summary names what it measured after healing with an _after suffix; as metrics they read as unlearn's.
 HEAL_METRIC_NAMES = {"clean_acc_after": "clean_acc", "asr_after": "asr", "poison_acc_after": "poison_acc",
