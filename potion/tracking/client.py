@@ -154,11 +154,17 @@ def _artifact_location(tracking_uri: str, experiment: str) -> str | None:
     return (db.parent / "mlruns" / folder).as_uri()
 
 
-def download_run_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dst: str | os.PathLike) -> Path:
-    """Fetch ``artifact_path`` of a finished run (``mlflow:<run id>`` inputs) into ``dst``; return the local path."""
+def connect(tracking_uri: str | None) -> tuple[Any, str]:
+    """A client of an existing run's store, checked reachable first (a clear line for a dead server or a bad
+    URI), and the store's resolved URI."""
     uri = resolve_tracking_uri(tracking_uri)
     check_reachable(uri)
-    client, _ = open_client(uri)
+    return open_client(uri)[0], uri
+
+
+def download_run_artifacts(tracking_uri: str, run_id: str, artifact_path: str, dst: str | os.PathLike) -> Path:
+    """Fetch ``artifact_path`` of a finished run (``mlflow:<run id>`` inputs) into ``dst``; return the local path."""
+    client, uri = connect(tracking_uri)
     try:
         client.get_run(run_id)
     except Exception as exc:  # unknown id, malformed id and store errors read the same

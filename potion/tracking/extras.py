@@ -93,33 +93,30 @@ def dataset_input(ref: DatasetRef, context: str | None) -> Any:
     return DatasetInput(dataset, [InputTag(DATA_CONTEXT_TAG, context)] if context else [])
 
 
-def model_inputs_of(client: Any, run_id: str | None) -> list[Any]:
-    """The logged models a run produced, as inputs of another run (the training run's model of an unlearning run).
+def find_run(client: Any, run_id: Any) -> Any:
+    """Run ``run_id`` of this store, or None: no id, or one logged elsewhere or deleted (a link tag may still name
+    it, which is no error)."""
+    if not run_id or run_id == "None":
+        return None
+    try:
+        return client.get_run(str(run_id))
+    except Exception as exc:  # noqa: BLE001 - unknown here: missing
+        log.debug("run %s is not in this store (%s)", run_id, exc)
+        return None
 
-    A run unknown to this store, or one without a logged model, gives no input.
-    """
+
+def model_inputs_of(client: Any, run_id: str | None) -> list[Any]:
+    """The logged models a run produced, as inputs of another run (the training run's model of an unlearning run);
+    none for a run unknown to this store."""
     from mlflow.entities import LoggedModelInput
 
-    if not run_id or run_id == "None":
-        return []
-    try:
-        run = client.get_run(str(run_id))
-    except Exception as exc:  # noqa: BLE001 - logged elsewhere or deleted: the link tag still names it
-        log.debug("run %s is not in this store (%s); no model input", run_id, exc)
-        return []
-    outputs = getattr(run, "outputs", None)
+    outputs = getattr(find_run(client, run_id), "outputs", None)
     return [LoggedModelInput(o.model_id) for o in (outputs.model_outputs if outputs else [])]
 
 
 def inputs_of(client: Any, run_id: str | None) -> tuple[list[Any], list[Any]]:
     """The (dataset inputs, model inputs) of a run, to repeat them on a sweep's parent run; none for an unknown run."""
-    if not run_id or run_id == "None":
-        return [], []
-    try:
-        inputs = client.get_run(str(run_id)).inputs
-    except Exception as exc:  # noqa: BLE001 - the parent simply gets no input
-        log.debug("run %s is not in this store (%s); no input copied", run_id, exc)
-        return [], []
+    inputs = getattr(find_run(client, run_id), "inputs", None)
     if inputs is None:
         return [], []
     return list(inputs.dataset_inputs), list(inputs.model_inputs)

@@ -23,9 +23,8 @@ from torch import nn
 from potion.core.errors import CheckpointError, TrackingError
 from potion.core.io import load_tensors
 from potion.models import build_model
-from potion.tracking.client import check_reachable, open_client
+from potion.tracking.client import connect
 from potion.tracking.extras import MODEL_FORMAT, MODEL_SPEC, MODEL_WEIGHTS
-from potion.tracking.uris import resolve_tracking_uri
 
 MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; more is no classifier this project trains
 MAX_CHANNELS = 64
@@ -33,7 +32,7 @@ MAX_CHANNELS = 64
 
 def logged_model_id(tracking_uri: str, run_id: str) -> str:
     """The id of the logged model a run produced (its first model output); one TrackingError line when none."""
-    client = _client(tracking_uri)
+    client, _ = connect(tracking_uri)
     try:
         outputs = client.get_run(run_id).outputs
     except Exception as exc:  # unknown or malformed id: the same to the user
@@ -49,8 +48,7 @@ def download_logged_model(tracking_uri: str, model_id: str, dst: str | Path) -> 
     """Fetch a logged model's files into ``dst``; the folder holding ``model.safetensors``."""
     from mlflow.artifacts import download_artifacts
 
-    uri = resolve_tracking_uri(tracking_uri)
-    client = _client(uri)  # a clear line for a dead server or a bad URI
+    client, uri = connect(tracking_uri)
     Path(dst).mkdir(parents=True, exist_ok=True)
     try:  # through the model's artifact location: ``models:/<id>`` reads the process-wide tracking URI
         location = client.get_logged_model(model_id).artifact_location
@@ -107,9 +105,3 @@ def _weights_file(folder: Path, name: Any) -> Path:
         raise CheckpointError(f"{folder / MODEL_SPEC}: weights={name!r} is not a file of the model folder {folder}; "
                               f"a logged model's weights are its own {MODEL_WEIGHTS}")
     return path
-
-
-def _client(tracking_uri: str) -> Any:
-    uri = resolve_tracking_uri(tracking_uri)
-    check_reachable(uri)
-    return open_client(uri)[0]

@@ -27,6 +27,7 @@ from potion.core.errors import TrackingError
 from potion.core.io import atomic_write_json, read_json
 from potion.tracking import naming
 from potion.tracking.client import open_client, usable_uri
+from potion.tracking.extras import find_run
 from potion.tracking.liveness import close_dead_runs, close_killed, process_alive
 from potion.tracking.tracker import MlflowTracker, RecordingTracker, Tracker
 from potion.tracking.uris import logger_settings, resolve_tracking_uri
@@ -121,7 +122,7 @@ def record_run_id(run_dir: Path, summary: Mapping[str, Any], run_id: str) -> dic
 def logged_state(client: Any, experiment_id: str, run_dir: Path, summary: Mapping[str, Any], task: str) -> str:
     """LOGGED (a FINISHED run of this work is in the store), BUSY (its process is logging it right now)
     or MISSING. A run of the summary left RUNNING by a process that stopped is closed as KILLED here."""
-    run = _get_run(client, summary.get("mlflow_run_id"))
+    run = find_run(client, summary.get("mlflow_run_id"))
     if run is not None and run.info.lifecycle_stage != "deleted":
         if run.info.status == "FINISHED":
             return LOGGED
@@ -132,15 +133,6 @@ def logged_state(client: Any, experiment_id: str, run_dir: Path, summary: Mappin
                 log.warning("closed MLflow run %s as KILLED: its process stopped after the results were written",
                             run.info.run_id)
     return LOGGED if _finished_twin(client, experiment_id, summary, task) else MISSING
-
-
-def _get_run(client: Any, run_id: Any) -> Any:
-    if not run_id:
-        return None
-    try:
-        return client.get_run(str(run_id))
-    except Exception:  # noqa: BLE001 - unknown in this store (another store, a deleted database): missing
-        return None
 
 
 def _still_logging(run: Any, summary_path: Path) -> bool:

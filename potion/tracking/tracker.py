@@ -360,7 +360,9 @@ class MlflowTracker(Tracker):
             call()
         except Exception as exc:  # noqa: BLE001 - tracking must never stop the run
             self.failed = True
-            self._warn_once(kind, exc)
+            self._warn_once((kind, type(exc).__name__), f"MLflow {kind} failed for run {self.run_id} "
+                            f"({type(exc).__name__}: {one_line(exc)}); the run goes on, further such failures "
+                            "are not reported")
             if is_http(self.tracking_uri) and no_answer(exc):
                 self._disabled = self.offline = True
                 log.warning(
@@ -368,14 +370,7 @@ class MlflowTracker(Tracker):
                     "are still written to the run folder, and rerunning the same command once the server is back "
                     "logs a finished run the store lacks", self.tracking_uri, self.run_id)
 
-    def _warn_once(self, kind: str, exc: BaseException) -> None:
-        self._warn_once_text(
-            (kind, type(exc).__name__),
-            f"MLflow {kind} failed for run {self.run_id} ({type(exc).__name__}: {one_line(exc)}); "
-            "the run goes on, further such failures are not reported",
-        )
-
-    def _warn_once_text(self, key: tuple[str, str], message: str) -> None:
+    def _warn_once(self, key: tuple[str, str], message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s", message)
@@ -386,9 +381,7 @@ class MlflowTracker(Tracker):
         try:
             number = float(value.item() if hasattr(value, "item") else value)
         except (TypeError, ValueError, RuntimeError) as exc:
-            self._warn_once_text(
-                ("metric", key), f"metric {key!r} skipped: {value!r:.80} is not a number ({one_line(exc)})"
-            )
+            self._warn_once(("metric", key), f"metric {key!r} skipped: {value!r:.80} is not a number ({one_line(exc)})")
             return None
         return number  # NaN and inf are kept: MLflow stores them and they flag a diverged run
 
