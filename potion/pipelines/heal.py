@@ -109,7 +109,7 @@ def heal(cfg: Any, command: Sequence[str] | None = None) -> dict[str, Any]:
     task = make_task(model, view, discovery, device, seed, model_cfg, train_cfg=REPAIR_DATA, attack=d.get("attack"))
 
     key = heal_identity(d, checkpoint, entries)
-    out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(d, checkpoint, entries, key)
+    out_dir = Path(str(d["out_dir"])) if d.get("out_dir") else default_out_dir(checkpoint, key)
     method = str(d["method"]["name"])
     study = naming.heal_study(d)
     with claimed_out_dir(out_dir, key, bool(d.get("force", False))), \

@@ -189,9 +189,8 @@ def heal_identity(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str]
     return identity_hash({**d, "checkpoint": sha256_file(checkpoint), "discovered": list(entries)})
 
 
-def default_out_dir(d: Mapping[str, Any], checkpoint: Path, entries: Sequence[str], key: str | None = None) -> Path:
-    """runs/heal/<checkpoint name>-<hash of the config, the weights' bytes and the discovered list>."""
-    key = key or heal_identity(d, checkpoint, entries)
+def default_out_dir(checkpoint: Path, key: str) -> Path:
+    """runs/heal/<checkpoint name>-<:func:`heal_identity`>."""
     return Path("runs") / "heal" / f"{checkpoint.stem}-{key}"
 
 

@@ -95,7 +95,7 @@ def resolve_train_run(spec: str | None, logger_cfg: Any, train: Any = None) -> P
     jobs over ``+train.poison.count=100,500,1000`` reuses one trained model per poison size.
     """
     if spec in (None, "", "???") and train:
-        return _train_run_for(train, logger_cfg)
+        return Path(run_training(compose_config("train", train_overrides(train, logger_cfg)))["run_dir"])
     if spec in (None, "", "???"):
         raise ConfigError("train_run: required; give a training run folder (printed by train.py), mlflow:<run id>, "
                           "or train overrides (+train.experiment=quickstart)")
@@ -109,10 +109,6 @@ def resolve_train_run(spec: str | None, logger_cfg: Any, train: Any = None) -> P
         for name in ("config.yaml", "poison_plan.json", "model.safetensors", "summary.json"):
             download_run_artifacts(uri, run_id, name, dst)
     return dst
-
-
-def _train_run_for(train: Any, logger_cfg: Any) -> Path:
-    return Path(run_training(compose_config("train", train_overrides(train, logger_cfg)))["run_dir"])
 
 
 def unlearn_run_dir(cfg: DictConfig, run: TrainedRun) -> tuple[Path, str]:
@@ -183,7 +179,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     device = resolve_device(cfg.get("trainer"))
     data = poison(bundle, run.plan, run.poison_images)
     view = defender_view(data)  # all a method sees; ``data`` (the plan) stays with evaluation
-    model = run.build_model(data.num_classes, data.channels).to(device).eval()
+    model = model_before_copy(run, data, device)
     bs = int(cfg.eval_batch_size)
     before_logits = poisoned_logits(model, data, view, bs)
     before = _before_metrics(before_logits, data, data.wanted_test_labels())
@@ -236,7 +232,7 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
                           data.num_classes, data.channels)
     if ranking is not None:
         outputs.add(write_suspects_csv(run_dir / "suspects.csv", ranking, data.bundle.train.paths))
-    if not _fixed_step(cfg):  # one given step is no search: a one-point plot would say nothing
+    if naming.fixed_step(cfg.method) is None:  # one given step is no search: a one-point plot would say nothing
         outputs.trajectory(out.trajectory, float(out.diagnostics.get("ptn_threshold", 0.0)),
                            title=f"PTN: {cfg.method.name}, n_f={discovery.n_f}")
     summary = {
@@ -249,13 +245,6 @@ def _unlearn(cfg: DictConfig, run: TrainedRun, bundle: Any, discovery: Any, meth
     tracker.log_params(naming.resolved_settings({**result, **numeric, **notes}))
     return outputs.complete(summary, naming.measurements({**result, **numeric}, to_dict(cfg.method)),
                             {f"potion.{k}": str(v) for k, v in notes.items()})
-
-
-def _fixed_step(cfg: DictConfig) -> bool:
-    """Whether the run evaluated one given PTN step (``method.ptn.fixed_step=k``: a PTN sweep's final run)."""
-    ptn = cfg.method.get("ptn")
-    fixed = ptn.get("fixed_step") if ptn is not None else None
-    return isinstance(fixed, int) and not isinstance(fixed, bool)
 
 
 def attainable(run: TrainedRun, data: PoisonedData, poison_acc_after: float, poison_acc_before: float,

@@ -159,10 +159,15 @@ def unlearn_run_name(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: 
              poison if poison != "p=?" else poison_label(None, n_p),
              f"s={cfg.get('seed')}", str(_get(train_cfg, "model.name")), attack_label(train_cfg.get("poison")),
              *extra]
-    fixed = _get(method, "ptn.fixed_step")
-    if isinstance(fixed, int) and not isinstance(fixed, bool):
-        parts.append(f"k={fixed}")
+    if (k := fixed_step(method)) is not None:
+        parts.append(f"k={k}")
     return " ".join(p for p in parts if p)
+
+
+def fixed_step(method_cfg: Mapping[str, Any]) -> int | None:
+    """The one PTN step a run evaluates (``method.ptn.fixed_step=k``: a PTN sweep's final run), else None."""
+    fixed = _get(method_cfg, "ptn.fixed_step")
+    return fixed if isinstance(fixed, int) and not isinstance(fixed, bool) else None
 
 
 def sweep_run_name(unlearn_name: str) -> str:
