@@ -2,20 +2,15 @@
 
 ``python -m potion.heal checkpoint=<weights> dataset.path=<image folder> discovered=<list> model=<arch>``
 
-The inputs are what a practitioner has: a plain state dict (``.pt`` / ``.pth`` read with
-``weights_only=True``, or ``.safetensors``), an image folder whose poisoned training files carry the
-trigger in their pixels and sit in the class folder of the label the attacker gave them, and the list of
-poisoned files found so far. What is known of the attack can be declared (``attack.target``, ``attack.mapping``,
-``attack.clean_label``); the rest is inferred from the discovered files' folders, as in unlearn.py. No trigger
-is pasted anywhere: the data set is taken exactly as it is on disk. The discovered files become the forget set
-and every other training file the retain set; then the same
-registered method as ``unlearn.py`` (potion, assd, lfssd or ssd) heals the model, and the remaining
-training files are ranked by how likely they are to be undiscovered poison (:mod:`potion.unlearning.suspects`).
+The inputs are what a practitioner has: a plain state dict (``.pt``/``.pth`` read with ``weights_only=True``, or
+``.safetensors``), an image folder taken exactly as it is on disk (the poisoned files carry the trigger in their
+pixels), and the list of poisoned files found so far: the forget set, every other training file the retain set.
+What is known of the attack can be declared (``attack.*``); the rest is inferred from the discovered files' folders.
+A method of unlearn.py heals the model, and the other training files are ranked as suspects.
 
-Outputs (in ``out_dir``): ``healed.pt`` or ``healed.safetensors`` (the input's format and key names),
-``report.md``, ``suspects.csv``, ``ptn_trajectory.png``/``.csv`` (PTN methods) and, written last,
-``summary.json``. A known trigger (``trigger={kind: patch, size: 3, color: [1, 1, 1]}``) adds the attack
-success rate and poison accuracy on the test split; without it they are omitted.
+Outputs (in ``out_dir``): ``healed.pt`` or ``healed.safetensors`` (the input's format and key names), ``report.md``,
+``suspects.csv``, ``ptn_trajectory.png``/``.csv`` (PTN methods) and, written last, ``summary.json``. A known trigger
+(``trigger={kind: patch, size: 3, color: [1, 1, 1]}``) adds the attack success rate and poison accuracy.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """One run's lifecycle, the same for train.py, unlearn.py, ``potion.heal`` and a PTN sweep's final job.
 
-Start tracking (or take a tracker started elsewhere: a sweep's final job records its calls for the
-sweeper to replay), write the outputs atomically into the run folder, ``summary.json`` last, track them
-second (from then on a tracking failure is a warning, never an error: the run is on disk), and end the
-MLflow run FINISHED, FAILED, or KILLED when SIGTERM or Ctrl+C stopped it. A finished folder that is
-reused instead is logged from the folder when its store lacks it.
-
-Every run also gets what an MLflow user expects (:mod:`potion.tracking.extras`): the data set as a dataset input
-(:meth:`RunOutputs.uses_data`), its weights as a logged model of safetensors files (:meth:`RunOutputs.add_model`),
-its resolved ``config.yaml`` and its log (``run.log``: the log records of the process while the run lasted) in the
-folder and as artifacts, and, at the end, the address of the run in the MLflow UI on the console.
+The outputs are written atomically into the run folder, ``summary.json`` last, and tracked second: from then on a
+tracking failure is a warning, since the run is on disk. The MLflow run ends FINISHED, FAILED, or KILLED on SIGTERM
+or Ctrl+C; a reused finished folder is logged from the folder when its store lacks it.
 """
 
 from __future__ import annotations

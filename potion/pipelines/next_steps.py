@@ -1,11 +1,8 @@
 """What a practitioner does after ``potion.heal``: confirm the suspects, add them to the list, heal again.
 
-Healing is only as complete as the list of discovered files: the suspects the run flagged are likely
-undiscovered poison, and each confirmed one makes the next heal see more of the attack. This module writes
-``next_discovered.txt`` (the discovered files, then the suspects commented out, for the user to confirm by
-uncommenting) and the exact ``python -m potion.heal`` command that heals again with it: the command line of
-this run (Hydra's overrides) with ``discovered=`` pointing at the new list and no ``out_dir=`` (the default
-folder is named by a hash of the inputs, so the next run gets its own).
+Healing is only as complete as the discovered list, and the suspects are likely undiscovered poison: this writes
+``next_discovered.txt`` (the list, then the suspects commented out for the user to confirm) and the exact command
+that heals again with it (without ``out_dir=``: the next run's default folder is its own).
 """
 
 from __future__ import annotations

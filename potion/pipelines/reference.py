@@ -1,12 +1,9 @@
 """The clean reference model: the same data set, model, recipe and seed, trained with no poison at all.
 
-It answers "what would a model that never saw poison do on triggered inputs?": the ceiling that
-``healed_attainable`` measures against (image-wide triggers degrade images, so a clean model misreads
-many triggered inputs too), and the surrogate whose gradients the label-consistent attack uses. Every
-attack on one recipe shares it: its config is the training config with the ``poison`` block replaced
-by the one of ``conf/poison/none.yaml``. It lives where the training run's default folder would be
-(runs/train/<name>-<hash>), or, for a run trained into an explicit ``out_dir``, beside it as
-``reference-<hash>``.
+It is the ceiling ``healed_attainable`` measures against (image-wide triggers degrade images, so a clean model
+misreads many triggered inputs too) and the surrogate of the label-consistent attack. Every attack on one recipe
+shares it: it lives in runs/train/<name>-<hash> as any training run, or as ``reference-<hash>`` beside an explicit
+``out_dir``.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
-"""Run folders: what a finished training run leaves on disk, and how later stages read it back safely.
+"""Run folders: what a run leaves on disk, and how later stages read it back safely.
 
-A run folder holds ``run.json`` (what kind of run and which config it belongs to, written first),
-``config.yaml`` (resolved), ``poison_plan.json``, ``model.safetensors`` and, written last,
-``summary.json``; a folder without ``summary.json`` is unfinished and never mistaken for done. Every file
-read back from a run folder is checked before use: plain YAML values only (no interpolation, no
-``_target_``), a poison plan that fits its data set, a summary that is a JSON object.
+``summary.json`` is written last, so a folder without it is unfinished and never mistaken for done. Every file read
+back is checked before use: plain YAML values only (no interpolation, no ``_target_``), a poison plan that fits its
+data set, a summary that is a JSON object.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """A study resumed on a fresh machine: a cell whose finished run of this config and this code is already in the
-store is not run again.
+store is not run again (``skip_logged: true``, which the study configs set).
 
-A study (``python unlearn.py -m +study=<name>``, conf/study/) is hours of cells on a shared store that travels
-with the repository; a session may end half-way, and the next one starts without the run folders. With
-``skip_logged: true`` (the study configs set it) every job first asks the store for a FINISHED unlearning run
-with the same config hash (``potion.config_hash``) and the same code commit (``potion.code_commit``,
-:func:`current_commit`): if there is one, the job prints it and ends. Changed code runs the cell again, so the
-tables of one code commit are never a mix of code versions.
+A session may end half-way through a study's hours of cells, and the next starts without the run folders but with
+the store, which travels with the repository. A cell is matched by config hash and code commit
+(:func:`current_commit`), so the tables of one code commit never mix code versions.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """Opening a store: an ``MlflowClient`` whose store is ready and reachable, or one ``TrackingError`` line.
 
-A sqlite store is opened (created, migrated, repaired) under its inter-process lock
-(:mod:`potion.tracking.store`), so commands started together on a new store all succeed. A server is asked
-through MLflow itself, under MLflow's HTTP retry settings (:func:`potion.tracking.uris.apply_timeout`): a call
-that got no answer at all (refused, timed out, server errors after MLflow's retries) means the server is down.
-``mlflow`` is imported on first use because it is slow to import.
+A server call that got no answer at all (refused, timed out, server errors after MLflow's retries) means the server
+is down. ``mlflow`` is imported on first use because it is slow to import.
 """
 
 from __future__ import annotations

@@ -1,14 +1,6 @@
-"""What an MLflow user expects of a run beyond params and metrics, as plain helpers for :mod:`potion.tracking.tracker`.
-
-- the data set as a dataset input: its name, the content fingerprint the data cache already keys on
-  (:attr:`potion.data.sources.DatasetBundle.fingerprint`, never hashed again here) and its source;
-- the weights as an MLflow 3 logged model made of safetensors files (``model.safetensors``, ``model.json``
-  saying how to rebuild the network, the run's ``config.yaml``), never a pickle;
-- MLflow's system metrics monitor, stopped within a bounded time even when the server has gone;
-- the UI addresses of a run and of the experiment's runs table, both in the machine-learning workflow (MLflow 3
-  shows its GenAI pages otherwise: "Evaluation runs", "Agent versions").
-
-Nothing here imports torch, and ``mlflow`` only inside the functions that need it (it is slow to import).
+"""What an MLflow user expects of a run beyond params and metrics: the data set as a dataset input, the weights as
+a logged model of safetensors files (never a pickle), system metrics that a dead server cannot hold up, and the
+run's UI addresses. Torch-free; ``mlflow`` is imported inside the functions (it is slow to import).
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """The one naming scheme of potion's MLflow runs: experiments, run names, tags, parameter keys, metric names.
 
-Every run type (train, unlearn, PTN sweep parent, candidate and final run, heal) takes its names from here, so
-the same setting has the same key everywhere and runs of one study compare column by column in the MLflow UI:
-
-- **experiment**: one per study, the training config's ``name`` (``${dataset.name}-${model.name}`` unless an
-  ``experiment=`` overlay names it: ``quickstart``, ``cpu_bench``, ...); ``logger.experiment`` overrides it.
-- **run name**: what tells the runs of a grid apart, ``potion d=10% p=16 s=0 resnet9 badnets`` (method,
-  discovered share or count, poison size as the training config gives it (``p=16`` or ``p=5%``, the same in the
-  training run's name), seed, model, attack, then the method settings a grid varies).
-- **params**: settings only, under their config path (``dataset.name``, ``poison.n_p``, ``method.ptn.rho``,
-  ``discovery.share``, ``discovery.n_f``, ``trainer.*``, ``suspects.*``); settings a method resolved at run time
-  (its SGD settings, PTN's threshold, the suspects' cut-off) are params too. No bookkeeping keys (where the
-  run logs to, whether it may resume or overwrite).
-- **metrics**: measurements only, in one unit convention (README, Metrics); the PTN trajectory is the series
-  ``ptn_traj_<column>`` (step = k) on every run that has one.
-- **tags**: ``potion.task``, ``potion.study``, ``potion.grid`` (a Hydra multirun), ``potion.sweep_id`` (a PTN
-  sweep), ``potion.train_run_id`` (the training run's MLflow id, on every run derived from it).
-
+Every run type (train, unlearn, PTN sweep parent, candidate and final run, heal) takes its names from here, so the
+same setting has the same key everywhere and the runs of one study compare column by column in the MLflow UI: one
+experiment per study (:func:`study_name`), run names that tell a grid's runs apart (:func:`unlearn_run_name`),
+params that are settings only, under their config path (those a method resolved at run time too; no bookkeeping
+keys), metrics that are measurements only, in one unit convention (README, Metrics), and the ``potion.*`` tags.
 Torch-free, so the sweeper (which never imports torch) uses it too.
 """
 

@@ -1,15 +1,10 @@
-"""Finished run folders and their MLflow runs: a finished run that its store lacks is logged from its folder.
+"""Finished run folders that their MLflow store lacks, logged from the folder.
 
-A run is written to disk first (``summary.json`` last) and tracked second, so a process killed in between,
-a tracking server that died, or a run made with ``logger=none`` leaves a finished folder whose MLflow run
-is missing, RUNNING or KILLED. When the same command finds such a folder and reuses it,
-:func:`ensure_logged` logs it from the folder (the summary's numbers as metrics, the folder's files as
-artifacts, the params and tags the pipeline gives) after closing, as KILLED, a run that a dead process left
-RUNNING; ``summary.json`` then names the new run. A PTN sweep's final run whose tracking calls could not
-be replayed (the server was down) is kept in its folder as ``mlflow_pending.json`` (every file its calls upload
-copied into the folder), which ``python -m potion.relog <run folder>`` logs once the server is back
-(:func:`replay_pending`): into the store the user names, never one the record names, and only files inside the
-run folder, so a folder someone else handed over cannot send the user's files anywhere.
+A run is written to disk first and tracked second, so a killed process, a dead server or ``logger=none`` leaves a
+finished folder whose MLflow run is missing or left RUNNING: :func:`ensure_logged` logs it when the folder is
+reused. A sweep's final run whose calls could not be replayed waits in ``mlflow_pending.json`` for
+``python -m potion.relog`` (:func:`replay_pending`): into the store the user names, with the folder's own files
+only, so a folder someone else handed over cannot send the user's files anywhere.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """Opening a sqlite MLflow store safely when several processes start at once.
 
-MLflow creates and migrates a new sqlite store (alembic) the first time a process opens it, with no lock
-on that path: two commands started together both migrate, collide (``table _alembic_tmp_metrics already
-exists``) and leave the store half-migrated, so that every later command fails on it. Every potion process
-therefore opens a sqlite store while it holds ``<db>.lock`` beside the database (a ``filelock`` lock, which the
-OS releases when a process dies): one process creates and migrates, the others find the store ready.
-
-A store that an interrupted migration left behind (tables named ``_alembic_tmp_*``, tables without a schema
-revision, or a store without runs at another revision than this MLflow's) is repaired under the same lock
-before MLflow opens it: one that holds no runs is moved aside (``<db>.broken-<time>``) and created anew; in
-one with runs the temporary tables are dropped and ``mlflow db upgrade`` runs again. What cannot be repaired
-ends in one ``TrackingError`` line.
-
-This module reads the database with the standard library's sqlite3, and the schema revision MLflow migrates to
-from MLflow's alembic scripts with alembic's public API.
+MLflow creates and migrates a new sqlite store with no lock: two commands started together both migrate, collide
+(``table _alembic_tmp_metrics already exists``) and leave a half-migrated store that every later command fails on.
+So every potion process opens a sqlite store holding ``<db>.lock`` (a ``filelock`` lock, which the OS releases
+when its process dies) and, under that lock, repairs what an interrupted migration left (:func:`repair_store`).
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """A run's tracker: what the pipeline logs to (params, metrics, artifacts, tags, inputs, a logged model).
 
-Results are written to disk first and tracked second: once a run has started, a failing MLflow call
-is logged as a warning (once per kind) and the work goes on; ``finish`` never raises. Starting a run
-(resolving the store, creating the experiment and the run) may raise a one-line ``TrackingError``, so
-a wrong URI or a dead server shows up before any work is done. A call that a server did not answer at all
-(MLflow gave up after its HTTP retries) switches tracking off for the rest of the run: the results are in the
-run folder, and rerunning the same command logs a finished run that its store lacks.
-
-The client API with explicit run ids is used throughout, never the global fluent ``mlflow.start_run``
-state, so parent and child runs and several trackers can live in one process. Runs get MLflow's own default
-tags (source, user, git commit) and the process that created them (:mod:`potion.tracking.liveness`).
+Results are on disk before they are tracked, so once a run has started a failing MLflow call is one warning and
+the work goes on (:class:`MlflowTracker`); only starting a run may raise, before any work is done. Explicit run ids
+through ``MlflowClient``, never the fluent global run, so parent, child and several runs can live in one process.
 """
 
 from __future__ import annotations

@@ -1,10 +1,8 @@
 """Where a run is tracked and how long a call there may try: the ``logger`` config made explicit.
 
-The tracking URI is always explicit: the default is an embedded sqlite store in the working folder,
-``http(s)://`` points at a shared server, and ``file:`` stores (deprecated in MLflow) are refused. How long a call
-to a server may try is MLflow's own HTTP settings (``MLFLOW_HTTP_REQUEST_TIMEOUT``, ``..._MAX_RETRIES``,
-``..._BACKOFF_*``), set from ``logger.timeout_s`` (MLflow's defaults retry for minutes against a dead server).
-Nothing here imports MLflow.
+The default store is a sqlite file in the working folder, and ``file:`` stores (deprecated in MLflow) are refused.
+A call's time limit is MLflow's own HTTP settings, set from ``logger.timeout_s``: MLflow's defaults retry for
+minutes against a dead server. Nothing here imports MLflow.
 """
 
 from __future__ import annotations
