@@ -388,21 +388,18 @@ def claim_run_dir(run_dir: Path, kind: str, config_hash: str, fresh: bool) -> No
     atomic_write_json(run_dir / MARKER, {"kind": kind, "config_hash": config_hash})
 
 
-def remove_stale_temp_files(folder: Path) -> int:
-    """Delete the temp files of atomic writes a killed process left (``.<name>.<random>.tmp``); returns the count.
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files of atomic writes a killed process left (``.<name>.<random>.tmp``).
 
     Call only while holding the folder's run lock, so no live writer's temp file is taken.
     """
-    count = 0
     if not folder.is_dir():
-        return 0
+        return
     for path in folder.iterdir():
         if path.name.startswith(".") and path.name.endswith(".tmp") and path.is_file():
             path.unlink(missing_ok=True)
-            count += 1
         elif path.name.startswith(f".{CHECKPOINTS}.deleted-") and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
-    return count
 
 
 @contextmanager

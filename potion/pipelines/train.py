@@ -169,7 +169,6 @@ def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
     start = time.perf_counter()
     _fit(trainer, module, loader, None if resume is None else str(resume[0]), ckpt)
     train_seconds = time.perf_counter() - start
-    resume_from = resume is not None
     if not trainer.is_global_zero:  # DDP: the other ranks trained with rank 0, which alone writes and tracks
         return {"run_dir": str(run_dir), "global_rank": trainer.global_rank}
 
@@ -182,7 +181,7 @@ def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
     summary = {
         **final, "train_seconds": train_seconds, "steps": steps, "epochs": steps / max(1, len(loader)),
         "n_p": plan.count, "target": plan.target, "config_hash": config_hash, "run_dir": str(run_dir),
-        "mlflow_run_id": tracker.run_id, "resumed": bool(resume_from), "dataset_fingerprint": bundle.fingerprint,
+        "mlflow_run_id": tracker.run_id, "resumed": resume is not None, "dataset_fingerprint": bundle.fingerprint,
         "num_classes": data.num_classes, "channels": data.channels,
     }
     return outputs.complete(summary, {**final, "train_seconds": train_seconds})

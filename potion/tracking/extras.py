@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from potion.core.io import plain
+from potion.tracking.uris import SQLITE, is_http
 
 log = logging.getLogger(__name__)
 
@@ -234,9 +235,9 @@ def _finish_monitor(monitor: Any) -> None:
 def ui_base(tracking_uri: str) -> str | None:
     """Where the MLflow UI of a store is: the server itself, ``mlflow ui``'s default address for a sqlite store,
     None for other stores."""
-    if tracking_uri.startswith(("http://", "https://")):
+    if is_http(tracking_uri):
         return tracking_uri.rstrip("/")
-    if tracking_uri.startswith("sqlite:///"):
+    if tracking_uri.startswith(SQLITE):
         return f"http://127.0.0.1:{UI_PORT}"
     return None
 
@@ -264,6 +265,6 @@ def ui_lines(tracking_uri: str, experiment_id: str | None, run_id: str | None, w
     lines = [f"MLflow {what}: {run_url(base, experiment_id, run_id)}"]
     if table:
         lines.append(f"MLflow runs table: {runs_table_url(base, experiment_id)}")
-        if tracking_uri.startswith("sqlite:///"):
+        if tracking_uri.startswith(SQLITE):
             lines.append(f"  (open the UI first: mlflow ui --backend-store-uri {tracking_uri} --port {UI_PORT})")
     return lines

@@ -228,9 +228,7 @@ def unlearn_params(cfg: Mapping[str, Any], train_cfg: Mapping[str, Any], n_f: in
         "method": c.get("method") or {}, "discovery": {**(c.get("discovery") or {}), "n_f": n_f},
         "seed": c.get("seed"),
     }
-    for key in ("trainer", "suspects", "reference", "eval_batch_size"):
-        if c.get(key) is not None:
-            params[key] = c[key]
+    params.update({k: c[k] for k in ("trainer", "suspects", "reference", "eval_batch_size") if c.get(k) is not None})
     return without_auto(params)
 
 
@@ -240,9 +238,7 @@ def heal_params(cfg: Mapping[str, Any], n_f: int, target: int) -> dict[str, Any]
     params: dict[str, Any] = {"dataset": c.get("dataset") or {}, "model": c.get("model") or {},
                               "method": c.get("method") or {}, "discovery": {"n_f": n_f}, "poison": {"target": target},
                               "checkpoint": c.get("checkpoint"), "seed": c.get("seed")}
-    for key in ("trainer", "suspects"):
-        if c.get(key) is not None:
-            params[key] = c[key]
+    params.update({k: c[k] for k in ("trainer", "suspects") if c.get(k) is not None})
     return without_auto(params)
 
 
@@ -270,7 +266,6 @@ def without_auto(params: dict[str, Any]) -> dict[str, Any]:
         for part in path:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and node.get(last) == "auto":
-            node = dict(node)
             _set(params, path, {k: v for k, v in node.items() if k != last})
     return params
 

@@ -270,22 +270,17 @@ class MlflowTracker(Tracker):
     def log_inputs(self, dataset: Mapping[str, Any] | None, context: str | None = None,
                    source_run_id: str | None = None) -> None:
         """Log the data set as a dataset input and the training run's logged model (if any) as a model input."""
-        def call() -> None:
-            datasets = [dataset_input(DatasetRef.from_dict(dataset), context)] if dataset else []
-            models = model_inputs_of(self._client, source_run_id)
-            if datasets or models:
-                self._client.log_inputs(self.run_id, datasets=datasets, models=models)
-
-        self._guard("log_inputs", call)
+        self._guard("log_inputs", lambda: self._send_inputs(
+            [dataset_input(DatasetRef.from_dict(dataset), context)] if dataset else [],
+            model_inputs_of(self._client, source_run_id)))
 
     def copy_inputs_from(self, run_id: str | None) -> None:
         """Repeat another run's dataset and model inputs on this run (a sweep's parent takes its final run's)."""
-        def call() -> None:
-            datasets, models = inputs_of(self._client, run_id)
-            if datasets or models:
-                self._client.log_inputs(self.run_id, datasets=datasets, models=models)
+        self._guard("log_inputs", lambda: self._send_inputs(*inputs_of(self._client, run_id)))
 
-        self._guard("log_inputs", call)
+    def _send_inputs(self, datasets: list[Any], models: list[Any]) -> None:
+        if datasets or models:
+            self._client.log_inputs(self.run_id, datasets=datasets, models=models)
 
     def log_model(self, name: str, files: Mapping[str, str], spec: Mapping[str, Any]) -> None:
         """Register the files as an MLflow logged model of this run (see :func:`upload_logged_model`)."""
