@@ -34,7 +34,6 @@ from potion.core.io import (
     load_tensors,
     one_line,
     read_json,
-    save_tensors,
     storage_error,
 )
 from potion.data.poison import PoisonPlan
@@ -81,20 +80,14 @@ class TrainedRun:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def write_config(run_dir: Path, cfg: Any) -> None:
+def write_config(run_dir: Path, cfg: DictConfig) -> None:
     """Resolved config as YAML (atomic)."""
-    text = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else yaml.safe_dump(cfg)
-    atomic_write_text(run_dir / CONFIG, text)
+    atomic_write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def write_plan(run_dir: Path, plan: PoisonPlan) -> None:
     """Poison plan as JSON (atomic)."""
     atomic_write_json(run_dir / PLAN, plan.to_dict())
-
-
-def write_weights(run_dir: Path, model: nn.Module) -> Path:
-    """Model weights as safetensors (atomic)."""
-    return save_tensors(run_dir / WEIGHTS, model.state_dict())
 
 
 # --------------------------------------------------------------------------------------------- poison plans

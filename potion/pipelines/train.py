@@ -37,6 +37,7 @@ from potion.pipelines.run_folders import (
     CONFIG,
     PLAN,
     POISON_IMAGES,
+    WEIGHTS,
     check_out_dir,
     check_plan_fits,
     claim_run_dir,
@@ -47,7 +48,6 @@ from potion.pipelines.run_folders import (
     run_lock,
     write_config,
     write_plan,
-    write_weights,
 )
 from potion.tracking import naming
 from potion.tracking.runs import train_folder_run
@@ -92,19 +92,16 @@ def run_training(cfg: DictConfig) -> dict[str, Any]:
     with nullcontext() if secondary else run_lock(run_dir):
         fresh = not secondary and check_out_dir(run_dir, "train", config_hash, bool(cfg.get("force", False)))
         done = read_summary(run_dir)
+        spec = train_folder_run(cfg, config_hash, (done or {}).get("n_p"))
         if done is not None and not fresh and done.get("config_hash") == config_hash:
             log.info("already finished: %s (force=true to retrain)", run_dir)
             if secondary:
                 return {**done, "reused": True}
-            return reuse_finished(cfg.logger, run_dir, done, train_folder_run(cfg, run_dir, done))
+            spec.tags["potion.run_dir"] = str(run_dir.resolve())  # a live run sets it once it has claimed the folder
+            return reuse_finished(cfg.logger, run_dir, done, spec)
         resume = _resume_checkpoint(cfg, run_dir, fresh)
-        grid, overrides = naming.hydra_job()
-        study = naming.study_name(cfg)
-        extras = naming.train_extras(cfg, overrides)
-        with run_lifecycle(naming.logger_for(cfg.logger, study), run_dir, run_name=naming.train_run_name(cfg, extras),
-                           tags={**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: config_hash,
-                                 **naming.grid_tags(grid)},
-                           tracker=NullTracker() if secondary else None) as outputs:
+        with run_lifecycle(naming.logger_for(cfg.logger, spec.experiment), run_dir, run_name=spec.run_name,
+                           tags=spec.tags, tracker=NullTracker() if secondary else None) as outputs:
             return _train(cfg, config_hash, outputs, fresh, resume)
 
 
@@ -173,7 +170,8 @@ def _train(cfg: DictConfig, config_hash: str, outputs: RunOutputs, fresh: bool,
         return {"run_dir": str(run_dir), "global_rank": trainer.global_rank}
 
     model = module.model.eval()
-    outputs.add_model(write_weights(run_dir, model), cfg.model, data.num_classes, data.channels)  # + logged model
+    weights = save_tensors(run_dir / WEIGHTS, model.state_dict())
+    outputs.add_model(weights, cfg.model, data.num_classes, data.channels)  # + logged model
     for name in (PLAN, CONFIG):
         outputs.add(run_dir / name)
     final = evaluate_backdoor(model, bundle.test.images, bundle.test.labels, data.normalizer, data.trigger,

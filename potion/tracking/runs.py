@@ -51,15 +51,15 @@ class FolderRun:
     artifacts: tuple[str, ...] = field(default=())
 
 
-def train_folder_run(cfg: Any, run_dir: Path, summary: Mapping[str, Any]) -> FolderRun:
-    """A finished training folder as train.py logs it (params: the config; tags: task, study, hash, folder)."""
+def train_folder_run(cfg: Any, config_hash: str, n_p: int | None) -> FolderRun:
+    """How a training run reads in MLflow, live or logged from its folder (params: the config; tags: task, study,
+    hash, grid)."""
     study = naming.study_name(cfg)
     grid, overrides = naming.hydra_job()
-    tags = {**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: str(summary.get("config_hash")),
-            "potion.run_dir": str(Path(run_dir).resolve()), **naming.grid_tags(grid)}
+    tags = {**naming.study_tags(naming.TRAIN, study), naming.CONFIG_HASH: config_hash, **naming.grid_tags(grid)}
     return FolderRun("train", naming.experiment_name(cfg.get("logger"), study),
                      naming.train_run_name(cfg, naming.train_extras(cfg, overrides)), tags,
-                     naming.train_params(cfg, summary.get("n_p")), TRAIN_ARTIFACTS)
+                     naming.train_params(cfg, n_p), TRAIN_ARTIFACTS)
 
 
 def unlearn_folder_run(experiment: str, run_name: str, tags: Mapping[str, Any], params: Mapping[str, Any]
