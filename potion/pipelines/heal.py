@@ -220,11 +220,7 @@ def _next_steps(out_dir: Path, s: Mapping[str, Any], args: list[str], ranking: S
 
 def _save_healed(out_dir: Path, checkpoint: Path, healed: nn.Module, prefix: str,
                  original: Mapping[str, torch.Tensor]) -> Path:
-    """healed.safetensors for a .safetensors input, else healed.pt (torch.save of a plain tensor dict).
-
-    Key names (including a stripped ``model.``/``module.`` prefix) and dtypes are those of the input, so the
-    file is a drop-in replacement for it.
-    """
+    """healed.safetensors or healed.pt, with the input's format, key names and dtypes: a drop-in replacement."""
     tensors = {}
     for k, v in healed.state_dict().items():
         name = prefix + k

@@ -28,8 +28,7 @@ def process_tags() -> dict[str, str]:
     tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid)}
     if cpu := cpu_description():
         tags[CPU_TAG] = cpu
-    start = _process_start(pid)
-    if start:
+    if start := _process_start(pid):
         tags[PID_START_TAG] = start
     return tags
 

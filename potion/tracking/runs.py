@@ -242,10 +242,8 @@ def replay_pending(run_dir: Path, tracking_uri: str | None = None, timeout_s: fl
     """Log the pending run of a folder into the store ``tracking_uri`` (the user's: None is the default
     ``sqlite:///<cwd>/mlflow.db``, never the URI the record names); return (run id, store URI).
 
-    Every file the record uploads must lie inside the run folder (no absolute path elsewhere, no ``..``, no
-    symlink leading out); a record naming another is refused before anything is logged. The new run keeps its
-    parent link (the sweep's run), ``summary.json`` names it, and the pending file is removed. Nothing pending,
-    an unreadable record or a store that fails are one TrackingError line.
+    A record uploading a file outside the run folder (symlinks followed) is refused before anything is logged.
+    The new run keeps its parent link (the sweep's run), ``summary.json`` names it, and the record is removed.
     """
     run_dir = Path(run_dir)
     record = _read_pending(run_dir)

@@ -398,15 +398,12 @@ def start_tracker(
     capture_log: bool = True,
     what: str = "run",
 ) -> Tracker:
-    """Start tracking one run of a command as the ``logger`` config says, failing in one line before work begins.
+    """Start tracking one run of a command as the ``logger`` config says (read by
+    :func:`~potion.tracking.uris.logger_settings`; ``logger=none``: a :class:`NullTracker`), failing in one line
+    before work begins.
 
-    ``logger_cfg`` keys: ``name`` (``mlflow`` or ``none``; a missing config means none),
-    ``tracking_uri``, ``fallback`` (``none`` or ``local``: on an unreachable server, log to the local
-    sqlite store instead), ``experiment`` (overrides the experiment name), ``timeout_s`` (how long
-    one call to a server may try; see :func:`potion.tracking.uris.http_settings`), ``system_metrics`` (MLflow's
-    system metrics monitor) and ``system_metrics_interval_s``. ``capture_log``: upload the process's log records as
-    ``run.log`` when the run finishes (``potion.pipelines.lifecycle`` writes that file into the run folder itself).
-    The run prints its UI address, called ``what`` (``run``, ``sweep parent run``), when it finishes.
+    ``capture_log``: upload the process's log records as ``run.log`` when the run finishes (unless the caller
+    writes that file itself). The run prints its UI address, called ``what`` (``run``, ``sweep parent run``), then.
     """
     settings = logger_settings(logger_cfg)
     if settings is None:
