@@ -62,10 +62,8 @@ def importance_pair(task: UnlearnTask, *, loss: str, power: int, batch_size: int
             gen = torch.Generator().manual_seed(task.seed)
             idx = idx[torch.randperm(idx.numel(), generator=gen)]
             idx = idx[torch.sort(task.train.labels[idx], stable=True).indices]
-            return lambda: compute_importance(task.model, task.batches(idx, batch_size), loss=loss, power=power,
-                                              what="retain importance", total=math.ceil(idx.numel() / batch_size))
-        return lambda: compute_importance(task.model, task.batches(idx, batch_size, shuffle=True, seed=task.seed),
-                                          loss=loss, power=power, what="retain importance",
+        batches = task.batches(idx, batch_size, shuffle=order != "by_label", seed=task.seed)
+        return lambda: compute_importance(task.model, batches, loss=loss, power=power, what="retain importance",
                                           total=math.ceil(idx.numel() / batch_size))
 
     sync(task.device)

@@ -155,41 +155,6 @@ def pixel_matches(view: TrainingView, idx: torch.Tensor, row: int, col: int, pat
     return torch.cat(out) if out else torch.zeros(0, k, k, dtype=torch.bool)
 
 
-def rank_suspects(poisoned: nn.Module, healed: nn.Module, view: TrainingView, retain_idx: torch.Tensor,
-                  forget_idx: torch.Tensor, *, target: int | None = None, cutoff_quantile: float = 0.1,
-                  cutoff_fraction: float = 0.5, batch_size: int = 1024, before_logits: torch.Tensor | None = None,
-                  signature: Signature | None = None, target_only: bool = False) -> SuspectRanking:
-    """Score every retain sample; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
-
-    With a recovered patch ``signature``, samples whose pixels carry it rank first (score + SIGNATURE_BONUS)
-    and the cut-off flags exactly those (see below for a signature that nothing matches): this also finds
-    poisoned samples whose true class is the target, which healing leaves unchanged, and keeps the flagged
-    list precise.
-    ``target_only``: an all-to-one backdoor's poison carries the target label (dirty- and clean-label
-    attacks alike), so samples with another label rank last (score - SIGNATURE_BONUS) and are never flagged.
-    ``target`` (declared or inferred; None: no single target) is needed by both.
-    """
-    scores = label_logprob_drop(poisoned, healed, view, retain_idx, batch_size, before_logits)
-    forget_scores = label_logprob_drop(poisoned, healed, view, forget_idx, batch_size, before_logits)
-    reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
-    cutoff = max(cutoff_fraction * reference, 1e-6)
-    if target is None:
-        signature, target_only = None, False
-    if target_only:
-        scores = scores - SIGNATURE_BONUS * (view.labels[retain_idx] != target).float()
-    if signature is not None:
-        # poison carries the target label, so only target-labelled samples can be poison carrying the trigger
-        matched = signature_matches(view, retain_idx, signature) & (view.labels[retain_idx] == target)
-        scores = scores + SIGNATURE_BONUS * matched.float()
-        # a trigger signature is the strongest evidence: flag its matches only. One recovered from several
-        # discovered samples (the pixels they all share, ``mask``) is exact, so when no retain sample
-        # carries it there is no undiscovered poison to flag (e.g. everything was discovered); one from a
-        # single sample may include host pixels, so without matches the log-probability cut-off stays.
-        if bool(matched.any()) or signature.mask is not None:
-            cutoff = SIGNATURE_BONUS / 2
-    return SuspectRanking(retain_idx, scores, cutoff, forget_scores, by_signature=cutoff == SIGNATURE_BONUS / 2)
-
-
 SIGNATURE_BONUS = 1000.0
 
 
@@ -197,20 +162,38 @@ def find_suspects(poisoned: nn.Module, healed: nn.Module, view: TrainingView, re
                   forget_idx: torch.Tensor, *, target: int | None, signature: bool = True, target_only: bool = True,
                   seed: int = 0, cutoff_quantile: float = 0.1, cutoff_fraction: float = 0.5, batch_size: int = 1024,
                   before_logits: torch.Tensor | None = None) -> tuple[SuspectRanking, Signature | None]:
-    """The suspect ranking every caller uses (unlearning runs, practitioner healing, iterative rounds).
+    """The suspect ranking every caller uses (unlearning runs, practitioner healing, iterative rounds): every retain
+    sample scored; cut-off = cutoff_fraction * (cutoff_quantile of the discovered samples' scores).
 
-    ``signature``: recover the patch trigger from the discovered samples first (``find_signature``);
-    ``target_only``: only samples labelled with the attack's ``target`` (declared or inferred) can be flagged.
+    ``signature``: recover the patch trigger from the discovered samples first (``find_signature``); samples whose
+    pixels carry it rank first (score + SIGNATURE_BONUS) and the cut-off flags exactly those (see below for a
+    signature that nothing matches): this also finds poisoned samples whose true class is the target, which healing
+    leaves unchanged, and keeps the flagged list precise.
+    ``target_only``: an all-to-one backdoor's poison carries the target label (dirty- and clean-label attacks
+    alike), so samples with another label rank last (score - SIGNATURE_BONUS) and are never flagged.
     ``target`` None (all-to-all: poison carries every label): neither the target label nor a target patch
     tells it apart, so both are off.
     """
     if target is None:
         signature, target_only = False, False
     sig = find_signature(poisoned, view, forget_idx, retain_idx, int(target), seed=seed) if signature else None
-    ranking = rank_suspects(poisoned, healed, view, retain_idx, forget_idx, target=target,
-                            cutoff_quantile=cutoff_quantile,
-                            cutoff_fraction=cutoff_fraction, batch_size=batch_size, before_logits=before_logits,
-                            signature=sig, target_only=target_only)
+    scores = label_logprob_drop(poisoned, healed, view, retain_idx, batch_size, before_logits)
+    forget_scores = label_logprob_drop(poisoned, healed, view, forget_idx, batch_size, before_logits)
+    reference = float(torch.quantile(forget_scores.float(), cutoff_quantile)) if forget_scores.numel() else 0.0
+    cutoff = max(cutoff_fraction * reference, 1e-6)
+    if target_only:
+        scores = scores - SIGNATURE_BONUS * (view.labels[retain_idx] != target).float()
+    if sig is not None:
+        # poison carries the target label, so only target-labelled samples can be poison carrying the trigger
+        matched = signature_matches(view, retain_idx, sig) & (view.labels[retain_idx] == target)
+        scores = scores + SIGNATURE_BONUS * matched.float()
+        # a trigger signature is the strongest evidence: flag its matches only. One recovered from several
+        # discovered samples (the pixels they all share, ``mask``) is exact, so when no retain sample
+        # carries it there is no undiscovered poison to flag (e.g. everything was discovered); one from a
+        # single sample may include host pixels, so without matches the log-probability cut-off stays.
+        if bool(matched.any()) or sig.mask is not None:
+            cutoff = SIGNATURE_BONUS / 2
+    ranking = SuspectRanking(retain_idx, scores, cutoff, forget_scores, by_signature=cutoff == SIGNATURE_BONUS / 2)
     return ranking, sig
 
 
