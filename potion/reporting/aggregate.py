@@ -28,11 +28,12 @@ SPREAD_METRICS = ("healed", "healed_attainable", "acc_drop", "asr")  # the ones 
 # --------------------------------------------------------------------------- labels
 
 
-def discovery_label(n_f: int | None, share: float) -> str:
-    """How a discovery setting is shown: "1 image" for n_f == 1, else the share as a percentage."""
-    if n_f == 1:
-        return SINGLE
-    return f"{round(100 * share, 4):g}%"
+def discovery_of(row: Mapping[str, Any]) -> tuple[float, str]:
+    """A row's discovery setting: its share (1 image sits at 1/n_p) and how it is shown ("1 image" for n_f == 1,
+    else the share as a percentage)."""
+    if row.get("n_f") == 1:
+        return 1 / row["n_p"], SINGLE
+    return row["share"], f"{round(100 * row['share'], 4):g}%"
 
 
 def study_of(row: Mapping[str, Any]) -> tuple[str, ...]:
@@ -92,9 +93,8 @@ def aggregate(rows: Iterable[Mapping[str, Any]]) -> list[dict]:
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = defaultdict(list)
     for row in with_columns(rows):
-        n_f = row.get("n_f")
-        share = 1 / row["n_p"] if n_f == 1 else row["share"]
-        key = (*study_of(row), row["n_p"], round(share, 9), discovery_label(n_f, share), row["column"], row["method"])
+        share, label = discovery_of(row)
+        key = (*study_of(row), row["n_p"], round(share, 9), label, row["column"], row["method"])
         groups[key].append(row)
     cells = []
     for key, members in sorted(groups.items(), key=lambda kv: kv[0]):

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from potion.reporting.aggregate import STUDY_KEYS, discovery_label
+from potion.reporting.aggregate import STUDY_KEYS, discovery_of
 
 # two-sided 5 % critical values of Student's t by degrees of freedom (df > 30: the normal's 1.96 is within 4 %)
 T_CRIT = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -42,9 +42,7 @@ def comparisons(rows: Iterable[Mapping[str, Any]], reference: str = "potion") ->
     minus other), n pairs and the verdict (``better``, ``worse`` or ``no difference shown``)."""
     cells: dict[tuple, dict[str, dict[str, Mapping[str, Any]]]] = defaultdict(lambda: defaultdict(dict))
     for row in rows:
-        n_f, share = row.get("n_f"), row["share"]
-        share = 1 / row["n_p"] if n_f == 1 else share
-        key = (*(row[k] for k in STUDY_KEYS), row["n_p"], discovery_label(n_f, share))
+        key = (*(row[k] for k in STUDY_KEYS), row["n_p"], discovery_of(row)[1])
         cells[key][row["method"]][str(row.get("seed"))] = row
     out = []
     for key, by_method in sorted(cells.items(), key=lambda kv: tuple(str(k) for k in kv[0])):

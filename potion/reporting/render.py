@@ -14,7 +14,7 @@ from potion.reporting.aggregate import (
     MEAN,
     attack_label,
     columns,
-    discovery_label,
+    discovery_of,
     has_metric,
     mean_std,
     study_of,
@@ -121,8 +121,7 @@ def runs_csv_text(rows: Iterable[Mapping[str, Any]]) -> str:
     """The measurements the tables count, one line per MLflow run (``RUN_COLUMNS``), to trace a number back."""
     out = []
     for row in with_columns(rows):
-        share = 1 / row["n_p"] if row.get("n_f") == 1 else row["share"]
-        out.append({**row, "method": row["column"], "discovery": discovery_label(row.get("n_f"), share)})
+        out.append({**row, "method": row["column"], "discovery": discovery_of(row)[1]})
     out.sort(key=lambda r: (study_of(r), r["n_p"], r["share"], r["method"], r["seed"], r["run_id"]))
     return _csv(out, RUN_COLUMNS)
 

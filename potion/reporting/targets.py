@@ -45,7 +45,7 @@ def target_rows(cells: Sequence[Mapping[str, Any]], comparisons: Sequence[Mappin
             continue
         study, discovery = key
         verdicts = [e for e in comparisons if e["method"] == "rem" and e["discovery"] == discovery
-                    and tuple(str(e[k]) for k in ("dataset", "model", "attack", "mapping")) == study]
+                    and study_of(e) == study]
         worse = any(v == "worse" for e in verdicts for k, v in e.items() if k.endswith("_verdict"))
         pairs = min((int(e["n_pairs"]) for e in verdicts), default=0)
         ratio = _ratio(mine.get("unlearn_seconds_mean"), theirs.get("unlearn_seconds_mean"))
