@@ -1,6 +1,7 @@
 """Progress on long work (potion/core/progress.py): tqdm bars on stderr where Lightning's bar is not, one switch
 (``trainer.progress_bar``: true / false / auto), on in a grid of Hydra's basic launcher and quiet where jobs share a
-console, and a sweep console with a line per round and none of the launcher's per-job override lines or reprs."""
+console (a sweep's console, a line per round and no launcher internals, is checked on tests/test_ptn_sweep.py's
+sweeps)."""
 
 from __future__ import annotations
 
@@ -173,23 +174,6 @@ def test_train_py_shows_lightnings_bar_with_the_switch_on(tiny_run, tmp_path: Pa
     run = subprocess.run(cmd, cwd=ROOT, env=_env(tiny_run.cache), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Epoch 0" in run.stdout and "it/s" in run.stdout  # Lightning's bar (it writes to stdout)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("launcher", [["hydra/launcher=basic"], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]])
-def test_the_sweep_console_has_a_line_per_round_and_no_internals(tiny_run, tmp_path: Path,  # noqa: ANN001
-                                                                 launcher: list[str]) -> None:
-    cmd = [sys.executable, "sweep.py", f"train_run={tiny_run.run}", *QUICK_PTN, "logger=none",
-           "hydra.sweeper.batch_size=6", f"hydra.sweep.dir={tmp_path / 'sweep'}", f"out_dir={tmp_path / 'final'}",
-           *launcher]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tiny_run.cache), capture_output=True, text=True, timeout=600)
-    console = proc.stdout + proc.stderr
-    assert proc.returncode == 0, console[-3000:]
-    assert "PTN sweep: importances" in proc.stdout and "PTN round 1 of at most 7 (steps 0..5): " in proc.stdout
-    assert "run folder: " in proc.stdout and "PTN sweep (" in proc.stdout  # the final job's result, the summary
-    for internal in ("++ptn_job", "ptn_job.role", "Launching", "Joblib.Parallel", "backend=", "#0 :",
-                     "ptn candidate k="):
-        assert internal not in console, (internal, console[-3000:])
 
 
 @pytest.mark.slow

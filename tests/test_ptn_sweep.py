@@ -77,8 +77,18 @@ def _sweep(work: Path, name: str, batch: int, *extra: str, sweep: str | None = N
     assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     record = json.loads((sweep_dir / "ptn_sweep.json").read_text())
     record["final_summary"] = json.loads((work / f"final_{name}" / "summary.json").read_text())
-    record["stdout"] = proc.stdout
+    record["stdout"], record["console"] = proc.stdout, proc.stdout + proc.stderr
     return record
+
+
+def _assert_plain_console(record: dict[str, Any], batch: int) -> None:
+    """A line per round and the final job's result; none of Hydra's, joblib's or the jobs' internals."""
+    out, console = record["stdout"], record["console"]
+    assert "PTN sweep: importances" in out and "PTN round 1 of at most " in out and f"(steps 0..{batch - 1}): " in out
+    assert "run folder: " in out and "PTN sweep (" in out  # the final job's result, the summary
+    for internal in ("++ptn_job", "ptn_job.role", "Launching", "Joblib.Parallel", "backend=", "#0 :",
+                     "ptn candidate k="):
+        assert internal not in console, (internal, console[-3000:])
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +211,7 @@ def test_the_sweep_chooses_the_in_process_step(basic: dict[str, Any], inproc: di
     for key in ("clean_acc", "asr", "forget_acc", "poisoned_train_acc"):
         assert final[key] == pytest.approx(inproc[key], abs=1e-9), key
     assert f"k={inproc['chosen']}" in basic["stdout"]
+    _assert_plain_console(basic, inproc["batch"])
 
 
 @pytest.mark.slow  # a trained model and a sweep
@@ -255,6 +266,7 @@ def test_the_joblib_launcher_gives_the_same_step(work: Path, inproc: dict[str, A
     assert rec["ptn_chosen_step"] == inproc["chosen"] == basic["ptn_chosen_step"]
     assert rec["trajectory"] == basic["trajectory"]  # half a round per job or a whole round per job: the same values
     assert "JoblibLauncher" in rec["stdout"]
+    _assert_plain_console(rec, inproc["batch"])
     runs = _runs(client, "joblib")  # the shared sqlite store took the parallel jobs' runs intact
     parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
     assert len(runs) == rec["ptn_steps_evaluated"] + 2

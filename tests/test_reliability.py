@@ -519,17 +519,23 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path: Path, share
 
 
 @pytest.mark.slow  # trains
-def test_unreachable_tracking_server_with_local_fallback_goes_on(tmp_path: Path, shared_cache: Path,
-                                                                   tracking_dir: Path) -> None:
+def test_unreachable_tracking_server_with_local_fallback_goes_on(tmp_path: Path, tracking_dir: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """In process (the script's wiring is the test above): the local store is the working folder's."""
+    from potion.pipelines.train import run_training
+
+    monkeypatch.chdir(tracking_dir)
     uri = f"http://127.0.0.1:{_closed_port()}"
     out = tmp_path / "run"
-    proc = _run([str(ROOT / "train.py"), "experiment=quickstart", *SMALL_CNN, f"logger.tracking_uri={uri}",
-                 "logger.fallback=local", "train.iterations=2", "train.epoch_eval=false", f"out_dir={out}",
-                 f"hydra.run.dir={tmp_path / 'hydra'}"], tracking_dir, shared_cache)
-    text = _ok(proc)
-    assert any("falling back to the local sqlite store" in line and str(tracking_dir / "mlflow.db") in line
-               for line in text.splitlines()), text[-3000:]
-    assert read_summary(out)["mlflow_run_id"]
+    cfg = compose_config("train", ["experiment=quickstart", *SMALL_CNN, f"logger.tracking_uri={uri}",
+                                   "logger.fallback=local", "train.iterations=2", "train.epoch_eval=false",
+                                   f"out_dir={out}"])
+    with caplog.at_level("WARNING", logger="potion"):
+        summary = run_training(cfg)
+    assert any("falling back to the local sqlite store" in r.getMessage()
+               and str(tracking_dir / "mlflow.db") in r.getMessage() for r in caplog.records), caplog.text
+    assert summary["mlflow_run_id"] == read_summary(out)["mlflow_run_id"]
     assert (tracking_dir / "mlflow.db").is_file()
 
 
