@@ -174,15 +174,11 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
         from safetensors.torch import save_file
 
         meta = dict(metadata) if metadata else None
-        return _atomic(path, lambda p: save_file(_dedupe_storage(flat), str(p), metadata=meta))
+        # safetensors refuses tensors that share memory: each is saved from a clone of its own
+        return _atomic(path, lambda p: save_file({k: v.clone() for k, v in flat.items()}, str(p), metadata=meta))
     if metadata:
         raise ValueError("metadata needs a .safetensors file")
     return _atomic(path, lambda p: write_torch(flat, p))
-
-
-def _dedupe_storage(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses tensors that share memory; clone to be safe.
-    return {k: v.clone() for k, v in flat.items()}
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -86,6 +86,5 @@ def guard_step(result: PTNResult, limit: float, loss: Callable[[nn.Module], floa
                 "The discovered samples may carry no working trigger (the model memorised them one by one): "
                 "check them, or raise method.ptn.max_acc_loss", first, now, limit, lo, kept_loss,
                 kept.forget_acc, result.threshold)
-    chosen = kept
     info = {"ptn_acc_loss": kept_loss, "ptn_guarded": 1.0, "ptn_guard_from_step": float(first)}
-    return replace(result, reached=chosen.qualifies(result.threshold), chosen=chosen), info
+    return replace(result, reached=kept.qualifies(result.threshold), chosen=kept), info

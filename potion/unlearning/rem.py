@@ -117,19 +117,6 @@ def npo(ce: torch.Tensor, ce_ref: torch.Tensor, beta: float) -> torch.Tensor:
     return -2.0 / beta * F.logsigmoid(beta * (ce - ce_ref))
 
 
-def train_with_frozen_norm_statistics(model: nn.Module) -> None:
-    """Train mode, batch-norm layers in eval mode: they normalise with (and keep) the running statistics.
-
-    For the removal passes, whose batches hold only discovered samples: their batch statistics would
-    rewrite the running statistics and, normalising the batch by itself, leave a confident model with
-    vanishing gradients (the authors' code keeps batch norm in train mode there).
-    """
-    model.train()
-    for m in model.modules():
-        if isinstance(m, tb.BATCH_NORMS):
-            m.eval()
-
-
 def ce_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample cross-entropy (float32)."""
     with autocast_for(x.device):
@@ -145,11 +132,6 @@ def id_batches(task: UnlearnTask, idx: torch.Tensor, batch_size: int, *, augment
         sel = order[i:i + batch_size]
         x, y = next(task.batches(sel, int(sel.numel()), augment=augment))
         yield sel.to(task.device), x, y
-
-
-def retain_accuracy(task: UnlearnTask, model: nn.Module) -> float:
-    """Accuracy on the retain set against the (poisoned) training labels, as the paper's proxy counts it."""
-    return task.accuracy_on(model, task.retain_idx)
 
 
 # --------------------------------------------------------------------------------------- the method
@@ -187,7 +169,8 @@ class REMRun:
         passes, steps = 0, 0
         fbs = min(self.s.batch_size, int(self.task.forget_idx.numel()))
         while passes < self.s.max_flush and self.task.forget_accuracy(self.model) > self.s.threshold:
-            train_with_frozen_norm_statistics(self.model)
+            # batch norm uses and keeps its running statistics here (why: the module docstring)
+            tb.train_mode_partial(self.model, ())
             for ids, x, y in id_batches(self.task, self.task.forget_idx, fbs, augment=self.s.augment,
                                         seed=seed + passes):
                 ce_ref = self.ref_ce(x, y, self.bank.masks(ids))
@@ -223,7 +206,7 @@ class REMRun:
     def proxy(self) -> tuple[float, float, float]:
         """(proxy, forget accuracy, retain accuracy) of the drop-mode model (the model REM returns)."""
         forget_acc = self.task.forget_accuracy(self.model)
-        keep = retain_accuracy(self.task, self.model)
+        keep = self.task.accuracy_on(self.model, self.task.retain_idx)  # poisoned labels, as the paper's proxy counts
         return keep * (1.0 - max(forget_acc, self.s.threshold)), forget_acc, keep
 
 
@@ -286,9 +269,7 @@ def rem(task: UnlearnTask, *, epochs: int, lr: float, momentum: float, weight_de
     proxy, best_epoch, forget_acc, keep, state = best
     model = run.model
     model.load_state_dict(state)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    model.eval()
+    tb.finished(model)
     sync(task.device)
     diagnostics = {
         "epochs": s.epochs, "iterations": steps + flush_steps, "redirect_steps": steps,

@@ -190,7 +190,7 @@ def train_steps(model: nn.Module, params: Sequence[nn.Parameter], losses: Iterat
     return LoopResult(dict(counts), final, seconds)
 
 
-def _finish(model: nn.Module) -> nn.Module:
+def finished(model: nn.Module) -> nn.Module:
     """Eval mode and every parameter trainable again, so later code sees a normal model."""
     for p in model.parameters():
         p.requires_grad_(True)
@@ -205,7 +205,7 @@ def _output(model: nn.Module, result: LoopResult, sgd: SGDSettings, t_start: flo
     diagnostics.update({f"final_{k}_loss": v for k, v in result.final_loss.items()})
     diagnostics.update({f"sgd_{k}": v for k, v in sgd.summary().items()})
     diagnostics.update(extra)
-    return MethodOutput(_finish(model), diagnostics,
+    return MethodOutput(finished(model), diagnostics,
                         {"train_seconds": time.perf_counter() - t_start, "loop_seconds": result.seconds})
 
 
