@@ -37,6 +37,14 @@ def rows_with(which: torch.Tensor | None, code: int, batch: int, device: torch.d
     return w == code
 
 
+def cached_like(cache: dict, x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors`` on ``x``'s device and dtype, moved once per (device, dtype) and kept in ``cache``."""
+    key = (x.device, x.dtype)
+    if key not in cache:
+        cache[key] = tuple(t.to(x.device, x.dtype) for t in tensors)
+    return cache[key]
+
+
 def select(x: torch.Tensor, changed: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """``changed`` on ``rows`` (all rows when None), ``x`` elsewhere."""
     if rows is None:
@@ -48,22 +56,15 @@ class PixelSpace:
     """Normalised <-> [0, 1] pixel values for one data set, constants cached per device and dtype."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = (self.mean.to(x.device, x.dtype), self.std.to(x.device, x.dtype))
-        return self._cache[key]
+        self.mean, self.std = normalised(mean, std)
+        self._cache: dict = {}
 
     def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
-        m, s = self._on(x)
+        m, s = cached_like(self._cache, x, self.mean, self.std)
         return x * s + m
 
     def from_pixels(self, p: torch.Tensor) -> torch.Tensor:
-        m, s = self._on(p)
+        m, s = cached_like(self._cache, p, self.mean, self.std)
         return (p.clamp(0.0, 1.0) - m) / s
 
 
@@ -103,16 +104,10 @@ class WeightedPattern:
     def __init__(self, weight: torch.Tensor, pattern: torch.Tensor) -> None:
         self.weight = weight.contiguous()
         self.pattern = pattern.contiguous()
-        self._cache: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _on(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (x.device, x.dtype)
-        if key not in self._cache:
-            self._cache[key] = (self.weight.to(x.device, x.dtype), self.pattern.to(x.device, x.dtype))
-        return self._cache[key]
+        self._cache: dict = {}
 
     def apply(self, x: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
-        w, p = self._on(x)
+        w, p = cached_like(self._cache, x, self.weight, self.pattern)
         return select(x, x + w * (p - x), rows_with(which, TRIGGER, x.shape[0], x.device))
 
 
@@ -122,13 +117,10 @@ class AdditivePattern(PixelTrigger):
     def __init__(self, space: PixelSpace, pattern: torch.Tensor) -> None:
         super().__init__(space)
         self.pattern = pattern
-        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._cache: dict = {}
 
     def pixels(self, p: torch.Tensor) -> torch.Tensor:
-        key = (p.device, p.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.pattern.to(p.device, p.dtype)
-        return p + self._cache[key]
+        return p + cached_like(self._cache, p, self.pattern)[0]
 
 
 def normalised(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from potion.config.schema import num
 from potion.core.errors import ConfigError
-from potion.data.triggers.base import PixelSpace, PixelTrigger, TriggerFields, trigger_kind
+from potion.data.triggers.base import PixelSpace, PixelTrigger, TriggerFields, cached_like, trigger_kind
 
 
 def warp_grid(height: int, width: int, grid_size: int, strength: float, seed: int) -> torch.Tensor:
@@ -42,26 +42,20 @@ class Warp(PixelTrigger):
     def __init__(self, space: PixelSpace, grid: torch.Tensor) -> None:
         super().__init__(space)
         self.grid = grid
-        self._cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def _grid(self, p: torch.Tensor) -> torch.Tensor:
-        key = (p.device, p.dtype)
-        if key not in self._cache:
-            self._cache[key] = self.grid.to(p.device, p.dtype)
-        return self._cache[key]
+        self._cache: dict = {}
 
     def _sample(self, p: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         return F.grid_sample(p, grid.expand(p.shape[0], -1, -1, -1), mode="bilinear", padding_mode="border",
                              align_corners=True)
 
     def pixels(self, p: torch.Tensor) -> torch.Tensor:
-        return self._sample(p, self._grid(p))
+        return self._sample(p, cached_like(self._cache, p, self.grid)[0])
 
     def noise(self, p: torch.Tensor) -> torch.Tensor:
         b, _, h, w = p.shape
         jitter = (torch.rand(b, h, w, 2, device=p.device, dtype=p.dtype) * 2 - 1)
         jitter = jitter * torch.tensor([1.0 / w, 1.0 / h], device=p.device, dtype=p.dtype)
-        return self._sample(p, (self._grid(p) + jitter).clamp(-1, 1))
+        return self._sample(p, (cached_like(self._cache, p, self.grid)[0] + jitter).clamp(-1, 1))
 
 
 @trigger_kind("wanet", noise_mode=True, title="WaNet warp")
