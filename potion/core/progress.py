@@ -1,17 +1,10 @@
-"""Progress of long work on the console: a tqdm bar on stderr where Lightning's bar does not run.
+"""Progress of long work on the console: a tqdm bar on stderr where Lightning's bar does not run (importance
+passes, the training-based methods' SGD loops, REM, the in-process PTN search), shown once a loop has run
+:data:`DELAY_S` seconds, so a quick loop prints nothing.
 
-Importance passes, the SGD loops of the training-based methods (retrain, EU-k, fine-tune, SCRUB, Bad
-Teacher, repair), REM and the in-process PTN search report through :class:`Progress`: a bar with done/total,
-rate, time left and a note (a loss, the search's step), shown once a loop has run :data:`DELAY_S` seconds, so a
-loop that finishes sooner prints nothing. Lightning's own progress bar shows training.
-
-One switch, ``trainer.progress_bar`` (every command has a ``trainer`` group): ``true`` / ``false``, or
-``auto`` (the default): on when stderr is a terminal that this process has to itself: a plain command, or a
-multirun job of Hydra's basic launcher (one job at a time, so a grid shows each cell's progress). Off where
-jobs share one console: jobs of launchers that run several at once (joblib, submitit, ...; one line says how to
-turn bars on) and a PTN sweep's prepare and candidate jobs (:func:`quiet_auto`; the sweep prints a line per
-round), and when stderr is a file or a pipe (tests, batch logs). The entry scripts hand the command's value to
-:func:`configure`.
+``trainer.progress_bar=auto`` (the default; docs/guide.md) shows bars only where this process has stderr, a
+terminal, to itself: bars of jobs sharing one console (a parallel launcher's, a PTN sweep's jobs) would garble each
+other, and a file or a pipe (tests, batch logs) would fill with redraws.
 """
 
 from __future__ import annotations

@@ -1,25 +1,17 @@
 """The training-based baselines of the Goel et al. grid (method.md §4): retrain, EU-k, CF-k, SCRUB, Bad Teacher.
 
-Every method is "SGD over a stream of losses": the method builds a generator that yields one
-``(kind, loss)`` per optimizer step (the forward pass happens inside the generator), and
-:func:`train_steps` -- the one training loop of this module -- runs SGD with the learning-rate
-schedule over it. Batches come from :meth:`UnlearnTask.batches` (normalised, triggered where
-poisoned, poisoned labels).
-
-Common to all methods:
+Every method is "SGD over a stream of losses": it builds a generator that yields one ``(kind, loss)`` per
+optimizer step (the forward pass happens inside the generator), and :func:`train_steps`, the one training loop
+of this module, runs SGD with the learning-rate schedule over it. Common to all methods:
 
 * Deterministic given ``task.seed``: the whole method runs under a forked, seeded torch RNG
   (re-initialisation, augmentation) and every batch stream gets its own seed derived from it.
-* The last model is returned; no checkpoint is selected on the test set (method.md §4).
-* The poisoned ``task.model`` is never modified: methods train a copy (or a fresh model).
-* The returned model is in eval mode with ``requires_grad=True`` on every parameter.
-* SGD arguments not given fall back to the training run's ``train`` section (``task.train_cfg``);
-  ``schedule`` is ``"linear"`` (``warmup_linear_decay`` with ``warmup``, as in training) or
-  ``"constant"``.
-* Layers for EU-k / CF-k are the modules that own parameters directly (Conv, Linear, BatchNorm, ...)
-  in registration order, which is forward order for the bundled models; "the last k" counts from
-  the output end. While only the last k layers train, batch-norm layers in the frozen part stay in
-  eval mode, so their running statistics do not drift.
+* The last model is returned; no checkpoint is selected on the test set (method.md §4). The poisoned
+  ``task.model`` is never modified: methods train a copy (or a fresh model).
+* SGD arguments not given fall back to the training run's ``train`` section (``task.train_cfg``).
+* Layers for EU-k / CF-k are the modules that own parameters directly, in registration order (forward order
+  for the bundled models). While only the last k train, batch-norm layers in the frozen part stay in eval
+  mode, so their running statistics do not drift.
 """
 
 from __future__ import annotations
