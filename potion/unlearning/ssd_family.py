@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -361,13 +362,8 @@ def run_ptn(task: UnlearnTask, *, loss: str, power: int, importance: Mapping[str
     limit = ptn.get("max_acc_loss")
     guard = (AccuracyLoss.of(task, int(ptn["guard_samples"]), task.seed + 31)
              if limit is not None and not candidates_only else None)
-    pools: list[RatioPool] = []
-
-    def pool() -> RatioPool:  # built once, when a step is dampened from the originals outside the search
-        if not pools:
-            pools.append(RatioPool.build(imp_r, imp_f))
-        return pools[0]
-
+    # built once, when a step is dampened from the originals outside the search
+    pool = functools.cache(lambda: RatioPool.build(imp_r, imp_f))
     if fixed is not None:  # given candidates (the PTN sweeper's jobs: a list; its final run: one step)
         steps = fixed if candidates_only else [fixed]
         cands = [evaluate_candidate(int(k), schedule, pool(), model, originals, imp_r, imp_f, forget_acc, lam)
