@@ -41,8 +41,8 @@ def _raw(cfg: object) -> object:
 
 
 def _option(group: str, option: str) -> DictConfig:
-    """An option file as Hydra composes it: its shared blocks (``/blocks/<name>@<key>``, ``@_here_``: merged into the
-    option itself), then its own values."""
+    """An option file as Hydra composes it: what it inherits (``/<group>/<name>@_here_``, merged into the option
+    itself; ``/blocks/<name>@<key>``: under that key), then its own values."""
     own = OmegaConf.load(CONF / group / f"{option}.yaml")
     defaults = list(own.pop("defaults", ["_self_"]))
     assert "_self_" in defaults, f"{group}/{option}: put _self_ in its defaults list"
@@ -52,7 +52,7 @@ def _option(group: str, option: str) -> DictConfig:
             out = OmegaConf.merge(out, own)
         else:
             path, _, key = str(entry).lstrip("/").partition("@")
-            block = OmegaConf.load(CONF / f"{path}.yaml")
+            block = _option(*path.rsplit("/", 1))
             out = OmegaConf.merge(out, block if key == "_here_" else {key: block})
     return out  # type: ignore[return-value]
 
@@ -80,13 +80,13 @@ def test_train_option_composes_and_validates(group: str, option: str) -> None:
         for entry in (e for e in defaults if not isinstance(e, str)):  # e.g. {"override /dataset": "cifar10_jpg"}
             for key, value in entry.items():
                 target = key.split("/")[-1]
-                chosen = OmegaConf.merge(OmegaConf.load(CONF / target / f"{value}.yaml"), own.get(target, {}))
+                chosen = OmegaConf.merge(_option(target, value), own.get(target, {}))
                 if parent:  # the parent's values sit between the option's file and its own: its own must hold
                     assert _raw(OmegaConf.merge(cfg[target], own.get(target, {}))) == _raw(cfg[target]), key
                 else:
                     assert _raw(cfg[target]) == _raw(chosen), key
     else:
-        expected = _raw(own)
+        expected = _raw(_option(group, option))
         if group == "dataset" and option in NEEDS_PATH:
             expected["path"] = "x"  # type: ignore[index]
         assert _raw(cfg[group]) == expected
@@ -133,6 +133,19 @@ def test_a_method_yaml_changes_the_sgd_block_but_never_repeats_it() -> None:
         repeats = [k for k in block if k in own and own[k] == block[k]]
         assert not repeats, f"method/{option}.yaml repeats {repeats} of conf/blocks/sgd.yaml"
     assert len(users) == 5, users
+
+
+def test_a_trainer_option_inherits_the_cpu_trainer_and_writes_only_what_differs() -> None:
+    """One place per shared trainer setting: a new key goes into cpu.yaml and every variant has it."""
+    base = OmegaConf.load(CONF / "trainer" / "cpu.yaml")
+    for option in set(_options("trainer")) - {"cpu"}:
+        own = OmegaConf.load(CONF / "trainer" / f"{option}.yaml")
+        assert list(own.get("defaults", []))[-1] == "_self_", option
+        composed = _compose("train", [f"trainer={option}"]).trainer
+        assert set(composed) == set(base), option
+        parent = OmegaConf.load(CONF / f"{str(own.defaults[0]).lstrip('/').split('@')[0]}.yaml")
+        repeats = [k for k in own if k != "defaults" and k in parent and own[k] == parent[k]]
+        assert not repeats, f"trainer/{option}.yaml repeats {repeats} of what it inherits"
 
 
 def test_every_setting_of_every_method_is_in_its_config_and_overridable_without_a_plus() -> None:

@@ -160,6 +160,24 @@ def test_how_a_run_is_shown_or_logged_leaves_its_identity_and_what_it_computes_c
     assert identity_hash(_train_cfg("experiment=quickstart", "train.epochs=3")) != identity_hash(base)
 
 
+def test_a_setting_marked_run_only_in_the_schema_leaves_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema's metadata is the one list: no key is special-cased where the hash is taken."""
+    import dataclasses
+
+    from potion.config import compose, schema
+
+    assert ("trainer", "progress_bar") in compose.RUN_ONLY_PATHS and ("logger",) in compose.RUN_ONLY_PATHS
+    cfg = _train_cfg("experiment=quickstart")
+    changed = _train_cfg("experiment=quickstart", "trainer.deterministic=false")
+    assert compose.identity_hash(changed) != compose.identity_hash(cfg)
+    deterministic = next(f for f in dataclasses.fields(schema.Trainer) if f.name == "deterministic")
+    monkeypatch.setattr(deterministic, "metadata", {"identity": False})
+    monkeypatch.setattr(compose, "RUN_ONLY_PATHS", tuple(
+        {*compose.RUN_ONLY_PATHS, *(p for r in schema.ROOTS.values() for p in compose._run_only_paths(r))}))
+    assert ("trainer", "deterministic") in compose.RUN_ONLY_PATHS
+    assert compose.identity_hash(changed) == compose.identity_hash(cfg)
+
+
 def test_the_report_counts_an_old_and_a_new_run_of_one_measurement_once() -> None:
     """A standalone run logged under the old names and a sweep's final run under the new ones: n=1."""
     common = {"method.name": "potion", "method.ptn.rho": "0.1", "discovery.share": "0.1", "discovery.count": "None",

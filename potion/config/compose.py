@@ -30,8 +30,22 @@ from potion.core.errors import ConfigError
 from potion.core.io import plain, sha256_json
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# Top-level keys that say how a command runs, not what it computes: excluded from a run's identity and params.
-NON_IDENTITY_KEYS = ("logger", "resume", "force", "out_dir", "hydra", "skip_logged")
+
+
+def _run_only_paths(schema: type, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The paths of the schema's ``run_only`` settings (how a command runs, not what it computes)."""
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("identity") is False:
+            yield (*prefix, f.name)
+        elif dataclasses.is_dataclass(block := hints[f.name]):
+            yield from _run_only_paths(block, (*prefix, f.name))  # type: ignore[arg-type]
+
+
+# Outside a run's identity: every command's run-only settings (schema metadata) and Hydra's own node.
+RUN_ONLY_PATHS = tuple(sorted({("hydra",), *(p for root in ROOTS.values() for p in _run_only_paths(root))}))
+# The top-level ones: never a training run's params either.
+NON_IDENTITY_KEYS = tuple(p[0] for p in RUN_ONLY_PATHS if len(p) == 1)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -47,10 +61,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def identity_hash(cfg: Any, extra_exclude: tuple[str, ...] = ()) -> str:
     """Content hash of the settings that determine a run's result (12 hex chars)."""
     d = to_dict(cfg)
-    for key in NON_IDENTITY_KEYS + extra_exclude:
-        d.pop(key, None)
-    if isinstance(d.get("trainer"), dict):
-        d["trainer"].pop("progress_bar", None)  # display only
+    for *parents, key in (*RUN_ONLY_PATHS, *((k,) for k in extra_exclude)):
+        node = d
+        for name in parents:
+            node = node.get(name) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
     return sha256_json(d)[:12]
 
 

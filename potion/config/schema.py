@@ -35,9 +35,15 @@ def num(default: Any = MISSING, *, ge: float | None = None, gt: float | None = N
     return field(default=default, metadata={"range": meta, "help": help})
 
 
-def text(default: Any = MISSING, *, help: str = "", directory: bool = False) -> Any:
+def text(default: Any = MISSING, *, help: str = "", directory: bool = False, identity: bool = True) -> Any:
     """A string field; ``directory``: a folder this command will create, so its parent must be writable."""
-    return field(default=default, metadata={"help": help, "directory": directory})
+    return field(default=default, metadata={"help": help, "directory": directory, "identity": identity})
+
+
+def run_only(default: Any = MISSING) -> Any:
+    """How a command runs (where it writes, whether it resumes, how it logs and shows progress), not what it
+    computes: outside a run's identity (:func:`potion.config.compose.identity_hash`)."""
+    return field(default=default, metadata={"identity": False})
 
 
 def _unset(value: Any) -> bool:
@@ -180,7 +186,7 @@ class Trainer:
     precision: Literal["64-true", "32-true", "16-true", "bf16-true", "16-mixed", "bf16-mixed", "64", "32", "16",
                        "bf16", 64, 32, 16, "auto"]  # auto: by what the machine can do (potion/core/precision.py)
     channels_last: bool | Literal["auto"]
-    progress_bar: bool | Literal["auto"]  # auto: a terminal and not a multirun job (potion/core/progress.py)
+    progress_bar: bool | Literal["auto"] = run_only()  # auto: a terminal and not a multirun job (core/progress.py)
     deterministic: bool
     benchmark: bool
 
@@ -238,16 +244,16 @@ class TrainConfig:
     """conf/train.yaml: train a poisoned model."""
 
     seed: int = num(ge=0)
-    resume: bool
-    force: bool
-    out_dir: str | None = text(directory=True)
+    resume: bool = run_only()
+    force: bool = run_only()
+    out_dir: str | None = text(directory=True, identity=False)
     name: str
     train: Train
     dataset: Dataset
     model: Model
     poison: Poison
     trainer: Trainer
-    logger: Logger
+    logger: Logger = run_only()
 
 
 # ---------------------------------------------------------------------------------------- unlearning groups
@@ -528,8 +534,8 @@ class UnlearnConfig:
     train_run: str | None
     train: dict[str, Any] | list[str] | None
     seed: int = num(ge=0)
-    force: bool
-    out_dir: str | None = text(directory=True)
+    force: bool = run_only()
+    out_dir: str | None = text(directory=True, identity=False)
     save_weights: bool
     eval_batch_size: int = num(ge=1)
     reference: Literal["auto", "train", "off"] = "auto"  # the clean reference model for healed_attainable
@@ -538,9 +544,9 @@ class UnlearnConfig:
     discovery: DiscoveryConfig
     method: Method
     trainer: Trainer
-    logger: Logger
+    logger: Logger = run_only()
     ptn_job: dict[str, Any] | None = None  # added by the PTN sweeper to its jobs
-    skip_logged: bool = False  # a study's cells: skip one whose finished run of this commit is in the store
+    skip_logged: bool = run_only(False)  # a study's cells: skip one whose finished run of this commit is in the store
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
@@ -564,8 +570,8 @@ class HealConfig:
                                 "or a .safetensors file")
     discovered: str = text(help="a text file with one discovered training file per line (train/<class>/<file>) "
                                 "or a CSV with a `path` column")
-    out_dir: str | None = text(directory=True)
-    force: bool = False  # start over in another heal's out_dir
+    out_dir: str | None = text(directory=True, identity=False)
+    force: bool = run_only(False)  # start over in another heal's out_dir
     trigger: TriggerConfig | None
     attack: Attack
     seed: int = num(ge=0)
@@ -575,7 +581,7 @@ class HealConfig:
     model: Model
     method: Method
     trainer: Trainer
-    logger: Logger
+    logger: Logger = run_only()
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
