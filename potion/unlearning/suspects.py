@@ -134,10 +134,10 @@ def single_sample_mask(view: TrainingView, patch: torch.Tensor, row: int, col: i
 MATCH_TOL = 0.05  # normalised units (about 3/255 of a pixel): exact triggers, lightly re-encoded ones
 
 
-def signature_matches(view: TrainingView, idx: torch.Tensor, sig: Signature, tol: float = MATCH_TOL,
-                      chunk: int = 4096) -> torch.Tensor:
-    """True where a training sample (as the training set shows it) carries the recovered patch (max |diff| < tol)."""
-    hits = pixel_matches(view, idx, sig.row, sig.col, sig.patch, tol, chunk)  # [n, k, k]
+def signature_matches(view: TrainingView, idx: torch.Tensor, sig: Signature) -> torch.Tensor:
+    """True where a training sample (as the training set holds it) carries the recovered patch (every pixel within
+    MATCH_TOL)."""
+    hits = pixel_matches(view, idx, sig.row, sig.col, sig.patch)  # [n, k, k]
     if sig.mask is not None:
         hits = hits[:, sig.mask]
     return hits.flatten(1).all(1)
