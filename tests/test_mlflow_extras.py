@@ -233,40 +233,6 @@ def test_a_dead_server_fails_the_new_calls_quickly_and_quietly(tmp_path: Path, m
 
 
 @pytest.mark.slow
-def test_a_sweeps_parent_and_final_runs_have_inputs_config_log_and_the_final_model(tiny, tmp_path: Path) -> None:
-    import os
-    import sys
-
-    from mlflow import MlflowClient
-
-    from potion.tracking.tracker import PARENT_TAG
-
-    root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "sweep.py", f"train_run={tiny.run}", *QUICK_PTN, f"logger.tracking_uri={tiny.uri}",
-           "logger.experiment=extras-sweep", "hydra.sweeper.batch_size=8", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-           f"out_dir={tmp_path / 'final'}", "reference=off"]
-    env = {**os.environ, "POTION_CACHE_DIR": str(tiny.cache), "POTION_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"sweep.py failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    client = MlflowClient(tracking_uri=tiny.uri)
-    exp = client.get_experiment_by_name("extras-sweep")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    (parent,) = [client.get_run(r.info.run_id) for r in runs if PARENT_TAG not in r.data.tags]  # get_run: model inputs
-    final = client.get_run(json.loads((tmp_path / "final" / "summary.json").read_text())["mlflow_run_id"])
-    train_model = _model_output(client, tiny.summary["mlflow_run_id"])
-    for run in (parent, final):
-        assert len(run.inputs.dataset_inputs) == 1 and [m.model_id for m in run.inputs.model_inputs] == [train_model]
-        assert {"config.yaml", "run.log"} <= _artifacts(client, run.info.run_id)
-        if _git_head():
-            assert run.data.tags[GIT_COMMIT_TAG] == _git_head()
-    assert "model.safetensors" in _artifacts(client, final.info.run_id) and _model_output(client, final.info.run_id)
-    page = "http://127.0.0.1:5000/#/experiments/{}/runs/{}?workflowType=machine_learning"
-    assert f"MLflow final run: {page.format(exp.experiment_id, final.info.run_id)}" in proc.stdout
-    assert f"MLflow sweep parent run: {page.format(exp.experiment_id, parent.info.run_id)}" in proc.stdout
-    assert proc.stdout.count("MLflow runs table:") == 1
-
-
-@pytest.mark.slow
 def test_heal_logs_its_pt_output_as_a_safetensors_logged_model(own_model: OwnModel, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,6 +43,7 @@ PTN = QUICK_PTN
 def work(tmp_path_factory: pytest.TempPathFactory, tiny_run: Any) -> Path:
     tmp = tmp_path_factory.mktemp("ptn_sweep")
     (tmp / "train").symlink_to(tiny_run.run, target_is_directory=True)
+    (tmp / "mlflow.db").symlink_to(Path(tiny_run.uri.removeprefix("sqlite:///")))  # the training run's store
     return tmp
 
 
@@ -70,7 +71,7 @@ def _sweep(work: Path, name: str, batch: int, *extra: str, sweep: str | None = N
     env = {**os.environ, "POTION_CACHE_DIR": str(work / f"cache_{name}"), "POTION_THREADS": "1"}
     sweep_dir = work / f"sweep_{sweep or name}"
     cmd = [sys.executable, "sweep.py", f"train_run={work / 'train'}", *PTN,
-           f"logger.tracking_uri=sqlite:///{work / 'mlflow.db'}", f"logger.experiment={name}",
+           f"logger.tracking_uri=sqlite:///{(work / 'mlflow.db').resolve()}", f"logger.experiment={name}",
            f"hydra.sweeper.batch_size={batch}", f"hydra.sweep.dir={sweep_dir}",
            f"out_dir={work / ('final_' + name)}", *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -100,7 +101,7 @@ def basic(work: Path, inproc: dict[str, Any]) -> dict[str, Any]:
 def client(work: Path, basic: dict[str, Any]) -> Any:
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=f"sqlite:///{work / 'mlflow.db'}")
+    return MlflowClient(tracking_uri=f"sqlite:///{(work / 'mlflow.db').resolve()}")
 
 
 def _runs(client: Any, experiment: str) -> list[Any]:
@@ -253,6 +254,37 @@ def test_mlflow_links_every_job_to_the_parent(basic: dict[str, Any], client: Any
     assert {"ptn_s", "ptn_alpha", "ptn_percentile", "ptn_steps_evaluated"} <= set(m)
     assert parent.data.params["method.ptn.s_start"] == "0.01"
     assert parent.data.params["sweeper.batch_size"] == str(inproc["batch"])
+
+
+@pytest.mark.slow  # a trained model and a sweep
+def test_the_parent_and_final_runs_have_inputs_config_log_and_the_final_model(basic: dict[str, Any], client: Any,
+                                                                             tiny_run: Any) -> None:
+    """The sweep logs to the training run's store: both runs name its logged model as their input."""
+    from potion.tracking.tracker import PARENT_TAG
+
+    runs = _runs(client, "basic")
+    (parent,) = [client.get_run(r.info.run_id) for r in runs if PARENT_TAG not in r.data.tags]  # get_run: inputs
+    final = client.get_run(basic["final_summary"]["mlflow_run_id"])
+    (train_model,) = client.get_run(tiny_run.summary["mlflow_run_id"]).outputs.model_outputs
+    for run in (parent, final):
+        assert len(run.inputs.dataset_inputs) == 1
+        assert [m.model_id for m in run.inputs.model_inputs] == [train_model.model_id]
+        assert {"config.yaml", "run.log"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert run.data.tags.get("mlflow.source.git.commit") == _git_head()
+    assert "model.safetensors" in {a.path for a in client.list_artifacts(final.info.run_id)}
+    assert len(final.outputs.model_outputs) == 1
+    page = f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/{{}}?workflowType=machine_learning"
+    assert f"MLflow final run: {page.format(final.info.run_id)}" in basic["stdout"]
+    assert f"MLflow sweep parent run: {page.format(parent.info.run_id)}" in basic["stdout"]
+    assert basic["stdout"].count("MLflow runs table:") == 1
+
+
+def _git_head() -> str | None:
+    """The checkout's commit, as MLflow tags a run started from it (None outside a git checkout)."""
+    if not (ROOT / ".git").exists():
+        return None
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
 
 
 @pytest.mark.slow  # a trained model and a sweep
