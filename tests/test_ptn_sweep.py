@@ -154,6 +154,7 @@ def test_the_sweeper_process_never_imports_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_unlearning_and_its_jobs_start_without_lightning() -> None:
     """Lightning (with the torchmetrics and torchvision models it pulls in: ~3 s of CPU) is loaded to fit a model
     only: every unlearn.py run, heal and PTN job starts without it."""
