@@ -169,7 +169,8 @@ class REMRun:
         passes, steps = 0, 0
         fbs = min(self.s.batch_size, int(self.task.forget_idx.numel()))
         while passes < self.s.max_flush and self.task.forget_accuracy(self.model) > self.s.threshold:
-            # batch norm uses and keeps its running statistics here (why: the module docstring)
+            # batch norm in eval mode: batches of discovered samples alone would rewrite the running statistics and,
+            # normalised by themselves, leave a confident model with vanishing gradients
             tb.train_mode_partial(self.model, ())
             for ids, x, y in id_batches(self.task, self.task.forget_idx, fbs, augment=self.s.augment,
                                         seed=seed + passes):
