@@ -165,15 +165,17 @@ def _env(cache: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_train_py_shows_lightnings_bar_with_the_switch_on(tiny_run, tmp_path: Path) -> None:  # noqa: ANN001
-    """On with ``trainer.progress_bar=true`` even into a pipe; ``auto`` into a pipe (no bar) is checked on the
-    resumed train.py of tests/test_reliability.py."""
-    cmd = [sys.executable, "train.py", *train_overrides(tiny_run.data, tmp_path / "on", "train.epochs=1",
-                                                        "logger=none", f"hydra.run.dir={tmp_path / 'h'}"),
-           "trainer.progress_bar=true"]
-    run = subprocess.run(cmd, cwd=ROOT, env=_env(tiny_run.cache), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "Epoch 0" in run.stdout and "it/s" in run.stdout  # Lightning's bar (it writes to stdout)
+def test_training_shows_lightnings_bar_with_the_switch_on(tiny, tmp_path: Path,  # noqa: ANN001
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """On with ``trainer.progress_bar=true`` even where the console is not a terminal (here: pytest's capture);
+    ``auto`` into a pipe (no bar) is checked on the resumed train.py of tests/test_reliability.py."""
+    from potion.config.compose import compose_config
+    from potion.pipelines.train import run_training
+
+    run_training(compose_config("train", train_overrides(tiny.data, tmp_path / "on", "train.epochs=1", "logger=none",
+                                                         "trainer.progress_bar=true")))
+    out = capsys.readouterr().out
+    assert "Epoch 0" in out and "it/s" in out  # Lightning's bar (it writes to stdout)
 
 
 @pytest.mark.slow
