@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from potion.tracking import naming
-from potion.tracking.tracker import resolve_tracking_uri
+from potion.tracking.client import connect
 
 CODE_PATHS = ("potion", "conf", "train.py", "unlearn.py", "sweep.py", "pyproject.toml")  # what computes a cell
 
@@ -42,13 +42,14 @@ def current_commit() -> str | None:
 
 
 def logged_cell(logger_cfg: Any, experiment: str, key: str) -> dict[str, Any] | None:
-    """The finished unlearning run of config hash ``key`` at this commit in ``experiment``, as a summary."""
-    from mlflow.tracking import MlflowClient
+    """The finished unlearning run of config hash ``key`` at this commit in ``experiment``, as a summary.
 
+    The store is opened as every run opens it (under its lock: a study's parallel first cells may all find a new
+    store), and a dead server is one clear line before the cell starts."""
     commit = current_commit()
     if commit is None or logger_cfg is None or str(logger_cfg.get("name", "mlflow")) != "mlflow":
         return None
-    client = MlflowClient(resolve_tracking_uri(logger_cfg.get("tracking_uri")))
+    client, _ = connect(logger_cfg.get("tracking_uri"))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
