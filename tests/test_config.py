@@ -291,3 +291,48 @@ def test_fast_exit_freezes_the_heap_before_the_interpreter_ends_once() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1]).stdout.split("\n")
     assert out[:2] == ["later handler ran, heap frozen: False", "frozen"]
+
+
+# ------------------------------------------------------------------------------------- Lightning's own arguments
+
+
+def test_more_lightning_arguments_pass_through_and_are_part_of_the_run() -> None:
+    from potion.config.compose import check_config, compose_config, identity_hash
+    from potion.core.errors import ConfigError
+
+    base = compose_config("train", ["experiment=quickstart"])
+    clipped = compose_config("train", ["experiment=quickstart", "+trainer.lightning.gradient_clip_val=1.0"])
+    check_config("train", clipped)
+    assert identity_hash(clipped) != identity_hash(base)  # it changes what the run computes
+    owned = compose_config("train", ["experiment=quickstart", "+trainer.lightning.max_steps=3"])
+    with pytest.raises(ConfigError, match=r"^trainer.lightning.max_steps: train.py sets this pl.Trainer argument"):
+        check_config("train", owned)
+
+
+@pytest.mark.slow  # imports Lightning and reads the tiny data
+def test_train_py_passes_its_own_trainer_arguments_and_the_lightning_block(tiny_data: Path, tmp_path: Path,
+                                                                           cache: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The schema's list of the arguments potion sets is exactly what it passes; the block goes through as given."""
+    import pytorch_lightning as pl
+    from tiny_world import train_overrides
+
+    from potion.config.compose import compose_config
+    from potion.config.schema import POTION_TRAINER_ARGS
+    from potion.pipelines.train import run_training
+
+    seen: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(**kwargs: object) -> None:
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(pl, "Trainer", record)
+    cfg = compose_config("train", train_overrides(tiny_data, tmp_path / "run", "logger=none",
+                                                  "+trainer.lightning.gradient_clip_val=0.5"))
+    with pytest.raises(Stop):
+        run_training(cfg)
+    assert seen.pop("gradient_clip_val") == 0.5 and set(seen) == POTION_TRAINER_ARGS

@@ -175,6 +175,13 @@ class Poison:
             yield "poison.count=0: must be >= 1 (poison=none trains the clean reference model)"
 
 
+# The pl.Trainer arguments train.py derives from the config; every other one may be given in trainer.lightning.
+POTION_TRAINER_ARGS = frozenset({
+    "accelerator", "devices", "strategy", "precision", "max_steps", "max_epochs", "logger", "callbacks", "plugins",
+    "enable_progress_bar", "enable_model_summary", "num_sanity_val_steps", "limit_val_batches", "deterministic",
+    "benchmark", "default_root_dir", "log_every_n_steps"})
+
+
 @dataclass(kw_only=True)
 class Trainer:
     """conf/trainer: Lightning's device settings (the unlearning runs use the accelerator only)."""
@@ -189,9 +196,13 @@ class Trainer:
     progress_bar: bool | Literal["auto"] = run_only()  # auto: a terminal and not a multirun job (core/progress.py)
     deterministic: bool
     benchmark: bool
+    lightning: dict[str, Any] = field(default_factory=dict)  # more ``pl.Trainer`` arguments for train.py, as given
 
     @staticmethod
     def relations(d: Mapping[str, Any]) -> Iterator[str]:
+        for key in sorted(set(d.get("lightning") or {}) & POTION_TRAINER_ARGS):
+            yield (f"trainer.lightning.{key}: train.py sets this pl.Trainer argument itself (trainer.<key>, train.* "
+                   "and the run folder say it)")
         devices = d["devices"]
         if devices != "auto" and (isinstance(devices, str) or (devices != -1 and devices < 1)):
             yield f"trainer.devices={devices!r}: give a device count >= 1, -1 (all devices) or auto"

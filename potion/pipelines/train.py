@@ -252,7 +252,7 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
         enable_progress_bar=progress.enabled(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
         limit_val_batches=0, deterministic=bool(tr.deterministic), benchmark=bool(tr.get("benchmark", False)),
         default_root_dir=str(run_dir),
-        log_every_n_steps=50,
+        log_every_n_steps=50, **tr.get("lightning", {}),
     )
 
 
