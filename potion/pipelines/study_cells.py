@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from potion.tracking import naming
-from potion.tracking.client import connect
+from potion.tracking.client import open_client, usable_uri
+from potion.tracking.uris import logger_settings
 
 CODE_PATHS = ("potion", "conf", "train.py", "unlearn.py", "sweep.py", "pyproject.toml")  # what computes a cell
 
@@ -44,12 +45,13 @@ def current_commit() -> str | None:
 def logged_cell(logger_cfg: Any, experiment: str, key: str) -> dict[str, Any] | None:
     """The finished unlearning run of config hash ``key`` at this commit in ``experiment``, as a summary.
 
-    The store is opened as every run opens it (under its lock: a study's parallel first cells may all find a new
-    store), and a dead server is one clear line before the cell starts."""
+    The store is the one the cell's run would log to, opened as a run opens it (``logger.fallback`` and
+    ``timeout_s`` apply; under the store's lock: a study's parallel first cells may all find a new store)."""
     commit = current_commit()
-    if commit is None or logger_cfg is None or str(logger_cfg.get("name", "mlflow")) != "mlflow":
+    settings = logger_settings(logger_cfg)
+    if commit is None or settings is None:
         return None
-    client, _ = connect(logger_cfg.get("tracking_uri"))
+    client, _ = open_client(usable_uri(settings))
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
