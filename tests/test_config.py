@@ -319,20 +319,27 @@ def test_train_py_passes_its_own_trainer_arguments_and_the_lightning_block(tiny_
 
     from potion.config.compose import compose_config
     from potion.config.schema import POTION_TRAINER_ARGS
+    from potion.core.errors import ConfigError
     from potion.pipelines.train import run_training
 
     seen: dict = {}
 
     class Stop(Exception):
-        pass
+        """Raised in place of building the Trainer: the test only needs its arguments."""
 
     def record(**kwargs: object) -> None:
         seen.update(kwargs)
         raise Stop
 
+    lightnings_own = pl.Trainer
     monkeypatch.setattr(pl, "Trainer", record)
     cfg = compose_config("train", train_overrides(tiny_data, tmp_path / "run", "logger=none",
                                                   "+trainer.lightning.gradient_clip_val=0.5"))
     with pytest.raises(Stop):
         run_training(cfg)
     assert seen.pop("gradient_clip_val") == 0.5 and set(seen) == POTION_TRAINER_ARGS
+    monkeypatch.setattr(pl, "Trainer", lightnings_own)  # an argument it does not take: one config error line
+    typo = compose_config("train", train_overrides(tiny_data, tmp_path / "typo", "logger=none",
+                                                   "+trainer.lightning.gradient_clip=0.5"))
+    with pytest.raises(ConfigError, match=r"^trainer.lightning=\{'gradient_clip': 0.5\}: pl.Trainer refused it"):
+        run_training(typo)

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig
 
-from potion.config.compose import identity_hash, model_kwargs, validate_train_config
+from potion.config.compose import identity_hash, model_kwargs, to_dict, validate_train_config
 from potion.core import interrupt, progress
+from potion.core.errors import ConfigError
 from potion.core.interrupt import Interrupted
 from potion.core.io import load_tensors, save_tensors
 from potion.core.precision import resolve_auto
@@ -246,14 +247,18 @@ def _make_trainer(cfg: DictConfig, run_dir: Path, steps: int, data: PoisonedData
         tracker.log_metrics(values, step=epoch)
 
     callbacks = [checkpoint, EpochMetricsCallback(sink, evaluate), stop]
-    return pl.Trainer(
-        accelerator=tr.accelerator, devices=tr.devices, strategy=tr.strategy, precision=tr.precision,
-        max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO(resume)],
-        enable_progress_bar=progress.enabled(tr.progress_bar), enable_model_summary=False, num_sanity_val_steps=0,
-        limit_val_batches=0, deterministic=bool(tr.deterministic), benchmark=bool(tr.get("benchmark", False)),
-        default_root_dir=str(run_dir),
-        log_every_n_steps=50, **tr.get("lightning", {}),
-    )
+    more = to_dict(tr.get("lightning") or {})  # plain values: Lightning gets no OmegaConf containers
+    try:
+        return pl.Trainer(
+            accelerator=tr.accelerator, devices=tr.devices, strategy=tr.strategy, precision=tr.precision,
+            max_steps=steps, max_epochs=-1, logger=False, callbacks=callbacks, plugins=[AtomicCheckpointIO(resume)],
+            enable_progress_bar=progress.enabled(tr.progress_bar), enable_model_summary=False,
+            num_sanity_val_steps=0, limit_val_batches=0, deterministic=bool(tr.deterministic),
+            benchmark=bool(tr.get("benchmark", False)), default_root_dir=str(run_dir), log_every_n_steps=50, **more)
+    except TypeError as exc:  # an argument name Lightning does not take: only the pass-through block can hold one
+        if not more:
+            raise
+        raise ConfigError(f"trainer.lightning={more}: pl.Trainer refused it ({exc})") from None
 
 
 def _train_loader(data: PoisonedData, cfg: DictConfig, trainer: pl.Trainer) -> TensorBatches:
