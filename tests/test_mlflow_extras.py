@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -19,18 +17,6 @@ from potion.core.run_log import captured_log
 from potion.tracking.extras import DIGEST_CHARS, ui_lines
 from potion.tracking.tracker import MlflowTracker, RecordingTracker, start_tracker
 from potion.tracking.uris import logger_settings
-
-ROOT = Path(__file__).resolve().parents[1]
-GIT_COMMIT_TAG = "mlflow.source.git.commit"
-
-
-def _git_head() -> str | None:
-    """The checkout's commit, as MLflow tags a run started from it (None outside a git checkout)."""
-    if shutil.which("git") is None or not (ROOT / ".git").exists():
-        return None
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
 
 # --------------------------------------------------------------------------- settings, records, the log, the UI
 

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -282,7 +283,7 @@ def test_the_parent_and_final_runs_have_inputs_config_log_and_the_final_model(ba
 
 def _git_head() -> str | None:
     """The checkout's commit, as MLflow tags a run started from it (None outside a git checkout)."""
-    if not (ROOT / ".git").exists():
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
         return None
     return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                           check=True).stdout.strip()
